@@ -1,0 +1,161 @@
+"""What a backend is: create, discover, list and destroy sandbox containers.
+
+Nothing here knows about Ray. A backend turns a :class:`SandboxSpec` into a
+running container and describes running containers as :class:`SandboxRecord`.
+Talking to the sandbox once it runs is :mod:`backends.sandbox_api`'s job.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# Label keys every container of ours carries. Reconcile and the reapers decide
+# what to adopt or remove from these alone.
+LABEL_PROJECT = "sandbox-actors.project"
+LABEL_POOL = "sandbox-actors.pool"
+LABEL_SANDBOX_ID = "sandbox-actors.sandbox-id"
+LABEL_THREAD_ID = "sandbox-actors.thread-id"
+LABEL_ENGINE_ID = "sandbox-actors.engine-id"
+PROJECT = "sandbox-actors"
+
+
+def encode_label_value(text: str | None) -> str:
+    """Make any thread id safe for a label value, reversibly (NUL, newlines...)."""
+    if text is None:
+        return ""
+    return text.encode("unicode_escape").decode("ascii")
+
+
+def decode_label_value(value: str) -> str | None:
+    if value == "":
+        return None
+    return value.encode("ascii").decode("unicode_escape")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host directory bind-mounted into the sandbox."""
+
+    host_path: str
+    container_path: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits applied to every container."""
+
+    memory: str | None = "1g"
+    cpus: float | None = 1.0
+    pids: int | None = 512
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything a backend needs to start one sandbox.
+
+    ``environment`` may hold secrets: it is never logged, and it is excluded
+    from ``repr``.
+    """
+
+    sandbox_id: str
+    pool: str
+    image: str
+    thread_id: str | None = None
+    port: int = 8080
+    mounts: tuple[Mount, ...] = ()
+    environment: Mapping[str, str] = field(default_factory=dict, repr=False)
+    token: str = field(default="", repr=False)
+    limits: Limits = Limits()
+    capabilities: tuple[str, ...] = ()
+    bind_host: str = "127.0.0.1"
+    extra_labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    """A sandbox container as the backend sees it.
+
+    Attributes:
+        sandbox_id: our id (from the container's label).
+        url: where its API answers, on loopback of the engine's host.
+        container_name / container_id: the engine's names for it.
+        node: the host (engine) it runs on.
+        engine_id: the engine's own id; reapers only touch their engine's.
+        created_at: unix time the container was created.
+        running: True when the engine reports the container running.
+        labels: every label on the container.
+        token: the API token the container was started with.
+    """
+
+    sandbox_id: str
+    url: str
+    container_name: str
+    container_id: str
+    node: str
+    engine_id: str
+    created_at: float
+    running: bool
+    labels: Mapping[str, str] = field(default_factory=dict)
+    token: str = field(default="", repr=False)
+
+    @property
+    def pool(self) -> str:
+        return self.labels.get(LABEL_POOL, "")
+
+    @property
+    def thread_id(self) -> str | None:
+        return decode_label_value(self.labels.get(LABEL_THREAD_ID, ""))
+
+    def age(self, now: float | None = None) -> float:
+        return (time.time() if now is None else now) - self.created_at
+
+
+class Backend(abc.ABC):
+    """Where sandbox containers run. All methods are coroutines.
+
+    Raises:
+        BackendUnavailable: from any method when the engine does not answer.
+            Callers must never read that as "the sandbox is dead".
+    """
+
+    @abc.abstractmethod
+    async def engine_id(self) -> str:
+        """The id of the engine this backend drives."""
+
+    @abc.abstractmethod
+    async def create(self, spec: SandboxSpec) -> SandboxRecord:
+        """Start a container for ``spec``.
+
+        A container that already exists under the same name is returned as
+        found (discovered), not treated as an error.
+
+        Raises:
+            ImageNotFound, SandboxStartError, BackendUnavailable.
+        """
+
+    @abc.abstractmethod
+    async def discover(self, sandbox_id: str) -> SandboxRecord | None:
+        """The container for ``sandbox_id``, or None when there is none."""
+
+    @abc.abstractmethod
+    async def list(self, pool: str | None = None) -> list[SandboxRecord]:
+        """Every container of ours on this engine (of one pool when given)."""
+
+    @abc.abstractmethod
+    async def destroy(self, sandbox_id: str) -> bool:
+        """Stop and remove the container. Returns False when there was none."""
+
+    @abc.abstractmethod
+    async def is_running(self, sandbox_id: str) -> bool:
+        """True when the container exists and runs; False when it is gone or exited."""
+
+    @abc.abstractmethod
+    async def logs_tail(self, sandbox_id: str, lines: int = 40) -> str:
+        """The container's last log lines (empty when it is gone)."""
+
+    async def close(self) -> None:
+        """Release client resources. Containers are untouched."""

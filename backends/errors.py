@@ -1,0 +1,111 @@
+"""The typed error tree shared by every layer.
+
+One root, :class:`SandboxError`; each subclass names one thing a caller can act
+on. Errors from outside libraries (``docker.errors``, ``httpx``) are translated
+where they are caught, in ``backends``, and chained with ``from``.
+
+Every error pickles cleanly (Ray ships them between processes): constructors
+take the message as the only positional argument, extra facts are keywords
+stored as attributes.
+"""
+
+from __future__ import annotations
+
+
+class SandboxError(Exception):
+    """Root of every error this project raises on purpose.
+
+    Attributes:
+        retryable: True when the same call may succeed if tried again later
+            (capacity, an engine coming back), False when the input or the
+            sandbox itself is the problem.
+    """
+
+    retryable: bool = False
+
+    def __init__(self, message: str, **facts: object) -> None:
+        super().__init__(message)
+        for key, value in facts.items():
+            setattr(self, key, value)
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+# ── where containers run ────────────────────────────────────────────────────
+
+
+class BackendUnavailable(SandboxError):
+    """The container engine (or provisioner) did not answer.
+
+    This never means "the sandbox is dead": nothing is destroyed because of it.
+    """
+
+    retryable = True
+
+
+class ImageNotFound(SandboxError):
+    """The configured image is not present on the engine (we never pull)."""
+
+
+class SandboxStartError(SandboxError):
+    """A container could not be created or started; nothing was left behind."""
+
+
+class ReadinessTimeout(SandboxStartError):
+    """The container ran but its API never answered within the deadline.
+
+    Attributes:
+        last_observation: what the last probe saw.
+        log_tail: the container's last log lines.
+    """
+
+
+class SandboxExited(SandboxStartError):
+    """The container exited while we waited for it to become ready."""
+
+
+# ── a running sandbox ───────────────────────────────────────────────────────
+
+
+class SandboxNotFound(SandboxError):
+    """No sandbox with that id exists (or it was already destroyed)."""
+
+
+class SandboxDied(SandboxError):
+    """The sandbox's container (or its actor) is gone; acquire the thread again."""
+
+
+class SandboxUnreachable(SandboxError):
+    """The container runs but its API did not answer."""
+
+    retryable = True
+
+
+class SandboxAuthError(SandboxError):
+    """The sandbox API refused our token."""
+
+
+class CommandTimeout(SandboxError):
+    """A command ran longer than its timeout and was killed.
+
+    Attributes:
+        output: what the command printed before it was killed.
+    """
+
+
+class SandboxOperationError(SandboxError):
+    """The sandbox API answered with a failure.
+
+    Attributes:
+        status_code: the HTTP status the sandbox answered with.
+    """
+
+
+class SandboxFileNotFound(SandboxOperationError, FileNotFoundError):
+    """A file or directory named in a file operation does not exist."""
+
+
+class InvalidRequest(SandboxError, ValueError):
+    """The request itself is malformed (bad path, env name, argument)."""

@@ -1,0 +1,298 @@
+"""A small async client for the sandbox HTTP API (the AIO sandbox subset).
+
+Field names follow the ``agent-sandbox`` SDK's models, so the same client
+drives our minimal image and the public AIO image. One client per sandbox; it
+owns one ``httpx.AsyncClient`` and must be closed (``aclose``), which never
+touches the container.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from .errors import (
+    CommandTimeout,
+    InvalidRequest,
+    ReadinessTimeout,
+    SandboxAuthError,
+    SandboxExited,
+    SandboxFileNotFound,
+    SandboxOperationError,
+    SandboxUnreachable,
+)
+
+logger = logging.getLogger(__name__)
+
+# Extra seconds the HTTP request may take beyond a command's own timeout
+# before we give up on the server answering at all.
+_HTTP_GRACE = 15.0
+_TIMEOUT_STATUSES = {"hard_timeout", "no_change_timeout", "timed_out"}
+
+
+@dataclass(frozen=True)
+class ShellResult:
+    """A command run in the sandbox's persistent shell (stderr merged into output)."""
+
+    output: str
+    exit_code: int | None
+    session_id: str
+    status: str = "completed"
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class BashResult:
+    """A command run in a fresh session, with its streams apart."""
+
+    stdout: str
+    stderr: str
+    exit_code: int | None
+    status: str = "completed"
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    name: str
+    path: str
+    is_directory: bool
+    size: int | None = None
+    modified_time: str | None = None
+
+
+class SandboxAPI:
+    """Talks to one sandbox's API over HTTP.
+
+    Args:
+        url: base URL, e.g. ``http://127.0.0.1:49153``.
+        token: sent as ``Authorization: Bearer``; empty sends nothing.
+        timeout: seconds for calls that run no command (files, probes).
+    """
+
+    def __init__(self, url: str, token: str = "", timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url
+        self._timeout = timeout
+        self._http = httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, trust_env=False)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ── transport ──────────────────────────────────────────────────────────
+
+    async def _request(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self._http.request(method, path, timeout=timeout or self._timeout, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise SandboxUnreachable(f"sandbox at {self.url} did not answer {path} in time") from exc
+        except httpx.TransportError as exc:
+            raise SandboxUnreachable(f"sandbox at {self.url} is not answering ({type(exc).__name__})") from exc
+
+    async def _call(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> Any:
+        response = await self._request(method, path, timeout=timeout, **kwargs)
+        body = _json(response)
+        if response.status_code >= 400 or body.get("success") is False:
+            _raise_for(response.status_code, body, path)
+        return body.get("data")
+
+    # ── context and readiness ──────────────────────────────────────────────
+
+    async def context(self) -> dict[str, Any]:
+        """``GET /v1/sandbox``: home dir, versions, system info."""
+        response = await self._request("GET", "/v1/sandbox")
+        body = _json(response)
+        if response.status_code >= 400:
+            _raise_for(response.status_code, body, "/v1/sandbox")
+        return body
+
+    async def wait_ready(
+        self,
+        timeout: float,
+        is_running: Callable[[], Awaitable[bool]],
+        log_tail: Callable[[], Awaitable[str]],
+        interval: float = 0.05,
+    ) -> float:
+        """Poll readiness until it answers, the container exits, or ``timeout``.
+
+        Returns:
+            Seconds it took.
+
+        Raises:
+            SandboxExited: the container stopped while we waited (at once, not at the deadline).
+            ReadinessTimeout: no answer in time; carries the last observation and log tail.
+        """
+        started = time.monotonic()
+        deadline = started + timeout
+        last = "no probe yet"
+        while True:
+            try:
+                response = await self._http.get("/v1/sandbox", timeout=min(2.0, max(0.2, timeout)))
+                if response.status_code == 200:
+                    return time.monotonic() - started
+                last = f"HTTP {response.status_code}"
+                if response.status_code == 401:
+                    raise SandboxAuthError(f"sandbox at {self.url} refused our token")
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}".strip()
+            if not await is_running():
+                tail = await log_tail()
+                raise SandboxExited(
+                    f"container exited before its API answered (last probe: {last}); log tail:\n{tail}",
+                    last_observation=last,
+                    log_tail=tail,
+                )
+            if time.monotonic() >= deadline:
+                tail = await log_tail()
+                raise ReadinessTimeout(
+                    f"sandbox API at {self.url} not ready after {timeout:.1f}s (last probe: {last}); "
+                    f"log tail:\n{tail}",
+                    last_observation=last,
+                    log_tail=tail,
+                )
+            await asyncio.sleep(interval)
+
+    # ── commands ───────────────────────────────────────────────────────────
+
+    async def shell_exec(
+        self,
+        command: str,
+        *,
+        session_id: str | None = None,
+        timeout: float | None = None,
+        exec_dir: str | None = None,
+        truncate: bool = True,
+    ) -> ShellResult:
+        """``POST /v1/shell/exec`` in the persistent shell; callers serialize per sandbox.
+
+        Raises:
+            CommandTimeout: the command outlived ``timeout`` and was killed.
+        """
+        payload = _drop_none(
+            {"command": command, "id": session_id, "hard_timeout": timeout, "exec_dir": exec_dir, "truncate": truncate}
+        )
+        http_timeout = (timeout + _HTTP_GRACE) if timeout else None
+        data = await self._call("POST", "/v1/shell/exec", json=payload, timeout=http_timeout or 3600.0)
+        result = ShellResult(
+            output=data.get("output") or "",
+            exit_code=data.get("exit_code"),
+            session_id=data.get("session_id") or "",
+            status=data.get("status") or "completed",
+        )
+        if result.status in _TIMEOUT_STATUSES:
+            raise CommandTimeout(f"command timed out after {timeout}s and was killed", output=result.output)
+        return result
+
+    async def bash_exec(
+        self,
+        command: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        exec_dir: str | None = None,
+        max_output_length: int | None = None,
+    ) -> BashResult:
+        """``POST /v1/bash/exec`` in a fresh session with extra environment.
+
+        Secrets belong in ``env``, never in ``command``: env values are sent
+        in the body and never logged.
+        """
+        payload = _drop_none(
+            {
+                "command": command,
+                "env": dict(env) if env else None,
+                "hard_timeout": timeout,
+                "exec_dir": exec_dir,
+                "max_output_length": max_output_length,
+            }
+        )
+        http_timeout = (timeout + _HTTP_GRACE) if timeout else 3600.0
+        data = await self._call("POST", "/v1/bash/exec", json=payload, timeout=http_timeout)
+        result = BashResult(
+            stdout=data.get("stdout") or "",
+            stderr=data.get("stderr") or "",
+            exit_code=data.get("exit_code"),
+            status=data.get("status") or "completed",
+        )
+        if result.status in _TIMEOUT_STATUSES:
+            raise CommandTimeout(
+                f"command timed out after {timeout}s and was killed", output=result.stdout, stderr=result.stderr
+            )
+        return result
+
+    # ── files ──────────────────────────────────────────────────────────────
+
+    async def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> str:
+        data = await self._call(
+            "POST", "/v1/file/read", json=_drop_none({"file": path, "start_line": start_line, "end_line": end_line})
+        )
+        return data.get("content") or ""
+
+    async def write_file(self, path: str, content: str | bytes, append: bool = False) -> int:
+        """Write text (UTF-8) or bytes (sent base64). Returns bytes written."""
+        if isinstance(content, bytes):
+            payload = {"file": path, "content": base64.b64encode(content).decode("ascii"), "encoding": "base64"}
+        else:
+            payload = {"file": path, "content": content}
+        if append:
+            payload["append"] = True
+        data = await self._call("POST", "/v1/file/write", json=payload)
+        return int(data.get("bytes_written") or 0)
+
+    async def list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> list[FileInfo]:
+        data = await self._call(
+            "POST", "/v1/file/list", json={"path": path, "recursive": recursive, "show_hidden": show_hidden}
+        )
+        return [
+            FileInfo(
+                name=item["name"],
+                path=item["path"],
+                is_directory=bool(item.get("is_directory")),
+                size=item.get("size"),
+                modified_time=item.get("modified_time"),
+            )
+            for item in data.get("files") or []
+        ]
+
+    async def download(self, path: str) -> bytes:
+        """``GET /v1/file/download``: the file's exact bytes."""
+        response = await self._request("GET", "/v1/file/download", params={"path": path})
+        if response.status_code >= 400:
+            _raise_for(response.status_code, _json(response), "/v1/file/download")
+        return response.content
+
+
+def _drop_none(payload: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in payload.items() if value is not None}
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {"success": response.status_code < 400, "message": response.text[:500]}
+    return body if isinstance(body, dict) else {"data": body}
+
+
+def _raise_for(status: int, body: Mapping[str, Any], path: str) -> None:
+    message = str(body.get("message") or body.get("detail") or f"HTTP {status}")
+    if status == 401 or status == 403 and "token" in message.lower():
+        raise SandboxAuthError(f"sandbox refused the request to {path}: {message}", status_code=status)
+    if status == 404:
+        raise SandboxFileNotFound(message, status_code=status)
+    if status in (400, 422):
+        raise InvalidRequest(f"{path}: {message}", status_code=status)
+    raise SandboxOperationError(f"{path} failed: {message}", status_code=status)

@@ -1,0 +1,200 @@
+"""Every Ray call of the pool and the client, and every actor's options, in one place.
+
+Actor classes stay undecorated; the factories here apply
+``ray.remote(...).options(...)``. Awaiting an actor call goes through
+:func:`call`, which turns Ray's exceptions into ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+import ray
+import ray.exceptions
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .config import SandboxConfig
+from .errors import SandboxDied, SandboxError
+
+logger = logging.getLogger(__name__)
+
+SANDBOX_ACTOR_PREFIX = "sbx-"
+REAPER_PREFIX = "reaper-"
+
+
+class ActorGone(SandboxDied):
+    """The actor behind a sandbox (or the pool) died or was killed."""
+
+
+class ActorCallTimeout(SandboxError):
+    """An actor did not answer within the deadline (it may be unschedulable or stuck)."""
+
+    retryable = True
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The error a user should see for an exception raised by an actor call."""
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause
+        if isinstance(cause, BaseException):
+            return cause
+    if isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+        gone = ActorGone(f"actor is gone: {exc.__class__.__name__}")
+        gone.__cause__ = exc
+        return gone
+    return exc
+
+
+async def call(ref: Awaitable[Any], timeout: float | None = None, what: str = "actor call") -> Any:
+    """Await an ObjectRef with an optional deadline, raising our error types.
+
+    Raises:
+        ActorCallTimeout: no answer within ``timeout``.
+        ActorGone: the actor died.
+        SandboxError: whatever typed error the actor raised.
+    """
+    try:
+        if timeout is None:
+            return await ref
+        return await asyncio.wait_for(ref, timeout)
+    except asyncio.TimeoutError:
+        raise ActorCallTimeout(f"{what}: no answer within {timeout:.1f}s") from None
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+        raise unwrap(exc) from None
+
+
+@functools.cache
+def _remote(cls: type) -> Any:
+    """One Ray actor class per Python class, so its definition is exported once."""
+    return ray.remote(cls)
+
+
+def sandbox_actor_name(sandbox_id: str) -> str:
+    return SANDBOX_ACTOR_PREFIX + sandbox_id
+
+
+def spawn_sandbox_actor(
+    config: SandboxConfig, sandbox_id: str, thread_id: str | None, node_id: str | None = None
+) -> Any:
+    """Create (or get, when it lives) the SandboxActor for ``sandbox_id``.
+
+    ``node_id`` pins it to one node: used to re-adopt a container that
+    already runs on that node's engine.
+    """
+    from .sandbox import SandboxActor
+
+    options: dict[str, Any] = {
+        "name": sandbox_actor_name(sandbox_id),
+        "namespace": config.namespace,
+        "lifetime": "detached",
+        "get_if_exists": True,
+        "max_restarts": 0,  # the pool recreates sandboxes, Ray does not
+        "num_cpus": 0,
+        "resources": dict(config.ray.resources),
+    }
+    if node_id is not None:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    elif config.ray.scheduling == "spread":
+        options["scheduling_strategy"] = "SPREAD"
+    return _remote(SandboxActor).options(**options).remote(config, sandbox_id, thread_id)
+
+
+def get_actor(name: str, namespace: str) -> Any | None:
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def list_sandbox_actors(namespace: str) -> dict[str, Any]:
+    """Live named SandboxActors in ``namespace``: sandbox id -> handle."""
+    found = {}
+    for item in ray.util.list_named_actors(all_namespaces=True):
+        if item["namespace"] != namespace or not item["name"].startswith(SANDBOX_ACTOR_PREFIX):
+            continue
+        handle = get_actor(item["name"], namespace)
+        if handle is not None:
+            found[item["name"][len(SANDBOX_ACTOR_PREFIX):]] = handle
+    return found
+
+
+def kill(handle: Any) -> None:
+    """End an actor for good (no restart). Killing a dead actor is fine."""
+    try:
+        ray.kill(handle, no_restart=True)
+    except (ValueError, ray.exceptions.RayError) as exc:
+        logger.debug("kill of an actor that is already gone: %s", exc)
+
+
+def sandbox_nodes(config: SandboxConfig) -> dict[str, str]:
+    """Alive nodes that can host sandboxes (have every configured resource): node id -> address."""
+    wanted = config.ray.resources
+    nodes = {}
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        if all(have.get(name, 0) >= amount for name, amount in wanted.items()):
+            nodes[node["NodeID"]] = node.get("NodeManagerAddress", "")
+    return nodes
+
+
+def alive_node_ids() -> set[str]:
+    return {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+
+
+def spawn_reaper(config: SandboxConfig, node_id: str) -> Any:
+    """The reaper pinned to ``node_id`` (created when missing)."""
+    from .reaper import NodeReaper
+
+    return (
+        _remote(NodeReaper)
+        .options(
+            name=f"{REAPER_PREFIX}{config.pool_name}-{node_id[:16]}",
+            namespace=config.namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=0,
+            num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        )
+        .remote(config)
+    )
+
+
+def list_reapers(config: SandboxConfig) -> list[Any]:
+    prefix = f"{REAPER_PREFIX}{config.pool_name}-"
+    handles = []
+    for item in ray.util.list_named_actors(all_namespaces=True):
+        if item["namespace"] == config.namespace and item["name"].startswith(prefix):
+            handle = get_actor(item["name"], config.namespace)
+            if handle is not None:
+                handles.append(handle)
+    return handles
+
+
+def pool_actor(config: SandboxConfig) -> Any:
+    """Get or create the pool named in ``config`` (any process may call this)."""
+    from .pool import SandboxPool
+
+    return (
+        _remote(SandboxPool)
+        .options(
+            name=config.pool_name,
+            namespace=config.namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_restarts=-1,
+            max_concurrency=1000,
+        )
+        .remote(config)
+    )
+
+
+def current_node_id() -> str:
+    return ray.get_runtime_context().get_node_id()

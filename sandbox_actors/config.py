@@ -1,0 +1,195 @@
+"""Configuration: one closed pydantic model, validated once, never mutated.
+
+The keys of the original single-process provider keep their names and
+defaults (``image``, ``port``, ``container_prefix``, ``idle_timeout``,
+``replicas``, ``mounts``, ``environment``, ``provisioner_url``); the rest is
+what an actor-based pool needs. Load it from YAML (:func:`load_config`) or
+build it in Python (``SandboxConfig(replicas=5)``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DEFAULT_IMAGE = "sandbox-actors-minimal:latest"
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CONTAINER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
+_MEMORY = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MountConfig(_Closed):
+    """An extra bind mount for every sandbox of the pool."""
+
+    host_path: str = Field(description="Directory on the engine's host.")
+    container_path: str = Field(description="Absolute path inside the sandbox.")
+    read_only: bool = Field(default=False, description="Mount read-only.")
+
+    @field_validator("container_path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/") or ".." in Path(value).parts:
+            raise ValueError("must be an absolute path without '..'")
+        return value
+
+
+class LimitsConfig(_Closed):
+    """Per-container resource limits (None removes a limit)."""
+
+    memory: str | None = Field(default="1g", description="Memory limit, e.g. '512m', '2g'.")
+    cpus: float | None = Field(default=1.0, gt=0, description="CPU limit in cores.")
+    pids: int | None = Field(default=512, gt=0, description="Maximum processes in the container.")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str | None) -> str | None:
+        if value is not None and not _MEMORY.match(value):
+            raise ValueError("must look like '512m' or '2g'")
+        return value
+
+
+class RayConfig(_Closed):
+    """How SandboxActors are placed on the Ray cluster."""
+
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom resources each SandboxActor needs, e.g. {'sandbox_slots': 1} so only nodes "
+        "that advertise slots host sandboxes and each node holds at most its slot count.",
+    )
+    scheduling: Literal["default", "spread"] = Field(
+        default="default",
+        description="'default' packs sandboxes onto nodes Ray picks; 'spread' spreads them over nodes.",
+    )
+
+
+class SandboxConfig(_Closed):
+    """Everything a pool needs. Every key is documented in README's config reference."""
+
+    # keys of the original provider
+    image: str = Field(default=DEFAULT_IMAGE, description="Sandbox image (never pulled).")
+    port: int = Field(default=8080, ge=1, le=65535, description="Container port of the sandbox API.")
+    container_prefix: str = Field(default="sandbox-actors", description="Containers are named <prefix>-<sandbox id>.")
+    idle_timeout: float = Field(default=600, ge=0, description="Seconds idle before a sandbox is destroyed; 0 disables.")
+    replicas: int = Field(default=3, ge=1, description="Soft cap on active + warm sandboxes (LRU-evicts warm ones).")
+    mounts: tuple[MountConfig, ...] = Field(default=(), description="Extra bind mounts for every sandbox.")
+    environment: dict[str, str] = Field(
+        default_factory=dict, description="Environment for every sandbox; a value '$NAME' is read from the host env."
+    )
+    provisioner_url: str | None = Field(default=None, description="Set to use a remote provisioner backend.")
+    # what an actor pool adds
+    provisioner_api_key: str | None = Field(default=None, description="X-API-Key for the provisioner.", repr=False)
+    pool_name: str = Field(default="sandbox-pool", min_length=1, description="Name of the SandboxPool actor.")
+    namespace: str = Field(default="sandbox_actors", min_length=1, description="Ray namespace of all our actors.")
+    readiness_timeout: float = Field(default=60, gt=0, description="Seconds a new sandbox may take to answer.")
+    idle_check_interval: float = Field(default=60, gt=0, description="Seconds between idle checks.")
+    reconcile_interval: float = Field(default=30, gt=0, description="Seconds between reconcile passes.")
+    max_sandboxes: int | None = Field(default=None, ge=1, description="Hard cap; acquire waits, then fails.")
+    capacity_timeout: float = Field(
+        default=60, ge=0, description="Seconds acquire waits for capacity (hard cap, full nodes) before failing."
+    )
+    exec_timeout: float = Field(default=600, gt=0, description="Default timeout of one command, seconds.")
+    base_dir: str = Field(
+        default_factory=lambda: str(Path.home() / ".sandbox-actors"),
+        description="Where per-thread directories are created.",
+    )
+    host_base_dir: str | None = Field(
+        default=None, description="base_dir as the engine's host sees it (Docker-outside-of-Docker)."
+    )
+    skills_path: str | None = Field(default=None, description="Skills directory, mounted read-only when it exists.")
+    host_skills_path: str | None = Field(default=None, description="skills_path as the engine's host sees it.")
+    skills_container_path: str = Field(default="/mnt/skills", description="Where skills appear in the sandbox.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-container resource limits.")
+    capabilities: tuple[str, ...] = Field(
+        default=(), description="Linux capabilities added back after dropping all (the minimal image needs none)."
+    )
+    bind_host: str = Field(default="127.0.0.1", description="Host address the sandbox port is published on.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Placement of SandboxActors.")
+
+    @field_validator("container_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not _CONTAINER_NAME.match(value):
+            raise ValueError("must start with a letter or digit and hold only letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("environment")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not ENV_NAME.match(name):
+                raise ValueError(f"invalid environment variable name {name!r}")
+        return value
+
+    @field_validator("base_dir", "host_base_dir", "skills_path", "host_skills_path")
+    @classmethod
+    def _abs_dir(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return str(Path(value).expanduser().absolute())
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> SandboxConfig:
+        if self.max_sandboxes is not None and self.max_sandboxes < self.replicas:
+            raise ValueError(f"max_sandboxes ({self.max_sandboxes}) must be >= replicas ({self.replicas})")
+        return self
+
+    def resolved_environment(self, source: Mapping[str, str] | None = None) -> dict[str, str]:
+        """``environment`` with ``$NAME`` values read from ``source`` (default: os.environ)."""
+        source = os.environ if source is None else source
+        return {
+            key: source.get(value[1:], "") if value.startswith("$") else value for key, value in self.environment.items()
+        }
+
+    @property
+    def host_dir(self) -> str:
+        return self.host_base_dir or self.base_dir
+
+
+def load_config(source: SandboxConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None) -> SandboxConfig:
+    """Build a config from a model, a mapping, or a YAML file path.
+
+    A YAML file may hold the keys at top level or under a ``sandbox:`` key.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a key is unknown or
+            has a bad value; the message names every offending key.
+    """
+    if source is None:
+        return SandboxConfig()
+    if isinstance(source, SandboxConfig):
+        return source
+    where = "config"
+    if isinstance(source, (str, os.PathLike)):
+        where = str(source)
+        try:
+            with open(source, encoding="utf-8") as handle:
+                data = yaml.safe_load(handle) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {where}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where} is not valid YAML: {exc}") from exc
+    else:
+        data = source
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of config keys, got {type(data).__name__}")
+    if set(data) == {"sandbox"} and isinstance(data["sandbox"], Mapping):
+        data = data["sandbox"]
+    try:
+        return SandboxConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or '(config)'}: {error['msg']}" for error in exc.errors()
+        )
+        raise ConfigError(f"invalid {where}: {problems}") from None

@@ -1,0 +1,965 @@
+#!/usr/bin/env python3
+"""Minimal AIO-sandbox-compatible HTTP server, standard library only.
+
+Runs inside the sandbox container as ``python3 /opt/sandbox/server.py`` and implements
+the subset of the AIO sandbox API that sandbox_actors and the ``agent-sandbox`` SDK use:
+
+  GET  /v1/sandbox          readiness probe + environment info (SandboxResponse)
+  GET  /health              liveness
+  POST /v1/shell/exec       command in a persistent bash session (ShellCommandResult)
+  POST /v1/bash/exec        command in a fresh ``bash -c`` process (BashExecResult)
+  POST /v1/file/read|write|list, GET /v1/file/download
+
+Every JSON reply is the envelope {"success": bool, "message": str, "data": ...}.
+Configuration comes from SANDBOX_* environment variables, which are removed from the
+environment after reading so that commands run in the sandbox never see them.
+"""
+
+import base64
+import binascii
+import collections
+import contextlib
+import datetime
+import hmac
+import json
+import math
+import os
+import platform
+import pwd
+import re
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, quote, urlsplit
+
+VERSION = "sandbox-actors-minimal/1"
+SHELL_TRUNCATE_CHARS = 30000          # AIO's default middle truncation for /v1/shell/exec
+READ_SIZE = 65536
+MAX_BODY_BYTES = 256 * 1024 * 1024    # request bodies (base64 file uploads are the big ones)
+MAX_READ_FILE_BYTES = 256 * 1024 * 1024
+MAX_LIST_ENTRIES = 100000
+SESSION_KILL_GRACE = 1.0              # wait this long for the sentinel after killing a command
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def log(message):
+    sys.stderr.write(f"[sandbox-server] {message}\n")
+    sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------- config
+
+class Config:
+    def __init__(self, port, bind, token, max_output, home):
+        self.port, self.bind, self.token = port, bind, token
+        self.max_output, self.home = max_output, home
+
+
+def load_config(environ=os.environ):
+    """Read SANDBOX_* once, then delete them so child commands cannot see the token."""
+    names = ("SANDBOX_PORT", "SANDBOX_BIND", "SANDBOX_TOKEN", "SANDBOX_MAX_OUTPUT", "SANDBOX_HOME")
+    raw = {name: environ.pop(name, "") for name in names}
+    try:
+        port = int(raw["SANDBOX_PORT"] or 8080)
+        max_output = int(raw["SANDBOX_MAX_OUTPUT"] or 8 * 1024 * 1024)
+    except ValueError:
+        raise ValueError("SANDBOX_PORT and SANDBOX_MAX_OUTPUT must be integers") from None
+    home = raw["SANDBOX_HOME"] or environ.get("HOME") or "/root"
+    # A cap below a few KiB would make the head/tail split meaningless.
+    return Config(port, raw["SANDBOX_BIND"] or "0.0.0.0", raw["SANDBOX_TOKEN"],
+                  max(max_output, 4096), os.path.abspath(home))
+
+
+# --------------------------------------------------------------------------- validation
+
+class ApiError(Exception):
+    """Turned into an error envelope with the given HTTP status at the handler boundary."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+_KINDS = {"str": (str,), "bool": (bool,), "int": (int,), "number": (int, float),
+          "dict": (dict,), "list": (list,)}
+
+
+def get_field(body, name, kind, required=False, default=None):
+    """Typed field access; an explicit JSON null counts as absent (the SDK sends nulls)."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ApiError(422, f"field '{name}' is required")
+        return default
+    is_bool = isinstance(value, bool)
+    if not isinstance(value, _KINDS[kind]) or (is_bool and kind != "bool"):
+        raise ApiError(422, f"field '{name}' must be of type {kind}")
+    return value
+
+
+def get_timeout(body, name):
+    value = get_field(body, name, "number")
+    if value is not None and (not math.isfinite(value) or value <= 0):
+        raise ApiError(422, f"field '{name}' must be a positive number")
+    return value
+
+
+def reject_nul(value, name):
+    if "\x00" in value:
+        raise ApiError(422, f"field '{name}' must not contain NUL characters")
+
+
+def ok(data, message="ok"):
+    return {"success": True, "message": message, "data": data}
+
+
+# --------------------------------------------------------------------------- output capture
+
+def decode(data):
+    return data.decode("utf-8", errors="replace")
+
+
+def fs_text(name):
+    """File names may hold undecodable bytes (surrogate escapes); make them JSON-safe."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+class BoundedBuffer:
+    """Keeps the first half and a rolling last half of a byte stream, counting what is dropped.
+
+    Memory stays at most `cap` bytes however much the command prints.
+    """
+
+    def __init__(self, cap):
+        self.head_cap = cap // 2
+        self.tail_cap = cap - self.head_cap
+        self.head = bytearray()
+        self.tail = collections.deque()   # chunks, so dropping old bytes is cheap
+        self.tail_len = 0
+        self.dropped = 0
+
+    def feed(self, data):
+        room = self.head_cap - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if not data:
+            return
+        self.tail.append(bytes(data))
+        self.tail_len += len(data)
+        excess = self.tail_len - self.tail_cap
+        while excess > 0:
+            first = self.tail[0]
+            cut = min(len(first), excess)
+            if cut == len(first):
+                self.tail.popleft()
+            else:
+                self.tail[0] = first[cut:]
+            self.tail_len -= cut
+            self.dropped += cut
+            excess -= cut
+
+    def text(self):
+        tail = b"".join(self.tail)
+        if not self.dropped:
+            return decode(bytes(self.head) + tail)
+        marker = f"\n...[truncated {self.dropped} bytes]...\n"
+        return decode(bytes(self.head)) + marker + decode(tail)
+
+
+def middle_truncate(text, limit):
+    """Keep the head and tail of `text` around a marker; limit <= 0 means no limit."""
+    if limit <= 0 or len(text) <= limit:
+        return text
+    head = limit // 2
+    tail = limit - head
+    return (text[:head] + f"\n...[truncated {len(text) - limit} chars]...\n"
+            + text[len(text) - tail:])
+
+
+# --------------------------------------------------------------------------- processes
+
+def proc_table():
+    """pid -> (ppid, pgid) for all visible processes, read from /proc."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue  # process exited while we looked
+        # The command name may contain spaces and parentheses: split after the last ')'.
+        fields = data[data.rfind(b")") + 2:].split()
+        table[int(name)] = (int(fields[1]), int(fields[2]))
+    return table
+
+
+def descendants(root, table=None, skip=()):
+    """All descendants of `root`; pids in `skip` are left out together with their subtrees."""
+    table = proc_table() if table is None else table
+    children = collections.defaultdict(list)
+    for pid, (ppid, _) in table.items():
+        children[ppid].append(pid)
+    found, todo = [], list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        if pid in skip:
+            continue
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def kill_quietly(func, target):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        func(target, signal.SIGKILL)
+
+
+def kill_descendants(root, spare=(), spare_pgids=()):
+    """SIGKILL every descendant of `root` (except `spare` subtrees) and their process groups.
+
+    Two passes, because a process may fork between our scan and its death.
+    """
+    own_pgid = os.getpgrp()
+    for _ in range(2):
+        table = proc_table()
+        victims = descendants(root, table, skip=spare)
+        for pid in victims:
+            kill_quietly(os.kill, pid)
+            pgid = table[pid][1]
+            if pgid != own_pgid and pgid not in spare_pgids:
+                kill_quietly(os.killpg, pgid)
+        if not victims:
+            return
+
+
+def exit_code_of(returncode):
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class ChildRegistry:
+    """Every process group we started, so that shutdown can kill all of them."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pgids = set()
+
+    def add(self, pgid):
+        with self.lock:
+            for old in list(self.pgids):
+                try:
+                    os.killpg(old, 0)
+                except ProcessLookupError:
+                    self.pgids.discard(old)   # group is gone; forget it
+                except PermissionError:
+                    pass
+            self.pgids.add(pgid)
+
+    def kill_all(self):
+        kill_descendants(os.getpid())
+        with self.lock:
+            for pgid in self.pgids:
+                kill_quietly(os.killpg, pgid)
+
+
+# --------------------------------------------------------------------------- shell sessions
+
+_BASH_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                       b" !\"#$%&()*+,-./:;<=>?@[]^_`{|}~")
+
+
+def bash_quote(text):
+    """Quote as a one-line bash $'...' string (newlines and odd bytes become \\xHH)."""
+    raw = text.encode("utf-8", "replace")
+    return "$'" + "".join(chr(b) if b in _BASH_SAFE else f"\\x{b:02x}" for b in raw) + "'"
+
+
+def build_script(command, exec_dir, token):
+    """One line for the session bash: run the command, then print the sentinel.
+
+    The command goes through `eval` of a quoted string, so trailing comments, unbalanced
+    quotes or heredocs cannot swallow the sentinel. The line starts with a simple command,
+    not `{`: after a syntax error inside eval, bash 5.2 fails to recognise a reserved word
+    at the start of the next line. stdin is /dev/null so the command cannot read our next
+    lines; the sentinel goes to fd 3 (a copy of the original stdout, hidden from the
+    command) so `exec >/dev/null` cannot hide it. The token is printed in two halves so
+    `set -x`/`set -v` traces never contain it verbatim.
+    """
+    line = "eval " + bash_quote(command) + " </dev/null 3>&-"
+    if exec_dir is not None:
+        line = "cd -- " + bash_quote(exec_dir) + " && " + line
+    return (f"{line}; printf '\\n%s%s:%s\\n' {token[:16]} {token[16:]} \"$?\" >&3\n").encode()
+
+
+class ShellSession:
+    def __init__(self, session_id, cfg, registry):
+        self.id, self.cfg, self.registry = session_id, cfg, registry
+        self.lock = threading.Lock()   # serializes commands in this session
+        self.proc = None
+
+    def _ensure_started(self):
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.discard()
+        self.proc = subprocess.Popen(
+            ["bash", "--noprofile", "--norc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, cwd=self.cfg.home, start_new_session=True, bufsize=0)
+        self.registry.add(self.proc.pid)
+        write_all(self.proc.stdin.fileno(), b"exec 3>&1\n")
+
+    def discard(self):
+        """Kill the whole session (bash, its jobs, anything they spawned)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        kill_descendants(proc.pid)
+        kill_quietly(os.killpg, proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=2)
+        for pipe in (proc.stdin, proc.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+    def run(self, command, exec_dir, hard_timeout, idle_timeout):
+        with self.lock:
+            self._ensure_started()
+            token = uuid.uuid4().hex
+            script = build_script(command, exec_dir, token)
+            # Background jobs from earlier commands (and what they spawn later) survive a
+            # timeout of this command.
+            known = set(descendants(self.proc.pid))
+            try:
+                write_all(self.proc.stdin.fileno(), script)
+            except OSError:  # bash died between calls (e.g. killed from outside): start over once
+                self.discard()
+                self._ensure_started()
+                known = set()
+                write_all(self.proc.stdin.fileno(), script)
+            return self._collect(token, hard_timeout, idle_timeout, known)
+
+    def _collect(self, token, hard_timeout, idle_timeout, known):
+        proc = self.proc
+        marker = b"\n" + token.encode() + b":"
+        buf, pending = BoundedBuffer(self.cfg.max_output), b""
+        fd = proc.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        start = last_output = time.monotonic()
+        status, exit_code, reset, kill_deadline = "completed", None, False, None
+        while True:
+            now = time.monotonic()
+            if kill_deadline is None:
+                if hard_timeout and now - start >= hard_timeout:
+                    status = "hard_timeout"
+                elif idle_timeout and now - last_output >= idle_timeout:
+                    status = "no_change_timeout"
+                if status != "completed":
+                    kill_descendants(proc.pid, spare=known, spare_pgids={proc.pid})
+                    kill_deadline = now + SESSION_KILL_GRACE
+            elif now >= kill_deadline:
+                # The sentinel never came: bash itself is busy (e.g. a builtin loop).
+                self.discard()
+                reset = True
+                break
+            deadlines = [kill_deadline] if kill_deadline else [
+                start + hard_timeout if hard_timeout else None,
+                last_output + idle_timeout if idle_timeout else None]
+            waits = [d - now for d in deadlines if d is not None]
+            if not poller.poll(None if not waits else max(0, min(waits)) * 1000):
+                continue
+            chunk = os.read(fd, READ_SIZE)
+            if not chunk:   # bash exited (`exit`, `set -e`, killed): next call starts a new one
+                exit_code = exit_code_of(proc.wait())
+                self.discard()
+                reset = True
+                break
+            last_output = time.monotonic()
+            pending += chunk
+            idx = pending.find(marker)
+            if idx < 0:
+                # Hold back a marker-length suffix: the sentinel may straddle two reads.
+                keep = len(marker) - 1
+                if len(pending) > keep:
+                    buf.feed(pending[:-keep])
+                    pending = pending[-keep:]
+                continue
+            buf.feed(pending[:idx])
+            pending = pending[idx:]
+            end = pending.find(b"\n", len(marker))
+            if end >= 0:
+                with contextlib.suppress(ValueError):
+                    exit_code = int(pending[len(marker):end])
+                pending = b""
+                break
+        buf.feed(pending)
+        if status != "completed":
+            exit_code = None
+        return {"status": status, "output": buf.text(), "exit_code": exit_code, "reset": reset}
+
+
+class SessionManager:
+    def __init__(self, cfg, registry):
+        self.cfg, self.registry = cfg, registry
+        self.lock = threading.Lock()
+        self.sessions = {}
+
+    def get(self, session_id):
+        with self.lock:
+            if session_id not in self.sessions:
+                self.sessions[session_id] = ShellSession(session_id, self.cfg, self.registry)
+            return self.sessions[session_id]
+
+    def kill_all(self):
+        with self.lock:
+            sessions = list(self.sessions.values())
+        for session in sessions:
+            with contextlib.suppress(Exception):
+                session.discard()
+
+
+# --------------------------------------------------------------------------- bash -c
+
+def run_bash(command, env, cwd, hard_timeout, cap, registry):
+    """Run `bash -c command` in its own process group; capture stdout/stderr separately."""
+    proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
+                            start_new_session=True)
+    registry.add(proc.pid)
+    bufs = {proc.stdout.fileno(): BoundedBuffer(cap), proc.stderr.fileno(): BoundedBuffer(cap)}
+    out_buf, err_buf = bufs.values()
+    poller = select.poll()
+    for fd in bufs:
+        poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + hard_timeout if hard_timeout else None
+    timed_out, exited_at = False, None
+    try:
+        while bufs:
+            now = time.monotonic()
+            if deadline is not None and not timed_out and now >= deadline:
+                timed_out = True
+                kill_descendants(proc.pid)
+                kill_quietly(os.killpg, proc.pid)
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            # Background jobs may keep the pipes open after bash exits: drain what is
+            # immediately available, then stop waiting for an EOF that may never come.
+            wait = 0.1 if exited_at is None else 0.2
+            if deadline is not None and not timed_out:
+                wait = min(wait, max(0.0, deadline - now))
+            events = poller.poll(wait * 1000)
+            if not events and exited_at is not None:
+                break
+            if exited_at is not None and now - exited_at > 1.0:
+                break
+            for fd, _ in events:
+                chunk = os.read(fd, READ_SIZE)
+                if chunk:
+                    bufs[fd].feed(chunk)
+                else:
+                    poller.unregister(fd)
+                    del bufs[fd]
+        # Both pipes closed, but the process may still run (it closed its own stdout).
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            returncode = proc.wait(timeout=remaining)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            kill_descendants(proc.pid)
+            kill_quietly(os.killpg, proc.pid)
+            returncode = proc.wait()
+    finally:
+        if proc.poll() is None:   # the request failed half-way: don't leak the process
+            kill_quietly(os.killpg, proc.pid)
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    exit_code = None if timed_out else exit_code_of(returncode)
+    return ("timed_out" if timed_out else "completed"), out_buf.text(), err_buf.text(), exit_code
+
+
+# --------------------------------------------------------------------------- files
+
+@contextlib.contextmanager
+def fs_errors(path, not_dir_status=404):
+    """Map OS errors to API errors: missing 404, directory 400, permission 403."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ApiError(404, f"File not found: {path}") from None
+    except NotADirectoryError:
+        if not_dir_status == 404:
+            raise ApiError(404, f"File not found: {path}") from None
+        raise ApiError(not_dir_status, f"Not a directory (a parent is a file): {path}") from None
+    except IsADirectoryError:
+        raise ApiError(400, f"Is a directory: {path}") from None
+    except PermissionError:
+        raise ApiError(403, f"Permission denied: {path}") from None
+    except OSError as exc:
+        raise ApiError(400, f"{exc.strerror or type(exc).__name__}: {path}") from None
+
+
+def split_lines(text):
+    """Like readlines(): split on '\\n' only, keeping line ends."""
+    parts = text.split("\n")
+    lines = [part + "\n" for part in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    return lines
+
+
+def file_info(path, name, st, include_size, include_permissions):
+    is_dir = stat.S_ISDIR(st.st_mode)
+    modified = datetime.datetime.fromtimestamp(st.st_mtime, tz=datetime.timezone.utc)
+    return {
+        "name": fs_text(name),
+        "path": fs_text(path),
+        "is_directory": is_dir,
+        "size": st.st_size if include_size else None,
+        "modified_time": modified.isoformat(),
+        "permissions": stat.filemode(st.st_mode)[1:] if include_permissions else None,
+        "extension": None if is_dir else (os.path.splitext(fs_text(name))[1] or None),
+    }
+
+
+def list_entries(root, recursive, max_depth, show_hidden, file_types):
+    """Yield (path, name, stat) under root, depth-first, not following directory symlinks."""
+    stack = [(root, 1)]
+    while stack:
+        directory, depth = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError:
+            if directory == root:
+                raise
+            continue   # an unreadable subdirectory should not fail the whole listing
+        for entry in entries:
+            if not show_hidden and entry.name.startswith("."):
+                continue
+            try:
+                st = entry.stat()
+            except OSError:
+                st = entry.stat(follow_symlinks=False)   # broken symlink
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if recursive and entry.is_dir(follow_symlinks=False) and (
+                    max_depth is None or depth < max_depth):
+                stack.append((entry.path, depth + 1))
+            extension = os.path.splitext(entry.name)[1].lower()
+            if file_types and not is_dir and extension not in file_types:
+                continue
+            yield entry.path, entry.name, st
+
+
+# --------------------------------------------------------------------------- application
+
+class App:
+    """The endpoint implementations; the HTTP handler only does transport."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.registry = ChildRegistry()
+        self.sessions = SessionManager(cfg, self.registry)
+        self.info = self._build_info()
+
+    def _build_info(self):
+        try:
+            user = pwd.getpwuid(os.getuid()).pw_name
+        except KeyError:
+            user = str(os.getuid())
+        home = self.cfg.home
+        system = {"os": "linux", "os_version": platform.release(), "arch": platform.machine(),
+                  "user": user, "home_dir": home, "workspace": None,
+                  "timezone": time.tzname[0] or "UTC", "occupied_ports": []}
+        # The SDK's SandboxResponse wants these at top level, not inside "data".
+        return {"success": True, "message": "ok", "data": None, "home_dir": home,
+                "workspace": None, "version": VERSION,
+                "detail": {"system": system, "runtime": {"python": [], "nodejs": []}, "utils": []}}
+
+    def authorized(self, header):
+        if not self.cfg.token:
+            return True
+        scheme, _, value = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode("utf-8", "replace"), self.cfg.token.encode("utf-8", "replace"))
+
+    def resolve(self, path, field="file"):
+        """Absolute path; relative paths and '~' are taken relative to the sandbox home."""
+        reject_nul(path, field)
+        if path == "~" or path.startswith("~/"):
+            path = self.cfg.home + path[1:]
+        return os.path.normpath(os.path.join(self.cfg.home, path))
+
+    def sandbox_info(self, body):
+        return self.info
+
+    def health(self, body):
+        return ok({"status": "ok"})
+
+    def shell_exec(self, body):
+        command = get_field(body, "command", "str", required=True)
+        reject_nul(command, "command")
+        session_id = get_field(body, "id", "str") or "default"
+        exec_dir = get_field(body, "exec_dir", "str")
+        if exec_dir is not None:
+            exec_dir = self.resolve(exec_dir, "exec_dir")
+            if not os.path.isdir(exec_dir):
+                raise ApiError(400, f"exec_dir does not exist or is not a directory: {exec_dir}")
+        hard, timeout = get_timeout(body, "hard_timeout"), get_timeout(body, "timeout")
+        idle = get_timeout(body, "no_change_timeout")
+        truncate = get_field(body, "truncate", "bool", default=True)
+        result = self.sessions.get(session_id).run(command, exec_dir, hard or timeout, idle)
+        output = result["output"]
+        if truncate:
+            output = middle_truncate(output, SHELL_TRUNCATE_CHARS)
+        message = "ok"
+        if result["status"] != "completed":
+            message = f"command stopped: {result['status']}"
+        if result["reset"]:
+            message += "; shell session was reset"
+        return ok({"session_id": session_id, "command": command, "status": result["status"],
+                   "output": output, "exit_code": result["exit_code"],
+                   "console": [{"ps1": "$ ", "command": command, "output": output}]}, message)
+
+    def bash_exec(self, body):
+        command = get_field(body, "command", "str", required=True)
+        reject_nul(command, "command")
+        env = dict(os.environ)
+        for name, value in get_field(body, "env", "dict", default={}).items():
+            # Never echo values: they may be secrets.
+            if not ENV_NAME_RE.fullmatch(name):
+                raise ApiError(422, f"field 'env' has an invalid variable name: {name!r}")
+            if value is None:
+                env.pop(name, None)
+            elif not isinstance(value, str) or "\x00" in value:
+                raise ApiError(422, f"field 'env' value for {name!r} must be a string without NUL")
+            else:
+                env[name] = value
+        cwd = self.cfg.home
+        exec_dir = get_field(body, "exec_dir", "str")
+        if exec_dir is not None:
+            cwd = self.resolve(exec_dir, "exec_dir")
+            if not os.path.isdir(cwd):
+                raise ApiError(400, f"exec_dir does not exist or is not a directory: {cwd}")
+        hard, timeout = get_timeout(body, "hard_timeout"), get_timeout(body, "timeout")
+        max_len = get_field(body, "max_output_length", "int", default=0)
+        session_id = get_field(body, "session_id", "str") or uuid.uuid4().hex
+        status, out, err, code = run_bash(command, env, cwd, hard or timeout,
+                                          self.cfg.max_output, self.registry)
+        out, err = middle_truncate(out, max_len), middle_truncate(err, max_len)
+        return ok({"session_id": session_id, "command_id": uuid.uuid4().hex, "command": command,
+                   "status": status, "stdout": out, "stderr": err, "exit_code": code,
+                   "offset": len(out), "stderr_offset": len(err)},
+                  "ok" if status == "completed" else "command timed out and was killed")
+
+    def file_read(self, body):
+        path = self.resolve(get_field(body, "file", "str", required=True))
+        start = get_field(body, "start_line", "int")
+        end = get_field(body, "end_line", "int")
+        if os.path.isdir(path):
+            raise ApiError(400, f"Is a directory: {path}")
+        with fs_errors(path), open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > MAX_READ_FILE_BYTES:
+                raise ApiError(413, f"File too large to read, use /v1/file/download: {path}")
+            text = decode(f.read(MAX_READ_FILE_BYTES))
+        if start is not None or end is not None:
+            text = "".join(split_lines(text)[start:end])
+        return ok({"content": text, "file": path})
+
+    def file_write(self, body):
+        path = self.resolve(get_field(body, "file", "str", required=True))
+        content = get_field(body, "content", "str", required=True)
+        encoding = get_field(body, "encoding", "str", default="utf-8").lower()
+        append = get_field(body, "append", "bool", default=False)
+        leading = get_field(body, "leading_newline", "bool", default=False)
+        trailing = get_field(body, "trailing_newline", "bool", default=False)
+        if encoding == "base64":
+            try:   # tolerate line-wrapped base64, but nothing else
+                data = base64.b64decode("".join(content.split()), validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(422, "field 'content' is not valid base64") from None
+        elif encoding in ("utf-8", "utf8", "raw"):
+            text = ("\n" if leading else "") + content + ("\n" if trailing else "")
+            data = text.encode("utf-8", "replace")
+        else:
+            raise ApiError(422, "field 'encoding' must be 'utf-8' or 'base64'")
+        if os.path.isdir(path):
+            raise ApiError(400, f"Is a directory: {path}")
+        with fs_errors(path, not_dir_status=400):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "ab" if append else "wb") as f:
+                f.write(data)
+        return ok({"file": path, "bytes_written": len(data)})
+
+    def file_list(self, body):
+        path = self.resolve(get_field(body, "path", "str", required=True), "path")
+        recursive = get_field(body, "recursive", "bool", default=False)
+        show_hidden = get_field(body, "show_hidden", "bool", default=False)
+        max_depth = get_field(body, "max_depth", "int")
+        include_size = get_field(body, "include_size", "bool", default=True)
+        include_perms = get_field(body, "include_permissions", "bool", default=True)
+        sort_by = get_field(body, "sort_by", "str", default="name")
+        sort_desc = get_field(body, "sort_desc", "bool", default=False)
+        wanted = get_field(body, "file_types", "list", default=[])
+        file_types = {("" if t.startswith(".") else ".") + t.lower()
+                      for t in wanted if isinstance(t, str)}
+        if sort_by not in ("name", "size", "modified", "type"):
+            raise ApiError(422, "field 'sort_by' must be one of name, size, modified, type")
+        with fs_errors(path):
+            if not os.path.isdir(path):
+                os.stat(path)   # raises 404 when missing
+                raise ApiError(400, f"Not a directory: {path}")
+            rows = []
+            entries = list_entries(path, recursive, max_depth, show_hidden, file_types)
+            for entry_path, name, st in entries:
+                info = file_info(entry_path, name, st, include_size, include_perms)
+                rows.append((entry_path, st, info))
+                if len(rows) >= MAX_LIST_ENTRIES:
+                    break
+        keys = {"name": lambda r: r[0], "size": lambda r: (r[1].st_size, r[0]),
+                "modified": lambda r: (r[1].st_mtime, r[0]),
+                "type": lambda r: (not r[2]["is_directory"], r[0])}
+        rows.sort(key=keys[sort_by], reverse=sort_desc)
+        files = [row[2] for row in rows]
+        dirs = sum(1 for f in files if f["is_directory"])
+        return ok({"path": path, "files": files, "total_count": len(files),
+                   "directory_count": dirs, "file_count": len(files) - dirs})
+
+    def shutdown(self):
+        self.sessions.kill_all()
+        self.registry.kill_all()
+
+
+# --------------------------------------------------------------------------- HTTP
+
+ROUTES = {
+    "/v1/sandbox": {"GET": "sandbox_info"},
+    "/health": {"GET": "health"},
+    "/v1/shell/exec": {"POST": "shell_exec"},
+    "/v1/bash/exec": {"POST": "bash_exec"},
+    "/v1/file/read": {"POST": "file_read"},
+    "/v1/file/write": {"POST": "file_write"},
+    "/v1/file/list": {"POST": "file_list"},
+    "/v1/file/download": {"GET": "download"},
+}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"   # keep-alive: every response carries Content-Length
+    server_version = VERSION
+    sys_version = ""
+    timeout = 300                   # idle keep-alive connections give their thread back
+
+    def setup(self):
+        super().setup()
+        # Headers and body go out in separate writes; without NODELAY, Nagle plus the
+        # client's delayed ACK adds ~40 ms to every keep-alive request.
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format, *args):
+        pass   # no per-request lines; errors are logged explicitly
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method):
+        self._body_consumed = False
+        self._headers_done = False
+        try:
+            app = self.server.app
+            url = urlsplit(self.path)
+            path = url.path.rstrip("/") or "/"
+            if not app.authorized(self.headers.get("Authorization")):
+                raise ApiError(401, "missing or invalid sandbox token")
+            methods = ROUTES.get(path)
+            if methods is None:
+                raise ApiError(404, f"Not found: {path}")
+            if method not in methods:
+                raise ApiError(405, f"Method {method} not allowed for {path}")
+            if methods[method] == "download":
+                self._download(app, parse_qs(url.query))
+                return
+            body = self._read_json() if method == "POST" else {}
+            self._send_json(200, getattr(app, methods[method])(body))
+        except ApiError as exc:
+            self._send_error(exc.status, exc.message)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True   # client went away; nothing to report
+        except Exception as exc:
+            log(f"error in {method} {self.path.split('?')[0]}: {type(exc).__name__}: {exc}\n"
+                + traceback.format_exc())
+            self._send_error(500, f"internal server error ({type(exc).__name__})")
+
+    def _read_body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks, total = [], 0
+            while True:
+                try:
+                    size = int(self.rfile.readline(1024).split(b";")[0].strip() or b"0", 16)
+                except ValueError:
+                    raise ApiError(400, "invalid chunked encoding") from None
+                if size == 0:
+                    break
+                total += size
+                if total > MAX_BODY_BYTES:
+                    raise ApiError(413, "request body too large")
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline(16)
+            while self.rfile.readline(1024).strip():
+                pass   # trailers
+            self._body_consumed = True
+            return b"".join(chunks)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise ApiError(400, "invalid Content-Length") from None
+        if length < 0 or length > MAX_BODY_BYTES:
+            raise ApiError(413, "request body too large")
+        self._body_consumed = True
+        return self.rfile.read(length)
+
+    def _read_json(self):
+        raw = self._read_body()
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            raise ApiError(422, "request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(422, "request body must be a JSON object")
+        return body
+
+    def _request_has_unread_body(self):
+        has_body = (self.headers.get("Content-Length", "0") not in ("", "0")
+                    or "Transfer-Encoding" in self.headers)
+        return has_body and not self._body_consumed
+
+    def _send_json(self, status, payload):
+        data = json.dumps(payload, ensure_ascii=False).encode("utf-8", "replace")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if self._request_has_unread_body():
+            # The unread body would be parsed as the next request on this connection.
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self._headers_done = True
+        self.wfile.write(data)
+
+    def _send_error(self, status, message):
+        if self._headers_done:   # a streamed download failed half-way: just drop the connection
+            self.close_connection = True
+            return
+        with contextlib.suppress(OSError):
+            self._send_json(status, {"success": False, "message": message, "data": None})
+
+    def _download(self, app, query):
+        raw = (query.get("path") or [""])[0]
+        if not raw:
+            raise ApiError(422, "query parameter 'path' is required")
+        path = app.resolve(raw, "path")
+        if os.path.isdir(path):
+            raise ApiError(400, f"Is a directory: {path}")
+        with fs_errors(path), open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.send_header("Content-Disposition", content_disposition(os.path.basename(path)))
+            self.end_headers()
+            self._headers_done = True
+            sent = 0
+            while sent < size:   # stream: never hold the whole file in memory
+                chunk = f.read(min(1024 * 1024, size - sent))
+                if not chunk:
+                    break
+                self.wfile.write(chunk)
+                sent += len(chunk)
+            if sent < size:   # file shrank under us; the client sees a short body
+                self.close_connection = True
+
+
+def content_disposition(name):
+    name = fs_text(name)
+    ascii_name = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name)
+    value = f'attachment; filename="{ascii_name or "download"}"'
+    if ascii_name != name:
+        value += f"; filename*=UTF-8''{quote(name)}"
+    return value
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+
+def main():
+    try:
+        cfg = load_config()
+    except ValueError as exc:
+        log(f"configuration error: {exc}")
+        return 2
+    try:
+        os.makedirs(cfg.home, exist_ok=True)
+    except OSError as exc:
+        log(f"cannot create home directory {cfg.home}: {exc}")
+    app = App(cfg)
+    server_cls = Server
+    if ":" in cfg.bind:
+        server_cls = type("Server6", (Server,), {"address_family": socket.AF_INET6})
+    try:
+        httpd = server_cls((cfg.bind, cfg.port), Handler)
+    except OSError as exc:
+        log(f"cannot listen on {cfg.bind}:{cfg.port}: {exc}")
+        return 1
+    httpd.app = app
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def serve():
+        try:
+            httpd.serve_forever(poll_interval=0.2)
+        finally:
+            stop.set()
+
+    threading.Thread(target=serve, name="http", daemon=True).start()
+    log(f"listening on {cfg.bind}:{httpd.server_address[1]} "
+        f"(auth {'on' if cfg.token else 'off'}, home {cfg.home}, "
+        f"max output {cfg.max_output} bytes)")
+    while not stop.wait(0.2):
+        pass
+    log("shutting down")
+    app.shutdown()
+    httpd.server_close()
+    sys.stderr.flush()
+    # Handler threads may be blocked on pipes or sockets; don't wait for them.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""One sandbox's life: create or adopt its container, serve operations, stop it.
+
+:class:`SandboxRuntime` is what a :class:`~sandbox_actors.sandbox.SandboxActor`
+wraps; it knows nothing of Ray, so it can be driven directly against a real
+engine. It counts operations in flight and remembers the last one, which is
+how the pool's idle check knows a long command is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from backends import Backend, Limits, SandboxAPI, SandboxRecord, SandboxSpec
+from backends.base import LABEL_ENGINE_ID
+from backends.errors import (
+    BackendUnavailable,
+    InvalidRequest,
+    SandboxDied,
+    SandboxError,
+    SandboxNotFound,
+    SandboxUnreachable,
+)
+from backends.sandbox_api import BashResult, FileInfo, ShellResult
+
+from .config import ENV_NAME, SandboxConfig
+from .threads import sandbox_mounts
+
+logger = logging.getLogger(__name__)
+
+# A container found already running gets this long to answer before we give up on it.
+_ADOPT_READY_TIMEOUT = 5.0
+
+
+class SandboxRuntime:
+    """Owns exactly one container.
+
+    Args:
+        config: the pool's config.
+        sandbox_id: this sandbox's id.
+        thread_id: the thread it serves, None when anonymous.
+        backend: where the container runs.
+        extra_labels: labels added to a container this runtime creates.
+        clock: monotonic seconds (tests pass a fake).
+    """
+
+    def __init__(
+        self,
+        config: SandboxConfig,
+        sandbox_id: str,
+        thread_id: str | None,
+        backend: Backend,
+        extra_labels: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.sandbox_id = sandbox_id
+        self.thread_id = thread_id
+        self.backend = backend
+        self._extra_labels = dict(extra_labels or {})
+        self._clock = clock
+        self.record: SandboxRecord | None = None
+        self.adopted = False
+        self.inflight = 0
+        self.last_activity = clock()
+        self.dead_reason: str | None = None
+        self._api: SandboxAPI | None = None
+        self._start_lock = asyncio.Lock()
+        self._shell_lock = asyncio.Lock()
+        self._stopping = False
+
+    # ── lifecycle ──────────────────────────────────────────────────────────
+
+    async def start(self) -> dict[str, Any]:
+        """Adopt this sandbox's running container, or create one and wait until it answers.
+
+        Idempotent: a second call returns the same description.
+
+        Raises:
+            ImageNotFound, SandboxStartError, ReadinessTimeout, SandboxExited,
+            BackendUnavailable. On any of them no container is left behind.
+        """
+        async with self._start_lock:
+            if self._api is not None:
+                return self.describe()
+            if self._stopping:
+                raise SandboxDied(f"sandbox {self.sandbox_id} was destroyed")
+            started = time.monotonic()
+            existing = await self.backend.discover(self.sandbox_id)
+            if existing is not None and existing.running and await self._try_adopt(existing):
+                logger.info("sandbox %s: adopted running container %s", self.sandbox_id, existing.container_name)
+            else:
+                if existing is not None:
+                    logger.info("sandbox %s: removing unusable container %s", self.sandbox_id, existing.container_name)
+                    await self.backend.destroy(self.sandbox_id)
+                await self._create()
+            info = self.describe()
+            info["start_seconds"] = time.monotonic() - started
+            return info
+
+    async def _try_adopt(self, record: SandboxRecord) -> bool:
+        api = SandboxAPI(record.url, record.token)
+        try:
+            await api.wait_ready(
+                _ADOPT_READY_TIMEOUT,
+                is_running=lambda: self.backend.is_running(self.sandbox_id),
+                log_tail=lambda: self.backend.logs_tail(self.sandbox_id),
+            )
+        except BackendUnavailable:
+            await api.aclose()
+            raise
+        except SandboxError as exc:
+            logger.info("sandbox %s: running container does not answer (%s)", self.sandbox_id, type(exc).__name__)
+            await api.aclose()
+            return False
+        self.record, self._api, self.adopted = record, api, True
+        return True
+
+    async def _create(self) -> None:
+        config = self.config
+        spec = SandboxSpec(
+            sandbox_id=self.sandbox_id,
+            pool=config.pool_name,
+            image=config.image,
+            thread_id=self.thread_id,
+            port=config.port,
+            mounts=sandbox_mounts(config, self.thread_id),
+            environment=_resolve_env(config),
+            token=secrets.token_urlsafe(32),
+            limits=Limits(memory=config.limits.memory, cpus=config.limits.cpus, pids=config.limits.pids),
+            capabilities=tuple(config.capabilities),
+            bind_host=config.bind_host,
+            extra_labels=self._extra_labels,
+        )
+        record = await self.backend.create(spec)
+        api = SandboxAPI(record.url, record.token)
+        try:
+            await api.wait_ready(
+                config.readiness_timeout,
+                is_running=lambda: self.backend.is_running(self.sandbox_id),
+                log_tail=lambda: self.backend.logs_tail(self.sandbox_id),
+            )
+        except BaseException:
+            # Roll back: an unready container is never left running.
+            await api.aclose()
+            with contextlib.suppress(SandboxError):
+                await self.backend.destroy(self.sandbox_id)
+            raise
+        self.record, self._api, self.adopted = record, api, False
+        logger.info("sandbox %s: container %s ready at %s", self.sandbox_id, record.container_name, record.url)
+
+    async def stop(self, if_idle_for: float | None = None) -> bool:
+        """Remove the container. With ``if_idle_for``, only when idle that long with nothing in flight.
+
+        Returns:
+            False when the sandbox refused because it is busy; True when the
+            container is gone (or never existed).
+
+        Raises:
+            BackendUnavailable: the engine did not answer; the container may still exist.
+        """
+        if if_idle_for is not None and (self.inflight > 0 or self.idle_for() <= if_idle_for):
+            return False
+        self._stopping = True
+        if self._api is not None:
+            await self._api.aclose()
+            self._api = None
+        await self.backend.destroy(self.sandbox_id)
+        return True
+
+    async def close(self) -> None:
+        """Release client resources; the container is untouched."""
+        if self._api is not None:
+            await self._api.aclose()
+            self._api = None
+        await self.backend.close()
+
+    # ── state ──────────────────────────────────────────────────────────────
+
+    def idle_for(self) -> float:
+        return 0.0 if self.inflight > 0 else max(0.0, self._clock() - self.last_activity)
+
+    def describe(self) -> dict[str, Any]:
+        record = self.record
+        return {
+            "sandbox_id": self.sandbox_id,
+            "thread_id": self.thread_id,
+            "started": self._api is not None,
+            "adopted": self.adopted,
+            "url": record.url if record else None,
+            "container_name": record.container_name if record else None,
+            "container_id": record.container_id if record else None,
+            "engine_id": record.labels.get(LABEL_ENGINE_ID, record.engine_id) if record else None,
+            "host": record.node if record else None,
+            "created_at": record.created_at if record else None,
+            "idle_for": self.idle_for(),
+            "inflight": self.inflight,
+            "dead_reason": self.dead_reason,
+        }
+
+    # ── operations ─────────────────────────────────────────────────────────
+
+    @contextlib.asynccontextmanager
+    async def _operation(self) -> AsyncIterator[SandboxAPI]:
+        if self.dead_reason is not None:
+            raise SandboxDied(f"sandbox {self.sandbox_id} is dead: {self.dead_reason}; acquire the thread again")
+        if self._stopping:
+            raise SandboxDied(f"sandbox {self.sandbox_id} is being destroyed; acquire the thread again")
+        if self._api is None:
+            raise SandboxNotFound(f"sandbox {self.sandbox_id} has not been started")
+        self.inflight += 1
+        self.last_activity = self._clock()
+        try:
+            yield self._api
+        except SandboxUnreachable as exc:
+            # Gone, or only slow? Ask the engine. If the engine does not answer
+            # either, that is BackendUnavailable, never "dead".
+            if await self.backend.is_running(self.sandbox_id):
+                raise
+            self.dead_reason = "its container stopped"
+            raise SandboxDied(
+                f"sandbox {self.sandbox_id}: its container stopped; acquire the thread again for a new one"
+            ) from exc
+        finally:
+            self.inflight -= 1
+            self.last_activity = self._clock()
+
+    async def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None) -> ShellResult:
+        """Run ``command`` in the persistent shell (one at a time per sandbox)."""
+        async with self._operation() as api, self._shell_lock:
+            return await api.shell_exec(command, timeout=timeout or self.config.exec_timeout, exec_dir=exec_dir)
+
+    async def bash(
+        self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
+        exec_dir: str | None = None,
+    ) -> BashResult:
+        """Run ``command`` in a fresh session with extra ``env`` (for secrets)."""
+        for name in env or {}:
+            if not ENV_NAME.match(str(name)):
+                raise InvalidRequest(f"invalid environment variable name {name!r}")
+        async with self._operation() as api:
+            return await api.bash_exec(command, env=env, timeout=timeout or self.config.exec_timeout, exec_dir=exec_dir)
+
+    async def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> str:
+        async with self._operation() as api:
+            return await api.read_file(path, start_line, end_line)
+
+    async def read_bytes(self, path: str) -> bytes:
+        async with self._operation() as api:
+            return await api.download(path)
+
+    async def write_file(self, path: str, content: str | bytes, append: bool = False) -> int:
+        async with self._operation() as api:
+            return await api.write_file(path, content, append=append)
+
+    async def list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> list[FileInfo]:
+        async with self._operation() as api:
+            return await api.list_files(path, recursive=recursive, show_hidden=show_hidden)
+
+
+def _resolve_env(config: SandboxConfig) -> dict[str, str]:
+    env = config.resolved_environment()
+    for key, value in config.environment.items():
+        if value.startswith("$") and not env[key]:
+            # Name the variable, never a value: values may be secrets.
+            logger.warning("environment %s refers to %s, which is not set here; passing ''", key, value)
+    return env

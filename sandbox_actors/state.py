@@ -1,0 +1,323 @@
+"""The pool's decisions, as plain Python: no Ray, no Docker, an injectable clock.
+
+:class:`PoolState` holds one :class:`Entry` per sandbox and answers the
+questions the pool actor asks: which sandbox does this acquire get, what must
+be evicted first, must it wait, what is idle. The actor carries out the
+answers (start containers, stop them) and reports back. Every method is
+synchronous, so a decision and the state change it makes happen with no
+``await`` in between; after any ``await`` the actor asks again.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends.errors import SandboxError
+
+
+class SandboxState(enum.Enum):
+    STARTING = "starting"  # actor and container being created
+    ACTIVE = "active"  # leased to a thread
+    WARM = "warm"  # released; container running, ready to reclaim
+    STOPPING = "stopping"  # container being removed
+
+
+_TRANSITIONS: dict[SandboxState, frozenset[SandboxState]] = {
+    SandboxState.STARTING: frozenset({SandboxState.ACTIVE}),
+    SandboxState.ACTIVE: frozenset({SandboxState.WARM, SandboxState.STOPPING}),
+    SandboxState.WARM: frozenset({SandboxState.ACTIVE, SandboxState.STOPPING}),
+    # Back out of STOPPING only when the sandbox refused an idle stop (it got busy).
+    SandboxState.STOPPING: frozenset({SandboxState.ACTIVE, SandboxState.WARM}),
+}
+
+
+class IllegalTransition(SandboxError):
+    """A bug: the pool tried to move a sandbox between states that do not connect."""
+
+
+@dataclass
+class Entry:
+    """One sandbox as the pool sees it.
+
+    ``last_active`` is the pool clock at the last acquire/get/release or
+    reported activity; ``released_at`` is set while WARM. ``version`` grows on
+    every touch, so a decision taken before an ``await`` can tell whether the
+    sandbox was used meanwhile.
+    """
+
+    sandbox_id: str
+    thread_id: str | None
+    state: SandboxState
+    created_at: float
+    last_active: float
+    released_at: float | None = None
+    actor: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+    inflight: int = 0
+    version: int = 0
+    resume_state: SandboxState | None = None
+
+    def move(self, new: SandboxState) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise IllegalTransition(f"sandbox {self.sandbox_id}: {self.state.value} -> {new.value} is not allowed")
+        self.state = new
+
+
+# ── decisions ───────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class Acquired:
+    """The thread's sandbox is ready: ``path`` is 'hot' (already active) or 'warm' (reclaimed)."""
+
+    entry: Entry
+    path: str
+
+
+@dataclass(frozen=True)
+class MustCreate:
+    """Start a new sandbox for ``entry`` (now STARTING); stop ``evict`` first or alongside."""
+
+    entry: Entry
+    evict: tuple[Entry, ...] = ()
+    over_soft_cap: bool = False
+
+
+@dataclass(frozen=True)
+class MustWait:
+    """Nothing to return yet: ``reason`` is 'starting', 'stopping' or 'capacity'."""
+
+    sandbox_id: str
+    reason: str
+    evict: tuple[Entry, ...] = ()
+
+
+Decision = Acquired | MustCreate | MustWait
+
+
+class PoolState:
+    """Every sandbox of one pool and the rules that move them.
+
+    Args:
+        replicas: soft cap on STARTING + ACTIVE + WARM sandboxes; reaching it
+            evicts the least recently released WARM one, never an ACTIVE one.
+        max_sandboxes: optional hard cap on all sandboxes (STOPPING ones
+            included, their containers still exist); at it, acquire waits.
+        idle_timeout: seconds; 0 disables idle reaping.
+        clock: seconds, monotonic; tests pass a fake.
+    """
+
+    def __init__(
+        self,
+        replicas: int,
+        max_sandboxes: int | None = None,
+        idle_timeout: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.replicas = replicas
+        self.max_sandboxes = max_sandboxes
+        self.idle_timeout = idle_timeout
+        self.clock = clock
+        self.entries: dict[str, Entry] = {}
+
+    # ── queries ────────────────────────────────────────────────────────────
+
+    def in_state(self, *states: SandboxState) -> list[Entry]:
+        return [entry for entry in self.entries.values() if entry.state in states]
+
+    def counts(self) -> dict[str, int]:
+        counts = {state.value: 0 for state in SandboxState}
+        for entry in self.entries.values():
+            counts[entry.state.value] += 1
+        return counts
+
+    def _live(self) -> int:
+        return len(self.in_state(SandboxState.STARTING, SandboxState.ACTIVE, SandboxState.WARM))
+
+    def _touch(self, entry: Entry) -> None:
+        entry.last_active = self.clock()
+        entry.version += 1
+
+    # ── acquire ────────────────────────────────────────────────────────────
+
+    def acquire(self, sandbox_id: str, thread_id: str | None) -> Decision:
+        """Decide what an acquire of ``sandbox_id`` gets (SPEC §3 order).
+
+        1. active: return it; 2. warm: reclaim it; 3./4. otherwise create (the
+        actor layer adopts a live SandboxActor of that id if one exists).
+        """
+        entry = self.entries.get(sandbox_id)
+        if entry is not None:
+            if entry.state is SandboxState.ACTIVE:
+                self._touch(entry)
+                return Acquired(entry, "hot")
+            if entry.state is SandboxState.WARM:
+                entry.move(SandboxState.ACTIVE)
+                entry.released_at = None
+                self._touch(entry)
+                return Acquired(entry, "warm")
+            return MustWait(sandbox_id, entry.state.value)
+
+        evict = self._evict_for_one_more()
+        if self.max_sandboxes is not None and len(self.entries) >= self.max_sandboxes:
+            return MustWait(sandbox_id, "capacity", evict)
+        over_soft_cap = self._live() >= self.replicas
+        now = self.clock()
+        entry = Entry(sandbox_id, thread_id, SandboxState.STARTING, created_at=now, last_active=now)
+        self.entries[sandbox_id] = entry
+        return MustCreate(entry, evict, over_soft_cap)
+
+    def _evict_for_one_more(self) -> tuple[Entry, ...]:
+        """Move least recently released WARM sandboxes to STOPPING until one more fits under ``replicas``."""
+        evicted = []
+        warm = sorted(self.in_state(SandboxState.WARM), key=lambda e: e.released_at or 0.0)
+        while warm and self._live() >= self.replicas:
+            victim = warm.pop(0)
+            victim.move(SandboxState.STOPPING)
+            evicted.append(victim)
+        return tuple(evicted)
+
+    def started(self, sandbox_id: str, actor: Any, info: dict[str, Any]) -> Entry:
+        """A STARTING sandbox answered: it becomes ACTIVE."""
+        entry = self.entries[sandbox_id]
+        entry.move(SandboxState.ACTIVE)
+        entry.actor = actor
+        entry.info = dict(info)
+        self._touch(entry)
+        return entry
+
+    def start_failed(self, sandbox_id: str) -> None:
+        entry = self.entries.get(sandbox_id)
+        if entry is not None and entry.state is SandboxState.STARTING:
+            del self.entries[sandbox_id]
+
+    # ── release, get, destroy ──────────────────────────────────────────────
+
+    def release(self, sandbox_id: str) -> bool:
+        """ACTIVE -> WARM. Returns False when the sandbox is not active (nothing changes)."""
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.state is not SandboxState.ACTIVE:
+            return entry is not None and entry.state is SandboxState.WARM
+        entry.move(SandboxState.WARM)
+        entry.released_at = self.clock()
+        self._touch(entry)
+        return True
+
+    def get(self, sandbox_id: str) -> Entry | None:
+        """The entry when ACTIVE (its activity refreshed), else None."""
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.state is not SandboxState.ACTIVE:
+            return None
+        self._touch(entry)
+        return entry
+
+    def begin_destroy(self, sandbox_id: str) -> Entry | MustWait | None:
+        """ACTIVE/WARM -> STOPPING and return the entry to stop; wait if starting/stopping; None if unknown."""
+        entry = self.entries.get(sandbox_id)
+        if entry is None:
+            return None
+        if entry.state in (SandboxState.STARTING, SandboxState.STOPPING):
+            return MustWait(sandbox_id, entry.state.value)
+        entry.move(SandboxState.STOPPING)
+        entry.resume_state = None
+        return entry
+
+    def removed(self, sandbox_id: str) -> None:
+        """The sandbox is gone (stopped, lost with its node, or its container vanished)."""
+        self.entries.pop(sandbox_id, None)
+
+    # ── idle ───────────────────────────────────────────────────────────────
+
+    def idle_candidates(self) -> list[tuple[Entry, int]]:
+        """ACTIVE and WARM sandboxes idle past the timeout, with their version now.
+
+        The actor must confirm with the sandbox itself (in-flight operations,
+        its own last activity) and then call :meth:`begin_idle_stop`.
+        """
+        if self.idle_timeout <= 0:
+            return []
+        now = self.clock()
+        return [
+            (entry, entry.version)
+            for entry in self.in_state(SandboxState.ACTIVE, SandboxState.WARM)
+            if now - entry.last_active > self.idle_timeout
+        ]
+
+    def note_activity(self, sandbox_id: str, idle_for: float, inflight: int) -> None:
+        """Fold what the sandbox reports (seconds since its last operation, operations running) into the entry."""
+        entry = self.entries.get(sandbox_id)
+        if entry is None:
+            return
+        entry.inflight = inflight
+        seen = self.clock() - max(idle_for, 0.0)
+        if inflight > 0:
+            seen = self.clock()
+        if seen > entry.last_active:
+            entry.last_active = seen
+            entry.version += 1
+
+    def begin_idle_stop(self, sandbox_id: str, version: int) -> Entry | None:
+        """Re-check an idle candidate after the actor asked the sandbox; STOPPING if still idle.
+
+        Returns None (keep it) when the sandbox was used since the candidate
+        was chosen (its version moved), is busy, or changed state.
+        """
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.version != version or entry.inflight > 0:
+            return None
+        if entry.state not in (SandboxState.ACTIVE, SandboxState.WARM):
+            return None
+        if self.clock() - entry.last_active <= self.idle_timeout:
+            return None
+        entry.resume_state = entry.state
+        entry.move(SandboxState.STOPPING)
+        return entry
+
+    def stop_refused(self, sandbox_id: str) -> None:
+        """The sandbox refused an idle stop (an operation started): put it back as it was."""
+        entry = self.entries.get(sandbox_id)
+        if entry is not None and entry.state is SandboxState.STOPPING and entry.resume_state is not None:
+            entry.move(entry.resume_state)
+            entry.resume_state = None
+            self._touch(entry)
+
+    # ── reconcile and shutdown ─────────────────────────────────────────────
+
+    def adopt(self, sandbox_id: str, thread_id: str | None, actor: Any, info: dict[str, Any], idle_for: float) -> bool:
+        """Take in a live sandbox found by reconcile; parked WARM. False when already known."""
+        if sandbox_id in self.entries:
+            return False
+        now = self.clock()
+        seen = now - max(idle_for, 0.0)
+        self.entries[sandbox_id] = Entry(
+            sandbox_id, thread_id, SandboxState.WARM, created_at=now, last_active=seen, released_at=seen,
+            actor=actor, info=dict(info),
+        )
+        return True
+
+    def replace_actor(self, sandbox_id: str, actor: Any, info: dict[str, Any]) -> bool:
+        """A new SandboxActor re-adopted this sandbox's container (the old actor died)."""
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.state not in (SandboxState.ACTIVE, SandboxState.WARM):
+            return False
+        entry.actor = actor
+        entry.info = dict(info)
+        return True
+
+    def begin_shutdown(self) -> list[Entry]:
+        """Every ACTIVE and WARM sandbox moves to STOPPING; returned for the actor to stop."""
+        doomed = self.in_state(SandboxState.ACTIVE, SandboxState.WARM)
+        for entry in doomed:
+            entry.move(SandboxState.STOPPING)
+            entry.resume_state = None
+        return doomed
+
+    def ids(self, states: Iterable[SandboxState] | None = None) -> set[str]:
+        if states is None:
+            return set(self.entries)
+        wanted = set(states)
+        return {sid for sid, entry in self.entries.items() if entry.state in wanted}

@@ -1,0 +1,243 @@
+"""DockerBackend + SandboxAPI against a real engine and real containers of our image (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+import httpx
+import pytest
+
+from backends import DockerBackend, Limits, Mount, SandboxAPI, SandboxSpec
+from backends.errors import (
+    BackendUnavailable,
+    CommandTimeout,
+    ImageNotFound,
+    InvalidRequest,
+    SandboxFileNotFound,
+)
+from tests.conftest import containers_of, run
+
+
+def spec_for(pool: str, image: str, **overrides) -> SandboxSpec:
+    values = dict(
+        sandbox_id=secrets.token_hex(12),
+        pool=pool,
+        image=image,
+        thread_id="thread/with\nodd chars",
+        token=secrets.token_urlsafe(16),
+        environment={"FOO": "bar"},
+        limits=Limits(memory="256m", cpus=0.5, pids=128),
+    )
+    values.update(overrides)
+    return SandboxSpec(**values)
+
+
+async def ready_api(backend: DockerBackend, record) -> SandboxAPI:
+    api = SandboxAPI(record.url, record.token)
+    await api.wait_ready(
+        20, lambda: backend.is_running(record.sandbox_id), lambda: backend.logs_tail(record.sandbox_id)
+    )
+    return api
+
+
+def test_create_ready_exec_files_destroy(pool_name, image):
+    async def body():
+        backend = DockerBackend(f"sat-{pool_name}")
+        record = await backend.create(spec_for(pool_name, image))
+        api = await ready_api(backend, record)
+        try:
+            echo = await api.shell_exec("echo hello")
+            assert (echo.output.strip(), echo.exit_code) == ("hello", 0)
+            failed = await api.shell_exec("ls /definitely-missing")
+            assert failed.exit_code != 0 and "definitely-missing" in failed.output
+            split = await api.bash_exec("echo out; echo err >&2; exit 3")
+            assert (split.stdout, split.stderr, split.exit_code) == ("out\n", "err\n", 3)
+            env = await api.bash_exec('echo "$FOO $EXTRA"', env={"EXTRA": "given"})
+            assert env.stdout == "bar given\n"
+
+            await api.write_file("/root/work/notes.txt", "line one\nline two\n")
+            assert await api.read_file("/root/work/notes.txt") == "line one\nline two\n"
+            blob = bytes(range(256)) * 64
+            assert await api.write_file("/root/work/blob.bin", blob) == len(blob)
+            assert await api.download("/root/work/blob.bin") == blob
+            names = {f.name: f for f in await api.list_files("/root/work")}
+            assert set(names) == {"notes.txt", "blob.bin"}
+            assert names["blob.bin"].size == len(blob) and not names["blob.bin"].is_directory
+            with pytest.raises(SandboxFileNotFound):
+                await api.read_file("/root/work/missing.txt")
+            with pytest.raises(InvalidRequest):
+                await api.read_file("/root/work")  # a directory
+        finally:
+            await api.aclose()
+        assert await backend.destroy(record.sandbox_id) is True
+        assert await backend.is_running(record.sandbox_id) is False
+        assert await backend.discover(record.sandbox_id) is None
+        await backend.close()
+
+    run(body())
+
+
+def test_port_labels_and_lockdown(pool_name, image, docker_client):
+    async def body():
+        backend = DockerBackend(f"sat-{pool_name}")
+        spec = spec_for(pool_name, image, mounts=())
+        record = await backend.create(spec)
+        try:
+            attrs = docker_client.containers.get(record.container_id).attrs
+            bindings = attrs["NetworkSettings"]["Ports"]["8080/tcp"]
+            assert bindings and all(b["HostIp"] == "127.0.0.1" for b in bindings)
+            assert attrs["HostConfig"]["PortBindings"]["8080/tcp"][0]["HostPort"] == ""  # engine picked it
+            labels = attrs["Config"]["Labels"]
+            assert labels["sandbox-actors.project"] == "sandbox-actors"
+            assert labels["sandbox-actors.pool"] == pool_name
+            assert labels["sandbox-actors.sandbox-id"] == spec.sandbox_id
+            assert labels["sandbox-actors.engine-id"] == docker_client.info()["ID"]
+            assert record.thread_id == spec.thread_id  # odd characters survive the label round trip
+            host = attrs["HostConfig"]
+            assert host["Privileged"] is False
+            assert "no-new-privileges" in host["SecurityOpt"]
+            assert host["CapDrop"] == ["ALL"]
+            assert host["Memory"] == 256 * 2**20 and host["NanoCpus"] == 5 * 10**8 and host["PidsLimit"] == 128
+            assert record.container_name == f"sat-{pool_name}-{spec.sandbox_id}"
+        finally:
+            await backend.destroy(record.sandbox_id)
+            await backend.close()
+
+    run(body())
+
+
+def test_name_conflict_discovers_and_destroy_is_idempotent(pool_name, image, docker_client):
+    async def body():
+        backend = DockerBackend(f"sat-{pool_name}")
+        spec = spec_for(pool_name, image)
+        first = await backend.create(spec)
+        second = await backend.create(spec)
+        assert second.container_id == first.container_id
+        assert len(containers_of(docker_client, pool_name)) == 1
+        assert [r.sandbox_id for r in await backend.list(pool_name)] == [spec.sandbox_id]
+        assert await backend.destroy(spec.sandbox_id) is True
+        assert await backend.destroy(spec.sandbox_id) is False
+        await backend.close()
+
+    run(body())
+
+
+def test_unknown_image_is_typed_and_leaves_nothing(pool_name, docker_client):
+    async def body():
+        backend = DockerBackend(f"sat-{pool_name}")
+        with pytest.raises(ImageNotFound, match="build-image"):
+            await backend.create(spec_for(pool_name, "sandbox-actors-no-such-image:nope"))
+        await backend.close()
+
+    run(body())
+    assert containers_of(docker_client, pool_name) == []
+
+
+def test_engine_unreachable_is_typed_never_dead(pool_name, image, tmp_path):
+    async def body():
+        backend = DockerBackend(f"sat-{pool_name}", base_url=f"unix://{tmp_path}/no-engine.sock", timeout=3)
+        with pytest.raises(BackendUnavailable, match="dockerd"):
+            await backend.create(spec_for(pool_name, image))
+        with pytest.raises(BackendUnavailable):
+            await backend.is_running("anything")  # never "False": unknown is not dead
+        with pytest.raises(BackendUnavailable):
+            await backend.destroy("anything")
+
+    run(body())
+
+
+def test_mounts_and_token_required(pool_name, image, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "given.txt").write_text("from the host")
+
+    async def body():
+        backend = DockerBackend(f"sat-{pool_name}")
+        spec = spec_for(pool_name, image, mounts=(Mount(str(shared), "/mnt/shared", read_only=True),))
+        record = await backend.create(spec)
+        api = await ready_api(backend, record)
+        try:
+            assert await api.read_file("/mnt/shared/given.txt") == "from the host"
+            denied = await api.bash_exec("touch /mnt/shared/x")
+            assert denied.exit_code != 0 and "Read-only" in denied.stderr
+            async with httpx.AsyncClient(base_url=record.url) as anonymous:
+                assert (await anonymous.get("/v1/sandbox")).status_code == 401
+                wrong = await anonymous.post(
+                    "/v1/shell/exec", json={"command": "id"}, headers={"Authorization": "Bearer wrong"}
+                )
+                assert wrong.status_code == 401
+        finally:
+            await api.aclose()
+            await backend.destroy(record.sandbox_id)
+            await backend.close()
+
+    run(body())
+
+
+def test_command_timeout_kills_and_shell_survives(pool_name, image):
+    async def body():
+        backend = DockerBackend(f"sat-{pool_name}")
+        record = await backend.create(spec_for(pool_name, image))
+        api = await ready_api(backend, record)
+        try:
+            await api.shell_exec("cd /tmp && export KEPT=yes")
+            with pytest.raises(CommandTimeout):
+                await api.shell_exec("sleep 30", timeout=1)
+            after = await api.shell_exec("echo alive")
+            assert after.output.strip() == "alive" and after.exit_code == 0
+            with pytest.raises(CommandTimeout):
+                await api.bash_exec("sleep 30", timeout=1)
+            ps = await api.bash_exec("ps -eo comm")
+            assert "sleep" not in ps.stdout.split()  # the timed-out commands were killed
+        finally:
+            await api.aclose()
+            await backend.destroy(record.sandbox_id)
+            await backend.close()
+
+    run(body())
+
+
+def test_agent_sandbox_sdk_contract(pool_name, image):
+    """A client we did not write (the agent-sandbox SDK from PyPI) drives our image."""
+    from agent_sandbox import Sandbox
+
+    async def start():
+        backend = DockerBackend(f"sat-{pool_name}")
+        record = await backend.create(spec_for(pool_name, image))
+        api = await ready_api(backend, record)
+        await api.aclose()
+        return backend, record
+
+    backend, record = run(start())
+    try:
+        client = Sandbox(base_url=record.url, headers={"Authorization": f"Bearer {record.token}"})
+        context = client.sandbox.get_context()
+        assert context.home_dir == "/root"
+        result = client.shell.exec_command(command="echo from-sdk && uname -s")
+        assert result.success and result.data.exit_code == 0
+        assert "from-sdk" in result.data.output and "Linux" in result.data.output
+        written = client.file.write_file(file="/root/sdk.txt", content="written by the SDK")
+        assert written.success
+        read = client.file.read_file(file="/root/sdk.txt")
+        assert read.data.content == "written by the SDK"
+        listed = client.file.list_path(path="/root")
+        assert "sdk.txt" in {f.name for f in listed.data.files}
+    finally:
+        run(backend.destroy(record.sandbox_id))
+
+
+def test_concurrent_creates_of_different_sandboxes_run_in_parallel(pool_name, image):
+    async def body():
+        backend = DockerBackend(f"sat-{pool_name}")
+        started = time.monotonic()
+        records = await asyncio.gather(*(backend.create(spec_for(pool_name, image)) for _ in range(4)))
+        elapsed = time.monotonic() - started
+        assert len({r.container_id for r in records}) == 4
+        assert len({r.url for r in records}) == 4  # every one got its own engine-picked port
+        await asyncio.gather(*(backend.destroy(r.sandbox_id) for r in records))
+        await backend.close()
+        return elapsed
+
+    run(body())
