@@ -1,49 +1,58 @@
-"""sandbox-actors: one isolated, long-lived container per AI-agent thread, served as Ray actors."""
+"""sandbox-actors: one isolated, long-lived container per AI-agent thread, served as Ray actors.
 
-from backends.sandbox_api import BashResult, FileInfo, ShellResult
+Names are imported on first use, so an actor process that only needs
+``sandbox_actors.sandbox`` does not pay for the client and CLI.
+"""
 
-from .client import PoolClient, SandboxHandle, connect
-from .config import SandboxConfig, load_config
-from .errors import (
-    BackendUnavailable,
-    CommandTimeout,
-    ConfigError,
-    ImageNotFound,
-    InvalidRequest,
-    InvalidThreadId,
-    PoolExhausted,
-    PoolShutDown,
-    PoolUnavailable,
-    ReadinessTimeout,
-    SandboxDied,
-    SandboxError,
-    SandboxFileNotFound,
-    SandboxStartError,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BackendUnavailable",
-    "BashResult",
-    "CommandTimeout",
-    "ConfigError",
-    "FileInfo",
-    "ImageNotFound",
-    "InvalidRequest",
-    "InvalidThreadId",
-    "PoolClient",
-    "PoolExhausted",
-    "PoolShutDown",
-    "PoolUnavailable",
-    "ReadinessTimeout",
-    "SandboxConfig",
-    "SandboxDied",
-    "SandboxError",
-    "SandboxFileNotFound",
-    "SandboxHandle",
-    "SandboxStartError",
-    "ShellResult",
-    "connect",
-    "load_config",
-]
+_EXPORTS = {
+    "connect": "client",
+    "PoolClient": "client",
+    "SandboxHandle": "client",
+    "SandboxConfig": "config",
+    "load_config": "config",
+    "BashResult": "backends.sandbox_api",
+    "FileInfo": "backends.sandbox_api",
+    "ShellResult": "backends.sandbox_api",
+    **{
+        name: "errors"
+        for name in (
+            "BackendUnavailable",
+            "CommandTimeout",
+            "ConfigError",
+            "ImageNotFound",
+            "InvalidRequest",
+            "InvalidThreadId",
+            "PoolExhausted",
+            "PoolShutDown",
+            "PoolUnavailable",
+            "ReadinessTimeout",
+            "SandboxDied",
+            "SandboxError",
+            "SandboxFileNotFound",
+            "SandboxStartError",
+        )
+    },
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sandbox_actors' has no attribute {name!r}")
+    target = importlib.import_module(module if module.startswith("backends") else f"{__name__}.{module}")
+    value = getattr(target, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -315,15 +315,19 @@ def connect(
     config: SandboxConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     *,
     address: str | None = None,
+    pool_name: str | None = None,
+    namespace: str | None = None,
 ) -> PoolClient:
-    """Attach to Ray and get (or create) the pool named in ``config``.
+    """Attach to Ray and get (or create) a pool.
 
     Args:
         config: a SandboxConfig, a mapping, a YAML path, or None. None attaches
-            to the running pool of the default name with its own config (or
-            creates one with defaults).
+            to the running pool (``pool_name`` in ``namespace``, defaults
+            'sandbox-pool' in 'sandbox_actors') with that pool's own config,
+            or creates one with defaults when none runs.
         address: Ray address; default RAY_ADDRESS, else this machine's cluster,
             else a new local Ray.
+        pool_name, namespace: override the config's.
 
     Raises:
         ConfigError: bad config, or a pool of that name already runs with a
@@ -331,6 +335,9 @@ def connect(
     """
     explicit = config is not None
     cfg = load_config(config)
+    overrides = {k: v for k, v in (("pool_name", pool_name), ("namespace", namespace)) if v is not None}
+    if overrides:
+        cfg = load_config({**cfg.model_dump(), **overrides})
     ensure_ray(address)
     pool = actors.pool_actor(cfg)
     running = _value(pool.config.remote())

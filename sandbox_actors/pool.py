@@ -256,6 +256,7 @@ class SandboxPool:
         released = self._state.release(sandbox_id)
         if released:
             self.counters["released"] += 1
+            self._notify()  # a warm sandbox can be evicted for an acquire waiting on capacity
         return released
 
     async def get(self, sandbox_id: str) -> Lease | None:
@@ -581,9 +582,9 @@ class SandboxPool:
             loop.cancel()
         pending = [*self._creations.values(), *self._repairs.values()]
         await asyncio.gather(*pending, return_exceptions=True)
-        stops = [self._stop_later(entry, "destroyed") for entry in self._state.begin_shutdown()]
-        stops += list(self._stops.values())
-        results = await asyncio.gather(*stops, return_exceptions=True)
+        for entry in self._state.begin_shutdown():
+            self._stop_later(entry, "destroyed")
+        results = await asyncio.gather(*self._stops.values(), return_exceptions=True)
         destroyed = sum(1 for r in results if r is True)
         swept = await self._sweep()
         logger.info("pool %s shut down: %d destroyed, %s swept", self._config.pool_name, destroyed, swept)

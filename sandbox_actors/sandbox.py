@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,10 +50,10 @@ class SandboxActor:
     async def start(self) -> dict[str, Any]:
         """Create or adopt the container and wait until it answers. Idempotent."""
         info = await self._runtime.start()
-        return {**info, "node_id": self._node_id}
+        return {**info, "node_id": self._node_id, "pid": os.getpid()}
 
     async def describe(self) -> dict[str, Any]:
-        return {**self._runtime.describe(), "node_id": self._node_id}
+        return {**self._runtime.describe(), "node_id": self._node_id, "pid": os.getpid()}
 
     async def activity(self) -> tuple[float, int, str | None]:
         """(seconds since the last operation, operations in flight, why it is dead or None)."""

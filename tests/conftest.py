@@ -98,3 +98,48 @@ def run(coro):  # noqa: ANN001, ANN201 - tiny helper for async code in sync test
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_ray_env() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """A private local Ray cluster for the session; its address for other processes."""
+    import logging
+
+    import ray
+
+    ray.init(address="local", logging_level=logging.WARNING, include_dashboard=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def named_actors(prefix: str = "") -> list[str]:
+    import ray
+
+    return sorted(
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == TEST_NAMESPACE and a["name"].startswith(prefix)
+    )
+
+
+@pytest.fixture
+def pool(ray_address: str, config: SandboxConfig):
+    """A connected pool for this test; shut down after it, and nothing of it may remain."""
+    import sandbox_actors
+
+    client = sandbox_actors.connect(config)
+    yield client
+    client.shutdown()
+    assert_no_actors_left(config.pool_name)
+
+
+def assert_no_actors_left(pool_name: str, wait: float = 10.0) -> None:
+    """Fail when sandbox actors, reapers or the pool itself outlive a shutdown (kills are async: wait a bit)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        left = [n for n in named_actors() if n.startswith(("sbx-", f"reaper-{pool_name}")) or n == pool_name]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not left, f"actors left after shutdown: {left}"

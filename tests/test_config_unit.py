@@ -1,0 +1,135 @@
+"""Config loading and thread-id handling: pure logic, no Ray, no Docker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sandbox_actors.config import SandboxConfig, load_config
+from sandbox_actors.errors import ConfigError, InvalidThreadId
+from sandbox_actors.threads import (
+    anonymous_sandbox_id,
+    sandbox_id_for,
+    sandbox_mounts,
+    thread_dir,
+    thread_dir_name,
+)
+
+
+def test_defaults_match_the_original_provider():
+    config = SandboxConfig()
+    assert (config.port, config.idle_timeout, config.replicas) == (8080, 600, 3)
+    assert config.mounts == () and config.environment == {} and config.provisioner_url is None
+    assert config.namespace == "sandbox_actors"
+
+
+def test_yaml_top_level_and_nested(tmp_path: Path):
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("replicas: 5\nidle_timeout: 30\nmounts:\n  - {host_path: /srv, container_path: /mnt/srv}\n")
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("sandbox:\n  replicas: 7\n  environment: {API_KEY: $MY_KEY}\n")
+    assert load_config(flat).replicas == 5 and load_config(flat).mounts[0].container_path == "/mnt/srv"
+    loaded = load_config(nested)
+    assert loaded.replicas == 7
+    assert loaded.resolved_environment({"MY_KEY": "k"}) == {"API_KEY": "k"}
+    assert loaded.resolved_environment({}) == {"API_KEY": ""}
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"replica": 3}, "replica"),  # unknown key (typo)
+        ({"replicas": "many"}, "replicas"),
+        ({"idle_timeout": -1}, "idle_timeout"),
+        ({"readiness_timeout": 0}, "readiness_timeout"),
+        ({"port": 70000}, "port"),
+        ({"environment": {"BAD-NAME": "x"}}, "environment"),
+        ({"mounts": [{"host_path": "/a", "container_path": "relative"}]}, "mounts.0.container_path"),
+        ({"limits": {"memory": "lots"}}, "limits.memory"),
+        ({"container_prefix": "-bad"}, "container_prefix"),
+        ({"max_sandboxes": 1, "replicas": 3}, "max_sandboxes"),
+    ],
+)
+def test_bad_config_names_the_key(data, key):
+    with pytest.raises(ConfigError) as caught:
+        load_config(data)
+    assert key in str(caught.value)
+
+
+def test_config_file_errors_are_typed(tmp_path: Path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("replicas: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listed)
+
+
+def test_secret_values_never_in_config_errors():
+    with pytest.raises(ConfigError) as caught:
+        load_config({"environment": {"TOKEN": "s3cr3t-value"}, "replicas": "x"})
+    assert "s3cr3t-value" not in str(caught.value)
+
+
+def test_config_is_frozen():
+    config = SandboxConfig()
+    with pytest.raises(Exception):  # pydantic's frozen-instance error
+        config.replicas = 9
+
+
+def test_sandbox_ids_are_deterministic_long_and_per_pool():
+    first = sandbox_id_for("pool", "thread-1")
+    assert first == sandbox_id_for("pool", "thread-1")
+    assert len(first) >= 16 and int(first, 16) >= 0
+    assert first != sandbox_id_for("pool", "thread-2")
+    assert first != sandbox_id_for("other-pool", "thread-1")
+    assert anonymous_sandbox_id() != anonymous_sandbox_id()
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 10_000, "\ud800", 42, None])
+def test_invalid_thread_ids_are_typed(bad):
+    with pytest.raises(InvalidThreadId):
+        sandbox_id_for("pool", bad)
+
+
+@pytest.mark.parametrize(
+    "thread_id", ["../../etc/passwd", "a/b", "nul\x00byte", "ctl\x07\n", "ünïcødé 🚀", "..", ".hidden", "a" * 500]
+)
+def test_hostile_thread_ids_stay_inside_the_base_dir(tmp_path: Path, thread_id):
+    base = tmp_path / "base"
+    config = SandboxConfig(base_dir=str(base))
+    mounts = sandbox_mounts(config, thread_id)
+    root = thread_dir(str(base), thread_id)
+    assert root.resolve().is_relative_to((base / "threads").resolve())
+    assert len(root.parent.name) <= 128
+    assert {m.container_path for m in mounts} == {
+        "/mnt/user-data/workspace", "/mnt/user-data/uploads", "/mnt/user-data/outputs"
+    }
+    assert all(Path(m.host_path).is_dir() for m in mounts)
+
+
+def test_plain_thread_ids_keep_readable_dirs_and_anonymous_gets_no_mounts(tmp_path: Path):
+    assert thread_dir_name("thread-42") == "thread-42"
+    assert thread_dir_name("a/b").startswith("~")
+    config = SandboxConfig(base_dir=str(tmp_path))
+    assert sandbox_mounts(config, None) == ()
+
+
+def test_skills_and_host_base_dir(tmp_path: Path):
+    skills = tmp_path / "skills"
+    skills.mkdir()
+    config = SandboxConfig(
+        base_dir=str(tmp_path / "inside"), host_base_dir="/host/base", skills_path=str(skills),
+        mounts=[{"host_path": "/data", "container_path": "/mnt/data", "read_only": True}],
+    )
+    mounts = sandbox_mounts(config, "t1")
+    assert mounts[0].host_path == "/host/base/threads/t1/user-data/workspace"  # the engine's view
+    assert (tmp_path / "inside" / "threads" / "t1" / "user-data" / "workspace").is_dir()  # made locally
+    skills_mount = [m for m in mounts if m.container_path == "/mnt/skills"]
+    assert skills_mount and skills_mount[0].read_only
+    assert mounts[-1].container_path == "/mnt/data" and mounts[-1].read_only
