@@ -1,39 +1,317 @@
-"""The ``sandbox-actors`` command line."""
+"""The ``sandbox-actors`` command line.
+
+Exit codes scripts can rely on:
+  0 done; 1 an error (message on stderr); 2 bad usage, config or input;
+  3 not found (no Ray cluster, no pool, no such sandbox); 4 no capacity (retry later).
+  ``exec`` exits with the command's own code, 124 when it timed out, 125 when
+  it could not run at all.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
+import time
+from typing import Any
 
 from .config import DEFAULT_IMAGE
-from .errors import SandboxError
+from .errors import CommandTimeout, ConfigError, InvalidRequest, PoolExhausted, SandboxError, SandboxNotFound
+
+EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CAPACITY = 1, 2, 3, 4
+EXIT_TIMEOUT, EXIT_CANNOT_RUN = 124, 125
 
 
-def _build_image(args: argparse.Namespace) -> int:
+class NotFound(SandboxNotFound):
+    """The pool or sandbox named on the command line does not exist."""
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .config import load_config
+
+    return load_config(args.config) if args.config else None
+
+
+def _client(args: argparse.Namespace, create: bool = False) -> Any:
+    """Attach to Ray and the pool; only ``create`` makes a pool that does not exist."""
+    from . import actors, localray
+    from .client import connect
+    from .config import SandboxConfig
+
+    config = _config(args)
+    localray.attach(args.address)
+    base = config or SandboxConfig()
+    name = args.pool or base.pool_name
+    namespace = args.namespace or base.namespace
+    if not create and actors.get_actor(name, namespace) is None:
+        raise NotFound(f"no pool {name!r} in namespace {namespace!r}; start one with `sandbox-actors up`")
+    return connect(config, pool_name=args.pool, namespace=args.namespace)
+
+
+# ── commands ────────────────────────────────────────────────────────────────
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import ray
+
+    from . import localray
+    from .client import connect
+
+    fresh = args.new_head and not localray.our_head()
+    if fresh:
+        localray.start_head()
+    how = "started" if fresh else localray.attach(args.address, fallback="head")
+    if fresh:
+        localray.attach()
+    client = connect(_config(args), pool_name=args.pool, namespace=args.namespace)
+    node = ray.get(client.pool.ping.remote())
+    address = ray.get_runtime_context().gcs_address
+    info = {
+        "ray_address": address,
+        "ray": "started a local head (stop it with `sandbox-actors down`)" if how == "started" else "attached",
+        "pool": client.config.pool_name,
+        "namespace": client.config.namespace,
+        "pool_node": node,
+        "image": client.config.image,
+    }
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"Ray: {info['ray']} at {address}")
+        print(f"pool {info['pool']!r} (namespace {info['namespace']!r}) runs on node {node[:16]}")
+        print(f"image {info['image']}; try: sandbox-actors exec my-thread -- echo hello")
+    return 0
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = _client(args)
+    rows, stats = client.list(), client.stats()
+    if args.json:
+        _print_json({"sandboxes": rows, "stats": stats})
+        return 0
+    header = f"{'SANDBOX':<24}  {'THREAD':<24}  {'STATE':<8}  {'NODE':<12}  {'AGE':>6}  {'IDLE':>6}  {'INFLIGHT':>8}"
+    print(header)
+    for row in sorted(rows, key=lambda r: (r["state"], r["age_s"])):
+        thread = row["thread_id"] if row["thread_id"] is not None else "(anonymous)"
+        thread = thread if len(thread) <= 24 else thread[:21] + "..."
+        print(
+            f"{row['sandbox_id']:<24}  {thread!s:<24}  {row['state']:<8}  {(row['node_id'] or '-')[:12]:<12}  "
+            f"{_age(row['age_s']):>6}  {_age(row['idle_s']):>6}  {row['inflight']:>8}"
+        )
+    states = ", ".join(f"{state} {count}" for state, count in stats["states"].items())
+    counters = stats["counters"]
+    print(f"\npool {stats['pool']!r}: {stats['total']} sandbox(es) ({states}); replicas {stats['replicas']}, "
+          f"max {stats['max_sandboxes'] or '-'}; created {counters.get('created', 0)}, "
+          f"reclaimed {counters.get('reclaimed', 0)}, evicted {counters.get('evicted', 0)}, "
+          f"reaped {counters.get('reaped', 0)}, failed {counters.get('failed', 0)}")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = list(args.cmd)
+    if not command:
+        print("error: nothing to run; usage: sandbox-actors exec THREAD -- CMD...", file=sys.stderr)
+        return EXIT_USAGE
+    env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            print(f"error: --env takes NAME=VALUE, got {name!r}", file=sys.stderr)
+            return EXIT_USAGE
+        env[name] = value
+    text = command[0] if len(command) == 1 else " ".join(shlex.quote(part) for part in command)
+    try:
+        client = _client(args, create=True)
+        box = client.acquire(args.thread)
+        if args.shell:
+            result = box.exec(text, timeout=args.timeout)
+            sys.stdout.write(result.output)
+        else:
+            result = box.bash(text, env=env or None, timeout=args.timeout)
+            sys.stdout.write(result.stdout)
+            sys.stderr.write(result.stderr)
+    except CommandTimeout as exc:
+        sys.stdout.write(getattr(exc, "output", ""))
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except SandboxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    sys.stdout.flush()
+    return result.exit_code if result.exit_code is not None else EXIT_ERROR
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    client = _client(args)
+    sandbox_id = client.sandbox_id(args.thread)
+    if not client.release(sandbox_id):
+        raise NotFound(f"thread {args.thread!r} has no active sandbox")
+    print(f"released {sandbox_id} (parked warm)")
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    if (args.sandbox_id is None) == (args.thread is None):
+        print("error: give a SANDBOX_ID or --thread THREAD (one of them)", file=sys.stderr)
+        return EXIT_USAGE
+    client = _client(args)
+    sandbox_id = args.sandbox_id or client.sandbox_id(args.thread)
+    if not client.destroy(sandbox_id):
+        raise NotFound(f"no sandbox {sandbox_id} in pool {client.config.pool_name!r}")
+    print(f"destroyed {sandbox_id}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    client = _client(args)
+    done = client.reconcile()
+    if args.json:
+        _print_json(done)
+    elif not done:
+        print("nothing to collect: every container has its actor and every actor its container")
+    else:
+        print(", ".join(f"{key.replace('_', ' ')} {value}" for key, value in sorted(done.items())))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    import ray
+
+    from . import actors, localray
+    from .client import connect
+    from .config import SandboxConfig
+
+    config = _config(args) or SandboxConfig()
+    name, namespace = args.pool or config.pool_name, args.namespace or config.namespace
+    result: dict[str, Any] = {"pool": name, "destroyed": 0, "ray_head_stopped": False}
+    say = (lambda text: None) if args.json else print
+    try:
+        localray.attach(args.address)
+    except localray.NoCluster:
+        pass
+    if ray.is_initialized():
+        if actors.get_actor(name, namespace) is not None:
+            result.update(connect(pool_name=name, namespace=namespace).shutdown())
+            say(f"pool {name!r} shut down: {result.get('destroyed', 0)} sandbox(es) destroyed")
+        else:
+            say(f"no pool {name!r} running")
+        ray.shutdown()
+    if not args.keep_ray and localray.HEAD_FILE.exists():
+        stopped = localray.stop_head()
+        result["ray_head_stopped"] = True
+        say(f"stopped the local Ray head `up` started ({stopped} processes)")
+    if args.json:
+        _print_json(result)
+    return 0
+
+
+def cmd_build_image(args: argparse.Namespace) -> int:
     from .image import build_image
 
     build_image(args.tag, force=args.force, progress=lambda line: print(line, flush=True))
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import Demo
+
+    return Demo(args.threads, args.turns, out=lambda line: print(line, flush=True)).run()
+
+
+# ── parser ──────────────────────────────────────────────────────────────────
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="sandbox-actors", description="Sandboxes for AI-agent threads on Ray.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
+    common.add_argument("--pool", metavar="NAME", help="pool name (default: from config, 'sandbox-pool')")
+    common.add_argument("--namespace", metavar="NS", help="Ray namespace (default: from config, 'sandbox_actors')")
+    common.add_argument("--address", metavar="ADDR", help="Ray address (default: RAY_ADDRESS, `up`'s head, this machine's)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    top = argparse.ArgumentParser(
+        prog="sandbox-actors",
+        description="Isolated sandboxes for AI-agent threads, served as Ray actors.",
+        epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 no capacity; exec: the command's code "
+        "(124 timeout, 125 could not run).",
+    )
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    build = commands.add_parser("build-image", help="build the minimal sandbox image locally (no registry)")
+
+    def add(name: str, func: Any, help_text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, parents=list(parents))
+        sub.set_defaults(run=func)
+        return sub
+
+    up = add("up", cmd_up, "attach to (or start) Ray and get or create the pool", common, as_json)
+    up.add_argument("--new-head", action="store_true", help="start a local Ray head of our own even if a cluster runs")
+    add("status", cmd_status, "list the pool's sandboxes and totals", common, as_json)
+    run = add("exec", cmd_exec, "run a command in a thread's sandbox (acquired if needed)", common)
+    run.add_argument("thread", help="thread id")
+    run.add_argument("cmd", nargs="*", help="the command and its arguments, after --")
+    run.add_argument("--timeout", type=float, help="seconds before the command is killed")
+    run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment")
+    run.add_argument("--shell", action="store_true", help="use the persistent shell (stderr merged)")
+    release = add("release", cmd_release, "park a thread's sandbox in the warm pool", common)
+    release.add_argument("thread", help="thread id")
+    destroy = add("destroy", cmd_destroy, "destroy a sandbox by id or by thread", common)
+    destroy.add_argument("sandbox_id", nargs="?", help="sandbox id")
+    destroy.add_argument("--thread", help="destroy this thread's sandbox")
+    add("gc", cmd_gc, "reconcile now: adopt, re-adopt or remove orphans, and print what changed", common, as_json)
+    down = add("down", cmd_down, "shut the pool down and stop the Ray head `up` started", common, as_json)
+    down.add_argument("--keep-ray", action="store_true", help="leave the local Ray head running")
+    build = add("build-image", cmd_build_image, "build the minimal sandbox image locally (no registry)")
     build.add_argument("--tag", default=DEFAULT_IMAGE, help=f"image to produce (default {DEFAULT_IMAGE})")
     build.add_argument("--force", action="store_true", help="rebuild even when nothing changed")
-    build.set_defaults(run=_build_image)
+    demo = add("demo", cmd_demo, "run agent threads against a private local pool and check everything")
+    demo.add_argument("--threads", type=int, default=4, help="concurrent agent threads (default 4)")
+    demo.add_argument("--turns", type=int, default=3, help="turns per thread before the return visit (default 3)")
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] | None = None
+    if "--" in argv:  # everything after the first -- is the sandbox command, verbatim
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1:]
     args = parser().parse_args(argv)
+    if command is not None:
+        if getattr(args, "cmd", None) is None:
+            parser().error("'--' is only for `exec THREAD -- CMD...`")
+        args.cmd = [*args.cmd, *command]
+    started = time.monotonic()
     try:
         return args.run(args)
+    except (ConfigError, InvalidRequest) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (NotFound, SandboxNotFound) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except PoolExhausted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CAPACITY
     except SandboxError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     except KeyboardInterrupt:
+        print(f"\ninterrupted after {time.monotonic() - started:.1f}s", file=sys.stderr)
         return 130
 
 

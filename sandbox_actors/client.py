@@ -35,17 +35,11 @@ _POOL_RETRY_SECONDS = 60.0
 
 def ensure_ray(address: str | None = None) -> None:
     """Attach to Ray: an initialized session as is, else ``address`` or RAY_ADDRESS, else the
-    cluster this machine runs, else a new local one (which ends with this process)."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return
-    try:
-        ray.init(address="auto", logging_level=logging.WARNING)
-    except ConnectionError:
-        ray.init(logging_level=logging.WARNING)
+    cluster ``sandbox-actors up`` started or this machine runs, else a new local one (which ends
+    with this process)."""
+    from .localray import attach
+
+    attach(address, fallback="local")
 
 
 def _value(ref: Any) -> Any:

@@ -143,6 +143,8 @@ class SandboxConfig(_Closed):
     def _cross_field(self) -> SandboxConfig:
         if self.max_sandboxes is not None and self.max_sandboxes < self.replicas:
             raise ValueError(f"max_sandboxes ({self.max_sandboxes}) must be >= replicas ({self.replicas})")
+        if self.provisioner_url:
+            raise ValueError("provisioner_url: the remote provisioner backend is not implemented yet; leave it unset")
         return self
 
     def resolved_environment(self, source: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -22,6 +22,7 @@ from . import actors
 from .actors import ActorCallTimeout, ActorGone
 from .config import SandboxConfig
 from .errors import PoolExhausted, PoolShutDown, SandboxError
+from .metrics import PoolMetrics
 from .reconcile import ActorView, ContainerView, plan_reconcile
 from .state import Acquired, Entry, MustCreate, MustWait, PoolState, SandboxState
 from .threads import anonymous_sandbox_id, sandbox_id_for
@@ -81,6 +82,7 @@ class SandboxPool:
         self._shutdown: asyncio.Task[dict[str, int]] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.counters: collections.Counter[str] = collections.Counter()
+        self._metrics = PoolMetrics(config.pool_name)
 
     # ── lifecycle ──────────────────────────────────────────────────────────
 
@@ -122,6 +124,11 @@ class SandboxPool:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        self._metrics.states(self._state.counts())
+
+    def _count(self, event: str, amount: int = 1) -> None:
+        self.counters[event] += amount
+        self._metrics.count(event, amount)
 
     async def _wait_changed(self, timeout: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -145,9 +152,15 @@ class SandboxPool:
             start errors of a new sandbox (ImageNotFound, ReadinessTimeout, ...).
         """
         await self._ready()
+        started = time.monotonic()
+        lease = await self._acquire(thread_id, started + self._config.capacity_timeout)
+        self._metrics.acquired(lease.path, time.monotonic() - started)
+        self._metrics.states(self._state.counts())
+        return lease
+
+    async def _acquire(self, thread_id: str | None, deadline: float) -> Lease:
         config = self._config
         sandbox_id = anonymous_sandbox_id() if thread_id is None else sandbox_id_for(config.pool_name, thread_id)
-        deadline = time.monotonic() + config.capacity_timeout
         while True:
             if self._shutdown is not None:
                 raise PoolShutDown(f"pool {config.pool_name} is shutting down")
@@ -157,7 +170,7 @@ class SandboxPool:
                 continue
             decision = self._state.acquire(sandbox_id, thread_id)
             if isinstance(decision, Acquired):
-                self.counters[f"acquire_{decision.path}"] += 1
+                self._count("reclaimed" if decision.path == "warm" else "acquired_hot")
                 return self._lease(decision.entry, decision.path)
             for victim in decision.evict:
                 logger.info("evicting warm sandbox %s to stay within replicas=%d", victim.sandbox_id, config.replicas)
@@ -185,7 +198,7 @@ class SandboxPool:
         else:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self.counters["exhausted"] += 1
+                self._count("exhausted")
                 raise PoolExhausted(
                     f"pool {self._config.pool_name} is at max_sandboxes={self._config.max_sandboxes} and none "
                     f"freed up within {self._config.capacity_timeout:.0f}s; release or destroy sandboxes, or retry",
@@ -203,13 +216,13 @@ class SandboxPool:
             self._state.started(sandbox_id, actor, info)
         except BaseException:
             self._state.start_failed(sandbox_id)
-            self.counters["failed"] += 1
+            self._count("failed")
             raise
         finally:
             self._creations.pop(sandbox_id, None)
             self._notify()
         path = "adopted" if info.get("adopted") else "cold"
-        self.counters["adopted" if info.get("adopted") else "created"] += 1
+        self._count("adopted" if info.get("adopted") else "created")
         return self._lease(entry, path)
 
     async def _start_actor(
@@ -255,7 +268,7 @@ class SandboxPool:
         await self._ready()
         released = self._state.release(sandbox_id)
         if released:
-            self.counters["released"] += 1
+            self._count("released")
             self._notify()  # a warm sandbox can be evicted for an acquire waiting on capacity
         return released
 
@@ -303,7 +316,7 @@ class SandboxPool:
                 actors.kill(entry.actor)
             self._state.removed(sandbox_id)
             self._doomed.discard(sandbox_id)
-            self.counters[reason] += 1
+            self._count(reason)
             logger.info("sandbox %s %s", sandbox_id, reason)
             return True
         except SandboxError as exc:
@@ -446,11 +459,11 @@ class SandboxPool:
             done["repaired"] += sum(1 for r in results if r == "readopted")
             done["removed_containers"] += sum(1 for r in results if r == "removed")
             for key, value in done.items():
-                self.counters[f"reconcile_{key}"] += value
+                self._count(f"reconcile_{key}", value)
             if not plan.is_empty():
                 logger.info("reconcile: %s", dict(done))
             self._notify()
-            return dict(done)
+            return {key: value for key, value in done.items() if value}
 
     def _schedule_repair(self, sandbox_id: str) -> asyncio.Task[str] | None:
         if sandbox_id in self._repairs:
@@ -477,9 +490,9 @@ class SandboxPool:
 
     async def _repair_one(self, sandbox_id: str) -> str:
         entry = self._state.entries.get(sandbox_id)
-        name = actors.sandbox_actor_name(sandbox_id)
         handle = entry.actor if entry is not None and entry.actor is not None else None
         if handle is None:
+            name = actors.sandbox_actor_name(sandbox_id)
             handle = await asyncio.to_thread(actors.get_actor, name, self._config.namespace)
         view = None
         if handle is not None:
@@ -489,22 +502,31 @@ class SandboxPool:
                 )
             except ActorGone:
                 handle = None
+        engines = await self._engines()
+        containers, _seen = await self._containers(engines)
+        found = [c for c in containers if c.sandbox_id == sandbox_id]
         doomed = sandbox_id in self._doomed
-        if view is not None and view.dead_reason is None and view.started and not doomed:
-            if entry is None:
-                self._state.adopt(sandbox_id, view.thread_id, handle, view.info, view.idle_for)
-            return "healthy"
-        if view is not None and (view.dead_reason is not None or doomed):
+        own = [c for c in found if view is not None and c.container_id == view.container_id]
+
+        async def remove(victims: list[ContainerView]) -> None:
+            for container in victims:
+                reaper = engines[container.engine_id][0]
+                await actors.call(reaper.remove.remote(sandbox_id), _REAPER_TIMEOUT, "remove")
+
+        if view is not None and view.started:
+            await remove([c for c in found if c not in own])  # never two containers for one sandbox
+            if not doomed and view.dead_reason is None and own and own[0].running:
+                if entry is None:
+                    self._state.adopt(sandbox_id, view.thread_id, handle, view.info, view.idle_for)
+                return "healthy"
+            # Its container died (or destroy is pending): clean both up; the next acquire starts fresh.
             await actors.call(handle.stop.remote(), _STOP_TIMEOUT, f"stop {sandbox_id}")
             actors.kill(handle)
             self._state.removed(sandbox_id)
             self._doomed.discard(sandbox_id)
-            self.counters["died" if not doomed else "destroyed"] += 1
+            self._count("destroyed" if doomed else "died")
             return "removed"
-        # The actor is gone or never finished starting: find the container.
-        engines = await self._engines()
-        containers, _seen = await self._containers(engines)
-        found = [c for c in containers if c.sandbox_id == sandbox_id]
+        # The actor is gone or never finished starting: keep one container that answers.
         keep = None
         if not doomed:
             for container in found:
@@ -512,24 +534,20 @@ class SandboxPool:
                 if container.running and await actors.call(reaper.probe.remote(sandbox_id), _REAPER_TIMEOUT, "probe"):
                     keep = container
                     break
-        for container in found:
-            if container is not keep:
-                await actors.call(engines[container.engine_id][0].remove.remote(sandbox_id), _REAPER_TIMEOUT, "remove")
+        await remove([c for c in found if c is not keep])
         if keep is None:
             if handle is not None:
                 actors.kill(handle)
             self._state.removed(sandbox_id)
             self._doomed.discard(sandbox_id)
             return "removed"
-        if view is None:
-            handle = None  # spawn a new one on the container's node
-        if handle is not None:
+        if handle is not None:  # started by a pool that died mid-create: let it finish (it adopts)
             info = await actors.call(handle.start.remote(), self._config.readiness_timeout + 60, "start")
         else:
             handle, info = await self._start_actor(sandbox_id, keep.thread_id, node_id=keep.node_id)
         if not self._state.replace_actor(sandbox_id, handle, info):
             self._state.adopt(sandbox_id, keep.thread_id, handle, info, float(info.get("idle_for") or 0.0))
-        self.counters["readopted"] += 1
+        self._count("readopted")
         logger.info("sandbox %s: container re-adopted by a new actor", sandbox_id)
         return "readopted"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from backends.sandbox_api import BashResult, FileInfo, ShellResult
 from . import actors
 from .config import SandboxConfig
 from .errors import SandboxDied
+from .metrics import SandboxMetrics
 from .runtime import SandboxRuntime
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class SandboxActor:
             extra_labels={LABEL_RAY_NODE: self._node_id},
         )
         self._reported_dead = False
+        self._metrics = SandboxMetrics(config.pool_name)
 
     async def ping(self) -> str:
         """Answers once the actor is scheduled and running; returns its node id."""
@@ -70,14 +73,22 @@ class SandboxActor:
 
     async def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None) -> ShellResult:
         """Run a command in the sandbox's persistent shell (stderr merged)."""
-        return await self._guard(self._runtime.exec(command, timeout, exec_dir))
+        started = time.monotonic()
+        try:
+            return await self._guard(self._runtime.exec(command, timeout, exec_dir))
+        finally:
+            self._metrics.executed("exec", time.monotonic() - started)
 
     async def bash(
         self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
         exec_dir: str | None = None,
     ) -> BashResult:
         """Run a command in a fresh session with extra env; stdout and stderr apart."""
-        return await self._guard(self._runtime.bash(command, env, timeout, exec_dir))
+        started = time.monotonic()
+        try:
+            return await self._guard(self._runtime.bash(command, env, timeout, exec_dir))
+        finally:
+            self._metrics.executed("bash", time.monotonic() - started)
 
     async def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> str:
         return await self._guard(self._runtime.read_file(path, start_line, end_line))

@@ -1,0 +1,78 @@
+"""Metrics through ``ray.util.metrics``, exported on every node's metrics endpoint.
+
+Ray prefixes every name with ``ray_`` on the Prometheus endpoint. Names:
+
+========================================  =========  ====================================
+name                                      type       tags
+========================================  =========  ====================================
+sandbox_actors_sandboxes                  gauge      pool, state (starting/active/warm/stopping)
+sandbox_actors_created_total              counter    pool
+sandbox_actors_reclaimed_total            counter    pool (warm reclaims)
+sandbox_actors_evicted_total              counter    pool (LRU evictions of warm sandboxes)
+sandbox_actors_reaped_total               counter    pool (idle timeouts)
+sandbox_actors_failed_total               counter    pool (sandboxes that failed to start)
+sandbox_actors_readopted_total            counter    pool (containers re-adopted by a new actor)
+sandbox_actors_acquire_seconds            histogram  pool, path (hot/warm/cold/adopted)
+sandbox_actors_exec_seconds               histogram  pool, op (exec/bash)
+========================================  =========  ====================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ray.util import metrics
+
+_LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+COUNTERS = {
+    "created": "Sandboxes whose container was created.",
+    "reclaimed": "Warm sandboxes reclaimed by their thread.",
+    "evicted": "Warm sandboxes evicted to stay within replicas.",
+    "reaped": "Sandboxes destroyed by the idle timeout.",
+    "failed": "Sandboxes that failed to start.",
+    "readopted": "Containers whose actor died, re-adopted by a new actor.",
+}
+
+
+class PoolMetrics:
+    """The pool's gauges, counters and acquire histogram (created in the pool's process)."""
+
+    def __init__(self, pool: str) -> None:
+        self._tags = {"pool": pool}
+        self._sandboxes = metrics.Gauge(
+            "sandbox_actors_sandboxes", "Sandboxes of the pool per state.", tag_keys=("pool", "state")
+        )
+        self._counters = {
+            event: metrics.Counter(f"sandbox_actors_{event}_total", text, tag_keys=("pool",))
+            for event, text in COUNTERS.items()
+        }
+        self._acquire = metrics.Histogram(
+            "sandbox_actors_acquire_seconds", "Acquire latency inside the pool.", _LATENCY_BOUNDARIES,
+            tag_keys=("pool", "path"),
+        )
+
+    def states(self, counts: Mapping[str, int]) -> None:
+        for state, value in counts.items():
+            self._sandboxes.set(value, {**self._tags, "state": state})
+
+    def count(self, event: str, amount: int = 1) -> None:
+        counter = self._counters.get(event)
+        if counter is not None and amount > 0:
+            counter.inc(amount, self._tags)
+
+    def acquired(self, path: str, seconds: float) -> None:
+        self._acquire.observe(seconds, {**self._tags, "path": path})
+
+
+class SandboxMetrics:
+    """A SandboxActor's command latency histogram."""
+
+    def __init__(self, pool: str) -> None:
+        self._tags = {"pool": pool}
+        self._exec = metrics.Histogram(
+            "sandbox_actors_exec_seconds", "Command latency through the SandboxActor.", _LATENCY_BOUNDARIES,
+            tag_keys=("pool", "op"),
+        )
+
+    def executed(self, op: str, seconds: float) -> None:
+        self._exec.observe(seconds, {**self._tags, "op": op})

@@ -1,0 +1,134 @@
+"""Every CLI command, run as a user would: separate processes against a real pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import containers_of
+
+CLI = [sys.executable, "-m", "sandbox_actors.cli"]
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+@pytest.fixture
+def config_file(config, tmp_path: Path) -> Path:
+    path = tmp_path / "sandbox.yaml"
+    path.write_text(yaml.safe_dump({"sandbox": json.loads(config.model_dump_json())}))
+    return path
+
+
+def test_every_command_against_a_running_pool(ray_address, config_file, config, docker_client):
+    opts = ["--config", str(config_file), "--address", ray_address]
+    up = cli("up", *opts, "--json")
+    assert up.returncode == 0, up.stderr
+    info = json.loads(up.stdout)
+    assert info["pool"] == config.pool_name and info["ray"] == "attached"
+    try:
+        run = cli("exec", "t1", *opts, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+        assert (run.returncode, run.stdout, run.stderr.strip()) == (7, "out\n", "err")
+        assert cli("exec", "t1", *opts, "--shell", "--", "cd /tmp").returncode == 0
+        assert cli("exec", "t1", *opts, "--shell", "--", "pwd").stdout.strip() == "/tmp"  # persistent shell
+        env = cli("exec", "t1", *opts, "--env", "GREETING=hi", "--", "sh", "-c", "echo $GREETING")
+        assert env.stdout == "hi\n"
+        timed_out = cli("exec", "t1", *opts, "--timeout", "1", "--", "sleep", "30")
+        assert timed_out.returncode == 124 and "timed out" in timed_out.stderr
+
+        status = cli("status", *opts, "--json")
+        assert status.returncode == 0, status.stderr
+        table = json.loads(status.stdout)
+        assert [(r["thread_id"], r["state"]) for r in table["sandboxes"]] == [("t1", "active")]
+        assert table["stats"]["counters"]["created"] == 1
+        text = cli("status", *opts)
+        assert "t1" in text.stdout and "active" in text.stdout
+
+        assert cli("release", "t1", *opts).returncode == 0
+        assert json.loads(cli("status", *opts, "--json").stdout)["sandboxes"][0]["state"] == "warm"
+        assert cli("release", "never-acquired", *opts).returncode == 3
+        gc = cli("gc", *opts, "--json")
+        assert gc.returncode == 0 and json.loads(gc.stdout) == {}
+        assert cli("destroy", "--thread", "t1", *opts).returncode == 0
+        assert cli("destroy", "--thread", "t1", *opts).returncode == 3
+        assert containers_of(docker_client, config.pool_name) == []
+        cli("exec", "t2", *opts, "--", "true")
+    finally:
+        down = cli("down", *opts, "--keep-ray", "--json")
+    assert down.returncode == 0, down.stderr
+    assert json.loads(down.stdout)["destroyed"] == 1
+    assert containers_of(docker_client, config.pool_name) == []
+    missing = cli("status", *opts)
+    assert missing.returncode == 3 and "no pool" in missing.stderr
+
+
+def test_gc_removes_an_orphan_container(ray_address, config, docker_client, tmp_path):
+    # A long interval, so that `gc` (not a periodic pass) is what finds the orphan.
+    slow = json.loads(config.model_copy(update={"reconcile_interval": 600}).model_dump_json())
+    config_file = tmp_path / "slow.yaml"
+    config_file.write_text(yaml.safe_dump(slow))
+    opts = ["--config", str(config_file), "--address", ray_address]
+    assert cli("up", *opts).returncode == 0
+    try:
+        assert cli("exec", "orphan", *opts, "--", "true").returncode == 0
+        [container] = containers_of(docker_client, config.pool_name)
+        container.stop(timeout=0)  # stopped behind the pool's back: it can never answer again
+        gc = cli("gc", *opts, "--json")
+        assert gc.returncode == 0, gc.stderr
+        assert json.loads(gc.stdout).get("removed_containers", 0) >= 1
+        assert containers_of(docker_client, config.pool_name) == []
+    finally:
+        assert cli("down", *opts, "--keep-ray").returncode == 0
+
+
+def test_usage_errors_and_help(config_file, tmp_path):
+    for command in ("up", "status", "exec", "release", "destroy", "gc", "down", "build-image", "demo"):
+        shown = cli(command, "--help")
+        assert shown.returncode == 0 and "usage: sandbox-actors" in shown.stdout, command
+    assert cli("exec", "t1").returncode == 2  # nothing to run
+    assert cli("destroy").returncode == 2  # neither id nor --thread
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("replica: 3\n")
+    broken = cli("status", "--config", str(bad))
+    assert broken.returncode == 2 and "replica" in broken.stderr
+    assert cli("frobnicate").returncode == 2
+
+
+def test_up_starts_a_head_and_down_stops_only_it(image, tmp_path):
+    env = {**os.environ, "SANDBOX_ACTORS_HOME": str(tmp_path / "home"),
+           "SANDBOX_ACTORS_RAY_TEMP": f"/tmp/sat-{uuid.uuid4().hex[:8]}"}
+    env.pop("RAY_ADDRESS", None)
+    opts = ["--pool", f"head-{uuid.uuid4().hex[:6]}", "--namespace", "sandbox_actors_cli_test"]
+    up = cli("up", *opts, "--new-head", "--json", env=env)
+    assert up.returncode == 0, up.stderr
+    assert json.loads(up.stdout)["ray"].startswith("started")
+    try:
+        run = cli("exec", "t", *opts, "--", "echo", "via-own-head", env=env)
+        assert run.returncode == 0 and run.stdout == "via-own-head\n", run.stderr
+    finally:
+        down = cli("down", *opts, "--json", env=env)
+    assert down.returncode == 0, down.stderr
+    result = json.loads(down.stdout)
+    assert result["destroyed"] == 1 and result["ray_head_stopped"] is True
+    leftovers = subprocess.run(["pgrep", "-f", env["SANDBOX_ACTORS_RAY_TEMP"]], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""
+
+
+def test_build_image_is_reused_when_unchanged(image):
+    result = cli("build-image")
+    assert result.returncode == 0 and "up to date" in result.stdout
+
+
+def test_demo_runs_to_a_passing_summary(image):
+    result = cli("demo", "--threads", "2", "--turns", "2", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "checks:" in result.stdout and "FAILED" not in result.stdout
+    assert "leak check: 0 container(s), 0 actor(s) left ok" in result.stdout
