@@ -265,18 +265,43 @@ class DockerBackend(Backend):
         return await asyncio.to_thread(_discover)
 
     async def list(self, pool: str | None = None) -> list[SandboxRecord]:
+        """Every container of ours (one engine call; records carry no token: use discover for that)."""
+
         def _list() -> list[SandboxRecord]:
             label_filter = [f"{LABEL_PROJECT}={PROJECT}"]
             if pool is not None:
                 label_filter.append(f"{LABEL_POOL}={pool}")
-            records = []
             with engine_errors("list containers"):
-                containers = self._docker().containers.list(all=True, filters={"label": label_filter})
-            for container in containers:
-                records.append(self._record(container))
-            return records
+                # The summary listing: one call, and no per-container inspect that could
+                # race with a container being removed meanwhile.
+                summaries = self._docker().api.containers(all=True, filters={"label": label_filter})
+            return [self._record_from_summary(summary) for summary in summaries]
 
         return await asyncio.to_thread(_list)
+
+    def _record_from_summary(self, summary: dict[str, Any]) -> SandboxRecord:
+        labels = dict(summary.get("Labels") or {})
+        port = int(labels.get(LABEL_PORT, "8080"))
+        host_port = next(
+            (p.get("PublicPort") for p in summary.get("Ports") or [] if p.get("PrivatePort") == port and p.get("PublicPort")),
+            None,
+        )
+        try:
+            created_at = float(labels.get(LABEL_CREATED_AT, ""))
+        except ValueError:
+            created_at = float(summary.get("Created") or 0)
+        engine = self._engine_info()
+        return SandboxRecord(
+            sandbox_id=labels.get(LABEL_SANDBOX_ID, ""),
+            url=f"http://127.0.0.1:{host_port}" if host_port else "",
+            container_name=(summary.get("Names") or ["/"])[0].lstrip("/"),
+            container_id=summary["Id"],
+            node=engine["name"],
+            engine_id=labels.get(LABEL_ENGINE_ID) or engine["id"],
+            created_at=created_at,
+            running=summary.get("State") == "running",
+            labels=labels,
+        )
 
     async def destroy(self, sandbox_id: str) -> bool:
         return await asyncio.to_thread(self._destroy, sandbox_id)

@@ -95,6 +95,18 @@ class CommandTimeout(SandboxError):
     """
 
 
+class ResourceLimitExceeded(SandboxError):
+    """A command failed because the sandbox hit its memory (OOM kill) or process limit.
+
+    The sandbox itself keeps running and stays usable once the load is gone.
+
+    Attributes:
+        limits: which limits bit: 'memory', 'pids'.
+        exit_code: the command's exit code (None when it never started).
+        output: what it printed (stdout, or the shell's merged output).
+    """
+
+
 class SandboxOperationError(SandboxError):
     """The sandbox API answered with a failure.
 

@@ -21,6 +21,7 @@ import httpx
 from .errors import (
     CommandTimeout,
     InvalidRequest,
+    ResourceLimitExceeded,
     ReadinessTimeout,
     SandboxAuthError,
     SandboxExited,
@@ -45,6 +46,7 @@ class ShellResult:
     exit_code: int | None
     session_id: str
     status: str = "completed"
+    limits_hit: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -59,6 +61,7 @@ class BashResult:
     stderr: str
     exit_code: int | None
     status: str = "completed"
+    limits_hit: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -191,7 +194,9 @@ class SandboxAPI:
             exit_code=data.get("exit_code"),
             session_id=data.get("session_id") or "",
             status=data.get("status") or "completed",
+            limits_hit=tuple(data.get("limits_hit") or ()),
         )
+        _check_limits(result.limits_hit, result.exit_code, output=result.output)
         if result.status in _TIMEOUT_STATUSES:
             raise CommandTimeout(f"command timed out after {timeout}s and was killed", output=result.output)
         return result
@@ -226,7 +231,9 @@ class SandboxAPI:
             stderr=data.get("stderr") or "",
             exit_code=data.get("exit_code"),
             status=data.get("status") or "completed",
+            limits_hit=tuple(data.get("limits_hit") or ()),
         )
+        _check_limits(result.limits_hit, result.exit_code, output=result.stdout, stderr=result.stderr)
         if result.status in _TIMEOUT_STATUSES:
             raise CommandTimeout(
                 f"command timed out after {timeout}s and was killed", output=result.stdout, stderr=result.stderr
@@ -287,8 +294,20 @@ def _json(response: httpx.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {"data": body}
 
 
+def _check_limits(limits: tuple[str, ...], exit_code: int | None, **facts: str) -> None:
+    """A command that failed while a resource limit bit is a limit error, not a plain failure."""
+    if limits and exit_code != 0:
+        raise ResourceLimitExceeded(
+            f"command failed (exit {exit_code}): the sandbox hit its {' and '.join(limits)} limit",
+            limits=list(limits), exit_code=exit_code, **facts,
+        )
+
+
 def _raise_for(status: int, body: Mapping[str, Any], path: str) -> None:
     message = str(body.get("message") or body.get("detail") or f"HTTP {status}")
+    data = body.get("data")
+    if isinstance(data, Mapping) and data.get("limits_hit"):
+        raise ResourceLimitExceeded(message, limits=list(data["limits_hit"]), exit_code=None, output="")
     if status == 401 or status == 403 and "token" in message.lower():
         raise SandboxAuthError(f"sandbox refused the request to {path}: {message}", status_code=status)
     if status == 404:

@@ -33,6 +33,7 @@ _EXPORTS = {
             "PoolShutDown",
             "PoolUnavailable",
             "ReadinessTimeout",
+            "ResourceLimitExceeded",
             "SandboxDied",
             "SandboxError",
             "SandboxFileNotFound",

@@ -21,13 +21,14 @@ from backends.sandbox_api import BashResult, FileInfo, ShellResult
 
 from . import actors
 from .config import SandboxConfig
-from .errors import SandboxDied
+from .errors import SandboxDied, SandboxError
 from .metrics import SandboxMetrics
 from .runtime import SandboxRuntime
 
 logger = logging.getLogger(__name__)
 
 LABEL_RAY_NODE = "sandbox-actors.ray-node"
+_REPORT_TIMEOUT = 5.0
 
 
 class SandboxActor:
@@ -106,9 +107,11 @@ class SandboxActor:
         try:
             return await operation
         except SandboxDied:
+            # Tell the pool before the caller hears of it, so the caller's next acquire
+            # already finds the repair under way (and gets a new sandbox).
             if not self._reported_dead:
                 self._reported_dead = True
-                asyncio.get_running_loop().create_task(self._report_dead())
+                await self._report_dead()
             raise
 
     async def _report_dead(self) -> None:
@@ -117,4 +120,7 @@ class SandboxActor:
         if pool is None:
             logger.warning("sandbox %s died and pool %s is not running to hear of it", sandbox_id, config.pool_name)
             return
-        pool.report_dead.remote(sandbox_id)
+        try:
+            await actors.call(pool.report_dead.remote(sandbox_id), _REPORT_TIMEOUT, "report a dead sandbox")
+        except SandboxError as exc:
+            logger.warning("sandbox %s died; could not tell pool %s: %s", sandbox_id, config.pool_name, exc)

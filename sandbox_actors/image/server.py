@@ -19,6 +19,7 @@ import base64
 import binascii
 import collections
 import contextlib
+import errno
 import datetime
 import hmac
 import json
@@ -83,9 +84,47 @@ def load_config(environ=os.environ):
 class ApiError(Exception):
     """Turned into an error envelope with the given HTTP status at the handler boundary."""
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, data=None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.data = status, message, data
+
+
+# Counters of this container's cgroup that grow when a limit bites: (cgroup v1 path, v2 path, key).
+_LIMIT_COUNTERS = {
+    "memory": ("/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events", "oom_kill"),
+    "pids": ("/sys/fs/cgroup/pids/pids.events", "/sys/fs/cgroup/pids.events", "max"),
+}
+
+
+def limit_counters():
+    """How often each resource limit has bitten so far (0 where the kernel does not say)."""
+    counts = {}
+    for limit, (*paths, key) in _LIMIT_COUNTERS.items():
+        counts[limit] = 0
+        for path in paths:
+            try:
+                with open(path) as handle:
+                    for line in handle:
+                        name, _, value = line.partition(" ")
+                        if name == key:
+                            counts[limit] = int(value)
+                break
+            except (OSError, ValueError):
+                continue
+    return counts
+
+
+def limits_hit(before):
+    after = limit_counters()
+    return sorted(limit for limit, count in after.items() if count > before.get(limit, 0))
+
+
+def spawn_failed(exc):
+    """A command could not even start: blame the process limit when that is what bit."""
+    if exc.errno in (errno.EAGAIN, errno.ENOMEM):
+        return ApiError(503, "cannot start the command: the sandbox hit its process or memory limit",
+                        {"limits_hit": ["pids"] if exc.errno == errno.EAGAIN else ["memory"]})
+    return ApiError(500, f"cannot start the command: {exc.strerror}")
 
 
 _KINDS = {"str": (str,), "bool": (bool,), "int": (int,), "number": (int, float),
@@ -623,7 +662,11 @@ class App:
         hard, timeout = get_timeout(body, "hard_timeout"), get_timeout(body, "timeout")
         idle = get_timeout(body, "no_change_timeout")
         truncate = get_field(body, "truncate", "bool", default=True)
-        result = self.sessions.get(session_id).run(command, exec_dir, hard or timeout, idle)
+        before = limit_counters()
+        try:
+            result = self.sessions.get(session_id).run(command, exec_dir, hard or timeout, idle)
+        except OSError as exc:
+            raise spawn_failed(exc) from exc
         output = result["output"]
         if truncate:
             output = middle_truncate(output, SHELL_TRUNCATE_CHARS)
@@ -633,7 +676,7 @@ class App:
         if result["reset"]:
             message += "; shell session was reset"
         return ok({"session_id": session_id, "command": command, "status": result["status"],
-                   "output": output, "exit_code": result["exit_code"],
+                   "output": output, "exit_code": result["exit_code"], "limits_hit": limits_hit(before),
                    "console": [{"ps1": "$ ", "command": command, "output": output}]}, message)
 
     def bash_exec(self, body):
@@ -659,12 +702,16 @@ class App:
         hard, timeout = get_timeout(body, "hard_timeout"), get_timeout(body, "timeout")
         max_len = get_field(body, "max_output_length", "int", default=0)
         session_id = get_field(body, "session_id", "str") or uuid.uuid4().hex
-        status, out, err, code = run_bash(command, env, cwd, hard or timeout,
-                                          self.cfg.max_output, self.registry)
+        before = limit_counters()
+        try:
+            status, out, err, code = run_bash(command, env, cwd, hard or timeout,
+                                              self.cfg.max_output, self.registry)
+        except OSError as exc:
+            raise spawn_failed(exc) from exc
         out, err = middle_truncate(out, max_len), middle_truncate(err, max_len)
         return ok({"session_id": session_id, "command_id": uuid.uuid4().hex, "command": command,
                    "status": status, "stdout": out, "stderr": err, "exit_code": code,
-                   "offset": len(out), "stderr_offset": len(err)},
+                   "offset": len(out), "stderr_offset": len(err), "limits_hit": limits_hit(before)},
                   "ok" if status == "completed" else "command timed out and was killed")
 
     def file_read(self, body):
@@ -807,7 +854,7 @@ class Handler(BaseHTTPRequestHandler):
             body = self._read_json() if method == "POST" else {}
             self._send_json(200, getattr(app, methods[method])(body))
         except ApiError as exc:
-            self._send_error(exc.status, exc.message)
+            self._send_error(exc.status, exc.message, exc.data)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True   # client went away; nothing to report
         except Exception as exc:
@@ -870,12 +917,12 @@ class Handler(BaseHTTPRequestHandler):
         self._headers_done = True
         self.wfile.write(data)
 
-    def _send_error(self, status, message):
+    def _send_error(self, status, message, data=None):
         if self._headers_done:   # a streamed download failed half-way: just drop the connection
             self.close_connection = True
             return
         with contextlib.suppress(OSError):
-            self._send_json(status, {"success": False, "message": message, "data": None})
+            self._send_json(status, {"success": False, "message": message, "data": data})
 
     def _download(self, app, query):
         raw = (query.get("path") or [""])[0]

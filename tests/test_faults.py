@@ -1,0 +1,198 @@
+"""Faults against real Ray + Docker; after each, the no-leak invariant must hold within one reconcile interval."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import docker
+import pytest
+import ray
+
+import sandbox_actors
+from sandbox_actors import BackendUnavailable, ResourceLimitExceeded, SandboxDied
+from tests.conftest import assert_no_actors_left, containers_of
+from tests.invariant import wait_for_invariant
+
+QUIESCE = 3.0  # reconcile interval of the test config (2 s) plus slack
+
+
+def test_sigkill_actor_with_a_frozen_container_gets_a_fresh_sandbox(pool, config, docker_client):
+    box = pool.acquire("frozen")
+    box.write_file("/mnt/user-data/workspace/keep.txt", "workspace survives")
+    box.write_file("/tmp/scratch.txt", "dies with the container")
+    old = box.info["container_id"]
+    docker_client.containers.get(old).exec_run(["pkill", "-STOP", "-f", "server.py"])  # runs, never answers
+    os.kill(ray.get(box.actor.describe.remote())["pid"], signal.SIGKILL)
+    # Reconcile probes the orphan, finds it silent, removes it.
+    deadline = time.monotonic() + QUIESCE + 10
+    while any(c.id == old for c in containers_of(docker_client, config.pool_name)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    fresh = pool.acquire("frozen")
+    assert fresh.path == "cold" and fresh.info["container_id"] != old
+    assert fresh.read_file("/mnt/user-data/workspace/keep.txt") == "workspace survives"
+    with pytest.raises(sandbox_actors.SandboxFileNotFound):
+        fresh.read_file("/tmp/scratch.txt")
+    wait_for_invariant(pool, docker_client, QUIESCE)
+
+
+def test_docker_kill_is_a_typed_death_and_the_next_acquire_recreates(pool, config, docker_client):
+    box = pool.acquire("killed")
+    box.write_file("/mnt/user-data/workspace/notes.txt", "still here")
+    docker_client.containers.get(box.info["container_id"]).kill()
+    started = time.monotonic()
+    with pytest.raises(SandboxDied):
+        box.exec("echo hello")
+    assert time.monotonic() - started < 10  # an answer, not a hang
+    again = pool.acquire("killed")
+    assert again.path == "cold" and again.info["container_id"] != box.info["container_id"]
+    assert again.read_file("/mnt/user-data/workspace/notes.txt") == "still here"
+    wait_for_invariant(pool, docker_client, QUIESCE)
+
+
+def test_pool_killed_without_restart_then_a_new_connect_adopts(pool, config, docker_client):
+    active, warm = pool.acquire("p-active"), pool.acquire("p-warm")
+    pool.release(warm)
+    ray.kill(pool.pool, no_restart=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(config.pool_name, namespace=config.namespace)
+            time.sleep(0.1)
+        except ValueError:
+            break
+    fresh = sandbox_actors.connect(config)
+    pool.pool = fresh.pool  # the fixture shuts down whatever pool this is now
+    assert sorted(r["thread_id"] for r in fresh.list()) == ["p-active", "p-warm"]
+    again = fresh.acquire("p-active")
+    assert again.info["container_id"] == active.info["container_id"]
+    assert fresh.stats()["counters"].get("created", 0) == 0
+    assert len(containers_of(docker_client, config.pool_name)) == 2  # no duplicates
+    wait_for_invariant(fresh, docker_client, QUIESCE)
+
+
+KILLED_DRIVER = """
+import sys, ray, sandbox_actors
+ray.init(address=sys.argv[1], logging_level="ERROR")
+pool = sandbox_actors.connect(pool_name=sys.argv[2], namespace=sys.argv[3])
+print("acquiring", flush=True)
+pool.acquire("victim")
+print("acquired", flush=True)
+"""
+
+
+def test_driver_sigkilled_mid_acquire_leaves_nothing_half_made(pool, config, ray_address, docker_client):
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_DRIVER, ray_address, config.pool_name, config.namespace],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert child.stdout.readline().strip() == "acquiring"
+    time.sleep(0.3)  # inside the cold start
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+    view = wait_for_invariant(pool, docker_client, QUIESCE + 5)
+    assert len(view["records"]) <= 1
+    box = pool.acquire("victim")
+    assert box.exec("echo usable").output.strip() == "usable"
+    wait_for_invariant(pool, docker_client, QUIESCE)
+
+
+FORK_BOMB = """
+import os, time
+kids = []
+try:
+    for _ in range(1000):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(3)
+            os._exit(0)
+        kids.append(pid)
+finally:
+    for kid in kids:
+        os.waitpid(kid, 0)
+"""
+
+
+def test_memory_and_pids_limits_are_typed_and_contained(pool, config, docker_client):
+    greedy, bystander = pool.acquire("greedy"), pool.acquire("bystander")
+    with pytest.raises(ResourceLimitExceeded) as oom:
+        greedy.bash("python3 -c 'x = bytearray(600 * 2**20)'")  # limit is 256m
+    assert oom.value.limits == ["memory"] and oom.value.exit_code == 137
+    assert bystander.exec("echo fine").output.strip() == "fine"
+    assert greedy.exec("echo recovered").output.strip() == "recovered"
+
+    greedy.write_file("/tmp/bomb.py", FORK_BOMB)
+    with pytest.raises(ResourceLimitExceeded) as bomb:
+        greedy.bash("python3 /tmp/bomb.py", timeout=60)  # pids limit is 128
+    assert bomb.value.limits == ["pids"]
+    assert bystander.exec("echo fine").output.strip() == "fine"
+    time.sleep(3.5)  # the bomb's children exit on their own
+    assert greedy.exec("echo recovered").output.strip() == "recovered"
+    assert pool.stats()["states"]["active"] == 2
+    wait_for_invariant(pool, docker_client, QUIESCE)
+
+
+def _dockerd() -> tuple[int, list[bytes]] | None:
+    found = subprocess.run(["pgrep", "-xo", "dockerd"], capture_output=True, text=True)
+    if found.returncode != 0:
+        return None
+    pid = int(found.stdout.split()[0])
+    return pid, Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+
+
+@pytest.mark.slow
+def test_engine_restart_is_unavailable_not_dead_then_reconciles(ray_address, config, docker_client, tmp_path):
+    engine = _dockerd()
+    if engine is None:
+        pytest.skip("the Docker engine is not a local dockerd process this test can restart")
+    pid, command = engine
+    client = sandbox_actors.connect(config)
+    restarted = False
+    try:
+        box = client.acquire("through-restart")
+        box.write_file("/mnt/user-data/workspace/kept.txt", "on the host")
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with pytest.raises(BackendUnavailable):
+            box.exec("echo during the outage")
+        time.sleep(config.reconcile_interval + 1)  # a reconcile pass runs while the engine is away
+        assert [r["thread_id"] for r in client.list()] == ["through-restart"]  # nothing destroyed for it
+        log = open(tmp_path / "dockerd.log", "wb")
+        subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        restarted = True
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                docker.from_env().ping()
+                break
+            except docker.errors.DockerException:
+                time.sleep(0.5)
+        wait_for_invariant(client, docker_client, QUIESCE + 15)
+        again = client.acquire("through-restart")
+        assert again.read_file("/mnt/user-data/workspace/kept.txt") == "on the host"
+        assert again.exec("echo after").output.strip() == "after"
+        wait_for_invariant(client, docker_client, QUIESCE)
+    finally:
+        if not restarted and not Path(f"/proc/{pid}").exists():
+            subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+            time.sleep(5)
+        client.shutdown()
+    assert_no_actors_left(config.pool_name)
+
+
+@pytest.mark.slow
+def test_chaos_run_leaves_no_leaks():
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.chaos", "--seed", "11", "--duration", "40"],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1], check=False,
+    )
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "leaks found = 0" in result.stdout and "lost 0" in result.stdout
+
