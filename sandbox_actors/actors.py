@@ -23,6 +23,7 @@ from .errors import SandboxDied, SandboxError
 logger = logging.getLogger(__name__)
 
 SANDBOX_ACTOR_PREFIX = "sbx-"
+HEAD_RESOURCE = "node:__internal_head__"
 REAPER_PREFIX = "reaper-"
 
 
@@ -189,6 +190,8 @@ def pool_actor(config: SandboxConfig) -> Any:
             lifetime="detached",
             get_if_exists=True,
             num_cpus=0,
+            # Every head node has this resource; a sliver of it pins the pool there.
+            resources={HEAD_RESOURCE: 0.001} if config.ray.pool_on_head else {},
             max_restarts=-1,
             max_concurrency=1000,
         )

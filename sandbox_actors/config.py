@@ -72,6 +72,9 @@ class RayConfig(_Closed):
         default="default",
         description="'default' packs sandboxes onto nodes Ray picks; 'spread' spreads them over nodes.",
     )
+    pool_on_head: bool = Field(
+        default=True, description="Pin the SandboxPool actor to the head node (it survives worker loss)."
+    )
 
 
 class SandboxConfig(_Closed):

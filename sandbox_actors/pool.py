@@ -21,7 +21,7 @@ from typing import Any
 from . import actors
 from .actors import ActorCallTimeout, ActorGone
 from .config import SandboxConfig
-from .errors import PoolExhausted, PoolShutDown, SandboxError
+from .errors import PoolExhausted, PoolShutDown, SandboxDied, SandboxError
 from .metrics import PoolMetrics
 from .reconcile import ActorView, ContainerView, plan_reconcile
 from .state import Acquired, Entry, MustCreate, MustWait, PoolState, SandboxState
@@ -29,10 +29,11 @@ from .threads import anonymous_sandbox_id, sandbox_id_for
 
 logger = logging.getLogger(__name__)
 
-_DESCRIBE_TIMEOUT = 5.0
+_DESCRIBE_TIMEOUT = 3.0
 _STOP_TIMEOUT = 60.0
 _REAPER_TIMEOUT = 30.0
 _SPAWN_ATTEMPTS = 3
+_PLACEMENT_POLL = 1.0
 
 
 @dataclass(frozen=True)
@@ -233,27 +234,48 @@ class SandboxPool:
         for attempt in range(1, _SPAWN_ATTEMPTS + 1):
             actor = await asyncio.to_thread(actors.spawn_sandbox_actor, config, sandbox_id, thread_id, node_id)
             try:
-                # Ray leaves an actor no node can host pending forever: bound the wait.
-                await actors.call(actor.ping.remote(), config.capacity_timeout, f"placing sandbox {sandbox_id}")
+                await self._placed(actor, sandbox_id)
                 info = await actors.call(
                     actor.start.remote(), config.readiness_timeout + 120, f"starting sandbox {sandbox_id}"
                 )
                 return actor, info
-            except ActorGone:
-                # A dying actor of the same name was handed back: wait for the name to free up.
+            except PoolExhausted:
+                actors.kill(actor)  # never placed: nothing to stop, and its name must not linger
+                raise
+            except SandboxDied:
+                # get_if_exists handed back an actor of the same name that is being
+                # destroyed (or just died): end it, wait for the name to free up, retry.
+                actors.kill(actor)
                 if attempt == _SPAWN_ATTEMPTS:
                     raise
                 await asyncio.sleep(0.2 * attempt)
-            except ActorCallTimeout as exc:
-                self._spawn(self._discard_actor(actor))
-                raise PoolExhausted(
-                    f"no node could host sandbox {sandbox_id} within {config.capacity_timeout:.0f}s "
-                    f"(resources {config.ray.resources or 'none'}; are all sandbox slots taken?)"
-                ) from exc
             except BaseException:
                 self._spawn(self._discard_actor(actor))
                 raise
         raise AssertionError("unreachable")
+
+    async def _placed(self, actor: Any, sandbox_id: str) -> None:
+        """Wait until Ray places the actor on a node (it leaves an actor no node can host
+        pending forever, so the wait is bounded by ``capacity_timeout``). While it waits, warm
+        sandboxes are evicted one by one: each holds a node slot a new sandbox may need."""
+        deadline = time.monotonic() + self._config.capacity_timeout
+        ping = actor.ping.remote()
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                await actors.call(ping, max(0.01, min(_PLACEMENT_POLL, remaining)), f"placing sandbox {sandbox_id}")
+                return
+            except ActorCallTimeout as exc:
+                if remaining <= _PLACEMENT_POLL:
+                    config = self._config
+                    raise PoolExhausted(
+                        f"no node could host sandbox {sandbox_id} within {config.capacity_timeout:.0f}s "
+                        f"(resources {config.ray.resources or 'none'}; are all sandbox slots taken?)"
+                    ) from exc
+            victim = self._state.evict_lru_warm()
+            if victim is not None:
+                logger.info("no node has room for sandbox %s: evicting warm sandbox %s", sandbox_id, victim.sandbox_id)
+                self._stop_later(victim, "evicted")
 
     async def _discard_actor(self, actor: Any) -> None:
         """Make sure an actor we gave up on leaves nothing behind."""
@@ -501,6 +523,9 @@ class SandboxPool:
                     await actors.call(handle.describe.remote(), _DESCRIBE_TIMEOUT, "describe")
                 )
             except ActorGone:
+                # Dead, or unreachable with its node: end it now so its name frees up at
+                # once, rather than when Ray gets round to declaring the node dead.
+                actors.kill(handle)
                 handle = None
         engines = await self._engines()
         containers, _seen = await self._containers(engines)
@@ -538,13 +563,24 @@ class SandboxPool:
         if keep is None:
             if handle is not None:
                 actors.kill(handle)
+            if entry is not None and not doomed:
+                self._count("lost")  # its actor and container are gone (e.g. with their node)
             self._state.removed(sandbox_id)
             self._doomed.discard(sandbox_id)
             return "removed"
         if handle is not None:  # started by a pool that died mid-create: let it finish (it adopts)
             info = await actors.call(handle.start.remote(), self._config.readiness_timeout + 60, "start")
         else:
-            handle, info = await self._start_actor(sandbox_id, keep.thread_id, node_id=keep.node_id)
+            try:
+                handle, info = await self._start_actor(sandbox_id, keep.thread_id, node_id=keep.node_id)
+            except PoolExhausted:
+                # No slot on the container's node: an unowned container must not linger.
+                # (Its thread's workspace lives on the host, not in the container.)
+                logger.warning("no room to re-adopt sandbox %s on its node; removing its container", sandbox_id)
+                await remove([keep])
+                self._state.removed(sandbox_id)
+                self._count("lost")
+                return "removed"
         if not self._state.replace_actor(sandbox_id, handle, info):
             self._state.adopt(sandbox_id, keep.thread_id, handle, info, float(info.get("idle_for") or 0.0))
         self._count("readopted")

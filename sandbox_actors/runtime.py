@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 # A container found already running gets this long to answer before we give up on it.
 _ADOPT_READY_TIMEOUT = 5.0
+# How long an engine may take to report a killed container as stopped.
+_DEATH_NOTICE_SECONDS = 2.0
 
 
 class SandboxRuntime:
@@ -220,7 +222,7 @@ class SandboxRuntime:
         except SandboxUnreachable as exc:
             # Gone, or only slow? Ask the engine. If the engine does not answer
             # either, that is BackendUnavailable, never "dead".
-            if await self.backend.is_running(self.sandbox_id):
+            if await self._still_running():
                 raise
             self.dead_reason = "its container stopped"
             raise SandboxDied(
@@ -229,6 +231,17 @@ class SandboxRuntime:
         finally:
             self.inflight -= 1
             self.last_activity = self._clock()
+
+    async def _still_running(self) -> bool:
+        """Whether the container still runs, allowing the engine a moment to notice a kill
+        (a killed container's connections drop before the engine reports it stopped)."""
+        deadline = self._clock() + _DEATH_NOTICE_SECONDS
+        while True:
+            if not await self.backend.is_running(self.sandbox_id):
+                return False
+            if self._clock() >= deadline:
+                return True
+            await asyncio.sleep(0.2)
 
     async def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None) -> ShellResult:
         """Run ``command`` in the persistent shell (one at a time per sandbox)."""

@@ -181,6 +181,15 @@ class PoolState:
             evicted.append(victim)
         return tuple(evicted)
 
+    def evict_lru_warm(self) -> Entry | None:
+        """Move the least recently released WARM sandbox to STOPPING (to free a node slot)."""
+        warm = self.in_state(SandboxState.WARM)
+        if not warm:
+            return None
+        victim = min(warm, key=lambda e: e.released_at or 0.0)
+        victim.move(SandboxState.STOPPING)
+        return victim
+
     def started(self, sandbox_id: str, actor: Any, info: dict[str, Any]) -> Entry:
         """A STARTING sandbox answered: it becomes ACTIVE."""
         entry = self.entries[sandbox_id]

@@ -29,7 +29,8 @@ from pathlib import Path
 
 THREADS = [f"chaos-{i}" for i in range(6)]
 WORKSPACE = "/mnt/user-data/workspace"
-EXPECTED_ERRORS = {"SandboxDied", "ActorGone"}  # what killing things underneath a driver may cause
+# What killing things underneath a driver may cause: a dead sandbox, or a start cut short.
+EXPECTED_ERRORS = {"SandboxDied", "ActorGone", "SandboxExited", "SandboxStartError", "ReadinessTimeout"}
 
 
 def driver(address: str, pool_name: str, namespace: str, seed: int, duration: float, name: str) -> None:
@@ -168,22 +169,29 @@ def run(seed: int, duration: float) -> int:
         )
         ray.init(address="local", logging_level=logging.ERROR, include_dashboard=False)
         client = docker.from_env()
+        pool = None
+        crashed: list[str] = []
         try:
             pool = sandbox_actors.connect(config)
             address = ray.get_runtime_context().gcs_address
             common = [address, config.pool_name, config.namespace]
             me = [sys.executable, "-m", "tests.chaos"]
-            procs = [
-                subprocess.Popen([*me, "driver", *common, str(seed * 10 + i), str(duration), f"d{i}"],
-                                 stdout=subprocess.PIPE, text=True)
-                for i in (1, 2)
-            ]
-            procs.append(subprocess.Popen([*me, "killer", *common, str(seed), str(duration)],
-                                          stdout=subprocess.PIPE, text=True))
-            results = [json.loads(p.communicate(timeout=duration + 300)[0].strip().splitlines()[-1]) for p in procs]
+            roles = [["driver", *common, str(seed * 10 + i), str(duration), f"d{i}"] for i in (1, 2)]
+            roles.append(["killer", *common, str(seed), str(duration)])
+            procs = [subprocess.Popen([*me, *role], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for role in roles]
+            results = []
+            for role, proc in zip(roles, procs):
+                stdout, stderr = proc.communicate(timeout=duration + 300)
+                lines = stdout.strip().splitlines()
+                if proc.returncode != 0 or not lines:
+                    crashed.append(f"{role[0]} exited {proc.returncode}: {stderr[-2000:]}")
+                    results.append({})
+                else:
+                    results.append(json.loads(lines[-1]))
             ops = sum((collections.Counter(r.get("ops", {})) for r in results), collections.Counter())
             errors = sum((collections.Counter(r.get("errors", {})) for r in results), collections.Counter())
-            faults = collections.Counter(results[-1]["faults"])
+            faults = collections.Counter(results[-1].get("faults", {}))
 
             deadline = time.monotonic() + 4 * config.reconcile_interval + 30
             view = snapshot(pool, client, config.namespace, config.pool_name)
@@ -192,13 +200,15 @@ def run(seed: int, duration: float) -> int:
                 view = snapshot(pool, client, config.namespace, config.pool_name)
             leaks = len(view["containers"] ^ view["actors"]) + len(view["records"] ^ view["actors"])
             leaks += len(view["containers"] - view["running"])
-            lost = [w for r in results[:2] for w in r["written"]
+            lost = [w for r in results[:2] for w in r.get("written", [])
                     if not (thread_dir(base_dir, w[0]) / "workspace" / w[1]).is_file()
                     or (thread_dir(base_dir, w[0]) / "workspace" / w[1]).read_text() != w[2]]
             unexpected = {k: v for k, v in errors.items() if k not in EXPECTED_ERRORS}
-            shut = pool.shutdown()
-            left = client.containers.list(all=True, filters={"label": f"sandbox-actors.pool={config.pool_name}"})
         finally:
+            shut = pool.shutdown() if pool is not None else {}
+            left = client.containers.list(all=True, filters={"label": f"sandbox-actors.pool={config.pool_name}"})
+            for container in left:
+                container.remove(force=True)
             client.close()
             ray.shutdown()
     print(f"chaos run: seed {seed}, {duration:.0f}s of chaos, {time.monotonic() - started:.0f}s in all")
@@ -209,7 +219,9 @@ def run(seed: int, duration: float) -> int:
     print(f"  workspace files written {sum(len(r['written']) for r in results[:2])}, lost {len(lost)}")
     print(f"  shutdown destroyed {shut.get('destroyed', 0)}, containers left {len(left)}")
     print(f"  leaks found = {leaks + len(left)}")
-    ok = leaks == 0 and not left and not lost and not unexpected and sum(faults.values()) > 0
+    for line in crashed:
+        print(f"  CRASHED: {line}")
+    ok = leaks == 0 and not left and not lost and not unexpected and not crashed and sum(faults.values()) > 0
     print("chaos run " + ("passed" if ok else f"FAILED (unexpected errors: {unexpected})"))
     return 0 if ok else 1
 

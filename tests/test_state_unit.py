@@ -240,3 +240,16 @@ def test_reconcile_keeps_actor_whose_engine_was_not_seen():
 def test_reconcile_dead_or_unstarted_actor_needs_repair():
     plan = plan_reconcile(set(), {"d": actor("d", dead="stopped"), "u": actor("u", started=False)}, [], {"E1"})
     assert sorted(plan.repair) == ["d", "u"]
+
+
+def test_evict_lru_warm_for_a_node_slot():
+    state, clock = make(replicas=10)
+    for sid in "abc":
+        create(state, sid)
+    assert state.evict_lru_warm() is None  # nothing warm: nothing to give up
+    state.release("b")
+    clock.advance(1)
+    state.release("a")
+    victim = state.evict_lru_warm()
+    assert victim.sandbox_id == "b" and victim.state is SandboxState.STOPPING
+    assert state.entries["a"].state is SandboxState.WARM and state.entries["c"].state is SandboxState.ACTIVE

@@ -1,0 +1,160 @@
+"""Multi-node scenarios on one machine: a head and two worker nodes via ray.cluster_utils.Cluster.
+
+Run by tests/test_multinode.py in a process of its own (a process attaches to one Ray
+cluster only). Prints one JSON object of observations; the test asserts on them.
+All three Ray nodes share this machine's Docker engine: one reaper must act for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import threading
+import time
+
+import docker
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+import sandbox_actors
+from sandbox_actors.config import SandboxConfig
+
+WORKSPACE = "/mnt/user-data/workspace"
+
+
+class Driver:
+    """A client living on one node, as an agent job would."""
+
+    def acquire(self, pool_name: str, namespace: str, thread: str) -> dict:
+        pool = sandbox_actors.connect(pool_name=pool_name, namespace=namespace)
+        box = pool.acquire(thread)
+        box.write_file(f"{WORKSPACE}/{ray.get_runtime_context().get_node_id()[:8]}.txt", "hello")
+        return {"node": ray.get_runtime_context().get_node_id(), "sandbox_id": box.sandbox_id,
+                "container": box.info["container_name"]}
+
+
+def wait(predicate, timeout: float, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def main(image: str) -> dict:
+    out: dict = {}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=1, resources={"sandbox_slots": 2}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level=logging.ERROR)
+    engine = docker.from_env()
+    base = tempfile.mkdtemp(prefix="sandbox-actors-multinode-")
+    config = SandboxConfig(
+        image=image, pool_name="multinode", namespace="sandbox_actors_multinode", container_prefix="multinode",
+        base_dir=base, replicas=10, reconcile_interval=2, idle_check_interval=1, capacity_timeout=4,
+        ray={"resources": {"sandbox_slots": 1}}, limits={"memory": "256m", "cpus": 0.5, "pids": 128},
+    )
+    head_id = ray.get_runtime_context().get_node_id()
+    worker_ids = [w.node_id for w in workers]
+    out["head"], out["workers"] = head_id, worker_ids
+
+    def containers(thread=None):
+        labels = ["sandbox-actors.pool=multinode"]
+        found = engine.containers.list(all=True, filters={"label": labels})
+        return [c for c in found if thread is None or c.labels["sandbox-actors.sandbox-id"] == pool.sandbox_id(thread)]
+
+    pool = sandbox_actors.connect(config)
+    try:
+        out["pool_node"] = ray.get(pool.pool.ping.remote())
+
+        # Placement: 4 sandboxes fill both workers' 2 slots each; none lands on the head.
+        boxes = {t: pool.acquire(t) for t in ("a", "b", "c", "d")}
+        out["placement"] = {t: b.info["node_id"] for t, b in boxes.items()}
+
+        # Capacity: a 5th waits, then fails typed...
+        started = time.monotonic()
+        try:
+            pool.acquire("e")
+            out["fifth"] = "acquired"
+        except sandbox_actors.PoolExhausted as exc:
+            out["fifth"] = {"error": type(exc).__name__, "retryable": exc.retryable,
+                            "waited": time.monotonic() - started}
+        # ...or succeeds when one is released within the deadline (the warm one is evicted).
+        result: dict = {}
+        waiter = threading.Thread(target=lambda: result.update(box=pool.acquire("e")))
+        waiter.start()
+        time.sleep(1.0)
+        pool.release(boxes["d"])
+        waiter.join(60)
+        out["fifth_after_release"] = result["box"].path if "box" in result else None
+        out["d_after_eviction"] = [r["state"] for r in pool.list() if r["thread_id"] == "d"]
+        pool.destroy(boxes["c"])
+
+        # Cross-node discovery: drivers on different nodes get the same sandbox.
+        drivers = [
+            ray.remote(Driver).options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+            ).remote()
+            for node in worker_ids
+        ]
+        seen = ray.get([d.acquire.remote(config.pool_name, config.namespace, "shared") for d in drivers])
+        out["cross_node"] = seen
+        for d in drivers:
+            ray.kill(d)
+
+        # Node loss: keep "a" and "shared" only, so the surviving worker has room for what the
+        # lost one held; then kill the worker node holding "a" (not gracefully).
+        for row in pool.list():
+            if row["thread_id"] not in ("a", "shared"):
+                pool.destroy(row["sandbox_id"])
+        victim_node = pool.acquire("a").info["node_id"]
+        out["victim_node"] = victim_node
+        on_victim = sorted(r["thread_id"] for r in pool.list() if r["node_id"] == victim_node)
+        out["threads_on_victim"] = on_victim
+        for thread in on_victim:
+            box = pool.acquire(thread)
+            box.write_file(f"{WORKSPACE}/before-loss.txt", f"{thread} was here")
+            box.exec("echo in-container > /tmp/state.txt")
+        survivors_free = [r for r in pool.list() if r["node_id"] != victim_node]
+        out["sandboxes_on_survivor_before"] = len(survivors_free)
+        victim = next(w for w in workers if w.node_id == victim_node)
+        cluster.remove_node(victim, allow_graceful=False)
+        lost_at = time.monotonic()
+
+        def moved():
+            rows = [r for r in pool.list() if r["thread_id"] in on_victim]
+            return len(rows) == len(on_victim) and all(r["node_id"] not in (None, victim_node) for r in rows)
+
+        wait(moved, timeout=4 * config.reconcile_interval + 30)
+        out["recovered_after"] = time.monotonic() - lost_at
+        after = {}
+        for thread in on_victim:
+            box = pool.acquire(thread)
+            after[thread] = {
+                "node": box.info["node_id"],
+                "workspace": box.read_file(f"{WORKSPACE}/before-loss.txt"),
+                "exec": box.exec("echo alive").output.strip(),
+                "tmp_state": box.bash("cat /tmp/state.txt 2>/dev/null || echo gone").stdout.strip(),
+                "containers": len(containers(thread)),
+            }
+        out["after_loss"] = after
+        out["containers_per_thread"] = {
+            t: len(containers(t)) for t in {r["thread_id"] for r in pool.list()}
+        }
+        out["counters"] = pool.stats()["counters"]
+    finally:
+        out["shutdown"] = pool.shutdown()
+        out["left_after_shutdown"] = len(containers())
+        ray.shutdown()
+        cluster.shutdown()
+        engine.close()
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1])))
