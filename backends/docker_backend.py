@@ -338,6 +338,22 @@ class DockerBackend(Backend):
 
         return await asyncio.to_thread(_logs)
 
+    async def memory_usage(self, sandbox_id: str) -> int | None:
+        """Bytes of memory the container uses now (the engine's cgroup figure), None when it is gone."""
+
+        def _usage() -> int | None:
+            container = self._get(sandbox_id)
+            if container is None:
+                return None
+            with engine_errors(f"read stats of {container.name}"):
+                stats = container.stats(stream=False)
+            memory = stats.get("memory_stats") or {}
+            usage = memory.get("usage")
+            cache = (memory.get("stats") or {}).get("cache", 0) or (memory.get("stats") or {}).get("inactive_file", 0)
+            return None if usage is None else max(0, usage - cache)
+
+        return await asyncio.to_thread(_usage)
+
     async def close(self) -> None:
         with self._client_lock:
             client, self._client = self._client, None

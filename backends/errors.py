@@ -66,6 +66,14 @@ class SandboxExited(SandboxStartError):
     """The container exited while we waited for it to become ready."""
 
 
+class SandboxOwned(SandboxStartError):
+    """Another live actor already owns this sandbox's container.
+
+    Attributes:
+        owner: the name of the actor that owns it.
+    """
+
+
 # ── a running sandbox ───────────────────────────────────────────────────────
 
 

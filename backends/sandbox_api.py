@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 # before we give up on the server answering at all.
 _HTTP_GRACE = 15.0
 _TIMEOUT_STATUSES = {"hard_timeout", "no_change_timeout", "timed_out"}
+# Probe interval once a sandbox has taken more than a second to answer.
+_SLOW_PROBE = 0.05
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,15 @@ class SandboxAPI:
         timeout: float,
         is_running: Callable[[], Awaitable[bool]],
         log_tail: Callable[[], Awaitable[str]],
-        interval: float = 0.05,
+        interval: float = 0.02,
+        liveness_every: float = 0.5,
     ) -> float:
         """Poll readiness until it answers, the container exits, or ``timeout``.
+
+        The API is probed every ``interval`` for the first second, then every
+        50 ms at most (many sandboxes starting at once then cost the machine
+        less); whether the container still runs is asked of the engine at most
+        every ``liveness_every`` seconds.
 
         Returns:
             Seconds it took.
@@ -140,6 +148,7 @@ class SandboxAPI:
         """
         started = time.monotonic()
         deadline = started + timeout
+        next_liveness = started + liveness_every
         last = "no probe yet"
         while True:
             try:
@@ -151,13 +160,16 @@ class SandboxAPI:
                     raise SandboxAuthError(f"sandbox at {self.url} refused our token")
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}".strip()
-            if not await is_running():
-                tail = await log_tail()
-                raise SandboxExited(
-                    f"container exited before its API answered (last probe: {last}); log tail:\n{tail}",
-                    last_observation=last,
-                    log_tail=tail,
-                )
+            now = time.monotonic()
+            if now >= next_liveness or now >= deadline:
+                next_liveness = now + liveness_every
+                if not await is_running():
+                    tail = await log_tail()
+                    raise SandboxExited(
+                        f"container exited before its API answered (last probe: {last}); log tail:\n{tail}",
+                        last_observation=last,
+                        log_tail=tail,
+                    )
             if time.monotonic() >= deadline:
                 tail = await log_tail()
                 raise ReadinessTimeout(
@@ -166,7 +178,7 @@ class SandboxAPI:
                     last_observation=last,
                     log_tail=tail,
                 )
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval if now - started < 1.0 else max(interval, _SLOW_PROBE))
 
     # ── commands ───────────────────────────────────────────────────────────
 

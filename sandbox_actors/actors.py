@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import uuid
 from collections.abc import Awaitable
 from typing import Any
 
@@ -74,25 +75,19 @@ def _remote(cls: type) -> Any:
     return ray.remote(cls)
 
 
-def sandbox_actor_name(sandbox_id: str) -> str:
-    return SANDBOX_ACTOR_PREFIX + sandbox_id
-
-
-def spawn_sandbox_actor(
-    config: SandboxConfig, sandbox_id: str, thread_id: str | None, node_id: str | None = None
-) -> Any:
-    """Create (or get, when it lives) the SandboxActor for ``sandbox_id``.
+def spawn_sandbox_actor(config: SandboxConfig, node_id: str | None = None) -> tuple[Any, str]:
+    """Create a SandboxActor with a fresh name; it serves no sandbox until ``start``.
 
     ``node_id`` pins it to one node: used to re-adopt a container that
-    already runs on that node's engine.
+    already runs on that node's engine. Returns (handle, name).
     """
     from .sandbox import SandboxActor
 
+    name = f"{SANDBOX_ACTOR_PREFIX}{config.pool_name}-{uuid.uuid4().hex[:16]}"
     options: dict[str, Any] = {
-        "name": sandbox_actor_name(sandbox_id),
+        "name": name,
         "namespace": config.namespace,
         "lifetime": "detached",
-        "get_if_exists": True,
         "max_restarts": 0,  # the pool recreates sandboxes, Ray does not
         "num_cpus": 0,
         "resources": dict(config.ray.resources),
@@ -101,7 +96,7 @@ def spawn_sandbox_actor(
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
     elif config.ray.scheduling == "spread":
         options["scheduling_strategy"] = "SPREAD"
-    return _remote(SandboxActor).options(**options).remote(config, sandbox_id, thread_id)
+    return _remote(SandboxActor).options(**options).remote(config, name), name
 
 
 def get_actor(name: str, namespace: str) -> Any | None:
@@ -111,15 +106,16 @@ def get_actor(name: str, namespace: str) -> Any | None:
         return None
 
 
-def list_sandbox_actors(namespace: str) -> dict[str, Any]:
-    """Live named SandboxActors in ``namespace``: sandbox id -> handle."""
+def list_sandbox_actors(config: SandboxConfig) -> dict[str, Any]:
+    """The pool's live named SandboxActors: actor name -> handle."""
+    prefix = f"{SANDBOX_ACTOR_PREFIX}{config.pool_name}-"
     found = {}
     for item in ray.util.list_named_actors(all_namespaces=True):
-        if item["namespace"] != namespace or not item["name"].startswith(SANDBOX_ACTOR_PREFIX):
+        if item["namespace"] != config.namespace or not item["name"].startswith(prefix):
             continue
-        handle = get_actor(item["name"], namespace)
+        handle = get_actor(item["name"], config.namespace)
         if handle is not None:
-            found[item["name"][len(SANDBOX_ACTOR_PREFIX):]] = handle
+            found[item["name"]] = handle
     return found
 
 

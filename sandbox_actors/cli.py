@@ -233,6 +233,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return Demo(args.threads, args.turns, out=lambda line: print(line, flush=True)).run()
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import Bench, table
+
+    samples, burst = (2, 3) if args.tiny else (args.samples, args.burst)
+    results = Bench(samples, burst, out=lambda line: print(line, flush=True), scale=args.scale).run()
+    print()
+    print(table(results))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2, sort_keys=True)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
 # ── parser ──────────────────────────────────────────────────────────────────
 
 
@@ -278,6 +292,12 @@ def parser() -> argparse.ArgumentParser:
     build = add("build-image", cmd_build_image, "build the minimal sandbox image locally (no registry)")
     build.add_argument("--tag", default=DEFAULT_IMAGE, help=f"image to produce (default {DEFAULT_IMAGE})")
     build.add_argument("--force", action="store_true", help="rebuild even when nothing changed")
+    bench = add("bench", cmd_bench, "measure acquire paths, exec, bursts and memory against a bare container start")
+    bench.add_argument("--samples", type=int, default=10, help="samples per figure (default 10)")
+    bench.add_argument("--burst", type=int, default=32, help="new threads started at once (default 32)")
+    bench.add_argument("--scale", type=int, default=0, metavar="N", help="also hold N sandboxes at once (slow)")
+    bench.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    bench.add_argument("--tiny", action="store_true", help="2 samples, burst of 3: a smoke run")
     demo = add("demo", cmd_demo, "run agent threads against a private local pool and check everything")
     demo.add_argument("--threads", type=int, default=4, help="concurrent agent threads (default 4)")
     demo.add_argument("--turns", type=int, default=3, help="turns per thread before the return visit (default 3)")

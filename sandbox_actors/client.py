@@ -26,7 +26,7 @@ from . import actors
 from .config import SandboxConfig, load_config
 from .errors import ConfigError, PoolShutDown, PoolUnavailable, SandboxDied
 from .pool import Lease
-from .threads import sandbox_id_for
+from .threads import validate_thread_id
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +231,9 @@ class PoolClient:
     # ── API ────────────────────────────────────────────────────────────────
 
     def sandbox_id(self, thread_id: str) -> str:
-        """The sandbox id ``thread_id`` maps to in this pool."""
-        return sandbox_id_for(self.config.pool_name, thread_id)
+        """The sandbox id of ``thread_id`` in this pool: the one it holds, else the one it would get."""
+        validate_thread_id(thread_id)
+        return self._retrying("resolve", thread_id)
 
     def _ref_acquire(self, thread_id: str | None = None) -> Any:
         return self._method_ref("acquire", thread_id)
@@ -249,7 +250,7 @@ class PoolClient:
             ImageNotFound, ReadinessTimeout, SandboxStartError: a new sandbox could not start.
         """
         if thread_id is not None:
-            self.sandbox_id(thread_id)  # validate here, before a round trip
+            validate_thread_id(thread_id)  # here, before a round trip
         return self._finish_acquire(self._retrying("acquire", thread_id))
 
     def _ref_get(self, sandbox_id: str) -> Any:

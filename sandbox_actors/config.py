@@ -103,6 +103,15 @@ class SandboxConfig(_Closed):
         default=60, ge=0, description="Seconds acquire waits for capacity (hard cap, full nodes) before failing."
     )
     exec_timeout: float = Field(default=600, gt=0, description="Default timeout of one command, seconds.")
+    prewarm: int = Field(
+        default=0, ge=0, description="Ready spare sandboxes kept for new threads (needs thread_mounts: false)."
+    )
+    spare_actors: int = Field(
+        default=2, ge=0, description="Started SandboxActors kept waiting, so a cold start skips Ray worker start-up."
+    )
+    thread_mounts: bool = Field(
+        default=True, description="Mount per-thread workspace/uploads/outputs dirs from base_dir."
+    )
     base_dir: str = Field(
         default_factory=lambda: str(Path.home() / ".sandbox-actors"),
         description="Where per-thread directories are created.",
@@ -146,6 +155,11 @@ class SandboxConfig(_Closed):
     def _cross_field(self) -> SandboxConfig:
         if self.max_sandboxes is not None and self.max_sandboxes < self.replicas:
             raise ValueError(f"max_sandboxes ({self.max_sandboxes}) must be >= replicas ({self.replicas})")
+        if self.prewarm and self.thread_mounts:
+            raise ValueError(
+                "prewarm needs thread_mounts: false: a spare sandbox starts before its thread is known, and a "
+                "container's mounts cannot change after it starts"
+            )
         if self.provisioner_url:
             raise ValueError("provisioner_url: the remote provisioner backend is not implemented yet; leave it unset")
         return self

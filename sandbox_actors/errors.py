@@ -20,6 +20,7 @@ from backends.errors import (
     SandboxFileNotFound,
     SandboxNotFound,
     SandboxOperationError,
+    SandboxOwned,
     SandboxStartError,
     SandboxUnreachable,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "SandboxFileNotFound",
     "SandboxNotFound",
     "SandboxOperationError",
+    "SandboxOwned",
     "SandboxStartError",
     "SandboxUnreachable",
 ]

@@ -15,6 +15,7 @@ from backends.errors import BackendUnavailable, SandboxError
 
 from . import actors
 from .config import SandboxConfig
+from .runtime import read_owner
 
 _PROBE_TIMEOUT = 3.0
 
@@ -47,11 +48,12 @@ class NodeReaper:
             if record.engine_id == engine and record.sandbox_id
         ]
 
-    async def probe(self, sandbox_id: str) -> bool:
-        """True when the sandbox's container runs and its API answers."""
+    async def probe(self, sandbox_id: str) -> dict[str, Any] | None:
+        """None unless the sandbox's container runs and its API answers; then its owner record
+        (which actor owned it, which thread it serves; empty when the image keeps none)."""
         record = await self._backend.discover(sandbox_id)
         if record is None or not record.running or record.pool != self._pool:
-            return False
+            return None
         api = SandboxAPI(record.url, record.token)
         try:
             await api.wait_ready(
@@ -59,13 +61,13 @@ class NodeReaper:
                 is_running=lambda: self._backend.is_running(sandbox_id),
                 log_tail=lambda: self._backend.logs_tail(sandbox_id),
             )
+            return await read_owner(api) or {}
         except BackendUnavailable:
             raise  # the engine did not answer: that says nothing about the sandbox
         except SandboxError:
-            return False
+            return None
         finally:
             await api.aclose()
-        return True
 
     async def remove(self, sandbox_id: str) -> bool:
         """Remove the container of ``sandbox_id`` if it is this pool's, on this engine."""

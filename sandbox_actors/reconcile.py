@@ -15,12 +15,13 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ActorView:
-    """What a live SandboxActor says about itself (``describe()``)."""
+    """What a live SandboxActor says about itself (``describe()``); ``sandbox_id`` None: a spare."""
 
-    sandbox_id: str
+    name: str
+    sandbox_id: str | None
     started: bool
-    container_id: str | None
-    engine_id: str | None
+    container_id: str | None = None
+    engine_id: str | None = None
     dead_reason: str | None = None
     thread_id: str | None = None
     idle_for: float = 0.0
@@ -29,7 +30,8 @@ class ActorView:
     @classmethod
     def from_description(cls, info: Mapping[str, Any]) -> ActorView:
         return cls(
-            sandbox_id=info["sandbox_id"],
+            name=info["actor_name"],
+            sandbox_id=info.get("sandbox_id"),
             started=bool(info.get("started")),
             container_id=info.get("container_id"),
             engine_id=info.get("engine_id"),
@@ -55,9 +57,9 @@ class ContainerView:
 @dataclass
 class ReconcilePlan:
     adopt: list[ActorView] = field(default_factory=list)  # live pair the pool did not know: park it warm
-    repair: list[str] = field(default_factory=list)  # needs a closer look: re-adopt, finish, or clean up
+    repair: list[str] = field(default_factory=list)  # sandbox ids needing a closer look: re-adopt, finish, clean up
     remove_containers: list[ContainerView] = field(default_factory=list)  # stopped, or a duplicate
-    end_actors: list[str] = field(default_factory=list)  # actor whose container is gone
+    end_actors: list[str] = field(default_factory=list)  # actor names: container gone, duplicate, stray spare
     forget: list[str] = field(default_factory=list)  # pool entry with neither actor nor container
 
     def is_empty(self) -> bool:
@@ -66,41 +68,69 @@ class ReconcilePlan:
 
 def plan_reconcile(
     known: Iterable[str],
-    actors: Mapping[str, ActorView | None],
+    actors: Iterable[ActorView],
     containers: Iterable[ContainerView],
     engines_seen: Iterable[str],
     busy: Iterable[str] = (),
+    keep_names: Iterable[str] = (),
+    any_unknown: bool = False,
 ) -> ReconcilePlan:
     """Decide, per sandbox id, how to make what exists match what the pool holds.
 
     Args:
-        known: ids the pool has entries for.
-        actors: live named SandboxActors; a None value means the actor did not
-            answer (unknown: nothing is done to that id this pass).
+        known: sandbox ids the pool has entries for.
+        actors: live SandboxActors that answered.
         containers: every labelled container of the pool, from every engine
             a reaper answered for.
         engines_seen: engines whose container list is complete this pass.
             An actor whose container is not seen is ended only when its engine
             was seen (otherwise the container may just be out of view).
-        busy: ids the pool is creating, stopping or repairing right now.
+        busy: sandbox ids the pool is creating, stopping or repairing right now.
+        keep_names: actors the pool holds without a sandbox (spares, ones being started).
+        any_unknown: some actor did not answer. Its sandbox is unknown, so this
+            pass re-adopts nothing and forgets nothing (that actor may own it).
     """
-    known, engines_seen, busy = set(known), set(engines_seen), set(busy)
+    known, engines_seen, busy, keep_names = set(known), set(engines_seen), set(busy), set(keep_names)
+    plan = ReconcilePlan()
+    owners: dict[str, ActorView] = {}
     by_id: dict[str, list[ContainerView]] = {}
     for container in containers:
         by_id.setdefault(container.sandbox_id, []).append(container)
-    plan = ReconcilePlan()
-    for sandbox_id in sorted(known | set(actors) | set(by_id)):
-        if sandbox_id in busy or (sandbox_id in actors and actors[sandbox_id] is None):
+    for actor in actors:
+        if actor.sandbox_id is None:
+            if actor.name not in keep_names:
+                plan.end_actors.append(actor.name)  # a spare nobody holds (e.g. from a dead pool)
             continue
-        actor = actors.get(sandbox_id)
+        _pick_owner(plan, owners, actor, by_id.get(actor.sandbox_id, []))
+    for sandbox_id in sorted(known | set(owners) | set(by_id)):
+        if sandbox_id in busy:
+            continue
+        actor = owners.get(sandbox_id)
         found = by_id.get(sandbox_id, [])
         if actor is None:
-            _no_actor(plan, sandbox_id, found, sandbox_id in known)
+            if not any_unknown:
+                _no_actor(plan, sandbox_id, found, sandbox_id in known)
         elif actor.dead_reason is not None or not actor.started:
             plan.repair.append(sandbox_id)
         else:
             _live_actor(plan, actor, found, engines_seen, sandbox_id in known)
     return plan
+
+
+def _pick_owner(
+    plan: ReconcilePlan, owners: dict[str, ActorView], actor: ActorView, found: list[ContainerView]
+) -> None:
+    """Two actors claiming one sandbox: the one whose container runs keeps it, the other ends."""
+    current = owners.get(actor.sandbox_id)
+    if current is None:
+        owners[actor.sandbox_id] = actor
+        return
+    running = {c.container_id for c in found if c.running}
+    keep, drop = (actor, current) if actor.container_id in running and current.container_id not in running else (
+        current, actor
+    )
+    owners[actor.sandbox_id] = keep
+    plan.end_actors.append(drop.name)
 
 
 def _no_actor(plan: ReconcilePlan, sandbox_id: str, found: list[ContainerView], known: bool) -> None:
@@ -124,6 +154,6 @@ def _live_actor(
     elif own:
         plan.repair.append(actor.sandbox_id)  # its container stopped: clean both up
     elif actor.engine_id in engines_seen:
-        plan.end_actors.append(actor.sandbox_id)
+        plan.end_actors.append(actor.name)
         if known:
             plan.forget.append(actor.sandbox_id)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from backends import Backend, Limits, SandboxAPI, SandboxRecord, SandboxSpec
@@ -24,6 +25,7 @@ from backends.errors import (
     SandboxDied,
     SandboxError,
     SandboxNotFound,
+    SandboxOwned,
     SandboxUnreachable,
 )
 from backends.sandbox_api import BashResult, FileInfo, ShellResult
@@ -37,6 +39,11 @@ logger = logging.getLogger(__name__)
 _ADOPT_READY_TIMEOUT = 5.0
 # How long an engine may take to report a killed container as stopped.
 _DEATH_NOTICE_SECONDS = 2.0
+# Inside the container: which actor owns it and which thread it serves. It outlives the actor,
+# so a new actor (or the pool, through a reaper) can tell who owns a running container and
+# which thread a claimed pre-warmed sandbox belongs to. Best effort: an image where the path is
+# not writable simply has no record.
+OWNER_FILE = "/run/sandbox-actors/owner.json"
 
 
 class SandboxRuntime:
@@ -49,6 +56,8 @@ class SandboxRuntime:
         backend: where the container runs.
         extra_labels: labels added to a container this runtime creates.
         clock: monotonic seconds (tests pass a fake).
+        owner: the name of the actor this runtime lives in (recorded in the container).
+        owner_alive: tells whether another owner named in a container still lives.
     """
 
     def __init__(
@@ -59,6 +68,8 @@ class SandboxRuntime:
         backend: Backend,
         extra_labels: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        owner: str = "",
+        owner_alive: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.config = config
         self.sandbox_id = sandbox_id
@@ -66,6 +77,8 @@ class SandboxRuntime:
         self.backend = backend
         self._extra_labels = dict(extra_labels or {})
         self._clock = clock
+        self.owner = owner
+        self._owner_alive = owner_alive
         self.record: SandboxRecord | None = None
         self.adopted = False
         self.inflight = 0
@@ -120,7 +133,15 @@ class SandboxRuntime:
             logger.info("sandbox %s: running container does not answer (%s)", self.sandbox_id, type(exc).__name__)
             await api.aclose()
             return False
+        owner = (await read_owner(api)) or {}
+        other = owner.get("actor")
+        if other and other != self.owner and self._owner_alive is not None and await self._owner_alive(other):
+            await api.aclose()
+            raise SandboxOwned(f"sandbox {self.sandbox_id} is owned by live actor {other}", owner=other)
+        if self.thread_id is None and owner.get("thread_id") is not None:
+            self.thread_id = owner["thread_id"]  # a pre-warmed sandbox some thread claimed
         self.record, self._api, self.adopted = record, api, True
+        await self._write_owner()
         return True
 
     async def _create(self) -> None:
@@ -154,7 +175,26 @@ class SandboxRuntime:
                 await self.backend.destroy(self.sandbox_id)
             raise
         self.record, self._api, self.adopted = record, api, False
+        await self._write_owner()
         logger.info("sandbox %s: container %s ready at %s", self.sandbox_id, record.container_name, record.url)
+
+    async def claim(self, thread_id: str) -> dict[str, Any]:
+        """Give this (pre-warmed, anonymous) sandbox to ``thread_id``; recorded in the container."""
+        if self._api is None:
+            raise SandboxNotFound(f"sandbox {self.sandbox_id} has not been started")
+        self.thread_id = thread_id
+        self.last_activity = self._clock()
+        await self._write_owner()
+        return self.describe()
+
+    async def _write_owner(self) -> None:
+        if self._api is None:
+            return
+        record = {"actor": self.owner, "sandbox_id": self.sandbox_id, "thread_id": self.thread_id}
+        try:
+            await self._api.write_file(OWNER_FILE, json.dumps(record))
+        except SandboxError as exc:
+            logger.info("sandbox %s: could not record its owner (%s)", self.sandbox_id, type(exc).__name__)
 
     async def stop(self, if_idle_for: float | None = None) -> bool:
         """Remove the container. With ``if_idle_for``, only when idle that long with nothing in flight.
@@ -168,11 +208,15 @@ class SandboxRuntime:
         """
         if if_idle_for is not None and (self.inflight > 0 or self.idle_for() <= if_idle_for):
             return False
-        self._stopping = True
+        self._stopping = True  # new operations are refused from here on
+        try:
+            await self.backend.destroy(self.sandbox_id)
+        except BackendUnavailable:
+            self._stopping = False  # nothing happened: the sandbox serves on (or dies on its own)
+            raise
         if self._api is not None:
             await self._api.aclose()
             self._api = None
-        await self.backend.destroy(self.sandbox_id)
         return True
 
     async def close(self) -> None:
@@ -203,6 +247,7 @@ class SandboxRuntime:
             "idle_for": self.idle_for(),
             "inflight": self.inflight,
             "dead_reason": self.dead_reason,
+            "actor_name": self.owner,
         }
 
     # ── operations ─────────────────────────────────────────────────────────
@@ -274,6 +319,14 @@ class SandboxRuntime:
     async def list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> list[FileInfo]:
         async with self._operation() as api:
             return await api.list_files(path, recursive=recursive, show_hidden=show_hidden)
+
+
+async def read_owner(api: SandboxAPI) -> dict[str, Any] | None:
+    """The owner record inside a sandbox's container, or None when there is none."""
+    try:
+        return json.loads(await api.read_file(OWNER_FILE))
+    except (SandboxError, ValueError):
+        return None
 
 
 def _resolve_env(config: SandboxConfig) -> dict[str, str]:

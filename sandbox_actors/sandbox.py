@@ -1,10 +1,12 @@
 """SandboxActor: the Ray actor that owns one sandbox's container.
 
 Thin on purpose: it receives calls and hands them to a
-:class:`~sandbox_actors.runtime.SandboxRuntime`. Its constructor never raises
-and never touches the engine; :meth:`start` does the work. When an operation
-finds the container dead, it tells the pool at once so the thread's next
-acquire gets a new sandbox.
+:class:`~sandbox_actors.runtime.SandboxRuntime`. An actor can be started
+ahead of need ("spare"): it has a name of its own and learns which sandbox it
+serves from :meth:`start`, so the pool can hide actor start-up from a new
+thread's first acquire. Its constructor never raises and never touches the
+engine. When an operation finds the container dead, it tells the pool before
+the caller hears of it, so the caller's next acquire gets a new sandbox.
 """
 
 from __future__ import annotations
@@ -21,29 +23,26 @@ from backends.sandbox_api import BashResult, FileInfo, ShellResult
 
 from . import actors
 from .config import SandboxConfig
-from .errors import SandboxDied, SandboxError
+from .errors import InvalidRequest, SandboxDied, SandboxError, SandboxNotFound
 from .metrics import SandboxMetrics
 from .runtime import SandboxRuntime
 
 logger = logging.getLogger(__name__)
 
 LABEL_RAY_NODE = "sandbox-actors.ray-node"
+LABEL_ACTOR = "sandbox-actors.actor"
 _REPORT_TIMEOUT = 5.0
 
 
 class SandboxActor:
     """One sandbox. Created by the pool through :func:`actors.spawn_sandbox_actor`."""
 
-    def __init__(self, config: SandboxConfig, sandbox_id: str, thread_id: str | None) -> None:
+    def __init__(self, config: SandboxConfig, name: str) -> None:
         self._config = config
+        self._name = name
         self._node_id = actors.current_node_id()
-        self._runtime = SandboxRuntime(
-            config,
-            sandbox_id,
-            thread_id,
-            DockerBackend(config.container_prefix),
-            extra_labels={LABEL_RAY_NODE: self._node_id},
-        )
+        self._backend = DockerBackend(config.container_prefix)  # connects on first use
+        self._runtime: SandboxRuntime | None = None
         self._reported_dead = False
         self._metrics = SandboxMetrics(config.pool_name)
 
@@ -51,24 +50,70 @@ class SandboxActor:
         """Answers once the actor is scheduled and running; returns its node id."""
         return self._node_id
 
-    async def start(self) -> dict[str, Any]:
-        """Create or adopt the container and wait until it answers. Idempotent."""
-        info = await self._runtime.start()
-        return {**info, "node_id": self._node_id, "pid": os.getpid()}
+    async def warm_up(self) -> str:
+        """Connect to the engine ahead of need (a spare does this while it waits); returns the engine id."""
+        return await self._backend.engine_id()
+
+    async def start(self, sandbox_id: str, thread_id: str | None) -> dict[str, Any]:
+        """Serve ``sandbox_id``: adopt its running container or create one, and wait until it answers.
+
+        Idempotent for the same sandbox. Raises SandboxOwned when another live
+        actor owns the container, and the start errors of a new container.
+        """
+        if self._runtime is None:
+            self._runtime = SandboxRuntime(
+                self._config,
+                sandbox_id,
+                thread_id,
+                self._backend,
+                extra_labels={LABEL_RAY_NODE: self._node_id, LABEL_ACTOR: self._name},
+                owner=self._name,
+                owner_alive=self._owner_alive,
+            )
+        elif self._runtime.sandbox_id != sandbox_id:
+            raise InvalidRequest(f"actor {self._name} already serves sandbox {self._runtime.sandbox_id}")
+        await self._runtime.start()
+        return await self.describe()
+
+    async def claim(self, thread_id: str) -> dict[str, Any]:
+        """Hand this pre-warmed sandbox to ``thread_id``."""
+        await self._runtime_or_raise().claim(thread_id)
+        return await self.describe()
 
     async def describe(self) -> dict[str, Any]:
-        return {**self._runtime.describe(), "node_id": self._node_id, "pid": os.getpid()}
+        base = {"actor_name": self._name, "node_id": self._node_id, "pid": os.getpid()}
+        if self._runtime is None:
+            return {**base, "sandbox_id": None, "started": False}
+        return {**self._runtime.describe(), **base}
 
     async def activity(self) -> tuple[float, int, str | None]:
         """(seconds since the last operation, operations in flight, why it is dead or None)."""
-        return self._runtime.idle_for(), self._runtime.inflight, self._runtime.dead_reason
+        runtime = self._runtime_or_raise()
+        return runtime.idle_for(), runtime.inflight, runtime.dead_reason
 
     async def stop(self, if_idle_for: float | None = None) -> bool:
         """Remove the container (only when idle that long, if given). The pool then ends the actor."""
+        if self._runtime is None:
+            return True
         stopped = await self._runtime.stop(if_idle_for)
         if stopped:
             await self._runtime.close()
         return stopped
+
+    def _runtime_or_raise(self) -> SandboxRuntime:
+        if self._runtime is None:
+            raise SandboxNotFound(f"actor {self._name} serves no sandbox yet")
+        return self._runtime
+
+    async def _owner_alive(self, name: str) -> bool:
+        handle = await asyncio.to_thread(actors.get_actor, name, self._config.namespace)
+        if handle is None:
+            return False
+        try:
+            await actors.call(handle.ping.remote(), _REPORT_TIMEOUT, f"ping {name}")
+        except SandboxError:
+            return False
+        return True
 
     # ── operations ─────────────────────────────────────────────────────────
 
@@ -76,7 +121,7 @@ class SandboxActor:
         """Run a command in the sandbox's persistent shell (stderr merged)."""
         started = time.monotonic()
         try:
-            return await self._guard(self._runtime.exec(command, timeout, exec_dir))
+            return await self._guard(self._runtime_or_raise().exec(command, timeout, exec_dir))
         finally:
             self._metrics.executed("exec", time.monotonic() - started)
 
@@ -87,21 +132,21 @@ class SandboxActor:
         """Run a command in a fresh session with extra env; stdout and stderr apart."""
         started = time.monotonic()
         try:
-            return await self._guard(self._runtime.bash(command, env, timeout, exec_dir))
+            return await self._guard(self._runtime_or_raise().bash(command, env, timeout, exec_dir))
         finally:
             self._metrics.executed("bash", time.monotonic() - started)
 
     async def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> str:
-        return await self._guard(self._runtime.read_file(path, start_line, end_line))
+        return await self._guard(self._runtime_or_raise().read_file(path, start_line, end_line))
 
     async def read_bytes(self, path: str) -> bytes:
-        return await self._guard(self._runtime.read_bytes(path))
+        return await self._guard(self._runtime_or_raise().read_bytes(path))
 
     async def write_file(self, path: str, content: str | bytes, append: bool = False) -> int:
-        return await self._guard(self._runtime.write_file(path, content, append))
+        return await self._guard(self._runtime_or_raise().write_file(path, content, append))
 
     async def list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> list[FileInfo]:
-        return await self._guard(self._runtime.list_files(path, recursive, show_hidden))
+        return await self._guard(self._runtime_or_raise().list_files(path, recursive, show_hidden))
 
     async def _guard(self, operation: Any) -> Any:
         try:
@@ -115,7 +160,7 @@ class SandboxActor:
             raise
 
     async def _report_dead(self) -> None:
-        config, sandbox_id = self._config, self._runtime.sandbox_id
+        config, sandbox_id = self._config, self._runtime_or_raise().sandbox_id
         pool = await asyncio.to_thread(actors.get_actor, config.pool_name, config.namespace)
         if pool is None:
             logger.warning("sandbox %s died and pool %s is not running to hear of it", sandbox_id, config.pool_name)

@@ -21,13 +21,15 @@ from backends.errors import SandboxError
 
 class SandboxState(enum.Enum):
     STARTING = "starting"  # actor and container being created
+    SPARE = "spare"  # pre-warmed: container running, not yet any thread's
     ACTIVE = "active"  # leased to a thread
     WARM = "warm"  # released; container running, ready to reclaim
     STOPPING = "stopping"  # container being removed
 
 
 _TRANSITIONS: dict[SandboxState, frozenset[SandboxState]] = {
-    SandboxState.STARTING: frozenset({SandboxState.ACTIVE}),
+    SandboxState.STARTING: frozenset({SandboxState.ACTIVE, SandboxState.SPARE}),
+    SandboxState.SPARE: frozenset({SandboxState.ACTIVE, SandboxState.STOPPING}),
     SandboxState.ACTIVE: frozenset({SandboxState.WARM, SandboxState.STOPPING}),
     SandboxState.WARM: frozenset({SandboxState.ACTIVE, SandboxState.STOPPING}),
     # Back out of STOPPING only when the sandbox refused an idle stop (it got busy).
@@ -60,6 +62,7 @@ class Entry:
     inflight: int = 0
     version: int = 0
     resume_state: SandboxState | None = None
+    spare: bool = False  # started ahead of need, for whichever thread comes first
 
     def move(self, new: SandboxState) -> None:
         if new not in _TRANSITIONS[self.state]:
@@ -76,6 +79,13 @@ class Acquired:
 
     entry: Entry
     path: str
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A pre-warmed spare was given to the thread: tell its actor (``entry.thread_id``)."""
+
+    entry: Entry
 
 
 @dataclass(frozen=True)
@@ -96,7 +106,7 @@ class MustWait:
     evict: tuple[Entry, ...] = ()
 
 
-Decision = Acquired | MustCreate | MustWait
+Decision = Acquired | Claimed | MustCreate | MustWait
 
 
 class PoolState:
@@ -108,6 +118,8 @@ class PoolState:
         max_sandboxes: optional hard cap on all sandboxes (STOPPING ones
             included, their containers still exist); at it, acquire waits.
         idle_timeout: seconds; 0 disables idle reaping.
+        prewarm: how many SPARE sandboxes to keep ready for new threads. They
+            count toward the caps and the idle timeout never reaps them.
         clock: seconds, monotonic; tests pass a fake.
     """
 
@@ -116,13 +128,16 @@ class PoolState:
         replicas: int,
         max_sandboxes: int | None = None,
         idle_timeout: float = 600.0,
+        prewarm: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.replicas = replicas
         self.max_sandboxes = max_sandboxes
         self.idle_timeout = idle_timeout
+        self.prewarm = prewarm
         self.clock = clock
         self.entries: dict[str, Entry] = {}
+        self.threads: dict[str, str] = {}  # thread id -> sandbox id (a claimed spare's id is not the hash)
 
     # ── queries ────────────────────────────────────────────────────────────
 
@@ -136,7 +151,20 @@ class PoolState:
         return counts
 
     def _live(self) -> int:
-        return len(self.in_state(SandboxState.STARTING, SandboxState.ACTIVE, SandboxState.WARM))
+        return len(self.in_state(SandboxState.STARTING, SandboxState.SPARE, SandboxState.ACTIVE, SandboxState.WARM))
+
+    def lookup(self, thread_id: str) -> str | None:
+        """The sandbox id the pool holds for ``thread_id``, if any."""
+        return self.threads.get(thread_id)
+
+    def _index(self, entry: Entry) -> None:
+        if entry.thread_id is not None:
+            self.threads[entry.thread_id] = entry.sandbox_id
+
+    def _drop(self, sandbox_id: str) -> None:
+        entry = self.entries.pop(sandbox_id, None)
+        if entry is not None and entry.thread_id is not None and self.threads.get(entry.thread_id) == sandbox_id:
+            del self.threads[entry.thread_id]
 
     def _touch(self, entry: Entry) -> None:
         entry.last_active = self.clock()
@@ -162,6 +190,19 @@ class PoolState:
                 return Acquired(entry, "warm")
             return MustWait(sandbox_id, entry.state.value)
 
+        spares = self.in_state(SandboxState.SPARE)
+        if spares:
+            entry = min(spares, key=lambda e: e.created_at)
+            entry.move(SandboxState.ACTIVE)
+            entry.thread_id = thread_id
+            self._index(entry)
+            self._touch(entry)
+            return Claimed(entry)
+        if self._live() >= self.replicas:
+            # At the cap with a spare on its way: it is the capacity this thread gets.
+            coming = [e for e in self.entries.values() if e.spare and e.state is SandboxState.STARTING]
+            if coming:
+                return MustWait(coming[0].sandbox_id, "starting")
         evict = self._evict_for_one_more()
         if self.max_sandboxes is not None and len(self.entries) >= self.max_sandboxes:
             return MustWait(sandbox_id, "capacity", evict)
@@ -169,7 +210,27 @@ class PoolState:
         now = self.clock()
         entry = Entry(sandbox_id, thread_id, SandboxState.STARTING, created_at=now, last_active=now)
         self.entries[sandbox_id] = entry
+        self._index(entry)
         return MustCreate(entry, evict, over_soft_cap)
+
+    def begin_spare(self, sandbox_id: str) -> Entry | None:
+        """A new STARTING spare when fewer than ``prewarm`` are ready or starting and there is room.
+
+        Spares never evict anything: with no room under the caps, none is started.
+        """
+        pending = [e for e in self.entries.values() if e.spare and e.state in (SandboxState.STARTING, SandboxState.SPARE)]
+        if len(pending) >= self.prewarm or self._live() >= self.replicas:
+            return None
+        if self.max_sandboxes is not None and len(self.entries) >= self.max_sandboxes:
+            return None
+        now = self.clock()
+        entry = Entry(sandbox_id, None, SandboxState.STARTING, created_at=now, last_active=now, spare=True)
+        self.entries[sandbox_id] = entry
+        return entry
+
+    def claim_failed(self, sandbox_id: str) -> None:
+        """A claimed spare turned out dead: forget it (the acquire tries again)."""
+        self._drop(sandbox_id)
 
     def _evict_for_one_more(self) -> tuple[Entry, ...]:
         """Move least recently released WARM sandboxes to STOPPING until one more fits under ``replicas``."""
@@ -193,7 +254,7 @@ class PoolState:
     def started(self, sandbox_id: str, actor: Any, info: dict[str, Any]) -> Entry:
         """A STARTING sandbox answered: it becomes ACTIVE."""
         entry = self.entries[sandbox_id]
-        entry.move(SandboxState.ACTIVE)
+        entry.move(SandboxState.SPARE if entry.spare else SandboxState.ACTIVE)
         entry.actor = actor
         entry.info = dict(info)
         self._touch(entry)
@@ -202,7 +263,7 @@ class PoolState:
     def start_failed(self, sandbox_id: str) -> None:
         entry = self.entries.get(sandbox_id)
         if entry is not None and entry.state is SandboxState.STARTING:
-            del self.entries[sandbox_id]
+            self._drop(sandbox_id)
 
     # ── release, get, destroy ──────────────────────────────────────────────
 
@@ -225,7 +286,7 @@ class PoolState:
         return entry
 
     def begin_destroy(self, sandbox_id: str) -> Entry | MustWait | None:
-        """ACTIVE/WARM -> STOPPING and return the entry to stop; wait if starting/stopping; None if unknown."""
+        """SPARE/ACTIVE/WARM -> STOPPING and return the entry to stop; wait if starting/stopping; None if unknown."""
         entry = self.entries.get(sandbox_id)
         if entry is None:
             return None
@@ -237,7 +298,7 @@ class PoolState:
 
     def removed(self, sandbox_id: str) -> None:
         """The sandbox is gone (stopped, lost with its node, or its container vanished)."""
-        self.entries.pop(sandbox_id, None)
+        self._drop(sandbox_id)
 
     # ── idle ───────────────────────────────────────────────────────────────
 
@@ -265,9 +326,8 @@ class PoolState:
         seen = self.clock() - max(idle_for, 0.0)
         if inflight > 0:
             seen = self.clock()
-        if seen > entry.last_active:
-            entry.last_active = seen
-            entry.version += 1
+        # Not a pool-side touch: the version is left alone, the idle check reads last_active.
+        entry.last_active = max(entry.last_active, seen)
 
     def begin_idle_stop(self, sandbox_id: str, version: int) -> Entry | None:
         """Re-check an idle candidate after the actor asked the sandbox; STOPPING if still idle.
@@ -300,26 +360,30 @@ class PoolState:
         """Take in a live sandbox found by reconcile; parked WARM. False when already known."""
         if sandbox_id in self.entries:
             return False
+        if thread_id is not None and thread_id in self.threads:
+            return False  # the thread already has a sandbox: never two
         now = self.clock()
         seen = now - max(idle_for, 0.0)
-        self.entries[sandbox_id] = Entry(
+        entry = Entry(
             sandbox_id, thread_id, SandboxState.WARM, created_at=now, last_active=seen, released_at=seen,
             actor=actor, info=dict(info),
         )
+        self.entries[sandbox_id] = entry
+        self._index(entry)
         return True
 
     def replace_actor(self, sandbox_id: str, actor: Any, info: dict[str, Any]) -> bool:
         """A new SandboxActor re-adopted this sandbox's container (the old actor died)."""
         entry = self.entries.get(sandbox_id)
-        if entry is None or entry.state not in (SandboxState.ACTIVE, SandboxState.WARM):
+        if entry is None or entry.state not in (SandboxState.SPARE, SandboxState.ACTIVE, SandboxState.WARM):
             return False
         entry.actor = actor
         entry.info = dict(info)
         return True
 
     def begin_shutdown(self) -> list[Entry]:
-        """Every ACTIVE and WARM sandbox moves to STOPPING; returned for the actor to stop."""
-        doomed = self.in_state(SandboxState.ACTIVE, SandboxState.WARM)
+        """Every SPARE, ACTIVE and WARM sandbox moves to STOPPING; returned for the actor to stop."""
+        doomed = self.in_state(SandboxState.SPARE, SandboxState.ACTIVE, SandboxState.WARM)
         for entry in doomed:
             entry.move(SandboxState.STOPPING)
             entry.resume_state = None

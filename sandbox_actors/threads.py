@@ -88,7 +88,7 @@ def sandbox_mounts(config: SandboxConfig, thread_id: str | None) -> tuple[Mount,
     so a Docker engine outside our container resolves them.
     """
     mounts: list[Mount] = []
-    if thread_id is not None:
+    if thread_id is not None and config.thread_mounts:
         ensure_thread_dirs(config, thread_id)
         host_root = thread_dir(config.host_dir, thread_id)
         mounts += [Mount(str(host_root / name), f"{USER_DATA_MOUNT}/{name}") for name in USER_DATA_DIRS]

@@ -119,14 +119,13 @@ def killer(address: str, pool_name: str, namespace: str, seed: int, duration: fl
 
 
 def snapshot(pool, client, namespace: str, pool_name: str) -> dict[str, set[str]]:
-    import ray
+    from tests.invariant import sandboxes_served
 
     containers = {c.labels["sandbox-actors.sandbox-id"]
                   for c in client.containers.list(all=True, filters={"label": f"sandbox-actors.pool={pool_name}"})}
     running = {c.labels["sandbox-actors.sandbox-id"]
                for c in client.containers.list(filters={"label": f"sandbox-actors.pool={pool_name}"})}
-    live = {a["name"][4:] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == namespace and a["name"].startswith("sbx-")}
+    live = sandboxes_served(pool_name, namespace)
     records = {row["sandbox_id"] for row in pool.list()}
     return {"containers": containers, "running": running, "actors": live, "records": records}
 

@@ -121,6 +121,21 @@ def named_actors(prefix: str = "") -> list[str]:
     )
 
 
+def serving_actors() -> list[str]:
+    """Names of SandboxActors that serve a sandbox (spares, which serve none, are left out)."""
+    import ray
+
+    serving = []
+    for name in named_actors("sbx-"):
+        try:
+            info = ray.get(ray.get_actor(name, namespace=TEST_NAMESPACE).describe.remote(), timeout=10)
+        except (ValueError, ray.exceptions.RayError):
+            continue  # died meanwhile
+        if info.get("sandbox_id") is not None:
+            serving.append(name)
+    return serving
+
+
 @pytest.fixture
 def pool(ray_address: str, config: SandboxConfig):
     """A connected pool for this test; shut down after it, and nothing of it may remain."""

@@ -9,14 +9,28 @@ import ray
 from tests.conftest import TEST_NAMESPACE, containers_of
 
 
+def sandboxes_served(pool_name: str, namespace: str) -> set[str]:
+    """Sandbox ids the pool's live SandboxActors serve (spares serve none)."""
+    served = set()
+    for item in ray.util.list_named_actors(all_namespaces=True):
+        if item["namespace"] != namespace or not item["name"].startswith(f"sbx-{pool_name}-"):
+            continue
+        try:
+            info = ray.get(ray.get_actor(item["name"], namespace=namespace).describe.remote(), timeout=10)
+        except (ValueError, ray.exceptions.RayError):
+            continue  # died meanwhile: not live
+        if info.get("sandbox_id") is not None:
+            served.add(info["sandbox_id"])
+    return served
+
+
 def views(pool, docker_client, namespace: str = TEST_NAMESPACE) -> dict[str, set[str]]:
     name = pool.config.pool_name
     every = containers_of(docker_client, name)
     return {
         "containers": {c.labels["sandbox-actors.sandbox-id"] for c in every},
         "running": {c.labels["sandbox-actors.sandbox-id"] for c in every if c.status == "running"},
-        "actors": {a["name"][len("sbx-"):] for a in ray.util.list_named_actors(all_namespaces=True)
-                   if a["namespace"] == namespace and a["name"].startswith("sbx-")},
+        "actors": sandboxes_served(name, namespace),
         "records": {row["sandbox_id"] for row in pool.list()},
     }
 

@@ -58,6 +58,7 @@ def main(image: str) -> dict:
         image=image, pool_name="multinode", namespace="sandbox_actors_multinode", container_prefix="multinode",
         base_dir=base, replicas=10, reconcile_interval=2, idle_check_interval=1, capacity_timeout=4,
         ray={"resources": {"sandbox_slots": 1}}, limits={"memory": "256m", "cpus": 0.5, "pids": 128},
+        spare_actors=2,  # spares hold slots too: they give way to sandboxes when nodes are full
     )
     head_id = ray.get_runtime_context().get_node_id()
     worker_ids = [w.node_id for w in workers]

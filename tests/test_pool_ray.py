@@ -17,7 +17,7 @@ import ray
 import sandbox_actors
 from sandbox_actors import CommandTimeout, ImageNotFound, PoolExhausted, SandboxDied
 from sandbox_actors.threads import thread_dir
-from tests.conftest import assert_no_actors_left, containers_of, named_actors
+from tests.conftest import assert_no_actors_left, containers_of, serving_actors
 
 
 def running_names(docker_client, pool_name):
@@ -230,7 +230,7 @@ def test_unknown_image_fails_typed_and_leaves_nothing(ray_address, config, docke
         with pytest.raises(ImageNotFound):
             client.acquire("no-image")
         assert client.list() == []
-        assert wait_until(lambda: not named_actors("sbx-"), timeout=10)
+        assert wait_until(lambda: not serving_actors(), timeout=10)
         assert containers_of(docker_client, config.pool_name) == []
     finally:
         client.shutdown()

@@ -7,6 +7,7 @@ import pytest
 from sandbox_actors.reconcile import ActorView, ContainerView, plan_reconcile
 from sandbox_actors.state import (
     Acquired,
+    Claimed,
     IllegalTransition,
     MustCreate,
     MustWait,
@@ -26,9 +27,9 @@ class Clock:
         self.now += seconds
 
 
-def make(replicas=3, max_sandboxes=None, idle_timeout=10.0):
+def make(replicas=3, max_sandboxes=None, idle_timeout=10.0, prewarm=0):
     clock = Clock()
-    return PoolState(replicas, max_sandboxes, idle_timeout, clock=clock), clock
+    return PoolState(replicas, max_sandboxes, idle_timeout, prewarm, clock=clock), clock
 
 
 def create(state: PoolState, sandbox_id: str) -> None:
@@ -191,8 +192,10 @@ def test_adopt_parks_warm_once_and_shutdown_stops_everything():
 # ── reconcile rules ─────────────────────────────────────────────────────────
 
 
-def actor(sid, container="c-" , started=True, dead=None, engine="E1"):
-    return ActorView(sid, started, container + sid if started else None, engine, dead)
+def actor(sid, started=True, dead=None, engine="E1", name=None, container=None):
+    return ActorView(
+        name or f"sbx-{sid}", sid, started, (container or "c-" + sid) if started else None, engine, dead
+    )
 
 
 def container(sid, running=True, engine="E1", cid=None):
@@ -200,8 +203,7 @@ def container(sid, running=True, engine="E1", cid=None):
 
 
 def test_reconcile_adopts_live_pairs_and_leaves_known_ones():
-    plan = plan_reconcile({"known"}, {"known": actor("known"), "new": actor("new")},
-                          [container("known"), container("new")], {"E1"})
+    plan = plan_reconcile({"known"}, [actor("known"), actor("new")], [container("known"), container("new")], {"E1"})
     assert [a.sandbox_id for a in plan.adopt] == ["new"]
     assert plan.repair == plan.remove_containers == plan.end_actors == plan.forget == []
 
@@ -209,37 +211,114 @@ def test_reconcile_adopts_live_pairs_and_leaves_known_ones():
 def test_reconcile_orphan_containers_and_actors():
     plan = plan_reconcile(
         {"gone"},
-        {"no-container": actor("no-container")},
+        [actor("no-container")],
         [container("orphan-running"), container("orphan-stopped", running=False)],
         {"E1"},
     )
     assert plan.repair == ["orphan-running"]  # probed: re-adopted if it answers, else removed
     assert [c.sandbox_id for c in plan.remove_containers] == ["orphan-stopped"]
-    assert plan.end_actors == ["no-container"]
+    assert plan.end_actors == ["sbx-no-container"]
     assert plan.forget == ["gone"]
 
 
-def test_reconcile_never_two_containers_and_respects_unknown_and_busy():
+def test_reconcile_never_two_containers_and_respects_busy():
     plan = plan_reconcile(
         set(),
-        {"dup": actor("dup"), "quiet": None, "busy": actor("busy", started=False)},
-        [container("dup"), container("dup", engine="E2", cid="other"), container("quiet", running=False)],
+        [actor("dup"), actor("busy", started=False)],
+        [container("dup"), container("dup", engine="E2", cid="other")],
         {"E1", "E2"},
         busy={"busy"},
     )
     assert [(c.sandbox_id, c.container_id) for c in plan.remove_containers] == [("dup", "other")]
     assert [a.sandbox_id for a in plan.adopt] == ["dup"]
-    assert "quiet" not in plan.repair and "busy" not in plan.repair
+    assert "busy" not in plan.repair
+
+
+def test_reconcile_two_actors_for_one_sandbox_keeps_the_container_owner():
+    owner = actor("x", name="sbx-owner")
+    stray = actor("x", name="sbx-stray", container="c-stale")
+    plan = plan_reconcile({"x"}, [stray, owner], [container("x")], {"E1"})
+    assert plan.end_actors == ["sbx-stray"]
+    assert plan.repair == [] and plan.adopt == []
+
+
+def test_reconcile_spare_actors_kept_only_when_held():
+    spare = ActorView("sbx-held", None, False)
+    stray = ActorView("sbx-stray", None, False)
+    plan = plan_reconcile(set(), [spare, stray], [], {"E1"}, keep_names={"sbx-held"})
+    assert plan.end_actors == ["sbx-stray"]
+
+
+def test_reconcile_with_a_silent_actor_readopts_and_forgets_nothing():
+    # The silent actor may own the orphan-looking container: wait for the next pass.
+    plan = plan_reconcile({"known"}, [], [container("maybe-owned")], {"E1"}, any_unknown=True)
+    assert plan.is_empty()
 
 
 def test_reconcile_keeps_actor_whose_engine_was_not_seen():
-    plan = plan_reconcile({"x"}, {"x": actor("x", engine="E9")}, [], {"E1"})
+    plan = plan_reconcile({"x"}, [actor("x", engine="E9")], [], {"E1"})
     assert plan.is_empty()
 
 
 def test_reconcile_dead_or_unstarted_actor_needs_repair():
-    plan = plan_reconcile(set(), {"d": actor("d", dead="stopped"), "u": actor("u", started=False)}, [], {"E1"})
+    plan = plan_reconcile(set(), [actor("d", dead="stopped"), actor("u", started=False)], [], {"E1"})
     assert sorted(plan.repair) == ["d", "u"]
+
+
+# ── pre-warmed spares ───────────────────────────────────────────────────────
+
+
+def test_spares_are_started_up_to_prewarm_and_claimed_by_new_threads():
+    state, _ = make(replicas=5, prewarm=2)
+    first, second = state.begin_spare("s1"), state.begin_spare("s2")
+    assert first.spare and second.spare and state.begin_spare("s3") is None  # prewarm=2
+    state.started("s1", "actor-1", {})
+    assert state.entries["s1"].state is SandboxState.SPARE
+    claimed = state.acquire("hash-of-t", "t")
+    assert isinstance(claimed, Claimed) and claimed.entry.sandbox_id == "s1"
+    assert claimed.entry.thread_id == "t" and claimed.entry.state is SandboxState.ACTIVE
+    assert state.lookup("t") == "s1"  # the thread now maps to the spare's id
+    hot = state.acquire("s1", "t")
+    assert isinstance(hot, Acquired) and hot.path == "hot"
+    assert state.begin_spare("s3") is not None  # one spare was used: replace it
+
+
+def test_spares_count_toward_caps_are_never_idle_reaped_and_never_evict():
+    state, clock = make(replicas=2, prewarm=2, idle_timeout=10)
+    create(state, "a")
+    state.release("a")
+    assert state.begin_spare("s1") is not None
+    assert state.begin_spare("s2") is None  # at the soft cap: spares never evict warm ones
+    state.started("s1", "actor", {})
+    clock.advance(100)
+    assert [e.sandbox_id for e, _ in state.idle_candidates()] == ["a"]
+    assert sorted(e.sandbox_id for e in state.begin_shutdown()) == ["a", "s1"]
+
+
+def test_at_the_cap_a_thread_waits_for_a_starting_spare_instead_of_overflowing():
+    state, _ = make(replicas=2, prewarm=1)
+    create(state, "a")
+    state.begin_spare("s1")
+    decision = state.acquire("hash", "t")
+    assert isinstance(decision, MustWait) and (decision.sandbox_id, decision.reason) == ("s1", "starting")
+    state.started("s1", "actor", {})
+    assert isinstance(state.acquire("hash", "t"), Claimed)
+
+
+def test_a_dead_claimed_spare_is_forgotten_and_the_thread_tries_again():
+    state, _ = make(prewarm=1)
+    state.begin_spare("s1")
+    state.started("s1", "actor", {})
+    claimed = state.acquire("hash", "t")
+    state.claim_failed(claimed.entry.sandbox_id)
+    assert state.lookup("t") is None
+    assert isinstance(state.acquire("hash", "t"), MustCreate)
+
+
+def test_adopt_refuses_a_second_sandbox_for_a_thread():
+    state, _ = make()
+    create(state, "a")
+    assert state.adopt("other", "thread-a", "actor", {}, idle_for=0) is False
 
 
 def test_evict_lru_warm_for_a_node_slot():

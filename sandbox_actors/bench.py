@@ -1,0 +1,316 @@
+"""``sandbox-actors bench``: how fast a thread gets a working sandbox, against the physical floor.
+
+Runs on a private local Ray cluster, the local Docker engine and the minimal
+image. Every figure is a distribution (p50/p95/max in ms) and times are also
+shown as a ratio to the floor, a bare container start plus readiness driven
+straight through the engine, since absolute times vary from run to run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .demo import summarize
+
+_CROSS_PROCESS = """
+import json, sys, time, ray, sandbox_actors
+ray.init(address=sys.argv[1], logging_level="ERROR")
+pool = sandbox_actors.connect(pool_name=sys.argv[2], namespace=sys.argv[3])
+pool.acquire(sys.argv[4])  # connected and warmed up: what follows is the steady state
+samples = []
+for _ in range(int(sys.argv[5])):
+    started = time.perf_counter()
+    pool.acquire(sys.argv[4])
+    samples.append(time.perf_counter() - started)
+print(json.dumps(samples))
+"""
+
+
+class Bench:
+    """One benchmark run; :meth:`run` returns the JSON-able results."""
+
+    def __init__(self, samples: int, burst: int, out: Callable[[str], None] = print, scale: int = 0) -> None:
+        self.n = samples
+        self.burst_n = burst
+        self.scale = scale
+        self.out = out
+        self.results: dict[str, Any] = {}
+
+    def say(self, text: str) -> None:
+        self.out(f"  {text}")
+
+    # ── the floor: no Ray ─────────────────────────────────────────────────
+
+    def _spec(self, pool: str, image: str) -> Any:
+        from backends import Limits, SandboxSpec
+
+        return SandboxSpec(sandbox_id=secrets.token_hex(12), pool=pool, image=image, token=secrets.token_urlsafe(16),
+                           limits=Limits())
+
+    async def _bare_start(self, backend: Any, spec: Any) -> float:
+        """create + start + readiness of one container through the engine, polled every 10 ms."""
+        from backends import SandboxAPI
+
+        started = time.perf_counter()
+        record = await backend.create(spec)
+        api = SandboxAPI(record.url, record.token)
+        try:
+            await api.wait_ready(60, lambda: backend.is_running(spec.sandbox_id),
+                                 lambda: backend.logs_tail(spec.sandbox_id), interval=0.01)
+        finally:
+            await api.aclose()
+        return time.perf_counter() - started
+
+    def floor(self, image: str, pool: str, prefix: str) -> None:
+        from backends import DockerBackend
+
+        async def body() -> None:
+            backend = DockerBackend(prefix)
+            warmup = self._spec(pool, image)  # the engine client's own start-up is not the floor
+            await self._bare_start(backend, warmup)
+            await backend.destroy(warmup.sandbox_id)
+            samples = []
+            for _ in range(self.n):
+                spec = self._spec(pool, image)
+                samples.append(await self._bare_start(backend, spec))
+                await backend.destroy(spec.sandbox_id)
+            self.results["floor"] = summarize(samples)
+            specs = [self._spec(pool, image) for _ in range(self.burst_n)]
+            started = time.perf_counter()
+            done = await asyncio.gather(*(self._bare_start(backend, s) for s in specs), return_exceptions=True)
+            self.results["floor_burst"] = {
+                "n": self.burst_n, "ok": sum(1 for d in done if not isinstance(d, BaseException)),
+                "wall_s": round(time.perf_counter() - started, 3),
+            }
+            await asyncio.gather(*(backend.destroy(s.sandbox_id) for s in specs))
+            await backend.close()
+
+        asyncio.run(body())
+
+    # ── through the pool ──────────────────────────────────────────────────
+
+    @staticmethod
+    def _wait_spares(pool: Any, actors: int = 0, sandboxes: int = 0, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = pool.stats()
+            if stats["spare_actors"] >= actors and stats["states"]["spare"] >= sandboxes:
+                return
+            time.sleep(0.05)
+
+    def _timed(self, call: Callable[[], Any]) -> tuple[Any, float]:
+        started = time.perf_counter()
+        value = call()
+        return value, time.perf_counter() - started
+
+    def paths(self, pool: Any, address: str) -> None:
+        config = pool.config
+        cold = []
+        for i in range(self.n):
+            self._wait_spares(pool, actors=config.spare_actors)
+            box, seconds = self._timed(lambda: pool.acquire(f"cold-{i}"))
+            assert box.path == "cold", box.path
+            cold.append(seconds)
+            pool.destroy(box)
+        self.results["cold"] = summarize(cold)
+
+        box = pool.acquire("steady")
+        self._wait_spares(pool, actors=config.spare_actors)  # measure the steady state, not a refill
+        hot = [self._timed(lambda: pool.acquire("steady"))[1] for _ in range(self.n * 5)]
+        warm = []
+        for _ in range(self.n * 3):
+            pool.release(box)
+            box, seconds = self._timed(lambda: pool.acquire("steady"))
+            warm.append(seconds)
+        self.results["hot"], self.results["warm"] = summarize(hot), summarize(warm)
+
+        child = subprocess.run(
+            [sys.executable, "-c", _CROSS_PROCESS, address, config.pool_name, config.namespace, "steady",
+             str(self.n * 5)],
+            capture_output=True, text=True, timeout=300, check=True,
+        )
+        self.results["cross_process"] = summarize(json.loads(child.stdout.strip().splitlines()[-1]))
+        self._exec(box)
+
+    def _exec(self, box: Any) -> None:
+        from backends import DockerBackend, SandboxAPI
+
+        actor = [self._timed(lambda: box.exec("true"))[1] for _ in range(self.n * 10)]
+
+        async def direct() -> list[float]:
+            backend = DockerBackend(box.info["container_name"].rsplit("-", 1)[0])
+            record = await backend.discover(box.sandbox_id)
+            api = SandboxAPI(record.url, record.token)
+            samples = []
+            for _ in range(self.n * 10):
+                started = time.perf_counter()
+                await api.shell_exec("true", timeout=60)
+                samples.append(time.perf_counter() - started)
+            await api.aclose()
+            await backend.close()
+            return samples
+
+        self.results["exec_actor"] = summarize(actor)
+        self.results["exec_direct"] = summarize(asyncio.run(direct()))
+
+    def prewarmed(self, pool: Any) -> None:
+        samples = []
+        for i in range(self.n * 2):
+            self._wait_spares(pool, actors=pool.config.spare_actors, sandboxes=pool.config.prewarm)
+            box, seconds = self._timed(lambda: pool.acquire(f"new-{i}"))
+            assert box.path == "prewarmed", box.path
+            samples.append(seconds)
+            pool.destroy(box)
+        self.results["prewarmed"] = summarize(samples)
+
+    def burst(self, pool: Any, key: str) -> None:
+        self._wait_spares(pool, actors=pool.config.spare_actors, timeout=600)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(self.burst_n) as workers:
+            outcomes = list(workers.map(lambda i: _try(lambda: pool.acquire(f"{key}-{i}").exec("true")),
+                                        range(self.burst_n)))
+        self.results[key] = {
+            "n": self.burst_n, "ok": sum(1 for o in outcomes if o is True),
+            "wall_s": round(time.perf_counter() - started, 3), "spare_actors": pool.config.spare_actors,
+        }
+
+    def memory(self, pool: Any) -> None:
+        import psutil
+        import ray
+
+        from backends import DockerBackend
+
+        rows = pool.list()
+        uss, container = [], []
+
+        async def usage(prefix: str, ids: list[str]) -> list[int | None]:
+            backend = DockerBackend(prefix)
+            try:
+                return [await backend.memory_usage(i) for i in ids]
+            finally:
+                await backend.close()
+
+        for row in rows:
+            box = pool.get(row["sandbox_id"])
+            if box is None:
+                continue
+            pid = ray.get(box.actor.describe.remote())["pid"]
+            uss.append(psutil.Process(pid).memory_full_info().uss / 2**20)
+        container = [u / 2**20 for u in asyncio.run(usage(pool.config.container_prefix, [r["sandbox_id"] for r in rows]))
+                     if u is not None]
+        stats = pool.stats()
+        self.results["actor_uss_mb"] = round(sorted(uss)[len(uss) // 2], 1) if uss else None
+        self.results["actor_uss_mb_max"] = round(max(uss), 1) if uss else None
+        self.results["container_mb"] = round(sorted(container)[len(container) // 2], 1) if container else None
+        self.results["pool_uss_mb"] = round(psutil.Process(stats["pid"]).memory_full_info().uss / 2**20, 1)
+        self.results["pool_sandboxes"] = stats["total"]
+
+    def scale_run(self, pool: Any) -> None:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(8) as workers:
+            outcomes = list(workers.map(lambda i: _try(lambda: pool.acquire(f"scale-{i}").exec("true")),
+                                        range(self.scale)))
+        ok = sum(1 for o in outcomes if o is True)
+        held = [_try(lambda: pool.acquire(f"scale-{i}").exec("echo still").output.strip() == "still")
+                for i in range(self.scale)]
+        self.results["scale"] = {"n": self.scale, "ok": ok, "still_ok": sum(1 for h in held if h is True),
+                                 "wall_s": round(time.perf_counter() - started, 1)}
+        self.memory(pool)
+
+    # ── the run ───────────────────────────────────────────────────────────
+
+    def run(self) -> dict[str, Any]:
+        import ray
+
+        import sandbox_actors
+        from sandbox_actors.config import SandboxConfig
+        from sandbox_actors.image import build_image
+
+        image = build_image(progress=lambda line: None).tag
+        self.out(f"sandbox-actors bench: {self.n} samples per figure, burst of {self.burst_n}"
+                 + (f", scale {self.scale}" if self.scale else ""))
+        with tempfile.TemporaryDirectory(prefix="sandbox-actors-bench-") as base_dir:
+            def config(name: str, **extra: Any) -> SandboxConfig:
+                values = dict(pool_name=name, namespace="sandbox_actors_bench", container_prefix=name,
+                              image=image, base_dir=base_dir, replicas=max(8, self.burst_n, self.scale) + 4,
+                              idle_timeout=0)
+                values.update(extra)
+                return SandboxConfig(**values)
+
+            self.out("floor: bare container + readiness through the engine, no Ray")
+            self.floor(image, "bench-floor", "bench-floor")
+            ray.init(address="local", logging_level=logging.ERROR, include_dashboard=False)
+            try:
+                address = ray.get_runtime_context().gcs_address
+                stages = [
+                    ("acquire paths, exec", config("bench-paths"), lambda p: self.paths(p, address)),
+                    ("pre-warmed new threads", config("bench-prewarm", prewarm=2, thread_mounts=False),
+                     self.prewarmed),
+                    (f"burst of {self.burst_n} new threads, {self.burst_n} spare actors",
+                     config("bench-burst", spare_actors=self.burst_n), lambda p: self.burst(p, "burst")),
+                    (f"burst of {self.burst_n} new threads, default 2 spare actors",
+                     config("bench-burst2"), lambda p: (self.burst(p, "burst_default"), self.memory(p))),
+                ]
+                if self.scale:
+                    stages.append((f"{self.scale} sandboxes held at once", config("bench-scale"), self.scale_run))
+                for title, cfg, stage in stages:
+                    self.out(title)
+                    pool = sandbox_actors.connect(cfg)
+                    try:
+                        stage(pool)
+                    finally:
+                        pool.shutdown()
+            finally:
+                ray.shutdown()
+        return self.results
+
+
+def _try(call: Callable[[], Any]) -> Any:
+    from .errors import SandboxError
+
+    try:
+        call()
+        return True
+    except SandboxError as exc:
+        return exc
+
+
+TIME_KEYS = ["floor", "cold", "warm", "hot", "prewarmed", "cross_process", "exec_actor", "exec_direct"]
+
+
+def table(results: dict[str, Any]) -> str:
+    floor = results.get("floor", {}).get("p50") or 0
+    lines = [f"{'figure':<16}{'n':>5}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}{'p50/floor':>11}"]
+    for key in TIME_KEYS:
+        row = results.get(key)
+        if not row:
+            continue
+        ratio = f"{row['p50'] / floor:.2f}x" if floor else "-"
+        lines.append(f"{key:<16}{row['n']:>5}{row['p50']:>10.1f}{row['p95']:>10.1f}{row['max']:>10.1f}{ratio:>11}")
+    floor_burst = results.get("floor_burst", {})
+    for key in ("floor_burst", "burst", "burst_default"):
+        row = results.get(key)
+        if row:
+            ratio = f"{row['wall_s'] / floor_burst['wall_s']:.2f}x" if floor_burst.get("wall_s") else "-"
+            spares = f" (spare actors {row['spare_actors']})" if "spare_actors" in row else ""
+            lines.append(f"{key:<16}{row['n']:>5}  ok {row['ok']}/{row['n']}  wall {row['wall_s']:.2f}s  "
+                         f"{ratio} of floor burst{spares}")
+    memory = [f"{k} {results[k]}" for k in ("actor_uss_mb", "actor_uss_mb_max", "container_mb", "pool_uss_mb",
+                                            "pool_sandboxes") if results.get(k) is not None]
+    if memory:
+        lines.append("memory (MB): " + ", ".join(memory))
+    if results.get("scale"):
+        s = results["scale"]
+        lines.append(f"scale: {s['ok']}/{s['n']} sandboxes started, {s['still_ok']}/{s['n']} answering "
+                     f"while all held, {s['wall_s']}s")
+    return "\n".join(lines)

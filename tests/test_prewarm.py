@@ -1,0 +1,91 @@
+"""Pre-warmed spare sandboxes and spare actors, on real Ray + Docker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import ray
+
+import sandbox_actors
+from sandbox_actors.threads import sandbox_id_for
+from tests.conftest import assert_no_actors_left, containers_of
+from tests.invariant import wait_for_invariant
+
+
+def wait_until(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+@pytest.fixture
+def prewarmed(ray_address, config):
+    client = sandbox_actors.connect(
+        config.model_copy(update={"prewarm": 2, "thread_mounts": False, "replicas": 4, "idle_timeout": 3})
+    )
+    yield client
+    client.shutdown()
+    assert_no_actors_left(config.pool_name)
+
+
+def spares(client) -> int:
+    return client.stats()["states"]["spare"]
+
+
+def test_a_new_thread_takes_a_spare_and_a_replacement_starts(prewarmed, docker_client, config):
+    assert wait_until(lambda: spares(prewarmed) == 2)
+    box = prewarmed.acquire("fresh-thread")
+    assert box.path == "prewarmed"
+    assert box.sandbox_id != sandbox_id_for(config.pool_name, "fresh-thread")  # the spare's own id
+    assert prewarmed.sandbox_id("fresh-thread") == box.sandbox_id
+    box.write_file("/root/state.txt", "mine")
+    assert wait_until(lambda: spares(prewarmed) == 2)  # replaced in the background
+    assert prewarmed.acquire("fresh-thread").path == "hot"
+    prewarmed.release(box)
+    again = prewarmed.acquire("fresh-thread")
+    assert (again.path, again.sandbox_id) == ("warm", box.sandbox_id)
+    assert again.read_file("/root/state.txt") == "mine"
+    anonymous = prewarmed.acquire()
+    assert anonymous.path == "prewarmed"
+
+
+def test_spares_are_not_idle_reaped_and_count_toward_replicas(prewarmed, docker_client, config):
+    assert wait_until(lambda: spares(prewarmed) == 2)
+    time.sleep(config.idle_check_interval * 2 + 3.5)  # past idle_timeout=3
+    assert spares(prewarmed) == 2
+    boxes = [prewarmed.acquire(f"t{i}") for i in range(4)]  # replicas=4: spares then new ones
+    assert [b.path for b in boxes][:2] == ["prewarmed", "prewarmed"]
+    time.sleep(2)
+    assert spares(prewarmed) == 0  # at the soft cap: no new spares
+    assert len(containers_of(docker_client, config.pool_name)) == 4
+
+
+def test_a_claimed_spare_survives_pool_restart_and_actor_death(prewarmed, docker_client, config):
+    assert wait_until(lambda: spares(prewarmed) == 2)
+    box = prewarmed.acquire("claimer")
+    box.exec("echo kept > /tmp/kept.txt")
+    ray.kill(prewarmed.pool, no_restart=False)
+    after_restart = prewarmed.acquire("claimer")
+    assert after_restart.sandbox_id == box.sandbox_id  # the mapping lives in the actor and the container
+    os.kill(ray.get(after_restart.actor.describe.remote())["pid"], signal.SIGKILL)
+
+    def readopted():
+        try:
+            again = prewarmed.acquire("claimer")
+            return again.sandbox_id == box.sandbox_id and again.exec("cat /tmp/kept.txt").output.strip() == "kept"
+        except sandbox_actors.SandboxDied:
+            return False
+
+    assert wait_until(readopted, timeout=config.reconcile_interval + 15)
+    wait_for_invariant(prewarmed, docker_client, config.reconcile_interval + 5)
+
+
+def test_prewarm_needs_thread_mounts_off():
+    with pytest.raises(sandbox_actors.ConfigError, match="thread_mounts"):
+        sandbox_actors.load_config({"prewarm": 1})
