@@ -8,7 +8,6 @@ Talking to the sandbox once it runs is :mod:`backends.sandbox_api`'s job.
 from __future__ import annotations
 
 import abc
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ LABEL_POOL = "sandbox-actors.pool"
 LABEL_SANDBOX_ID = "sandbox-actors.sandbox-id"
 LABEL_THREAD_ID = "sandbox-actors.thread-id"
 LABEL_ENGINE_ID = "sandbox-actors.engine-id"
+LABEL_ACTOR = "sandbox-actors.actor"  # the actor that created the container
 PROJECT = "sandbox-actors"
 
 
@@ -110,9 +110,6 @@ class SandboxRecord:
     def thread_id(self) -> str | None:
         return decode_label_value(self.labels.get(LABEL_THREAD_ID, ""))
 
-    def age(self, now: float | None = None) -> float:
-        return (time.time() if now is None else now) - self.created_at
-
 
 class Backend(abc.ABC):
     """Where sandbox containers run. All methods are coroutines.
@@ -146,8 +143,11 @@ class Backend(abc.ABC):
         """Every container of ours on this engine (of one pool when given)."""
 
     @abc.abstractmethod
-    async def destroy(self, sandbox_id: str) -> bool:
-        """Stop and remove the container. Returns False when there was none."""
+    async def destroy(self, sandbox_id: str, container_id: str | None = None) -> bool:
+        """Stop and remove the container (only if it is ``container_id``, when given).
+
+        Returns False when there was none (or the name now belongs to another container).
+        """
 
     @abc.abstractmethod
     async def is_running(self, sandbox_id: str) -> bool:

@@ -34,7 +34,7 @@ from .base import (
     SandboxSpec,
     encode_label_value,
 )
-from .errors import BackendUnavailable, ImageNotFound, SandboxError, SandboxStartError
+from .errors import BackendError, BackendUnavailable, ImageNotFound, SandboxError, SandboxStartError
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +63,7 @@ def engine_errors(action: str) -> Iterator[None]:
             "Is dockerd running? (`docker info` should answer.)"
         ) from exc
     except docker.errors.APIError as exc:
-        if exc.status_code is not None and exc.status_code >= 500 and _is_daemon_down(exc):
-            raise BackendUnavailable(f"Docker engine failed to {action}: {exc.explanation}") from exc
-        raise SandboxError(f"Docker engine refused to {action}: {exc.explanation or exc}") from exc
+        raise BackendError(f"Docker engine refused to {action}: {exc.explanation or exc}") from exc
     except docker.errors.DockerException as exc:
         raise BackendUnavailable(
             f"Docker engine unavailable while trying to {action}: {exc}. "
@@ -73,9 +71,12 @@ def engine_errors(action: str) -> Iterator[None]:
         ) from exc
 
 
-def _is_daemon_down(exc: docker.errors.APIError) -> bool:
-    text = str(exc.explanation or "").lower()
-    return "daemon" in text and ("shutting down" in text or "not running" in text)
+def connect(base_url: str | None, timeout: float) -> docker.DockerClient:
+    """A client for the engine at ``base_url`` (None: from the environment)."""
+    with engine_errors("connect"):
+        if base_url:
+            return docker.DockerClient(base_url=base_url, timeout=int(timeout))
+        return docker.from_env(timeout=int(timeout))
 
 
 class DockerBackend(Backend):
@@ -106,11 +107,7 @@ class DockerBackend(Backend):
     def _docker(self) -> docker.DockerClient:
         with self._client_lock:
             if self._client is None:
-                with engine_errors("connect"):
-                    if self._base_url:
-                        self._client = docker.DockerClient(base_url=self._base_url, timeout=int(self._timeout))
-                    else:
-                        self._client = docker.from_env(timeout=int(self._timeout))
+                self._client = connect(self._base_url, self._timeout)
             return self._client
 
     def _engine_info(self) -> dict[str, str]:
@@ -128,29 +125,54 @@ class DockerBackend(Backend):
                 return None
 
     def _record(self, container: Any) -> SandboxRecord:
+        """A record from a full inspect (it has the token, from the container's environment)."""
         attrs = container.attrs
         labels = dict(attrs["Config"].get("Labels") or {})
         port = labels.get(LABEL_PORT, "8080")
         bindings = (attrs.get("NetworkSettings", {}).get("Ports") or {}).get(f"{port}/tcp") or []
-        host_port = next((b["HostPort"] for b in bindings if b.get("HostPort")), "")
-        token = ""
-        for item in attrs["Config"].get("Env") or []:
-            if item.startswith(TOKEN_ENV + "="):
-                token = item.split("=", 1)[1]
+        env = attrs["Config"].get("Env") or []
+        return self._make_record(
+            labels,
+            host_port=next((b["HostPort"] for b in bindings if b.get("HostPort")), None),
+            name=attrs["Name"],
+            container_id=attrs["Id"],
+            running=bool(attrs.get("State", {}).get("Running")),
+            created=time.time(),
+            token=next((item.split("=", 1)[1] for item in env if item.startswith(TOKEN_ENV + "=")), ""),
+        )
+
+    def _record_from_summary(self, summary: dict[str, Any]) -> SandboxRecord:
+        """A record from the list summary (no token: use discover for that)."""
+        labels = dict(summary.get("Labels") or {})
+        port = int(labels.get(LABEL_PORT, "8080"))
+        ports = summary.get("Ports") or []
+        return self._make_record(
+            labels,
+            host_port=next((p["PublicPort"] for p in ports if p.get("PrivatePort") == port and p.get("PublicPort")), None),
+            name=(summary.get("Names") or ["/"])[0],
+            container_id=summary["Id"],
+            running=summary.get("State") == "running",
+            created=float(summary.get("Created") or 0),
+        )
+
+    def _make_record(
+        self, labels: dict[str, str], *, host_port: Any, name: str, container_id: str, running: bool,
+        created: float, token: str = "",
+    ) -> SandboxRecord:
         try:
             created_at = float(labels.get(LABEL_CREATED_AT, ""))
         except ValueError:
-            created_at = time.time()
+            created_at = created
         engine = self._engine_info()
         return SandboxRecord(
             sandbox_id=labels.get(LABEL_SANDBOX_ID, ""),
             url=f"http://127.0.0.1:{host_port}" if host_port else "",
-            container_name=attrs["Name"].lstrip("/"),
-            container_id=attrs["Id"],
+            container_name=name.lstrip("/"),
+            container_id=container_id,
             node=engine["name"],
             engine_id=labels.get(LABEL_ENGINE_ID) or engine["id"],
             created_at=created_at,
-            running=bool(attrs.get("State", {}).get("Running")),
+            running=running,
             labels=labels,
             token=token,
         )
@@ -165,7 +187,7 @@ class DockerBackend(Backend):
 
     def _create(self, spec: SandboxSpec) -> SandboxRecord:
         name = self.container_name(spec.sandbox_id)
-        for attempt in (1, 2):
+        for _ in range(2):
             try:
                 container = self._create_container(spec, name)
             except _NameConflict:
@@ -182,7 +204,7 @@ class DockerBackend(Backend):
                     logger.info("sandbox %s: container %s already running, discovered", spec.sandbox_id, name)
                     return record
                 logger.info("sandbox %s: removing stopped container %s before re-creating", spec.sandbox_id, name)
-                self._destroy(spec.sandbox_id)
+                self._destroy(spec.sandbox_id, existing.id)
                 continue
             return self._start(container, spec)
         raise SandboxStartError(f"could not create container {name}: it kept appearing and vanishing")
@@ -252,7 +274,7 @@ class DockerBackend(Backend):
         except SandboxError as exc:
             # Roll back: a container that did not start is never left behind.
             with contextlib.suppress(SandboxError):
-                self._destroy(spec.sandbox_id)
+                self._destroy(spec.sandbox_id, container.id)
             if isinstance(exc, (BackendUnavailable, SandboxStartError)):
                 raise
             raise SandboxStartError(f"container {container.name} failed to start: {exc.message}") from exc
@@ -279,37 +301,13 @@ class DockerBackend(Backend):
 
         return await asyncio.to_thread(_list)
 
-    def _record_from_summary(self, summary: dict[str, Any]) -> SandboxRecord:
-        labels = dict(summary.get("Labels") or {})
-        port = int(labels.get(LABEL_PORT, "8080"))
-        host_port = next(
-            (p.get("PublicPort") for p in summary.get("Ports") or [] if p.get("PrivatePort") == port and p.get("PublicPort")),
-            None,
-        )
-        try:
-            created_at = float(labels.get(LABEL_CREATED_AT, ""))
-        except ValueError:
-            created_at = float(summary.get("Created") or 0)
-        engine = self._engine_info()
-        return SandboxRecord(
-            sandbox_id=labels.get(LABEL_SANDBOX_ID, ""),
-            url=f"http://127.0.0.1:{host_port}" if host_port else "",
-            container_name=(summary.get("Names") or ["/"])[0].lstrip("/"),
-            container_id=summary["Id"],
-            node=engine["name"],
-            engine_id=labels.get(LABEL_ENGINE_ID) or engine["id"],
-            created_at=created_at,
-            running=summary.get("State") == "running",
-            labels=labels,
-        )
+    async def destroy(self, sandbox_id: str, container_id: str | None = None) -> bool:
+        return await asyncio.to_thread(self._destroy, sandbox_id, container_id)
 
-    async def destroy(self, sandbox_id: str) -> bool:
-        return await asyncio.to_thread(self._destroy, sandbox_id)
-
-    def _destroy(self, sandbox_id: str) -> bool:
+    def _destroy(self, sandbox_id: str, container_id: str | None = None) -> bool:
         container = self._get(sandbox_id)
-        if container is None:
-            return False
+        if container is None or (container_id is not None and container.id != container_id):
+            return False  # gone, or the name now belongs to a newer container: not ours to remove
         with engine_errors(f"remove container {container.name}"):
             try:
                 container.remove(force=True, v=True)

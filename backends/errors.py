@@ -45,6 +45,10 @@ class BackendUnavailable(SandboxError):
     retryable = True
 
 
+class BackendError(SandboxError):
+    """The engine answered but refused a request (its explanation is in the message)."""
+
+
 class ImageNotFound(SandboxError):
     """The configured image is not present on the engine (we never pull)."""
 

@@ -10,19 +10,15 @@ from collections.abc import Callable, Mapping
 import docker
 import docker.errors
 
-from .docker_backend import engine_errors
-from .errors import ImageNotFound, SandboxError
+from .docker_backend import connect, engine_errors
+from .errors import BackendError, ImageNotFound
 
 
 class ImageStore:
     """Images on one engine (``base_url`` None: the environment's engine)."""
 
     def __init__(self, base_url: str | None = None, timeout: float = 600.0) -> None:
-        with engine_errors("connect"):
-            if base_url:
-                self._client = docker.DockerClient(base_url=base_url, timeout=int(timeout))
-            else:
-                self._client = docker.from_env(timeout=int(timeout))
+        self._client = connect(base_url, timeout)
 
     def close(self) -> None:
         self._client.close()
@@ -58,7 +54,7 @@ class ImageStore:
         with engine_errors(f"import {tar_path} as {tag}"):
             self._client.api.import_image_from_file(tar_path, repository=repository, tag=version, changes=changes)
         if self.labels(tag) is None:
-            raise SandboxError(f"import of {tar_path} did not produce image {tag}")
+            raise BackendError(f"import of {tar_path} did not produce image {tag}")
 
     def build(
         self,
@@ -84,7 +80,7 @@ class ImageStore:
                 )
                 for chunk in stream:
                     if "error" in chunk:
-                        raise SandboxError(f"building {tag} failed: {chunk['error'].strip()}")
+                        raise BackendError(f"building {tag} failed: {chunk['error'].strip()}")
                     line = str(chunk.get("stream", "")).strip()
                     if line:
                         progress(line)

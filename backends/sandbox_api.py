@@ -320,7 +320,7 @@ def _raise_for(status: int, body: Mapping[str, Any], path: str) -> None:
     data = body.get("data")
     if isinstance(data, Mapping) and data.get("limits_hit"):
         raise ResourceLimitExceeded(message, limits=list(data["limits_hit"]), exit_code=None, output="")
-    if status == 401 or status == 403 and "token" in message.lower():
+    if status == 401:
         raise SandboxAuthError(f"sandbox refused the request to {path}: {message}", status_code=status)
     if status == 404:
         raise SandboxFileNotFound(message, status_code=status)

@@ -23,6 +23,7 @@ _EXPORTS = {
     **{
         name: "errors"
         for name in (
+            "BackendError",
             "BackendUnavailable",
             "CommandTimeout",
             "ConfigError",
@@ -34,10 +35,16 @@ _EXPORTS = {
             "PoolUnavailable",
             "ReadinessTimeout",
             "ResourceLimitExceeded",
+            "SandboxAuthError",
             "SandboxDied",
             "SandboxError",
+            "SandboxExited",
             "SandboxFileNotFound",
+            "SandboxNotFound",
+            "SandboxOperationError",
+            "SandboxOwned",
             "SandboxStartError",
+            "SandboxUnreachable",
         )
     },
 }

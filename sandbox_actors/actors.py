@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 import ray.exceptions
+from ray.experimental import internal_kv
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .config import SandboxConfig
@@ -42,8 +43,12 @@ def unwrap(exc: BaseException) -> BaseException:
     """The error a user should see for an exception raised by an actor call."""
     if isinstance(exc, ray.exceptions.RayTaskError):
         cause = exc.cause
-        if isinstance(cause, BaseException):
+        if isinstance(cause, SandboxError):
             return cause
+        # Not one of ours: a bug or a library error inside an actor. Keep it typed for callers.
+        wrapped = SandboxError(f"unexpected {type(cause).__name__} inside an actor: {cause}")
+        wrapped.__cause__ = cause if isinstance(cause, BaseException) else exc
+        return wrapped
     if isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
         gone = ActorGone(f"actor is gone: {exc.__class__.__name__}")
         gone.__cause__ = exc
@@ -140,7 +145,8 @@ def sandbox_nodes(config: SandboxConfig) -> dict[str, str]:
     return nodes
 
 
-def alive_node_ids() -> set[str]:
+def alive_nodes() -> set[str]:
+    """Ids of the nodes Ray considers alive."""
     return {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
 
 
@@ -193,6 +199,28 @@ def pool_actor(config: SandboxConfig) -> Any:
         )
         .remote(config)
     )
+
+
+def _claim_key(config: SandboxConfig, sandbox_id: str) -> bytes:
+    return f"sandbox-actors/claims/{config.pool_name}/{sandbox_id}".encode()
+
+
+def put_claim(config: SandboxConfig, sandbox_id: str, thread_id: str) -> None:
+    """Record, in Ray's GCS (out of the sandboxes' reach), that a pre-warmed sandbox serves ``thread_id``.
+
+    It outlives the pool and the sandbox's actor, so a container re-adopted
+    after both died still goes back to the thread that claimed it.
+    """
+    internal_kv._internal_kv_put(_claim_key(config, sandbox_id), thread_id.encode(), namespace=config.namespace)
+
+
+def get_claim(config: SandboxConfig, sandbox_id: str) -> str | None:
+    value = internal_kv._internal_kv_get(_claim_key(config, sandbox_id), namespace=config.namespace)
+    return None if value is None else value.decode()
+
+
+def drop_claim(config: SandboxConfig, sandbox_id: str) -> None:
+    internal_kv._internal_kv_del(_claim_key(config, sandbox_id), namespace=config.namespace)
 
 
 def current_node_id() -> str:

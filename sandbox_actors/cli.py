@@ -27,6 +27,17 @@ class NotFound(SandboxNotFound):
     """The pool or sandbox named on the command line does not exist."""
 
 
+def exit_code(exc: SandboxError) -> int:
+    """The documented exit code for an error of ours."""
+    if isinstance(exc, (ConfigError, InvalidRequest)):
+        return EXIT_USAGE
+    if isinstance(exc, SandboxNotFound):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, PoolExhausted):
+        return EXIT_CAPACITY
+    return EXIT_ERROR
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True, default=str))
 
@@ -151,7 +162,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return EXIT_TIMEOUT
     except SandboxError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_RUN
+        code = exit_code(exc)
+        return EXIT_CANNOT_RUN if code == EXIT_ERROR else code
     sys.stdout.flush()
     return result.exit_code if result.exit_code is not None else EXIT_ERROR
 
@@ -318,18 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         return args.run(args)
-    except (ConfigError, InvalidRequest) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (NotFound, SandboxNotFound) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_NOT_FOUND
-    except PoolExhausted as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CAPACITY
     except SandboxError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return exit_code(exc)
     except KeyboardInterrupt:
         print(f"\ninterrupted after {time.monotonic() - started:.1f}s", file=sys.stderr)
         return 130

@@ -7,8 +7,8 @@
     pool.release(box)
 
 Every method is synchronous; in async code use ``pool.aio`` and ``box.aio``
-(same methods, awaitable), or call the actor directly:
-``await box.actor.exec.remote("ls")``.
+(the same methods, awaitable, except ``shutdown``; they do not retry while a
+pool restarts), or call the actor directly: ``await box.actor.exec.remote("ls")``.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ class _Aio:
         self._owner = owner
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # incl. pickle's probes before __dict__ is restored
+            raise AttributeError(name)
         make_ref = getattr(self._owner, f"_ref_{name}", None)
         if make_ref is None:
             raise AttributeError(name)
@@ -81,7 +83,7 @@ class SandboxHandle:
         sandbox_id: the sandbox's id (same for a thread in every process).
         thread_id: the thread it serves (None when anonymous).
         actor: the SandboxActor handle, for ``actor.exec.remote(...)`` style calls.
-        path: how the acquire got it: 'hot', 'warm', 'cold' or 'adopted'.
+        path: how the acquire got it: 'hot', 'warm', 'prewarmed', 'cold' or 'adopted'.
     """
 
     def __init__(self, lease: Lease, pool: PoolClient | None = None) -> None:
@@ -150,6 +152,12 @@ class SandboxHandle:
     def list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> list[Any]:
         """Entries of a directory as FileInfo (name, path, is_directory, size)."""
         return self._wait(self._ref_list_files(path, recursive, show_hidden))
+
+    def _ref_release(self) -> Any:
+        return self._require_pool()._ref_release(self)
+
+    def _ref_destroy(self) -> Any:
+        return self._require_pool()._ref_destroy(self)
 
     def release(self) -> bool:
         """Give the sandbox back to the pool's warm pool."""
@@ -280,6 +288,19 @@ class PoolClient:
     def destroy_thread(self, thread_id: str) -> bool:
         """Destroy the sandbox of ``thread_id``."""
         return self.destroy(self.sandbox_id(thread_id))
+
+    def _ref_sandbox_id(self, thread_id: str) -> Any:
+        validate_thread_id(thread_id)
+        return self._method_ref("resolve", thread_id)
+
+    def _ref_list(self) -> Any:
+        return self._method_ref("list")
+
+    def _ref_stats(self) -> Any:
+        return self._method_ref("stats")
+
+    def _ref_reconcile(self) -> Any:
+        return self._method_ref("reconcile")
 
     def list(self) -> list[dict[str, Any]]:
         """Every sandbox of the pool (id, thread, state, node, age, idle, in-flight)."""

@@ -7,6 +7,7 @@ same call may succeed later.
 from __future__ import annotations
 
 from backends.errors import (
+    BackendError,
     BackendUnavailable,
     CommandTimeout,
     ImageNotFound,
@@ -51,6 +52,7 @@ class PoolUnavailable(SandboxError):
 
 
 __all__ = [
+    "BackendError",
     "BackendUnavailable",
     "CommandTimeout",
     "ConfigError",

@@ -36,20 +36,22 @@ class Fleet:
 
     Args:
         config: the pool's config.
-        on_no_room: called each second an actor waits for a node with room;
-            the pool evicts a warm sandbox there (each holds a node slot).
+        on_no_room: called (sandbox id, required node or None) each second an
+            actor waits for a node with room and no spare can give way; the pool
+            evicts a warm sandbox there (each holds a node slot).
     """
 
-    def __init__(self, config: SandboxConfig, on_no_room: Callable[[str], None]) -> None:
+    def __init__(self, config: SandboxConfig, on_no_room: Callable[[str, str | None], None]) -> None:
         self._config = config
         self._on_no_room = on_no_room
-        self._spares: list[tuple[Any, str]] = []  # placed, idle SandboxActors: (handle, name)
+        self._spares: list[tuple[Any, str, str]] = []  # placed, idle SandboxActors: (handle, name, node id)
         self._launching: dict[str, Any] = {}  # name -> actor started but not yet serving a sandbox
         self._reapers: dict[str, Any] = {}  # node id -> reaper
         self._refilling: asyncio.Task[None] | None = None
         self._spawning = 0  # spawns in flight in worker threads (they cannot be cancelled)
         self._starting = 0  # sandbox starts in flight (refills wait for them: they compete for CPU)
         self._closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget work, kept referenced
 
     @property
     def spare_count(self) -> int:
@@ -58,7 +60,7 @@ class Fleet:
     @property
     def keep_names(self) -> set[str]:
         """Actors the fleet holds that serve no sandbox (reconcile must leave them be)."""
-        return {name for _, name in self._spares} | set(self._launching)
+        return {name for _, name, _ in self._spares} | set(self._launching)
 
     # ── starting sandboxes ────────────────────────────────────────────────
 
@@ -85,13 +87,13 @@ class Fleet:
     ) -> tuple[Any, dict[str, Any]]:
         config = self._config
         for attempt in range(1, _START_ATTEMPTS + 1):
-            actor, name = self._spares.pop(0) if self._spares and node_id is None else (None, "")
+            actor, name = self._take_spare(node_id)
             if actor is None:
                 actor, name = await self._spawn_actor(node_id)
             self._launching[name] = actor
             self.refill()
             try:
-                await self._placed(actor, sandbox_id)
+                await self._placed(actor, sandbox_id, node_id)
                 info = await actors.call(
                     actor.start.remote(sandbox_id, thread_id), config.readiness_timeout + 120,
                     f"starting sandbox {sandbox_id}",
@@ -108,11 +110,19 @@ class Fleet:
                 if attempt == _START_ATTEMPTS:
                     raise
             except BaseException:
-                asyncio.get_running_loop().create_task(self.discard(actor))
+                self.later(self.discard(actor))
                 raise
             finally:
                 self._launching.pop(name, None)
         raise AssertionError("unreachable")
+
+    def _take_spare(self, node_id: str | None) -> tuple[Any, str]:
+        """A ready spare actor (on ``node_id``, when given), or (None, '')."""
+        for index, (actor, name, node) in enumerate(self._spares):
+            if node_id is None or node == node_id:
+                del self._spares[index]
+                return actor, name
+        return None, ""
 
     async def _spawn_actor(self, node_id: str | None) -> tuple[Any, str]:
         self._spawning += 1
@@ -130,9 +140,17 @@ class Fleet:
             raise owned
         return handle, {**info, "adopted": True}
 
-    async def _placed(self, actor: Any, sandbox_id: str) -> None:
+    def later(self, work: Any) -> asyncio.Task[Any]:
+        """Run ``work`` in the background, keeping a reference until it is done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _placed(self, actor: Any, sandbox_id: str, node_id: str | None) -> None:
         """Wait until Ray places the actor on a node. Ray leaves an actor no node can host
-        pending forever, so the wait is bounded by ``capacity_timeout``."""
+        pending forever, so the wait is bounded by ``capacity_timeout``. Meanwhile room is
+        made: an idle spare gives way first, else a warm sandbox (on ``node_id`` when pinned)."""
         deadline = time.monotonic() + self._config.capacity_timeout
         ping = actor.ping.remote()
         while True:
@@ -146,13 +164,13 @@ class Fleet:
                         f"no node could host sandbox {sandbox_id} within {self._config.capacity_timeout:.0f}s "
                         f"(resources {self._config.ray.resources or 'none'}; are all sandbox slots taken?)"
                     ) from exc
-            if self._spares:
-                # An idle spare holds a node slot too: give it up before any user's sandbox.
-                spare, name = self._spares.pop()
+            # An idle spare holds a node slot too: give it up before any user's sandbox.
+            spare, name = self._take_spare(node_id)
+            if spare is not None:
                 logger.info("no node has room for sandbox %s: ending spare actor %s", sandbox_id, name)
                 actors.kill(spare)
             else:
-                self._on_no_room(sandbox_id)
+                self._on_no_room(sandbox_id, node_id)
 
     async def discard(self, actor: Any) -> None:
         """Make sure an actor we gave up on leaves nothing behind."""
@@ -165,7 +183,7 @@ class Fleet:
     def refill(self) -> None:
         """Top the spare actors up to ``spare_actors``, in the background."""
         if not self._closed and (self._refilling is None or self._refilling.done()):
-            self._refilling = asyncio.get_running_loop().create_task(self._refill())
+            self._refilling = self.later(self._refill())
 
     async def _refill(self) -> None:
         config = self._config
@@ -174,13 +192,17 @@ class Fleet:
                 await asyncio.sleep(0.1)  # new threads first: a spare's start-up would slow theirs
             if self._closed:
                 return
-            actor, name = await self._spawn_actor(None)
+            try:
+                actor, name = await self._spawn_actor(None)
+            except SandboxError as exc:
+                logger.warning("could not create a spare SandboxActor (%s); will retry", exc.message)
+                return
             if self._closed:
                 actors.kill(actor)
                 return
             self._launching[name] = actor
             try:
-                await actors.call(actor.ping.remote(), config.capacity_timeout, "starting a spare actor")
+                node = await actors.call(actor.ping.remote(), config.capacity_timeout, "starting a spare actor")
                 # Connect it to its engine now, so a new thread does not wait for that either.
                 await actors.call(actor.warm_up.remote(), REAPER_TIMEOUT, "warming up a spare actor")
             except SandboxError as exc:
@@ -190,7 +212,7 @@ class Fleet:
                 return
             finally:
                 self._launching.pop(name, None)
-            self._spares.append((actor, name))
+            self._spares.append((actor, name, node))
 
     async def close(self) -> None:
         """Stop refilling and end the spare actors (for shutdown)."""
@@ -200,27 +222,27 @@ class Fleet:
         if self._refilling is not None:
             self._refilling.cancel()
             await asyncio.gather(self._refilling, return_exceptions=True)
-        for actor in [*(a for a, _ in self._spares), *self._launching.values()]:
+        for actor in [*(a for a, _, _ in self._spares), *self._launching.values()]:
             actors.kill(actor)
         self._spares.clear()
         self._launching.clear()
 
     # ── what exists ───────────────────────────────────────────────────────
 
-    async def actor_views(self) -> tuple[list[ActorView], dict[str, Any], bool]:
-        """Every live SandboxActor of the pool: (views, handles by name, whether any did not answer)."""
+    async def actor_views(self) -> tuple[list[ActorView], dict[str, Any], set[str]]:
+        """Every live SandboxActor of the pool: (views, handles by name, names that did not answer)."""
         named = await asyncio.to_thread(actors.list_sandbox_actors, self._config)
         names = list(named)
         described = await asyncio.gather(
             *(actors.call(named[n].describe.remote(), DESCRIBE_TIMEOUT, "describe") for n in names),
             return_exceptions=True,
         )
-        views, unknown = [], False
+        views, unknown = [], set()
         for name, result in zip(names, described):
             if isinstance(result, ActorGone):
                 continue
             if isinstance(result, BaseException):
-                unknown = True
+                unknown.add(name)
                 logger.warning("SandboxActor %s did not answer: %s", name, result)
                 continue
             views.append(ActorView.from_description(result))
@@ -244,10 +266,13 @@ class Fleet:
         for node_id, identity in zip(node_ids, identities):
             if isinstance(identity, BaseException):
                 logger.warning("reaper on node %s did not answer: %s", node_id[:12], identity)
-                if isinstance(identity, ActorGone):
-                    actors.kill(self._reapers.pop(node_id))
+                gone = self._reapers.pop(node_id, None) if isinstance(identity, ActorGone) else None
+                if gone is not None:
+                    actors.kill(gone)
                 continue
-            engines.setdefault(identity[0], (self._reapers[node_id], node_id))
+            reaper = self._reapers.get(node_id)
+            if reaper is not None:
+                engines.setdefault(identity[0], (reaper, node_id))
         return engines
 
     async def containers(self, engines: dict[str, tuple[Any, str]]) -> tuple[list[ContainerView], set[str]]:
@@ -267,25 +292,31 @@ class Fleet:
         return containers, seen
 
     async def remove(self, engines: dict[str, tuple[Any, str]], container: ContainerView) -> bool:
+        """Remove exactly this container (not a namesake created since it was listed)."""
         reaper = engines[container.engine_id][0]
-        return await actors.call(reaper.remove.remote(container.sandbox_id), REAPER_TIMEOUT, "remove container")
+        return await actors.call(
+            reaper.remove.remote(container.sandbox_id, container.container_id), REAPER_TIMEOUT, "remove container"
+        )
 
     async def probe(self, engines: dict[str, tuple[Any, str]], container: ContainerView) -> dict[str, Any] | None:
         """What the container's owner record says when it runs and answers, else None."""
         reaper = engines[container.engine_id][0]
         return await actors.call(reaper.probe.remote(container.sandbox_id), REAPER_TIMEOUT, "probe")
 
-    async def remove_everywhere(self, sandbox_id: str, engine_id: str | None = None) -> bool:
-        removed = False
+    async def remove_everywhere(self, sandbox_id: str, container_id: str | None, engine_id: str | None) -> bool:
+        """Remove a sandbox's container whose actor is gone; False when it could not be confirmed."""
         engines = await self.engines()
-        for engine, (reaper, _node) in engines.items():
-            if engine_id is None or engine == engine_id:
-                removed |= await actors.call(reaper.remove.remote(sandbox_id), REAPER_TIMEOUT, "remove container")
+        if engine_id is not None and engine_id not in engines:
+            return False  # that engine's reaper did not answer
+        containers, _seen = await self.containers(engines)
+        removed = True
+        for container in containers:
+            if container.sandbox_id == sandbox_id and container_id in (None, container.container_id):
+                removed &= await self.remove(engines, container)
         return removed
 
     async def sweep(self) -> dict[str, int]:
         """Remove whatever of the pool still exists: actors, containers, then the reapers."""
-        await self.close()
         swept = {"actors": 0, "containers": 0}
         named = await asyncio.to_thread(actors.list_sandbox_actors, self._config)
         for handle in named.values():

@@ -138,8 +138,8 @@ def _started_address(output: str, port: int) -> str:
 
 
 def head_processes() -> list[int]:
-    """PIDs of the head ``up`` started: processes that mention its temp dir, and all their descendants
-    (Ray workers rename themselves, so only ancestry finds them)."""
+    """PIDs of the head ``up`` started: Ray processes that use its temp dir, and all their
+    descendants (Ray workers rename themselves, so only ancestry finds them)."""
     marker = str(HEAD_TEMP_DIR).encode()
     parents: dict[int, int] = {}
     roots = set()
@@ -153,7 +153,10 @@ def head_processes() -> list[int]:
         except OSError:
             continue
         parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
-        if marker in cmdline:
+        argv = cmdline.split(b"\0")
+        # Ray's own daemons and workers only (their program lives in the ray package), not
+        # any process that happens to mention the directory (say, a `tail -f` of a log there).
+        if marker in cmdline and any(b"/ray/" in arg for arg in argv[:4]):
             roots.add(pid)
     found = set(roots)
     grew = True

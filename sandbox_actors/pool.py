@@ -82,6 +82,10 @@ class SandboxPool:
         self._background: set[asyncio.Task[Any]] = set()
         self.counters: collections.Counter[str] = collections.Counter()
         self._metrics = PoolMetrics(config.pool_name)
+        self._evicting: set[str] = set()
+        with contextlib.suppress(RuntimeError):  # no running loop: the first call starts it
+            # Reconcile at once, also when Ray restarts the pool and nobody calls it yet.
+            self._started = asyncio.get_running_loop().create_task(self._startup())
 
     # ── lifecycle ──────────────────────────────────────────────────────────
 
@@ -211,7 +215,9 @@ class SandboxPool:
             if stop is not None:
                 await asyncio.shield(stop)
             else:
-                await self._wait_changed(0.05)
+                await self._wait_changed(min(0.05, max(0.0, deadline - time.monotonic())))
+            if time.monotonic() > deadline:
+                raise PoolExhausted(f"sandbox {decision.sandbox_id} is still being stopped; retry")
         else:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -228,7 +234,10 @@ class SandboxPool:
 
     async def _claim(self, entry: Entry) -> Lease | None:
         """Hand a pre-warmed spare to its thread (one actor call); None when the spare was dead."""
+        config = self._config
         try:
+            if entry.thread_id is not None:  # anonymous claims need no record
+                await asyncio.to_thread(actors.put_claim, config, entry.sandbox_id, entry.thread_id)
             entry.info = dict(
                 await actors.call(entry.actor.claim.remote(entry.thread_id), _CLAIM_TIMEOUT, "claim a spare")
             )
@@ -236,6 +245,7 @@ class SandboxPool:
             logger.warning("spare sandbox %s could not be claimed (%s); removing it", entry.sandbox_id, exc.message)
             self._state.claim_failed(entry.sandbox_id)
             self._spawn(self._fleet.discard(entry.actor))
+            self._spawn(asyncio.to_thread(actors.drop_claim, config, entry.sandbox_id))
             return None
         finally:
             self._top_up()
@@ -247,6 +257,7 @@ class SandboxPool:
         try:
             actor, info = await self._fleet.start_sandbox(sandbox_id, entry.thread_id)
             self._state.started(sandbox_id, actor, info)
+            self._doomed.discard(sandbox_id)  # a sandbox of this id lives again: nothing left to finish
         except BaseException:
             self._state.start_failed(sandbox_id)
             self._count("failed")
@@ -271,11 +282,16 @@ class SandboxPool:
         except SandboxError as exc:
             logger.warning("could not pre-warm a spare sandbox: %s", exc.message)
 
-    def _make_room(self, waiting_for: str) -> None:
-        """No node has a free slot for ``waiting_for``: evict the least recently released warm sandbox."""
-        victim = self._state.evict_lru_warm()
+    def _make_room(self, waiting_for: str, node_id: str | None = None) -> None:
+        """No node has a free slot for ``waiting_for``: evict the least recently released warm
+        sandbox, one at a time (a stop takes about as long as a placement poll)."""
+        self._evicting &= set(self._stops)
+        if self._evicting:
+            return
+        victim = self._state.evict_lru_warm(node_id)
         if victim is not None:
             logger.info("no node has room for sandbox %s: evicting warm sandbox %s", waiting_for, victim.sandbox_id)
+            self._evicting.add(victim.sandbox_id)
             self._stop_later(victim, "evicted")
 
     # ── release, get, destroy ──────────────────────────────────────────────
@@ -299,15 +315,16 @@ class SandboxPool:
         """Stop and remove a sandbox, active or warm. Idempotent: False when there was none."""
         await self._ready()
         while True:
-            found = self._state.begin_destroy(sandbox_id)
+            busy = self._repairs.get(sandbox_id)  # a repair could re-adopt it right after us
+            found = self._state.begin_destroy(sandbox_id) if busy is None else MustWait(sandbox_id, "repairing")
             if found is None:
                 return False
             if isinstance(found, MustWait):
-                task = self._creations.get(sandbox_id) or self._stops.get(sandbox_id)
+                task = busy or self._creations.get(sandbox_id) or self._stops.get(sandbox_id)
                 if task is None:
                     await self._wait_changed(0.05)
                     continue
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(SandboxError):
                     await asyncio.shield(task)
                 continue
             return await asyncio.shield(self._stop_later(found, "destroyed"))
@@ -324,8 +341,11 @@ class SandboxPool:
                 try:
                     stopped = await actors.call(entry.actor.stop.remote(if_idle_for), STOP_TIMEOUT, f"stop {sandbox_id}")
                 except ActorGone:
-                    await self._fleet.remove_everywhere(sandbox_id, entry.info.get("engine_id"))
-                    stopped = True
+                    stopped = await self._fleet.remove_everywhere(
+                        sandbox_id, entry.info.get("container_id"), entry.info.get("engine_id")
+                    )
+                    if not stopped:
+                        raise SandboxError(f"the engine holding sandbox {sandbox_id} did not confirm its removal")
                 if not stopped:
                     logger.info("sandbox %s got busy; not stopping it", sandbox_id)
                     self._state.stop_refused(sandbox_id)
@@ -335,11 +355,16 @@ class SandboxPool:
             self._doomed.discard(sandbox_id)
             self._count(reason)
             logger.info("sandbox %s %s", sandbox_id, reason)
+            if entry.spare:
+                await asyncio.to_thread(actors.drop_claim, self._config, sandbox_id)
             return True
-        except SandboxError as exc:
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - whatever went wrong, the entry must not stay STOPPING
             # The engine (or actor) did not answer. Forget the entry but remember to
             # finish the job: reconcile removes doomed sandboxes instead of adopting them.
-            logger.warning("could not stop sandbox %s (%s); reconcile will retry", sandbox_id, exc.message)
+            logger.warning("could not stop sandbox %s (%s: %s); reconcile will retry", sandbox_id,
+                           type(exc).__name__, exc)
             self._state.removed(sandbox_id)
             self._doomed.add(sandbox_id)
             return True
@@ -392,11 +417,19 @@ class SandboxPool:
 
     async def _reconcile_pass(self) -> dict[str, int]:
         async with self._reconcile_lock:
-            views, handles, unknown = await self._fleet.actor_views()
+            # The three views are taken across awaits: whatever changed meanwhile (or was
+            # busy at any point) is left for the next pass instead of judged on a stale view.
+            epoch, busy, keep = self._state.epoch, self._busy(), self._fleet.keep_names
+            views, handles, silent = await self._fleet.actor_views()
             engines = await self._fleet.engines()
             containers, seen = await self._fleet.containers(engines)
+            busy |= self._busy() | self._state.changed_since(epoch)
+            # A silent actor of a sandbox we hold: leave that sandbox for the next pass (or end
+            # the actor, when its node is dead). A silent actor we cannot place: touch nothing.
+            silent_ids, unplaced = await self._place_silent(silent, handles)
             plan = plan_reconcile(
-                self._state.ids(), views, containers, seen, self._busy(), self._fleet.keep_names, unknown
+                self._state.ids(), views, containers, seen, busy | silent_ids, keep | self._fleet.keep_names,
+                any_unknown=unplaced,
             )
             done: collections.Counter[str] = collections.Counter()
             owners = {v.sandbox_id: v for v in views if v.sandbox_id is not None and v.name not in plan.end_actors}
@@ -413,8 +446,9 @@ class SandboxPool:
                 if container.engine_id in engines and await self._fleet.remove(engines, container):
                     done["removed_containers"] += 1
             for name in plan.end_actors:
-                actors.kill(handles[name])  # a kill, not a stop: a duplicate's container is another's
-                done["ended_actors"] += 1
+                if await self._still_unwanted(name, handles[name]):
+                    actors.kill(handles[name])  # a kill, not a stop: a duplicate's container is another's
+                    done["ended_actors"] += 1
             for sandbox_id in plan.forget:
                 self._state.removed(sandbox_id)
                 self._count("lost")
@@ -433,6 +467,36 @@ class SandboxPool:
             self._notify()
             self._top_up()
             return {key: value for key, value in done.items() if value}
+
+    async def _place_silent(self, silent: set[str], handles: dict[str, Any]) -> tuple[set[str], bool]:
+        """Sandbox ids whose actor did not answer, and whether any such actor is not ours to place."""
+        if not silent:
+            return set(), False
+        by_name = {e.info.get("actor_name"): e for e in self._state.entries.values()}
+        alive = await asyncio.to_thread(actors.alive_nodes)
+        ids, unplaced = set(), False
+        for name in silent:
+            entry = by_name.get(name)
+            if entry is None:
+                unplaced = unplaced or name not in self._fleet.keep_names
+            elif entry.info.get("node_id") not in alive:
+                actors.kill(handles[name])  # its node is gone: so is it; free its name and slot now
+            else:
+                ids.add(entry.sandbox_id)
+        return ids, unplaced
+
+    async def _still_unwanted(self, name: str, handle: Any) -> bool:
+        """Ask an actor once more before ending it: it may have been given a sandbox since."""
+        if name in self._fleet.keep_names:
+            return False
+        try:
+            info = await actors.call(handle.describe.remote(), DESCRIBE_TIMEOUT, "describe")
+        except ActorGone:
+            return False  # already gone
+        except SandboxError:
+            return False  # silent: decide next pass
+        entry = self._state.entries.get(info.get("sandbox_id") or "")
+        return entry is None or entry.info.get("actor_name") != name
 
     def _schedule_repair(self, sandbox_id: str, handle: Any = None) -> asyncio.Task[str] | None:
         if sandbox_id in self._repairs:
@@ -491,16 +555,14 @@ class SandboxPool:
             # Its container died (or destroy is pending): clean both up; the next acquire starts fresh.
             await actors.call(handle.stop.remote(), STOP_TIMEOUT, f"stop {sandbox_id}")
             actors.kill(handle)
-            self._state.removed(sandbox_id)
-            self._doomed.discard(sandbox_id)
+            await self._forget(sandbox_id)
             self._count("destroyed" if doomed else "died")
             return "removed"
         # The actor is gone or never finished starting: keep one container that answers.
-        keep, owner = None, None
+        keep = None
         if not doomed:
             for container in found:
-                owner = await self._fleet.probe(engines, container) if container.running else None
-                if owner is not None:
+                if container.running and await self._fleet.probe(engines, container) is not None:
                     keep = container
                     break
         await remove([c for c in found if c is not keep])
@@ -509,10 +571,12 @@ class SandboxPool:
                 actors.kill(handle)
             if entry is not None and not doomed:
                 self._count("lost")  # its actor and container are gone (e.g. with their node)
-            self._state.removed(sandbox_id)
-            self._doomed.discard(sandbox_id)
+            await self._forget(sandbox_id)
             return "removed"
-        thread_id = (entry.thread_id if entry is not None else None) or owner.get("thread_id") or keep.thread_id
+        # Which thread: what the pool holds, else a claim recorded in GCS (pre-warmed
+        # sandboxes), else the container's label. Never the owner record inside it.
+        thread_id = entry.thread_id if entry is not None else None
+        thread_id = thread_id or await asyncio.to_thread(actors.get_claim, self._config, sandbox_id) or keep.thread_id
         if handle is not None:
             actors.kill(handle)  # it never finished starting; a fresh actor on the container's node adopts it
         try:
@@ -522,7 +586,7 @@ class SandboxPool:
             # (With thread mounts, its workspace lives on the host, not in the container.)
             logger.warning("no room to re-adopt sandbox %s on its node; removing its container", sandbox_id)
             await remove([keep])
-            self._state.removed(sandbox_id)
+            await self._forget(sandbox_id)
             self._count("lost")
             return "removed"
         if not self._state.replace_actor(sandbox_id, handle, info) and not self._state.adopt(
@@ -534,11 +598,25 @@ class SandboxPool:
         logger.info("sandbox %s: container re-adopted by a new actor", sandbox_id)
         return "readopted"
 
+    async def _forget(self, sandbox_id: str) -> None:
+        """The sandbox is gone for good: drop its entry, any pending destroy and any claim."""
+        self._state.removed(sandbox_id)
+        self._doomed.discard(sandbox_id)
+        await asyncio.to_thread(actors.drop_claim, self._config, sandbox_id)
+
     # ── views ──────────────────────────────────────────────────────────────
 
     async def list(self) -> list[dict[str, Any]]:
         """Every sandbox the pool holds, as plain dicts (for tables and JSON)."""
         await self._ready()
+        entries = [e for e in self._state.entries.values() if e.actor is not None]
+        reports = await asyncio.gather(
+            *(actors.call(e.actor.activity.remote(), DESCRIBE_TIMEOUT, "activity") for e in entries),
+            return_exceptions=True,
+        )
+        for entry, report in zip(entries, reports):
+            if not isinstance(report, BaseException):  # silent ones show what was last known
+                self._state.note_activity(entry.sandbox_id, report[0], report[1])
         now = self._state.clock()
         return [
             {

@@ -50,7 +50,7 @@ class NodeReaper:
 
     async def probe(self, sandbox_id: str) -> dict[str, Any] | None:
         """None unless the sandbox's container runs and its API answers; then its owner record
-        (which actor owned it, which thread it serves; empty when the image keeps none)."""
+        (which actor owned it; empty when the image keeps none)."""
         record = await self._backend.discover(sandbox_id)
         if record is None or not record.running or record.pool != self._pool:
             return None
@@ -69,9 +69,10 @@ class NodeReaper:
         finally:
             await api.aclose()
 
-    async def remove(self, sandbox_id: str) -> bool:
-        """Remove the container of ``sandbox_id`` if it is this pool's, on this engine."""
+    async def remove(self, sandbox_id: str, container_id: str | None = None) -> bool:
+        """Remove the container of ``sandbox_id`` if it is this pool's, on this engine (and, when
+        given, still the container ``container_id``: a namesake created since is left alone)."""
         record = await self._backend.discover(sandbox_id)
         if record is None or record.pool != self._pool or record.engine_id != await self._backend.engine_id():
             return False
-        return await self._backend.destroy(sandbox_id)
+        return await self._backend.destroy(sandbox_id, container_id)

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from backends import Backend, Limits, SandboxAPI, SandboxRecord, SandboxSpec
-from backends.base import LABEL_ENGINE_ID
+from backends.base import LABEL_ACTOR, LABEL_ENGINE_ID
 from backends.errors import (
     BackendUnavailable,
     InvalidRequest,
@@ -26,6 +26,7 @@ from backends.errors import (
     SandboxError,
     SandboxNotFound,
     SandboxOwned,
+    SandboxStartError,
     SandboxUnreachable,
 )
 from backends.sandbox_api import BashResult, FileInfo, ShellResult
@@ -39,10 +40,10 @@ logger = logging.getLogger(__name__)
 _ADOPT_READY_TIMEOUT = 5.0
 # How long an engine may take to report a killed container as stopped.
 _DEATH_NOTICE_SECONDS = 2.0
-# Inside the container: which actor owns it and which thread it serves. It outlives the actor,
-# so a new actor (or the pool, through a reaper) can tell who owns a running container and
-# which thread a claimed pre-warmed sandbox belongs to. Best effort: an image where the path is
-# not writable simply has no record.
+# Inside the container: which actor owns it now. It outlives the actor, so a new actor can tell
+# whether a live actor still owns a running container (a label only names the creator). The
+# sandbox's own code can write there too: it is only a hint of whom to ask, never trusted for
+# which thread a sandbox serves. Best effort: an image where the path is not writable has none.
 OWNER_FILE = "/run/sandbox-actors/owner.json"
 
 
@@ -107,12 +108,14 @@ class SandboxRuntime:
                 raise SandboxDied(f"sandbox {self.sandbox_id} was destroyed")
             started = time.monotonic()
             existing = await self.backend.discover(self.sandbox_id)
+            if existing is not None and existing.running:
+                await self._refuse_if_owned(existing)
             if existing is not None and existing.running and await self._try_adopt(existing):
                 logger.info("sandbox %s: adopted running container %s", self.sandbox_id, existing.container_name)
             else:
                 if existing is not None:
                     logger.info("sandbox %s: removing unusable container %s", self.sandbox_id, existing.container_name)
-                    await self.backend.destroy(self.sandbox_id)
+                    await self.backend.destroy(self.sandbox_id, existing.container_id)
                 await self._create()
             info = self.describe()
             info["start_seconds"] = time.monotonic() - started
@@ -134,33 +137,55 @@ class SandboxRuntime:
             await api.aclose()
             return False
         owner = (await read_owner(api)) or {}
-        other = owner.get("actor")
-        if other and other != self.owner and self._owner_alive is not None and await self._owner_alive(other):
+        try:
+            await self._refuse_if_owned(record, str(owner.get("actor") or ""))
+        except SandboxOwned:
             await api.aclose()
-            raise SandboxOwned(f"sandbox {self.sandbox_id} is owned by live actor {other}", owner=other)
-        if self.thread_id is None and owner.get("thread_id") is not None:
-            self.thread_id = owner["thread_id"]  # a pre-warmed sandbox some thread claimed
+            raise
         self.record, self._api, self.adopted = record, api, True
         await self._write_owner()
         return True
 
+    async def _refuse_if_owned(self, record: SandboxRecord, recorded_owner: str = "") -> None:
+        """Raise SandboxOwned when another actor that still lives owns ``record``'s container.
+
+        The creating actor is in a label (immutable); a later adopter is in the
+        owner record inside the container. Neither is trusted for more than
+        "ask whether that actor lives".
+        """
+        for other in {record.labels.get(LABEL_ACTOR, ""), recorded_owner}:
+            if other and other != self.owner and self._owner_alive is not None and await self._owner_alive(other):
+                raise SandboxOwned(f"sandbox {self.sandbox_id} is owned by live actor {other}", owner=other)
+
     async def _create(self) -> None:
         config = self.config
+        try:
+            mounts = await asyncio.to_thread(sandbox_mounts, config, self.thread_id)
+        except OSError as exc:
+            raise SandboxStartError(
+                f"could not create the thread directories under {config.base_dir}: {exc.strerror}"
+            ) from exc
         spec = SandboxSpec(
             sandbox_id=self.sandbox_id,
             pool=config.pool_name,
             image=config.image,
             thread_id=self.thread_id,
             port=config.port,
-            mounts=sandbox_mounts(config, self.thread_id),
+            mounts=mounts,
             environment=_resolve_env(config),
             token=secrets.token_urlsafe(32),
             limits=Limits(memory=config.limits.memory, cpus=config.limits.cpus, pids=config.limits.pids),
             capabilities=tuple(config.capabilities),
             bind_host=config.bind_host,
-            extra_labels=self._extra_labels,
+            extra_labels={**self._extra_labels, LABEL_ACTOR: self.owner},
         )
         record = await self.backend.create(spec)
+        if record.labels.get(LABEL_ACTOR, "") != self.owner:
+            # The name was taken meanwhile (the engine handed back the existing container).
+            await self._refuse_if_owned(record)
+            if not await self._try_adopt(record):
+                raise SandboxStartError(f"container {record.container_name} appeared meanwhile and does not answer")
+            return
         api = SandboxAPI(record.url, record.token)
         try:
             await api.wait_ready(
@@ -172,7 +197,7 @@ class SandboxRuntime:
             # Roll back: an unready container is never left running.
             await api.aclose()
             with contextlib.suppress(SandboxError):
-                await self.backend.destroy(self.sandbox_id)
+                await self.backend.destroy(self.sandbox_id, record.container_id)
             raise
         self.record, self._api, self.adopted = record, api, False
         await self._write_owner()
@@ -210,7 +235,8 @@ class SandboxRuntime:
             return False
         self._stopping = True  # new operations are refused from here on
         try:
-            await self.backend.destroy(self.sandbox_id)
+            if self.record is not None:  # only the container this sandbox owns, never a namesake
+                await self.backend.destroy(self.sandbox_id, self.record.container_id)
         except BackendUnavailable:
             self._stopping = False  # nothing happened: the sandbox serves on (or dies on its own)
             raise
@@ -322,11 +348,13 @@ class SandboxRuntime:
 
 
 async def read_owner(api: SandboxAPI) -> dict[str, Any] | None:
-    """The owner record inside a sandbox's container, or None when there is none."""
+    """The owner record inside a sandbox's container, or None when there is none (or it is garbled:
+    the sandbox's own code can write there, so it only ever answers "which actor to ask")."""
     try:
-        return json.loads(await api.read_file(OWNER_FILE))
+        record = json.loads(await api.read_file(OWNER_FILE))
     except (SandboxError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def _resolve_env(config: SandboxConfig) -> dict[str, str]:

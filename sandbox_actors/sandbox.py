@@ -30,7 +30,6 @@ from .runtime import SandboxRuntime
 logger = logging.getLogger(__name__)
 
 LABEL_RAY_NODE = "sandbox-actors.ray-node"
-LABEL_ACTOR = "sandbox-actors.actor"
 _REPORT_TIMEOUT = 5.0
 
 
@@ -66,7 +65,7 @@ class SandboxActor:
                 sandbox_id,
                 thread_id,
                 self._backend,
-                extra_labels={LABEL_RAY_NODE: self._node_id, LABEL_ACTOR: self._name},
+                extra_labels={LABEL_RAY_NODE: self._node_id},
                 owner=self._name,
                 owner_alive=self._owner_alive,
             )

@@ -138,6 +138,8 @@ class PoolState:
         self.clock = clock
         self.entries: dict[str, Entry] = {}
         self.threads: dict[str, str] = {}  # thread id -> sandbox id (a claimed spare's id is not the hash)
+        self.epoch = 0  # grows with every change to any entry
+        self._changed: dict[str, int] = {}  # sandbox id -> epoch of its last change
 
     # ── queries ────────────────────────────────────────────────────────────
 
@@ -153,6 +155,20 @@ class PoolState:
     def _live(self) -> int:
         return len(self.in_state(SandboxState.STARTING, SandboxState.SPARE, SandboxState.ACTIVE, SandboxState.WARM))
 
+    def _mark(self, sandbox_id: str) -> None:
+        self.epoch += 1
+        self._changed[sandbox_id] = self.epoch
+
+    def changed_since(self, epoch: int) -> set[str]:
+        """Sandbox ids created, moved or removed after ``epoch`` (and forget older marks).
+
+        Reconcile compares snapshots taken across awaits; an id changed meanwhile
+        is left for the next pass rather than judged on a stale view.
+        """
+        changed = {sid for sid, at in self._changed.items() if at > epoch}
+        self._changed = {sid: self._changed[sid] for sid in changed}
+        return changed
+
     def lookup(self, thread_id: str) -> str | None:
         """The sandbox id the pool holds for ``thread_id``, if any."""
         return self.threads.get(thread_id)
@@ -162,6 +178,7 @@ class PoolState:
             self.threads[entry.thread_id] = entry.sandbox_id
 
     def _drop(self, sandbox_id: str) -> None:
+        self._mark(sandbox_id)
         entry = self.entries.pop(sandbox_id, None)
         if entry is not None and entry.thread_id is not None and self.threads.get(entry.thread_id) == sandbox_id:
             del self.threads[entry.thread_id]
@@ -187,6 +204,7 @@ class PoolState:
                 entry.move(SandboxState.ACTIVE)
                 entry.released_at = None
                 self._touch(entry)
+                self._mark(sandbox_id)
                 return Acquired(entry, "warm")
             return MustWait(sandbox_id, entry.state.value)
 
@@ -197,6 +215,7 @@ class PoolState:
             entry.thread_id = thread_id
             self._index(entry)
             self._touch(entry)
+            self._mark(entry.sandbox_id)
             return Claimed(entry)
         if self._live() >= self.replicas:
             # At the cap with a spare on its way: it is the capacity this thread gets.
@@ -211,6 +230,7 @@ class PoolState:
         entry = Entry(sandbox_id, thread_id, SandboxState.STARTING, created_at=now, last_active=now)
         self.entries[sandbox_id] = entry
         self._index(entry)
+        self._mark(sandbox_id)
         return MustCreate(entry, evict, over_soft_cap)
 
     def begin_spare(self, sandbox_id: str) -> Entry | None:
@@ -226,6 +246,7 @@ class PoolState:
         now = self.clock()
         entry = Entry(sandbox_id, None, SandboxState.STARTING, created_at=now, last_active=now, spare=True)
         self.entries[sandbox_id] = entry
+        self._mark(sandbox_id)
         return entry
 
     def claim_failed(self, sandbox_id: str) -> None:
@@ -239,16 +260,19 @@ class PoolState:
         while warm and self._live() >= self.replicas:
             victim = warm.pop(0)
             victim.move(SandboxState.STOPPING)
+            self._mark(victim.sandbox_id)
             evicted.append(victim)
         return tuple(evicted)
 
-    def evict_lru_warm(self) -> Entry | None:
-        """Move the least recently released WARM sandbox to STOPPING (to free a node slot)."""
-        warm = self.in_state(SandboxState.WARM)
+    def evict_lru_warm(self, node_id: str | None = None) -> Entry | None:
+        """Move the least recently released WARM sandbox (on ``node_id``, when given) to STOPPING,
+        to free a node slot."""
+        warm = [e for e in self.in_state(SandboxState.WARM) if node_id is None or e.info.get("node_id") == node_id]
         if not warm:
             return None
         victim = min(warm, key=lambda e: e.released_at or 0.0)
         victim.move(SandboxState.STOPPING)
+        self._mark(victim.sandbox_id)
         return victim
 
     def started(self, sandbox_id: str, actor: Any, info: dict[str, Any]) -> Entry:
@@ -258,6 +282,7 @@ class PoolState:
         entry.actor = actor
         entry.info = dict(info)
         self._touch(entry)
+        self._mark(sandbox_id)
         return entry
 
     def start_failed(self, sandbox_id: str) -> None:
@@ -268,13 +293,14 @@ class PoolState:
     # ── release, get, destroy ──────────────────────────────────────────────
 
     def release(self, sandbox_id: str) -> bool:
-        """ACTIVE -> WARM. Returns False when the sandbox is not active (nothing changes)."""
+        """ACTIVE -> WARM. Returns True when it is warm now (also when it already was)."""
         entry = self.entries.get(sandbox_id)
         if entry is None or entry.state is not SandboxState.ACTIVE:
             return entry is not None and entry.state is SandboxState.WARM
         entry.move(SandboxState.WARM)
         entry.released_at = self.clock()
         self._touch(entry)
+        self._mark(sandbox_id)
         return True
 
     def get(self, sandbox_id: str) -> Entry | None:
@@ -294,6 +320,7 @@ class PoolState:
             return MustWait(sandbox_id, entry.state.value)
         entry.move(SandboxState.STOPPING)
         entry.resume_state = None
+        self._mark(sandbox_id)
         return entry
 
     def removed(self, sandbox_id: str) -> None:
@@ -344,6 +371,7 @@ class PoolState:
             return None
         entry.resume_state = entry.state
         entry.move(SandboxState.STOPPING)
+        self._mark(sandbox_id)
         return entry
 
     def stop_refused(self, sandbox_id: str) -> None:
@@ -353,6 +381,7 @@ class PoolState:
             entry.move(entry.resume_state)
             entry.resume_state = None
             self._touch(entry)
+            self._mark(sandbox_id)
 
     # ── reconcile and shutdown ─────────────────────────────────────────────
 
@@ -370,6 +399,7 @@ class PoolState:
         )
         self.entries[sandbox_id] = entry
         self._index(entry)
+        self._mark(sandbox_id)
         return True
 
     def replace_actor(self, sandbox_id: str, actor: Any, info: dict[str, Any]) -> bool:
@@ -379,6 +409,7 @@ class PoolState:
             return False
         entry.actor = actor
         entry.info = dict(info)
+        self._mark(sandbox_id)
         return True
 
     def begin_shutdown(self) -> list[Entry]:
@@ -387,6 +418,7 @@ class PoolState:
         for entry in doomed:
             entry.move(SandboxState.STOPPING)
             entry.resume_state = None
+            self._mark(entry.sandbox_id)
         return doomed
 
     def ids(self, states: Iterable[SandboxState] | None = None) -> set[str]:

@@ -300,3 +300,29 @@ def test_pool_restart_keeps_sandboxes_and_readopts_after_sigkill(pool, config, d
     assert back.info["container_id"] == container_id
     assert len(containers_of(docker_client, config.pool_name)) == 1
     assert pool.stats()["counters"].get("created", 0) == 0
+
+
+def test_handles_travel_to_other_ray_tasks_and_aio_covers_the_pool(pool):
+    import asyncio
+    import pickle
+
+    box = pool.acquire("traveller")
+
+    @ray.remote(num_cpus=0)
+    def use_elsewhere(handle):
+        handle.write_file("/root/from-a-task.txt", "sent along")
+        return handle.exec("cat /root/from-a-task.txt").output
+
+    assert ray.get(use_elsewhere.remote(box)) == "sent along"
+    assert pickle.loads(pickle.dumps(pool)).list()[0]["thread_id"] == "traveller"
+
+    async def body():
+        rows = await pool.aio.list()
+        stats = await pool.aio.stats()
+        sandbox_id = await pool.aio.sandbox_id("traveller")
+        released = await box.aio.release()
+        return rows, stats, sandbox_id, released
+
+    rows, stats, sandbox_id, released = asyncio.run(body())
+    assert [r["thread_id"] for r in rows] == ["traveller"] and stats["states"]["active"] == 1
+    assert sandbox_id == box.sandbox_id and released is True

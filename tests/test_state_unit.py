@@ -332,3 +332,16 @@ def test_evict_lru_warm_for_a_node_slot():
     victim = state.evict_lru_warm()
     assert victim.sandbox_id == "b" and victim.state is SandboxState.STOPPING
     assert state.entries["a"].state is SandboxState.WARM and state.entries["c"].state is SandboxState.ACTIVE
+
+
+def test_changes_are_marked_so_reconcile_skips_what_moved_meanwhile():
+    state, _ = make()
+    create(state, "a")
+    epoch = state.epoch
+    create(state, "b")
+    state.release("a")
+    assert state.changed_since(epoch) == {"a", "b"}
+    epoch = state.epoch
+    state.removed("b")
+    assert state.changed_since(epoch) == {"b"}
+    assert state.changed_since(state.epoch) == set()
