@@ -86,14 +86,18 @@ class Demo:
                 image=image.tag,
                 base_dir=base_dir,
                 replicas=self.threads + 1,
+                spare_actors=self.threads,  # one started actor waiting per agent: cold starts skip Ray's
             )
             ray.init(address="local", logging_level=logging.ERROR, include_dashboard=False)
             try:
                 address = ray.get_runtime_context().gcs_address
                 self.say(f"ray: private local cluster at {address}")
                 pool = sandbox_actors.connect(config)
+                deadline = time.monotonic() + 120
+                while pool.stats()["spare_actors"] < config.spare_actors and time.monotonic() < deadline:
+                    time.sleep(0.1)
                 self.say(f"pool {config.pool_name!r} ready (replicas={config.replicas}, "
-                         f"idle_timeout={config.idle_timeout:.0f}s)")
+                         f"idle_timeout={config.idle_timeout:.0f}s, {pool.stats()['spare_actors']} spare actors)")
                 try:
                     self._phases(pool, address)
                 finally:
