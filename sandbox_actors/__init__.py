@@ -1,13 +1,15 @@
 """sandbox-actors: one isolated, long-lived container per AI-agent thread, served as Ray actors.
 
-Names are imported on first use, so an actor process that only needs
-``sandbox_actors.sandbox`` does not pay for the client and CLI.
+The error types load with the package; the client, config and result types on
+first use, so an actor process does not pay for what only drivers need.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from . import errors as _errors
 
 __version__ = "0.1.0"
 
@@ -20,33 +22,7 @@ _EXPORTS = {
     "BashResult": "backends.sandbox_api",
     "FileInfo": "backends.sandbox_api",
     "ShellResult": "backends.sandbox_api",
-    **{
-        name: "errors"
-        for name in (
-            "BackendError",
-            "BackendUnavailable",
-            "CommandTimeout",
-            "ConfigError",
-            "ImageNotFound",
-            "InvalidRequest",
-            "InvalidThreadId",
-            "PoolExhausted",
-            "PoolShutDown",
-            "PoolUnavailable",
-            "ReadinessTimeout",
-            "ResourceLimitExceeded",
-            "SandboxAuthError",
-            "SandboxDied",
-            "SandboxError",
-            "SandboxExited",
-            "SandboxFileNotFound",
-            "SandboxNotFound",
-            "SandboxOperationError",
-            "SandboxOwned",
-            "SandboxStartError",
-            "SandboxUnreachable",
-        )
-    },
+    **{name: "errors" for name in _errors.__all__},
 }
 
 __all__ = sorted(_EXPORTS)

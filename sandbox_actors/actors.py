@@ -11,8 +11,8 @@ import asyncio
 import functools
 import logging
 import uuid
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Mapping
+from typing import Any, TypeVar
 
 import ray
 import ray.exceptions
@@ -23,6 +23,7 @@ from .config import SandboxConfig
 from .errors import SandboxDied, SandboxError
 
 logger = logging.getLogger(__name__)
+K = TypeVar("K")
 
 SANDBOX_ACTOR_PREFIX = "sbx-"
 HEAD_RESOURCE = "node:__internal_head__"
@@ -72,6 +73,13 @@ async def call(ref: Awaitable[Any], timeout: float | None = None, what: str = "a
         raise ActorCallTimeout(f"{what}: no answer within {timeout:.1f}s") from None
     except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
         raise unwrap(exc) from None
+
+
+async def call_each(refs: Mapping[K, Awaitable[Any]], timeout: float, what: str) -> dict[K, Any]:
+    """Await many actor calls at once; each key maps to its result or to the error it raised."""
+    keys = list(refs)
+    results = await asyncio.gather(*(call(refs[k], timeout, what) for k in keys), return_exceptions=True)
+    return dict(zip(keys, results))
 
 
 @functools.cache

@@ -232,13 +232,11 @@ class Fleet:
     async def actor_views(self) -> tuple[list[ActorView], dict[str, Any], set[str]]:
         """Every live SandboxActor of the pool: (views, handles by name, names that did not answer)."""
         named = await asyncio.to_thread(actors.list_sandbox_actors, self._config)
-        names = list(named)
-        described = await asyncio.gather(
-            *(actors.call(named[n].describe.remote(), DESCRIBE_TIMEOUT, "describe") for n in names),
-            return_exceptions=True,
+        described = await actors.call_each(
+            {name: handle.describe.remote() for name, handle in named.items()}, DESCRIBE_TIMEOUT, "describe"
         )
         views, unknown = [], set()
-        for name, result in zip(names, described):
+        for name, result in described.items():
             if isinstance(result, ActorGone):
                 continue
             if isinstance(result, BaseException):
@@ -257,13 +255,11 @@ class Fleet:
         for node_id in sorted(nodes):
             if node_id not in self._reapers:
                 self._reapers[node_id] = await asyncio.to_thread(actors.spawn_reaper, self._config, node_id)
-        node_ids = sorted(self._reapers)
-        identities = await asyncio.gather(
-            *(actors.call(self._reapers[n].identity.remote(), REAPER_TIMEOUT, "reaper") for n in node_ids),
-            return_exceptions=True,
+        identities = await actors.call_each(
+            {n: self._reapers[n].identity.remote() for n in sorted(self._reapers)}, REAPER_TIMEOUT, "reaper"
         )
         engines: dict[str, tuple[Any, str]] = {}
-        for node_id, identity in zip(node_ids, identities):
+        for node_id, identity in identities.items():
             if isinstance(identity, BaseException):
                 logger.warning("reaper on node %s did not answer: %s", node_id[:12], identity)
                 gone = self._reapers.pop(node_id, None) if isinstance(identity, ActorGone) else None
@@ -277,13 +273,11 @@ class Fleet:
 
     async def containers(self, engines: dict[str, tuple[Any, str]]) -> tuple[list[ContainerView], set[str]]:
         """The pool's containers on every engine that answered, and those engines."""
-        engine_ids = list(engines)
-        lists = await asyncio.gather(
-            *(actors.call(engines[e][0].containers.remote(), REAPER_TIMEOUT, "list containers") for e in engine_ids),
-            return_exceptions=True,
+        lists = await actors.call_each(
+            {e: reaper.containers.remote() for e, (reaper, _node) in engines.items()}, REAPER_TIMEOUT, "list containers"
         )
         containers, seen = [], set()
-        for engine_id, listed in zip(engine_ids, lists):
+        for engine_id, listed in lists.items():
             if isinstance(listed, BaseException):
                 logger.warning("could not list containers on engine %s: %s", engine_id[:12], listed)
                 continue

@@ -384,11 +384,10 @@ class SandboxPool:
         candidates = self._state.idle_candidates()
         if not candidates:
             return
-        reports = await asyncio.gather(
-            *(actors.call(entry.actor.activity.remote(), DESCRIBE_TIMEOUT, "activity") for entry, _ in candidates),
-            return_exceptions=True,
+        reports = await actors.call_each(
+            {i: entry.actor.activity.remote() for i, (entry, _) in enumerate(candidates)}, DESCRIBE_TIMEOUT, "activity"
         )
-        for (entry, version), report in zip(candidates, reports):
+        for (entry, version), report in zip(candidates, reports.values()):
             if isinstance(report, ActorGone):
                 self._schedule_repair(entry.sandbox_id)
                 continue
@@ -610,11 +609,10 @@ class SandboxPool:
         """Every sandbox the pool holds, as plain dicts (for tables and JSON)."""
         await self._ready()
         entries = [e for e in self._state.entries.values() if e.actor is not None]
-        reports = await asyncio.gather(
-            *(actors.call(e.actor.activity.remote(), DESCRIBE_TIMEOUT, "activity") for e in entries),
-            return_exceptions=True,
+        reports = await actors.call_each(
+            {i: e.actor.activity.remote() for i, e in enumerate(entries)}, DESCRIBE_TIMEOUT, "activity"
         )
-        for entry, report in zip(entries, reports):
+        for entry, report in zip(entries, reports.values()):
             if not isinstance(report, BaseException):  # silent ones show what was last known
                 self._state.note_activity(entry.sandbox_id, report[0], report[1])
         now = self._state.clock()

@@ -95,6 +95,19 @@ def run(coro):  # noqa: ANN001, ANN201 - tiny helper for async code in sync test
     return asyncio.run(coro)
 
 
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.1):  # noqa: ANN001, ANN201
+    """Poll ``predicate`` until it returns something true or ``timeout`` passes; return its last value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_ray_env() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")

@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sandbox_actors
 from sandbox_actors.config import SandboxConfig
+from tests.conftest import wait_until
 
 WORKSPACE = "/mnt/user-data/workspace"
 
@@ -36,14 +37,6 @@ class Driver:
                 "container": box.info["container_name"]}
 
 
-def wait(predicate, timeout: float, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def main(image: str) -> dict:
@@ -131,7 +124,7 @@ def main(image: str) -> dict:
             rows = [r for r in pool.list() if r["thread_id"] in on_victim]
             return len(rows) == len(on_victim) and all(r["node_id"] not in (None, victim_node) for r in rows)
 
-        wait(moved, timeout=4 * config.reconcile_interval + 30)
+        wait_until(moved, timeout=4 * config.reconcile_interval + 30, interval=0.25)
         out["recovered_after"] = time.monotonic() - lost_at
         after = {}
         for thread in on_victim:

@@ -17,21 +17,13 @@ import ray
 import sandbox_actors
 from sandbox_actors import CommandTimeout, ImageNotFound, PoolExhausted, SandboxDied
 from sandbox_actors.threads import thread_dir
-from tests.conftest import assert_no_actors_left, containers_of, serving_actors
+from tests.conftest import assert_no_actors_left, containers_of, wait_until, serving_actors
 
 
 def running_names(docker_client, pool_name):
     return sorted(c.name for c in containers_of(docker_client, pool_name) if c.status == "running")
 
 
-def wait_until(predicate, timeout=15.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def test_cold_hot_warm_paths_and_container_counts(pool, docker_client, config):

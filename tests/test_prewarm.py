@@ -11,17 +11,10 @@ import ray
 
 import sandbox_actors
 from sandbox_actors.threads import sandbox_id_for
-from tests.conftest import assert_no_actors_left, containers_of
+from tests.conftest import assert_no_actors_left, containers_of, wait_until
 from tests.invariant import wait_for_invariant
 
 
-def wait_until(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
 
 
 @pytest.fixture
@@ -39,13 +32,13 @@ def spares(client) -> int:
 
 
 def test_a_new_thread_takes_a_spare_and_a_replacement_starts(prewarmed, docker_client, config):
-    assert wait_until(lambda: spares(prewarmed) == 2)
+    assert wait_until(lambda: spares(prewarmed) == 2, timeout=30)
     box = prewarmed.acquire("fresh-thread")
     assert box.path == "prewarmed"
     assert box.sandbox_id != sandbox_id_for(config.pool_name, "fresh-thread")  # the spare's own id
     assert prewarmed.sandbox_id("fresh-thread") == box.sandbox_id
     box.write_file("/root/state.txt", "mine")
-    assert wait_until(lambda: spares(prewarmed) == 2)  # replaced in the background
+    assert wait_until(lambda: spares(prewarmed) == 2, timeout=30)  # replaced in the background
     assert prewarmed.acquire("fresh-thread").path == "hot"
     prewarmed.release(box)
     again = prewarmed.acquire("fresh-thread")
@@ -56,7 +49,7 @@ def test_a_new_thread_takes_a_spare_and_a_replacement_starts(prewarmed, docker_c
 
 
 def test_spares_are_not_idle_reaped_and_count_toward_replicas(prewarmed, docker_client, config):
-    assert wait_until(lambda: spares(prewarmed) == 2)
+    assert wait_until(lambda: spares(prewarmed) == 2, timeout=30)
     time.sleep(config.idle_check_interval * 2 + 3.5)  # past idle_timeout=3
     assert spares(prewarmed) == 2
     boxes = [prewarmed.acquire(f"t{i}") for i in range(4)]  # replicas=4: spares then new ones
@@ -67,7 +60,7 @@ def test_spares_are_not_idle_reaped_and_count_toward_replicas(prewarmed, docker_
 
 
 def test_a_claimed_spare_survives_pool_restart_and_actor_death(prewarmed, docker_client, config):
-    assert wait_until(lambda: spares(prewarmed) == 2)
+    assert wait_until(lambda: spares(prewarmed) == 2, timeout=30)
     box = prewarmed.acquire("claimer")
     box.exec("echo kept > /tmp/kept.txt")
     ray.kill(prewarmed.pool, no_restart=False)
