@@ -441,6 +441,10 @@ class SandboxPool:
                 else:  # its thread already has another sandbox: never two
                     self._spawn(self._fleet.discard(handle))
                     done["ended_actors"] += 1
+            for sandbox_id in plan.forget:  # before any await: the plan is fresh only until then
+                self._state.removed(sandbox_id)
+                self._count("lost")
+                done["forgotten"] += 1
             for container in plan.remove_containers:
                 if container.engine_id in engines and await self._fleet.remove(engines, container):
                     done["removed_containers"] += 1
@@ -448,10 +452,6 @@ class SandboxPool:
                 if await self._still_unwanted(name, handles[name]):
                     actors.kill(handles[name])  # a kill, not a stop: a duplicate's container is another's
                     done["ended_actors"] += 1
-            for sandbox_id in plan.forget:
-                self._state.removed(sandbox_id)
-                self._count("lost")
-                done["forgotten"] += 1
             repairs = [
                 self._schedule_repair(sandbox_id, handles.get(owners[sandbox_id].name) if sandbox_id in owners else None)
                 for sandbox_id in plan.repair
