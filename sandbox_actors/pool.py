@@ -345,7 +345,9 @@ class SandboxPool:
                         sandbox_id, entry.info.get("container_id"), entry.info.get("engine_id")
                     )
                     if not stopped:
-                        raise SandboxError(f"the engine holding sandbox {sandbox_id} did not confirm its removal")
+                        raise SandboxError(
+                            f"the engine holding sandbox {sandbox_id} did not confirm its removal"
+                        ) from None
                 if not stopped:
                     logger.info("sandbox %s got busy; not stopping it", sandbox_id)
                     self._state.stop_refused(sandbox_id)
@@ -385,9 +387,10 @@ class SandboxPool:
         if not candidates:
             return
         reports = await actors.call_each(
-            {i: entry.actor.activity.remote() for i, (entry, _) in enumerate(candidates)}, DESCRIBE_TIMEOUT, "activity"
+            {entry.sandbox_id: entry.actor.activity.remote() for entry, _ in candidates}, DESCRIBE_TIMEOUT, "activity"
         )
-        for (entry, version), report in zip(candidates, reports.values()):
+        for entry, version in candidates:
+            report = reports[entry.sandbox_id]
             if isinstance(report, ActorGone):
                 self._schedule_repair(entry.sandbox_id)
                 continue
@@ -610,9 +613,10 @@ class SandboxPool:
         await self._ready()
         entries = [e for e in self._state.entries.values() if e.actor is not None]
         reports = await actors.call_each(
-            {i: e.actor.activity.remote() for i, e in enumerate(entries)}, DESCRIBE_TIMEOUT, "activity"
+            {e.sandbox_id: e.actor.activity.remote() for e in entries}, DESCRIBE_TIMEOUT, "activity"
         )
-        for entry, report in zip(entries, reports.values()):
+        for entry in entries:
+            report = reports[entry.sandbox_id]
             if not isinstance(report, BaseException):  # silent ones show what was last known
                 self._state.note_activity(entry.sandbox_id, report[0], report[1])
         now = self._state.clock()

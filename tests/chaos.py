@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 THREADS = [f"chaos-{i}" for i in range(6)]
 WORKSPACE = "/mnt/user-data/workspace"

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import ray
 
 from sandbox_actors.config import SandboxConfig
@@ -72,15 +71,22 @@ def test_metric_names_appear_on_the_metrics_endpoint(pool):
     pool.release(box)
     pool.acquire("metrics")
     ports = {n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]}
+    # This pool's gauge: names alone may come from earlier pools of the session.
+    active = re.compile(
+        r'ray_sandbox_actors_sandboxes\{[^}]*pool="%s"[^}]*state="active"[^}]*\} 1(\.0)?|'
+        r'ray_sandbox_actors_sandboxes\{[^}]*state="active"[^}]*pool="%s"[^}]*\} 1(\.0)?'
+        % (pool.config.pool_name, pool.config.pool_name)
+    )
     deadline = time.monotonic() + 60
     missing = METRICS
-    while missing and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
         text = "".join(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text for port in ports)
         missing = [name for name in METRICS if name not in text]
-        if missing:
-            time.sleep(1)
+        if not missing and active.search(text):
+            break
+        time.sleep(1)
     assert not missing, f"not exported: {missing}"
-    assert re.search(r'ray_sandbox_actors_sandboxes\{[^}]*state="active"[^}]*\} 1(\.0)?', text)
+    assert active.search(text), "this pool's active-sandboxes gauge never read 1"
 
 
 def test_readme_names_both_setup_commands():
