@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from backends import DockerBackend
-from backends.sandbox_api import BashResult, FileInfo, ShellResult
+from backends.sandbox_api import BashResult, FileInfo, ShellResult, warm_http_stack
 
 from . import actors
 from .config import SandboxConfig
@@ -50,7 +50,9 @@ class SandboxActor:
         return self._node_id
 
     async def warm_up(self) -> str:
-        """Connect to the engine ahead of need (a spare does this while it waits); returns the engine id."""
+        """Connect to the engine and load the HTTP client ahead of need (a spare does this while
+        it waits); returns the engine id."""
+        await warm_http_stack()
         return await self._backend.engine_id()
 
     async def start(self, sandbox_id: str, thread_id: str | None) -> dict[str, Any]:
