@@ -38,8 +38,13 @@ logger = logging.getLogger(__name__)
 # before we give up on the server answering at all.
 _HTTP_GRACE = 15.0
 _TIMEOUT_STATUSES = {"hard_timeout", "no_change_timeout", "timed_out"}
-# Probe interval once a sandbox has taken more than a second to answer.
-_SLOW_PROBE = 0.05
+# Probing backs off as a start drags on: after the first probes, the wait between two is a
+# tenth of the time waited so far (at most 0.25 s), and the engine is asked whether the
+# container still runs every half of it (at most 2 s). A slow start costs at most ~10%
+# more; dozens of containers starting at once cost the machine a few times fewer probes.
+_PROBE_BACKOFF = 0.1
+_MAX_PROBE_INTERVAL = 0.25
+_MAX_LIVENESS_INTERVAL = 2.0
 
 
 @functools.cache
@@ -169,10 +174,10 @@ class SandboxAPI:
     ) -> float:
         """Poll readiness until it answers, the container exits, or ``timeout``.
 
-        The API is probed every ``interval`` for the first second, then every
-        50 ms at most (many sandboxes starting at once then cost the machine
-        less); whether the container still runs is asked of the engine at most
-        every ``liveness_every`` seconds.
+        The API is probed every ``interval`` at first, backing off to a tenth
+        of the time waited so far (many sandboxes starting at once then cost
+        the machine less); whether the container still runs is asked of the
+        engine every ``liveness_every`` seconds at first, backing off likewise.
 
         Returns:
             Seconds it took.
@@ -196,8 +201,9 @@ class SandboxAPI:
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}".strip()
             now = time.monotonic()
+            waited = now - started
             if now >= next_liveness or now >= deadline:
-                next_liveness = now + liveness_every
+                next_liveness = now + min(max(liveness_every, waited / 2), _MAX_LIVENESS_INTERVAL)
                 if not await is_running():
                     tail = await log_tail()
                     raise SandboxExited(
@@ -213,7 +219,7 @@ class SandboxAPI:
                     last_observation=last,
                     log_tail=tail,
                 )
-            await asyncio.sleep(interval if now - started < 1.0 else max(interval, _SLOW_PROBE))
+            await asyncio.sleep(min(max(interval, waited * _PROBE_BACKOFF), _MAX_PROBE_INTERVAL, deadline - now))
 
     # ── commands ───────────────────────────────────────────────────────────
 
