@@ -88,12 +88,14 @@ class Fleet:
         config = self._config
         for attempt in range(1, _START_ATTEMPTS + 1):
             actor, name = self._take_spare(node_id)
-            if actor is None:
+            spare = actor is not None
+            if not spare:
                 actor, name = await self._spawn_actor(node_id)
             self._launching[name] = actor
             self.refill()
             try:
-                await self._placed(actor, sandbox_id, node_id)
+                if not spare:  # a spare is placed already: it answered before it became one
+                    await self._placed(actor, sandbox_id, node_id)
                 info = await actors.call(
                     actor.start.remote(sandbox_id, thread_id), config.readiness_timeout + 120,
                     f"starting sandbox {sandbox_id}",

@@ -40,10 +40,11 @@ logger = logging.getLogger(__name__)
 _ADOPT_READY_TIMEOUT = 5.0
 # How long an engine may take to report a killed container as stopped.
 _DEATH_NOTICE_SECONDS = 2.0
-# Inside the container: which actor owns it now. It outlives the actor, so a new actor can tell
-# whether a live actor still owns a running container (a label only names the creator). The
-# sandbox's own code can write there too: it is only a hint of whom to ask, never trusted for
-# which thread a sandbox serves. Best effort: an image where the path is not writable has none.
+# Inside the container: which actor adopted it last (a label names the creator, so only an
+# adopter writes this). It outlives the actor, so a new actor can tell whether a live actor still
+# owns a running container. The sandbox's own code can write there too: it is only a hint of
+# whom to ask, never trusted for which thread a sandbox serves. Best effort: an image where the
+# path is not writable has none.
 OWNER_FILE = "/run/sandbox-actors/owner.json"
 
 
@@ -199,17 +200,17 @@ class SandboxRuntime:
             with contextlib.suppress(SandboxError):
                 await self.backend.destroy(self.sandbox_id, record.container_id)
             raise
+        # No owner record: the container's label names this actor as its creator, and only a
+        # later adopter needs to write one (a request less per start).
         self.record, self._api, self.adopted = record, api, False
-        await self._write_owner()
         logger.info("sandbox %s: container %s ready at %s", self.sandbox_id, record.container_name, record.url)
 
     async def claim(self, thread_id: str) -> dict[str, Any]:
-        """Give this (pre-warmed, anonymous) sandbox to ``thread_id``; recorded in the container."""
+        """Give this (pre-warmed, anonymous) sandbox to ``thread_id`` (the pool records the claim)."""
         if self._api is None:
             raise SandboxNotFound(f"sandbox {self.sandbox_id} has not been started")
-        self.thread_id = thread_id
+        self.thread_id = thread_id  # the owner (this actor) is unchanged: nothing to record
         self.last_activity = self._clock()
-        await self._write_owner()
         return self.describe()
 
     async def _write_owner(self) -> None:

@@ -73,8 +73,8 @@ class SandboxActor:
             )
         elif self._runtime.sandbox_id != sandbox_id:
             raise InvalidRequest(f"actor {self._name} already serves sandbox {self._runtime.sandbox_id}")
-        await self._runtime.start()
-        return await self.describe()
+        started = await self._runtime.start()
+        return {**await self.describe(), "start_seconds": started.get("start_seconds")}
 
     async def claim(self, thread_id: str) -> dict[str, Any]:
         """Hand this pre-warmed sandbox to ``thread_id``."""
