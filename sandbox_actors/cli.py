@@ -248,8 +248,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import Bench, table
 
-    samples, burst = (2, 3) if args.tiny else (args.samples, args.burst)
-    results = Bench(samples, burst, out=lambda line: print(line, flush=True), scale=args.scale).run()
+    samples, burst, rounds = (2, 3, 1) if args.tiny else (args.samples, args.burst, args.rounds)
+    if min(samples, burst, rounds) < 1 or args.scale < 0:
+        raise InvalidRequest("bench: --samples, --burst and --rounds must be at least 1, --scale at least 0")
+    results = Bench(samples, burst, out=lambda line: print(line, flush=True), scale=args.scale, rounds=rounds).run()
     print()
     print(table(results))
     if args.json:
@@ -307,9 +309,11 @@ def parser() -> argparse.ArgumentParser:
     bench = add("bench", cmd_bench, "measure acquire paths, exec, bursts and memory against a bare container start")
     bench.add_argument("--samples", type=int, default=10, help="samples per figure (default 10)")
     bench.add_argument("--burst", type=int, default=32, help="new threads started at once (default 32)")
+    bench.add_argument("--rounds", type=int, default=3,
+                       help="bursts measured, on each side; the median counts (default 3)")
     bench.add_argument("--scale", type=int, default=0, metavar="N", help="also hold N sandboxes at once (slow)")
     bench.add_argument("--json", metavar="FILE", help="write the figures as JSON")
-    bench.add_argument("--tiny", action="store_true", help="2 samples, burst of 3: a smoke run")
+    bench.add_argument("--tiny", action="store_true", help="2 samples, one burst of 3: a smoke run")
     demo = add("demo", cmd_demo, "run agent threads against a private local pool and check everything")
     demo.add_argument("--threads", type=int, default=4, help="concurrent agent threads (default 4)")
     demo.add_argument("--turns", type=int, default=3, help="turns per thread before the return visit (default 3)")
