@@ -119,16 +119,22 @@ def get_actor(name: str, namespace: str) -> Any | None:
         return None
 
 
-def list_sandbox_actors(config: SandboxConfig) -> dict[str, Any]:
-    """The pool's live named SandboxActors: actor name -> handle."""
+def list_sandbox_actors(config: SandboxConfig, known: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The pool's live named SandboxActors: actor name -> handle.
+
+    Handles in ``known`` are reused: looking one up costs a GCS round trip,
+    which adds up with a hundred sandboxes on every reconcile pass.
+    """
     prefix = f"{SANDBOX_ACTOR_PREFIX}{config.pool_name}-"
+    known = known or {}
     found = {}
     for item in ray.util.list_named_actors(all_namespaces=True):
-        if item["namespace"] != config.namespace or not item["name"].startswith(prefix):
+        name = item["name"]
+        if item["namespace"] != config.namespace or not name.startswith(prefix):
             continue
-        handle = get_actor(item["name"], config.namespace)
+        handle = known.get(name) or get_actor(name, config.namespace)
         if handle is not None:
-            found[item["name"]] = handle
+            found[name] = handle
     return found
 
 

@@ -52,6 +52,7 @@ class Fleet:
         self._starting = 0  # sandbox starts in flight (refills wait for them: they compete for CPU)
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget work, kept referenced
+        self._named: dict[str, Any] = {}  # the pool's named actors at the last look: name -> handle
 
     @property
     def spare_count(self) -> int:
@@ -233,7 +234,8 @@ class Fleet:
 
     async def actor_views(self) -> tuple[list[ActorView], dict[str, Any], set[str]]:
         """Every live SandboxActor of the pool: (views, handles by name, names that did not answer)."""
-        named = await asyncio.to_thread(actors.list_sandbox_actors, self._config)
+        named = await asyncio.to_thread(actors.list_sandbox_actors, self._config, self._named)
+        self._named = named
         described = await actors.call_each(
             {name: handle.describe.remote() for name, handle in named.items()}, DESCRIBE_TIMEOUT, "describe"
         )
