@@ -105,11 +105,11 @@ def killer(address: str, pool_name: str, namespace: str, seed: int, duration: fl
             except (ValueError, ray.exceptions.RayError, ProcessLookupError):
                 continue
         else:
-            running = client.containers.list(filters={"label": f"sandbox-actors.pool={pool_name}"})
+            running = pool_containers(client, pool_name)
             if not running:
                 continue
             try:
-                rng.choice(running).kill()
+                client.api.kill(rng.choice(running)["Id"])
                 faults["container_kill"] += 1
             except docker.errors.APIError:
                 continue
@@ -117,13 +117,17 @@ def killer(address: str, pool_name: str, namespace: str, seed: int, duration: fl
     print(json.dumps({"faults": faults}))
 
 
+def pool_containers(client, pool_name: str, all: bool = False) -> list[dict]:
+    """The engine's list summaries (one call: a container removed meanwhile cannot fail it,
+    as the per-container inspect of ``containers.list`` can)."""
+    return client.api.containers(all=all, filters={"label": f"sandbox-actors.pool={pool_name}"})
+
+
 def snapshot(pool, client, namespace: str, pool_name: str) -> dict[str, set[str]]:
     from tests.invariant import sandboxes_served
 
-    containers = {c.labels["sandbox-actors.sandbox-id"]
-                  for c in client.containers.list(all=True, filters={"label": f"sandbox-actors.pool={pool_name}"})}
-    running = {c.labels["sandbox-actors.sandbox-id"]
-               for c in client.containers.list(filters={"label": f"sandbox-actors.pool={pool_name}"})}
+    containers = {c["Labels"]["sandbox-actors.sandbox-id"] for c in pool_containers(client, pool_name, all=True)}
+    running = {c["Labels"]["sandbox-actors.sandbox-id"] for c in pool_containers(client, pool_name)}
     live = sandboxes_served(pool_name, namespace)
     records = {row["sandbox_id"] for row in pool.list()}
     return {"containers": containers, "running": running, "actors": live, "records": records}
@@ -204,9 +208,9 @@ def run(seed: int, duration: float) -> int:
             unexpected = {k: v for k, v in errors.items() if k not in EXPECTED_ERRORS}
         finally:
             shut = pool.shutdown() if pool is not None else {}
-            left = client.containers.list(all=True, filters={"label": f"sandbox-actors.pool={config.pool_name}"})
+            left = pool_containers(client, config.pool_name, all=True)
             for container in left:
-                container.remove(force=True)
+                client.api.remove_container(container["Id"], force=True)
             client.close()
             ray.shutdown()
     print(f"chaos run: seed {seed}, {duration:.0f}s of chaos, {time.monotonic() - started:.0f}s in all")

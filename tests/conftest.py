@@ -27,6 +27,11 @@ TEST_NAMESPACE = "sandbox_actors_tests"
 
 def containers_of(client: docker.DockerClient, pool: str | None = None) -> list:
     labels = [PROJECT_FILTER] + ([f"sandbox-actors.pool={pool}"] if pool else [])
+    for _ in range(4):
+        try:
+            return client.containers.list(all=True, filters={"label": labels})
+        except docker.errors.NotFound:
+            continue  # one was removed between the engine's list and its inspect: list again
     return client.containers.list(all=True, filters={"label": labels})
 
 
