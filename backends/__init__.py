@@ -2,6 +2,7 @@
 
 from .base import Backend, Limits, Mount, SandboxRecord, SandboxSpec
 from .docker_backend import DockerBackend
+from .provisioner import ProvisionerBackend
 from .sandbox_api import BashResult, FileInfo, SandboxAPI, ShellResult
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "FileInfo",
     "Limits",
     "Mount",
+    "ProvisionerBackend",
     "SandboxAPI",
     "SandboxRecord",
     "SandboxSpec",

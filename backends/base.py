@@ -119,6 +119,10 @@ class Backend(abc.ABC):
             Callers must never read that as "the sandbox is dead".
     """
 
+    #: Whether records name the actor that created a sandbox (``LABEL_ACTOR``). When not,
+    #: the creator writes an owner record inside the sandbox, as an adopter does.
+    records_creator = True
+
     @abc.abstractmethod
     async def engine_id(self) -> str:
         """The id of the engine this backend drives."""

@@ -49,6 +49,10 @@ class BackendError(SandboxError):
     """The engine answered but refused a request (its explanation is in the message)."""
 
 
+class BackendUnauthorized(BackendError):
+    """The provisioner refused our credentials (``provisioner_api_key``)."""
+
+
 class ImageNotFound(SandboxError):
     """The configured image is not present on the engine (we never pull)."""
 

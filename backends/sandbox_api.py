@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import ipaddress
 import logging
+import os
 import ssl
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,8 +50,48 @@ _MAX_PROBE_INTERVAL = 0.25
 _MAX_LIVENESS_INTERVAL = 2.0
 
 
+def proxy_for(url: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The HTTP proxy to reach a sandbox at ``url`` through, from the environment, or None.
+
+    Local and private sandboxes are always reached directly, whatever the
+    environment says (a corporate proxy cannot reach them): loopback and
+    private or link-local addresses, ``*.docker.internal`` and single-label
+    host names. Other hosts use ``http_proxy``/``https_proxy`` (either case)
+    unless ``no_proxy`` lists them.
+    """
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    if not host or _is_local(host):
+        return None
+    env = {k.lower(): v for k, v in (os.environ if environ is None else environ).items()}
+    scheme = urllib.parse.urlsplit(url).scheme or "http"
+    proxy = env.get(f"{scheme}_proxy") or env.get("all_proxy")
+    if not proxy or _bypassed(host, env.get("no_proxy", "")):
+        return None
+    return proxy
+
+
+def _is_local(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost" or host.endswith(".docker.internal") or "." not in host
+    return address.is_loopback or address.is_private or address.is_link_local
+
+
+def _bypassed(host: str, no_proxy: str) -> bool:
+    for entry in (item.strip().lower() for item in no_proxy.split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        entry = entry.split(":")[0].lstrip(".")
+        if host == entry or host.endswith("." + entry):
+            return True
+    return False
+
+
 @functools.cache
-def _tls_context() -> ssl.SSLContext:
+def tls_context() -> ssl.SSLContext:
     """One TLS context per process: building one costs ~20 ms of CPU, and a client is made per sandbox."""
     return httpx.create_ssl_context()
 
@@ -131,7 +174,8 @@ class SandboxAPI:
         self.url = url
         self._timeout = timeout
         self._http = httpx.AsyncClient(
-            base_url=url, headers=headers, timeout=timeout, trust_env=False, verify=_tls_context()
+            base_url=url, headers=headers, timeout=timeout, trust_env=False, verify=tls_context(),
+            proxy=proxy_for(url),
         )
 
     async def aclose(self) -> None:
