@@ -239,3 +239,8 @@ def drop_claim(config: SandboxConfig, sandbox_id: str) -> None:
 
 def current_node_id() -> str:
     return ray.get_runtime_context().get_node_id()
+
+
+def assigned_resources() -> dict[str, float]:
+    """The Ray resources this actor holds (none beyond ``ray.resources``: SandboxActors use num_cpus=0)."""
+    return {name: amount for name, amount in ray.get_runtime_context().get_assigned_resources().items() if amount}

@@ -24,6 +24,7 @@ DEFAULT_IMAGE = "sandbox-actors-minimal:latest"
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONTAINER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
 _MEMORY = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
+_PROVISIONER_ID = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 
 
 class _Closed(BaseModel):
@@ -60,6 +61,43 @@ class LimitsConfig(_Closed):
         return value
 
 
+class DockerBackendConfig(_Closed):
+    """Sandboxes are containers on the Docker engine of the node their SandboxActor runs on."""
+
+    kind: Literal["docker"] = Field(default="docker", description="'docker' (the default) or 'provisioner'.")
+
+
+class ProvisionerBackendConfig(_Closed):
+    """Sandboxes come from a remote provisioner service (e.g. pods on Kubernetes)."""
+
+    kind: Literal["provisioner"] = Field(description="'provisioner'.")
+    url: str = Field(description="The provisioner's base URL, e.g. http://provisioner:8002.")
+    api_key: str | None = Field(
+        default=None, repr=False, description="X-API-Key sent on every call; '$NAME' is read from the host env."
+    )
+    create_timeout: float = Field(default=30, gt=0, description="Seconds a create call may take.")
+    delete_timeout: float = Field(default=15, gt=0, description="Seconds a delete call may take.")
+    request_timeout: float = Field(default=10, gt=0, description="Seconds a get, list or health call may take.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    def resolved_api_key(self, source: Mapping[str, str] | None = None) -> str:
+        """``api_key`` with a ``$NAME`` value read from ``source`` (default: os.environ)."""
+        return _resolve(self.api_key or "", os.environ if source is None else source)
+
+
+def _resolve(value: str, source: Mapping[str, str]) -> str:
+    return source.get(value[1:], "") if value.startswith("$") else value
+
+
+BackendConfig = DockerBackendConfig | ProvisionerBackendConfig
+
+
 class RayConfig(_Closed):
     """How SandboxActors are placed on the Ray cluster."""
 
@@ -90,9 +128,16 @@ class SandboxConfig(_Closed):
     environment: dict[str, str] = Field(
         default_factory=dict, description="Environment for every sandbox; a value '$NAME' is read from the host env."
     )
-    provisioner_url: str | None = Field(default=None, description="Set to use a remote provisioner backend.")
+    provisioner_url: str | None = Field(
+        default=None, description="Shortcut for backend: {kind: provisioner, url: ...}."
+    )
     # what an actor pool adds
-    provisioner_api_key: str | None = Field(default=None, description="X-API-Key for the provisioner.", repr=False)
+    provisioner_api_key: str | None = Field(
+        default=None, description="With provisioner_url: the backend's api_key.", repr=False
+    )
+    backend: BackendConfig = Field(
+        default_factory=DockerBackendConfig, discriminator="kind", description="Where sandboxes run."
+    )
     pool_name: str = Field(default="sandbox-pool", min_length=1, description="Name of the SandboxPool actor.")
     namespace: str = Field(default="sandbox_actors", min_length=1, description="Ray namespace of all our actors.")
     readiness_timeout: float = Field(default=60, gt=0, description="Seconds a new sandbox may take to answer.")
@@ -129,6 +174,17 @@ class SandboxConfig(_Closed):
     bind_host: str = Field(default="127.0.0.1", description="Host address the sandbox port is published on.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Placement of SandboxActors.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _provisioner_shortcut(cls, data: Any) -> Any:
+        """``provisioner_url`` (the original provider's key) stands for a provisioner backend."""
+        if not isinstance(data, Mapping) or not data.get("provisioner_url"):
+            return data
+        if data.get("backend") is not None:
+            raise ValueError("set either provisioner_url (with provisioner_api_key) or backend, not both")
+        backend = {"kind": "provisioner", "url": data["provisioner_url"], "api_key": data.get("provisioner_api_key")}
+        return {**data, "backend": backend}
+
     @field_validator("container_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
@@ -155,21 +211,29 @@ class SandboxConfig(_Closed):
     def _cross_field(self) -> SandboxConfig:
         if self.max_sandboxes is not None and self.max_sandboxes < self.replicas:
             raise ValueError(f"max_sandboxes ({self.max_sandboxes}) must be >= replicas ({self.replicas})")
-        if self.prewarm and self.thread_mounts:
+        if self.prewarm and self.thread_mounts and self.backend.kind == "docker":
             raise ValueError(
                 "prewarm needs thread_mounts: false: a spare sandbox starts before its thread is known, and a "
                 "container's mounts cannot change after it starts"
             )
-        if self.provisioner_url:
-            raise ValueError("provisioner_url: the remote provisioner backend is not implemented yet; leave it unset")
+        if self.backend.kind == "provisioner":
+            if not _PROVISIONER_ID.match(self.container_prefix):
+                raise ValueError(
+                    "container_prefix: with a provisioner it starts sandbox ids, so it must be lower-case letters, "
+                    "digits and '-', starting with a letter (a Kubernetes name)"
+                )
+            given = [key for key in ("mounts", "environment") if getattr(self, key)]
+            if given:
+                raise ValueError(
+                    f"{' and '.join(given)}: the provisioner decides what its sandboxes get; these keys apply "
+                    "to the docker backend only"
+                )
         return self
 
     def resolved_environment(self, source: Mapping[str, str] | None = None) -> dict[str, str]:
         """``environment`` with ``$NAME`` values read from ``source`` (default: os.environ)."""
         source = os.environ if source is None else source
-        return {
-            key: source.get(value[1:], "") if value.startswith("$") else value for key, value in self.environment.items()
-        }
+        return {key: _resolve(value, source) for key, value in self.environment.items()}
 
     @property
     def host_dir(self) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from backends.errors import (
     BackendError,
+    BackendUnauthorized,
     BackendUnavailable,
     CommandTimeout,
     ImageNotFound,
@@ -53,6 +54,7 @@ class PoolUnavailable(SandboxError):
 
 __all__ = [
     "BackendError",
+    "BackendUnauthorized",
     "BackendUnavailable",
     "CommandTimeout",
     "ConfigError",

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends import DockerBackend, SandboxAPI
+from backends import SandboxAPI
 from backends.errors import BackendUnavailable, SandboxError
 
 from . import actors
 from .config import SandboxConfig
-from .runtime import read_owner
+from .runtime import make_backend, read_owner
 
 _PROBE_TIMEOUT = 3.0
 
@@ -25,7 +25,7 @@ class NodeReaper:
 
     def __init__(self, config: SandboxConfig) -> None:
         self._pool = config.pool_name
-        self._backend = DockerBackend(config.container_prefix)
+        self._backend = make_backend(config)
         self._node_id = actors.current_node_id()
 
     async def identity(self) -> tuple[str, str]:

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
-from backends import Backend, Limits, SandboxAPI, SandboxRecord, SandboxSpec
+from backends import Backend, DockerBackend, Limits, SandboxAPI, SandboxRecord, SandboxSpec
 from backends.base import LABEL_ACTOR, LABEL_ENGINE_ID
 from backends.errors import (
     BackendUnavailable,
@@ -29,9 +29,10 @@ from backends.errors import (
     SandboxStartError,
     SandboxUnreachable,
 )
+from backends.provisioner import ProvisionerBackend
 from backends.sandbox_api import BashResult, FileInfo, ShellResult
 
-from .config import ENV_NAME, SandboxConfig
+from .config import ENV_NAME, ProvisionerBackendConfig, SandboxConfig
 from .threads import sandbox_mounts
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,22 @@ _DEATH_NOTICE_SECONDS = 2.0
 # whom to ask, never trusted for which thread a sandbox serves. Best effort: an image where the
 # path is not writable has none.
 OWNER_FILE = "/run/sandbox-actors/owner.json"
+
+
+def make_backend(config: SandboxConfig) -> Backend:
+    """The backend ``config`` asks for: the local Docker engine, or a remote provisioner."""
+    backend = config.backend
+    if isinstance(backend, ProvisionerBackendConfig):
+        return ProvisionerBackend(
+            backend.url,
+            api_key=backend.resolved_api_key(),
+            prefix=config.container_prefix,
+            pool=config.pool_name,
+            create_timeout=backend.create_timeout,
+            delete_timeout=backend.delete_timeout,
+            request_timeout=backend.request_timeout,
+        )
+    return DockerBackend(config.container_prefix)
 
 
 class SandboxRuntime:
@@ -161,7 +178,11 @@ class SandboxRuntime:
     async def _create(self) -> None:
         config = self.config
         try:
-            mounts = await asyncio.to_thread(sandbox_mounts, config, self.thread_id)
+            # Mounts are the Docker backend's: a provisioner decides what its sandboxes get.
+            mounts = (
+                await asyncio.to_thread(sandbox_mounts, config, self.thread_id)
+                if config.backend.kind == "docker" else ()
+            )
         except OSError as exc:
             raise SandboxStartError(
                 f"could not create the thread directories under {config.base_dir}: {exc.strerror}"
@@ -200,9 +221,11 @@ class SandboxRuntime:
             with contextlib.suppress(SandboxError):
                 await self.backend.destroy(self.sandbox_id, record.container_id)
             raise
-        # No owner record: the container's label names this actor as its creator, and only a
-        # later adopter needs to write one (a request less per start).
+        # When the backend labels containers with their creator (Docker), no owner record is
+        # needed: only a later adopter writes one (a request less per start).
         self.record, self._api, self.adopted = record, api, False
+        if not self.backend.records_creator:
+            await self._write_owner()
         logger.info("sandbox %s: container %s ready at %s", self.sandbox_id, record.container_name, record.url)
 
     async def claim(self, thread_id: str) -> dict[str, Any]:

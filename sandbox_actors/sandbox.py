@@ -18,14 +18,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from backends import DockerBackend
 from backends.sandbox_api import BashResult, FileInfo, ShellResult, warm_http_stack
 
 from . import actors
 from .config import SandboxConfig
 from .errors import InvalidRequest, SandboxDied, SandboxError, SandboxNotFound
 from .metrics import SandboxMetrics
-from .runtime import SandboxRuntime
+from .runtime import SandboxRuntime, make_backend
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +39,8 @@ class SandboxActor:
         self._config = config
         self._name = name
         self._node_id = actors.current_node_id()
-        self._backend = DockerBackend(config.container_prefix)  # connects on first use
+        self._resources = actors.assigned_resources()
+        self._backend = make_backend(config)  # connects on first use
         self._runtime: SandboxRuntime | None = None
         self._reported_dead = False
         self._metrics = SandboxMetrics(config.pool_name)
@@ -82,7 +82,7 @@ class SandboxActor:
         return await self.describe()
 
     async def describe(self) -> dict[str, Any]:
-        base = {"actor_name": self._name, "node_id": self._node_id, "pid": os.getpid()}
+        base = {"actor_name": self._name, "node_id": self._node_id, "pid": os.getpid(), "resources": self._resources}
         if self._runtime is None:
             return {**base, "sandbox_id": None, "started": False}
         return {**self._runtime.describe(), **base}
