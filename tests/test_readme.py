@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 import subprocess
 import sys
 import time
@@ -43,6 +44,10 @@ def test_quickstart_runs_as_written(ray_address, image, tmp_path, docker_client)
 def config_keys() -> list[str]:
     keys = []
     for name, field in SandboxConfig.model_fields.items():
+        variants = [m for m in typing.get_args(field.annotation) if hasattr(m, "model_fields")]
+        if len(variants) > 1:  # a discriminated union (backend): the key, and every variant's keys
+            keys += [name] + sorted({f"{name}.{sub}" for model in variants for sub in model.model_fields})
+            continue
         nested = getattr(field.annotation, "model_fields", None)
         keys += [f"{name}.{sub}" for sub in nested] if nested else [name]
     return keys
