@@ -169,13 +169,13 @@ def test_server_error_message_surfaces(service_factory):
 # ── through the pool ───────────────────────────────────────────────────────
 
 
-def pool_config(config: SandboxConfig, backend: str, service: Service | None) -> SandboxConfig:
+def pool_config(config: SandboxConfig, backend: str, service: Service | None, api_key: str = API_KEY) -> SandboxConfig:
     if backend == "docker":
         return config
     assert service is not None
     values = config.model_dump(exclude={"backend", "provisioner_url", "provisioner_api_key"})
     return SandboxConfig(**{**values, "container_prefix": f"tp-{config.pool_name}",
-                            "provisioner_url": service.url, "provisioner_api_key": API_KEY})
+                            "provisioner_url": service.url, "provisioner_api_key": api_key})
 
 
 @pytest.mark.parametrize("backend", ["docker", "provisioner"])
@@ -207,9 +207,9 @@ def test_same_scenario_on_both_backends(backend, ray_address, config, service_fa
 
 
 @contextlib.contextmanager
-def provisioner_pool(config: SandboxConfig, service: Service, **update) -> Iterator:
+def provisioner_pool(config: SandboxConfig, service: Service, api_key: str = API_KEY, **update) -> Iterator:
     """A pool on the service; afterwards it is shut down and nothing of it may remain."""
-    cfg = pool_config(config, "provisioner", service).model_copy(update=update)
+    cfg = pool_config(config, "provisioner", service, api_key).model_copy(update=update)
     pool = sandbox_actors.connect(cfg)
     try:
         yield pool
@@ -227,6 +227,17 @@ def test_never_ready_sandbox_is_deleted(ray_address, config, service_factory):
             pool.acquire("stuck")
         assert time.monotonic() - started < 30
         assert service.sandboxes() == []  # the pending sandbox was DELETEd, not left behind
+        assert pool.stats()["total"] == 0
+
+
+def test_provisioner_refusals_reach_the_caller_typed(ray_address, config, service_factory):
+    with provisioner_pool(config, service_factory(), api_key="wrong") as pool:
+        with pytest.raises(BackendUnauthorized, match="provisioner_api_key"):
+            pool.acquire("refused")
+        assert pool.stats()["total"] == 0
+    with provisioner_pool(config, service_factory("fail")) as pool:
+        with pytest.raises(BackendError, match=FAIL_MESSAGE):
+            pool.acquire("no-quota")
         assert pool.stats()["total"] == 0
 
 
