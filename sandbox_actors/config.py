@@ -82,7 +82,7 @@ class ProvisionerBackendConfig(_Closed):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
 
@@ -180,10 +180,15 @@ class SandboxConfig(_Closed):
         """``provisioner_url`` (the original provider's key) stands for a provisioner backend."""
         if not isinstance(data, Mapping) or not data.get("provisioner_url"):
             return data
-        if data.get("backend") is not None:
-            raise ValueError("set either provisioner_url (with provisioner_api_key) or backend, not both")
-        backend = {"kind": "provisioner", "url": data["provisioner_url"], "api_key": data.get("provisioner_api_key")}
-        return {**data, "backend": backend}
+        shortcut = {"kind": "provisioner", "url": str(data["provisioner_url"]).rstrip("/"),
+                    "api_key": data.get("provisioner_api_key")}
+        given = data.get("backend")
+        if given is not None:
+            given = given.model_dump() if isinstance(given, BaseModel) else dict(given)
+            if any(given.get(key) != value for key, value in shortcut.items()):
+                raise ValueError("set either provisioner_url (with provisioner_api_key) or backend, not both")
+            return data  # the same thing said twice, e.g. a dumped config loaded again
+        return {**data, "backend": shortcut}
 
     @field_validator("container_prefix")
     @classmethod

@@ -290,6 +290,8 @@ def test_provisioner_config_errors_are_clear():
     assert load_config({"provisioner_url": "http://127.0.0.1:9", "prewarm": 2}).prewarm == 2  # no mounts to stop it
     with pytest.raises(ConfigError, match="thread_mounts"):
         load_config({"prewarm": 2})  # the docker backend's thread mounts do
+    shortcut = load_config({"provisioner_url": "http://p:8002", "provisioner_api_key": "k"})
+    assert load_config({**shortcut.model_dump(), "pool_name": "other"}).backend == shortcut.backend  # a dump loads
     loaded = load_config({"backend": {"kind": "provisioner", "url": "http://p:8002/", "api_key": "$K"}})
     assert loaded.backend.url == "http://p:8002" and loaded.backend.resolved_api_key({"K": "v"}) == "v"
 
@@ -300,7 +302,8 @@ def test_provisioner_config_errors_are_clear():
 def test_proxy_rule_for_sandbox_urls():
     from backends.sandbox_api import proxy_for
 
-    env = {"HTTP_PROXY": "http://proxy.corp:3128", "https_proxy": "http://proxy.corp:3129", "NO_PROXY": ".internal.example"}
+    env = {"HTTP_PROXY": "http://proxy.corp:3128", "https_proxy": "http://proxy.corp:3129",
+           "NO_PROXY": ".internal.example"}
     for local in ("http://127.0.0.1:8080", "http://[::1]:8080", "http://10.0.3.4:8080", "http://172.17.0.2:8080",
                   "http://192.168.1.9", "http://169.254.10.1", "http://host.docker.internal:8080",
                   "http://sandbox-abc:8080", "http://localhost:8080", "http://a.internal.example"):
