@@ -215,6 +215,23 @@ def pool_actor(config: SandboxConfig) -> Any:
     )
 
 
+def _shut_down_key(config: SandboxConfig) -> bytes:
+    return f"sandbox-actors/shut-down/{config.pool_name}".encode()
+
+
+def mark_shut_down(config: SandboxConfig) -> None:
+    """Record that the pool was shut down on purpose, so clients do not bring it back by retrying."""
+    internal_kv._internal_kv_put(_shut_down_key(config), b"1", namespace=config.namespace)
+
+
+def clear_shut_down(config: SandboxConfig) -> None:
+    internal_kv._internal_kv_del(_shut_down_key(config), namespace=config.namespace)
+
+
+def was_shut_down(config: SandboxConfig) -> bool:
+    return bool(internal_kv._internal_kv_exists(_shut_down_key(config), namespace=config.namespace))
+
+
 def _claim_key(config: SandboxConfig, sandbox_id: str) -> bytes:
     return f"sandbox-actors/claims/{config.pool_name}/{sandbox_id}".encode()
 

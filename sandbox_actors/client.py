@@ -198,7 +198,9 @@ class PoolClient:
     """A connection to one SandboxPool. Safe to use from many threads; cheap to create.
 
     Pool calls survive a pool restart: a call that meets a restarting or dead
-    pool is retried (a dead pool is re-created) for up to 60 s.
+    pool is retried (a dead pool is re-created) for up to 60 s. A pool shut
+    down on purpose (``shutdown()``, ``sandbox-actors down``) stays down: calls
+    raise PoolShutDown until someone calls ``connect()`` again.
     """
 
     def __init__(self, config: SandboxConfig, pool: Any) -> None:
@@ -220,6 +222,11 @@ class PoolClient:
             try:
                 return _value(self._method_ref(method, *args))
             except actors.ActorGone as exc:
+                if actors.was_shut_down(self.config):
+                    raise PoolShutDown(
+                        f"pool {self.config.pool_name} was shut down (by `sandbox-actors down` or a shutdown() "
+                        "call); connect() again to start a new one"
+                    ) from exc
                 if time.monotonic() > deadline:
                     raise PoolUnavailable(f"pool {self.config.pool_name} unreachable for {_POOL_RETRY_SECONDS:.0f}s") from exc
                 logger.info("pool %s is gone or restarting; reconnecting", self.config.pool_name)
@@ -355,6 +362,7 @@ def connect(
     if overrides:
         cfg = load_config({**cfg.model_dump(), **overrides})
     ensure_ray(address)
+    actors.clear_shut_down(cfg)  # asking for the pool is asking for it to run again
     pool = actors.pool_actor(cfg)
     running = _value(pool.config.remote())
     if running != cfg:

@@ -659,6 +659,8 @@ class SandboxPool:
         return await asyncio.shield(self._shutdown)
 
     async def _shutdown_all(self) -> dict[str, int]:
+        # First: a client that finds the pool gone from here on must not bring it back by retrying.
+        await asyncio.to_thread(actors.mark_shut_down, self._config)
         for loop in self._loops:
             loop.cancel()
         await self._fleet.close()

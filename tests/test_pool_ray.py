@@ -334,3 +334,21 @@ def test_handles_travel_to_other_ray_tasks_and_aio_covers_the_pool(pool):
     rows, stats, sandbox_id, released = asyncio.run(body())
     assert [r["thread_id"] for r in rows] == ["traveller"] and stats["states"]["active"] == 1
     assert sandbox_id == box.sandbox_id and released is True
+
+
+def test_a_pool_shut_down_elsewhere_stays_down(ray_address, config):
+    from sandbox_actors import PoolShutDown
+    from tests.conftest import named_actors
+
+    first = sandbox_actors.connect(config)
+    first.acquire("t")
+    sandbox_actors.connect(config).shutdown()  # another process, or `sandbox-actors down`
+    with pytest.raises(PoolShutDown, match="connect"):
+        first.acquire("t")  # not quietly brought back with a fresh sandbox
+    assert config.pool_name not in named_actors()
+    again = sandbox_actors.connect(config)  # asking again does start it
+    try:
+        assert again.acquire("t").exec("echo up").output.strip() == "up"
+    finally:
+        again.shutdown()
+    assert_no_actors_left(config.pool_name)
