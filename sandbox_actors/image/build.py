@@ -15,6 +15,7 @@ reused as is, so a rebuild with nothing changed takes about a second.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -35,11 +36,29 @@ INPUTS_LABEL = "sandbox-actors.inputs"
 SERVER = Path(__file__).with_name("server.py")
 _EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*")
 
-DOCKERFILE = """\
-FROM {base}
+# Commands run as this user (the server stays root and switches to it for each command).
+# Its uid is well away from the first login user's (1000), who often runs Ray on a host:
+# that user must not own what the sandbox user may touch.
+COMMAND_USER = "sandbox"
+COMMAND_UID = 10000
+API_SOCKET = "/run/sandbox-api/api.sock"
+COMMAND_USERS = json.dumps(
+    {"sandbox": {"uid": COMMAND_UID, "gid": COMMAND_UID, "home": "/home/sandbox"},
+     "root": {"uid": 0, "gid": 0, "home": "/root"}},
+    separators=(",", ":"),
+)
+
+DOCKERFILE = f"""\
+FROM {{base}}
+RUN echo '{COMMAND_USER}:x:{COMMAND_UID}:{COMMAND_UID}:sandbox:/home/{COMMAND_USER}:/bin/bash' >> /etc/passwd \\
+ && echo '{COMMAND_USER}:x:{COMMAND_UID}:' >> /etc/group \\
+ && mkdir -p /home/{COMMAND_USER} /run/sandbox-api \\
+ && chown {COMMAND_UID}:{COMMAND_UID} /home/{COMMAND_USER} \\
+ && chown -R {COMMAND_UID}:{COMMAND_UID} /usr/local
 COPY server.py /opt/sandbox/server.py
-ENV HOME=/root LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1
-WORKDIR /root
+ENV LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 SANDBOX_USER={COMMAND_USER}
+LABEL sandbox-actors.api-socket="{API_SOCKET}" sandbox-actors.command-users='{COMMAND_USERS}'
+WORKDIR /home/{COMMAND_USER}
 EXPOSE 8080
 CMD ["python3", "-u", "/opt/sandbox/server.py"]
 """
@@ -133,7 +152,7 @@ def build_image(
         previous = store.image_id(tag)
         store.build(
             tag,
-            {"Dockerfile": DOCKERFILE.format(base=base_tag).encode(), "server.py": SERVER.read_bytes()},
+            {"Dockerfile": DOCKERFILE.replace("{base}", base_tag).encode(), "server.py": SERVER.read_bytes()},
             {INPUTS_LABEL: digest, "sandbox-actors.project": "sandbox-actors"},
             progress=lambda line: progress(f"      {line}"),
         )

@@ -12,7 +12,15 @@ the subset of the AIO sandbox API that sandbox_actors and the ``agent-sandbox`` 
 
 Every JSON reply is the envelope {"success": bool, "message": str, "data": ...}.
 Configuration comes from SANDBOX_* environment variables, which are removed from the
-environment after reading so that commands run in the sandbox never see them.
+environment after reading so that commands run in the sandbox never see them:
+
+  SANDBOX_SOCKET        serve on this unix socket (else TCP on SANDBOX_BIND:SANDBOX_PORT)
+  SANDBOX_TOKEN_SHA256  hex SHA-256 of the bearer token requests must carry (the token
+                        itself never enters the container); SANDBOX_TOKEN: the token itself
+  SANDBOX_USER          run commands as this user (the server itself stays root, so a
+                        command can neither read its memory nor take over its socket)
+  SANDBOX_USER_DIRS     colon-separated directories (the thread mounts) given to that user
+  SANDBOX_HOME, SANDBOX_MAX_OUTPUT, SANDBOX_PORT, SANDBOX_BIND
 """
 
 import base64
@@ -21,6 +29,7 @@ import collections
 import contextlib
 import errno
 import datetime
+import hashlib
 import hmac
 import json
 import math
@@ -31,6 +40,7 @@ import re
 import select
 import signal
 import socket
+import socketserver
 import stat
 import subprocess
 import sys
@@ -58,25 +68,81 @@ def log(message):
 
 # --------------------------------------------------------------------------- config
 
+class RunAs:
+    """The user commands run as: the server's own, or another one it switches to (needs root)."""
+
+    def __init__(self, name, uid, gid, home):
+        self.name, self.uid, self.gid, self.home = name, uid, gid, home
+
+    @classmethod
+    def current(cls):
+        try:
+            entry = pwd.getpwuid(os.getuid())
+            return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+        except KeyError:
+            return cls(str(os.getuid()), os.getuid(), os.getgid(), os.environ.get("HOME") or "/")
+
+    @classmethod
+    def named(cls, name):
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise ValueError(f"SANDBOX_USER: no user {name!r} in this image's /etc/passwd") from None
+        if entry.pw_uid != os.getuid() and os.getuid() != 0:
+            raise ValueError(f"SANDBOX_USER: the server runs as uid {os.getuid()} and cannot switch to {name!r}")
+        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+
+    @property
+    def switches(self):
+        return self.uid != os.getuid()
+
+    def popen_kwargs(self):
+        """What subprocess needs to start a command as this user (capabilities go with the uid)."""
+        if not self.switches:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+    def own(self, path):
+        """Give a file or directory the server just created to this user."""
+        if self.switches:
+            os.chown(path, self.uid, self.gid)
+
+
 class Config:
-    def __init__(self, port, bind, token, max_output, home):
-        self.port, self.bind, self.token = port, bind, token
+    def __init__(self, port, bind, token_hash, max_output, home, socket_path=None, run_as=None):
+        self.port, self.bind, self.token_hash = port, bind, token_hash
         self.max_output, self.home = max_output, home
+        self.socket_path = socket_path
+        self.run_as = run_as or RunAs.current()
+        self.user_dirs = []
+
+    @property
+    def token(self):
+        return bool(self.token_hash)
 
 
 def load_config(environ=os.environ):
-    """Read SANDBOX_* once, then delete them so child commands cannot see the token."""
-    names = ("SANDBOX_PORT", "SANDBOX_BIND", "SANDBOX_TOKEN", "SANDBOX_MAX_OUTPUT", "SANDBOX_HOME")
+    """Read SANDBOX_* once, then delete them so child commands cannot see them."""
+    names = ("SANDBOX_PORT", "SANDBOX_BIND", "SANDBOX_TOKEN", "SANDBOX_TOKEN_SHA256", "SANDBOX_MAX_OUTPUT",
+             "SANDBOX_HOME", "SANDBOX_SOCKET", "SANDBOX_USER", "SANDBOX_USER_DIRS")
     raw = {name: environ.pop(name, "") for name in names}
     try:
         port = int(raw["SANDBOX_PORT"] or 8080)
         max_output = int(raw["SANDBOX_MAX_OUTPUT"] or 8 * 1024 * 1024)
     except ValueError:
         raise ValueError("SANDBOX_PORT and SANDBOX_MAX_OUTPUT must be integers") from None
-    home = raw["SANDBOX_HOME"] or environ.get("HOME") or "/root"
+    token_hash = raw["SANDBOX_TOKEN_SHA256"].strip().lower()
+    if raw["SANDBOX_TOKEN"]:
+        token_hash = hashlib.sha256(raw["SANDBOX_TOKEN"].encode("utf-8")).hexdigest()
+    if token_hash and not re.fullmatch(r"[0-9a-f]{64}", token_hash):
+        raise ValueError("SANDBOX_TOKEN_SHA256 must be 64 hex digits")
+    run_as = RunAs.named(raw["SANDBOX_USER"]) if raw["SANDBOX_USER"] else RunAs.current()
+    home = raw["SANDBOX_HOME"] or (run_as.home if raw["SANDBOX_USER"] else None) or environ.get("HOME") or "/root"
     # A cap below a few KiB would make the head/tail split meaningless.
-    return Config(port, raw["SANDBOX_BIND"] or "0.0.0.0", raw["SANDBOX_TOKEN"],
-                  max(max_output, 4096), os.path.abspath(home))
+    cfg = Config(port, raw["SANDBOX_BIND"] or "0.0.0.0", token_hash, max(max_output, 4096),
+                 os.path.abspath(home), raw["SANDBOX_SOCKET"] or None, run_as)
+    cfg.user_dirs = [path for path in raw["SANDBOX_USER_DIRS"].split(":") if path]
+    return cfg
 
 
 # --------------------------------------------------------------------------- validation
@@ -358,7 +424,8 @@ class ShellSession:
         self.discard()
         self.proc = subprocess.Popen(
             ["bash", "--noprofile", "--norc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, cwd=self.cfg.home, start_new_session=True, bufsize=0)
+            stderr=subprocess.STDOUT, cwd=self.cfg.home, start_new_session=True, bufsize=0,
+            env=command_env(self.cfg), **self.cfg.run_as.popen_kwargs())
         self.registry.add(self.proc.pid)
         write_all(self.proc.stdin.fileno(), b"exec 3>&1\n")
 
@@ -474,11 +541,20 @@ class SessionManager:
 
 # --------------------------------------------------------------------------- bash -c
 
-def run_bash(command, env, cwd, hard_timeout, cap, registry):
+def command_env(cfg, extra=None):
+    """The environment a command starts with: ours (SANDBOX_* already removed), as its user."""
+    env = dict(os.environ, HOME=cfg.home)
+    if cfg.run_as.switches:
+        env.update(USER=cfg.run_as.name, LOGNAME=cfg.run_as.name)
+    env.update(extra or {})
+    return env
+
+
+def run_bash(command, env, cwd, hard_timeout, cap, registry, run_as):
     """Run `bash -c command` in its own process group; capture stdout/stderr separately."""
     proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
-                            start_new_session=True)
+                            start_new_session=True, **run_as.popen_kwargs())
     registry.add(proc.pid)
     bufs = {proc.stdout.fileno(): BoundedBuffer(cap), proc.stderr.fileno(): BoundedBuffer(cap)}
     out_buf, err_buf = bufs.values()
@@ -617,10 +693,7 @@ class App:
         self.info = self._build_info()
 
     def _build_info(self):
-        try:
-            user = pwd.getpwuid(os.getuid()).pw_name
-        except KeyError:
-            user = str(os.getuid())
+        user = self.cfg.run_as.name
         home = self.cfg.home
         system = {"os": "linux", "os_version": platform.release(), "arch": platform.machine(),
                   "user": user, "home_dir": home, "workspace": None,
@@ -631,11 +704,11 @@ class App:
                 "detail": {"system": system, "runtime": {"python": [], "nodejs": []}, "utils": []}}
 
     def authorized(self, header):
-        if not self.cfg.token:
+        if not self.cfg.token_hash:
             return True
         scheme, _, value = (header or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            value.strip().encode("utf-8", "replace"), self.cfg.token.encode("utf-8", "replace"))
+        presented = hashlib.sha256(value.strip().encode("utf-8", "replace")).hexdigest()
+        return scheme.lower() == "bearer" and hmac.compare_digest(presented, self.cfg.token_hash)
 
     def resolve(self, path, field="file"):
         """Absolute path; relative paths and '~' are taken relative to the sandbox home."""
@@ -682,7 +755,7 @@ class App:
     def bash_exec(self, body):
         command = get_field(body, "command", "str", required=True)
         reject_nul(command, "command")
-        env = dict(os.environ)
+        env = command_env(self.cfg)
         for name, value in get_field(body, "env", "dict", default={}).items():
             # Never echo values: they may be secrets.
             if not ENV_NAME_RE.fullmatch(name):
@@ -705,7 +778,7 @@ class App:
         before = limit_counters()
         try:
             status, out, err, code = run_bash(command, env, cwd, hard or timeout,
-                                              self.cfg.max_output, self.registry)
+                                              self.cfg.max_output, self.registry, self.cfg.run_as)
         except OSError as exc:
             raise spawn_failed(exc) from exc
         out, err = middle_truncate(out, max_len), middle_truncate(err, max_len)
@@ -748,10 +821,31 @@ class App:
         if os.path.isdir(path):
             raise ApiError(400, f"Is a directory: {path}")
         with fs_errors(path, not_dir_status=400):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.makedirs(os.path.dirname(path))
+            existed = os.path.lexists(path)
             with open(path, "ab" if append else "wb") as f:
                 f.write(data)
+            if not existed:
+                self.cfg.run_as.own(path)
         return ok({"file": path, "bytes_written": len(data)})
+
+    def makedirs(self, directory):
+        """os.makedirs, with every directory it creates given to the command user."""
+        missing = []
+        while directory and not os.path.isdir(directory):
+            missing.append(directory)
+            parent = os.path.dirname(directory)
+            if parent == directory:
+                break
+            directory = parent
+        for path in reversed(missing):
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                if not os.path.isdir(path):
+                    raise NotADirectoryError(path) from None
+                continue   # made meanwhile by another request
+            self.cfg.run_as.own(path)
 
     def file_list(self, body):
         path = self.resolve(get_field(body, "path", "str", required=True), "path")
@@ -964,24 +1058,53 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 64
 
 
+class UnixServer(socketserver.ThreadingUnixStreamServer):
+    """HTTP on a unix socket: the sandbox then needs no network to be reached, and nothing
+    on the host's network can reach it."""
+
+    daemon_threads = True
+    request_queue_size = 64
+
+
+def listen(cfg):
+    """The server for cfg: on its unix socket when one is given, else on TCP."""
+    if cfg.socket_path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(cfg.socket_path)   # a stale socket of an earlier run of this container
+        httpd = UnixServer(cfg.socket_path, Handler)
+        # Who may connect is decided by the directory the socket lives in (the host makes it
+        # private to the sandbox's actor; the command user cannot enter it) and by the token.
+        os.chmod(cfg.socket_path, 0o666)
+        return httpd, cfg.socket_path
+    server_cls = Server
+    if ":" in cfg.bind:
+        server_cls = type("Server6", (Server,), {"address_family": socket.AF_INET6})
+    httpd = server_cls((cfg.bind, cfg.port), Handler)
+    return httpd, f"{cfg.bind}:{httpd.server_address[1]}"
+
+
 def main():
     try:
         cfg = load_config()
     except ValueError as exc:
         log(f"configuration error: {exc}")
         return 2
-    try:
-        os.makedirs(cfg.home, exist_ok=True)
-    except OSError as exc:
-        log(f"cannot create home directory {cfg.home}: {exc}")
+    if not os.path.isdir(cfg.home):
+        try:
+            os.makedirs(cfg.home, exist_ok=True)
+            cfg.run_as.own(cfg.home)
+        except OSError as exc:
+            log(f"cannot create home directory {cfg.home}: {exc}")
+    for path in cfg.user_dirs:
+        try:
+            cfg.run_as.own(path)   # the thread's mounted directories are the command user's to write
+        except OSError as exc:
+            log(f"cannot give {path} to {cfg.run_as.name}: {exc}")
     app = App(cfg)
-    server_cls = Server
-    if ":" in cfg.bind:
-        server_cls = type("Server6", (Server,), {"address_family": socket.AF_INET6})
     try:
-        httpd = server_cls((cfg.bind, cfg.port), Handler)
+        httpd, where = listen(cfg)
     except OSError as exc:
-        log(f"cannot listen on {cfg.bind}:{cfg.port}: {exc}")
+        log(f"cannot listen on {cfg.socket_path or f'{cfg.bind}:{cfg.port}'}: {exc}")
         return 1
     httpd.app = app
     stop = threading.Event()
@@ -995,9 +1118,8 @@ def main():
             stop.set()
 
     threading.Thread(target=serve, name="http", daemon=True).start()
-    log(f"listening on {cfg.bind}:{httpd.server_address[1]} "
-        f"(auth {'on' if cfg.token else 'off'}, home {cfg.home}, "
-        f"max output {cfg.max_output} bytes)")
+    log(f"listening on {where} (auth {'on' if cfg.token else 'off'}, commands as {cfg.run_as.name}, "
+        f"home {cfg.home}, max output {cfg.max_output} bytes)")
     while not stop.wait(0.2):
         pass
     log("shutting down")
