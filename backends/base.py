@@ -8,7 +8,7 @@ Talking to the sandbox once it runs is :mod:`backends.sandbox_api`'s job.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 # Label keys every container of ours carries. Reconcile and the reapers decide
@@ -19,6 +19,10 @@ LABEL_SANDBOX_ID = "sandbox-actors.sandbox-id"
 LABEL_THREAD_ID = "sandbox-actors.thread-id"
 LABEL_ENGINE_ID = "sandbox-actors.engine-id"
 LABEL_ACTOR = "sandbox-actors.actor"  # the actor that created the container
+# The API token. A label is visible to whoever may talk to the engine (who can exec into the
+# container anyway), never from inside the container: the server there holds only its hash.
+LABEL_TOKEN = "sandbox-actors.token"
+LABEL_SOCKET = "sandbox-actors.socket"  # the API's unix socket, as the host sees it
 PROJECT = "sandbox-actors"
 
 
@@ -42,6 +46,7 @@ class Mount:
     host_path: str
     container_path: str
     read_only: bool = False
+    user_owned: bool = False  # the command user gets the mounted directory (thread directories)
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class Limits:
     memory: str | None = "1g"
     cpus: float | None = 1.0
     pids: int | None = 512
+    disk: str | None = None  # writable layer size; needs an engine whose storage driver has quotas
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,9 @@ class SandboxSpec:
     capabilities: tuple[str, ...] = ()
     bind_host: str = "127.0.0.1"
     extra_labels: Mapping[str, str] = field(default_factory=dict)
+    user: str = "sandbox"  # who commands run as: 'sandbox' (unprivileged) or 'root'
+    runtime: str | None = None  # the engine's runtime, e.g. 'runsc' (gVisor); None: its default
+    read_only_rootfs: bool = False  # only tmpfs (/tmp, /run, home) and mounts are writable
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,28 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def logs_tail(self, sandbox_id: str, lines: int = 40) -> str:
         """The container's last log lines (empty when it is gone)."""
+
+    async def prepare(
+        self, pool: str, *, image: str | None = None, runtime: str | None = None, limits: Limits | None = None,
+        extra_blocked: Iterable[str] = (),
+    ) -> dict[str, object]:
+        """Make this engine ready for ``pool``'s sandboxes (its network and firewall rules, with
+        ``extra_blocked`` addresses refused too) and check it can give them what is asked for.
+        Idempotent; refreshes the rules. Returns what it found (for status).
+
+        Raises:
+            IsolationUnavailable: the policy cannot be enforced, or ``runtime`` is unknown.
+            NotSupported: a limit the engine cannot apply (e.g. ``limits.disk``).
+        """
+        return {}
+
+    async def teardown(self, pool: str) -> dict[str, int]:
+        """Remove what :meth:`prepare` made for ``pool`` once none of its containers is left."""
+        return {}
+
+    async def sweep_rules(self) -> int:
+        """Remove isolation rules of ours left behind by pools whose network is gone."""
+        return 0
 
     async def close(self) -> None:
         """Release client resources. Containers are untouched."""

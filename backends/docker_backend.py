@@ -1,82 +1,95 @@
 """Sandbox containers on a Docker engine, through the ``docker`` SDK.
 
 Every engine call runs in a worker thread (``asyncio.to_thread``): the SDK is
-synchronous and the callers are event loops. Engine errors are translated here
-into the typed errors of :mod:`backends.errors`; nothing above this module
-sees ``docker.errors`` or ``requests``.
+synchronous and the callers are event loops. Engine errors are translated
+(:mod:`backends.engine`) into the typed errors of :mod:`backends.errors`;
+nothing above this module sees ``docker.errors`` or ``requests``.
+
+Isolation, as the pool's config asks for it: each pool's containers sit on
+the pool's own network (:mod:`backends.network`) or on none at all; the API is
+served on a unix socket in a per-sandbox host directory when the image can
+(ours can; a port on loopback otherwise); the server holds only the hash of
+its token; commands run as an unprivileged user; an optional runtime (gVisor),
+read-only root filesystem and disk limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
+import os
+import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import docker
 import docker.errors
 import docker.types
-import requests.exceptions
 
 from .base import (
     LABEL_ENGINE_ID,
     LABEL_POOL,
     LABEL_PROJECT,
     LABEL_SANDBOX_ID,
+    LABEL_SOCKET,
     LABEL_THREAD_ID,
+    LABEL_TOKEN,
     PROJECT,
     Backend,
     SandboxRecord,
     SandboxSpec,
     encode_label_value,
 )
-from .errors import BackendError, BackendUnavailable, ImageNotFound, SandboxError, SandboxStartError
+from .engine import connect, engine_errors
+from .errors import BackendUnavailable, ImageNotFound, IsolationUnavailable, NotSupported, SandboxError, SandboxStartError
+from .firewall import Firewall, NetworkPolicy
+from .network import LABEL_TAG, PoolNetwork, default_socket_dir, our_networks, pool_tag
 
 logger = logging.getLogger(__name__)
 
 LABEL_PORT = "sandbox-actors.port"
 LABEL_CREATED_AT = "sandbox-actors.created-at"
-TOKEN_ENV = "SANDBOX_TOKEN"
-
-_UNREACHABLE = (
-    requests.exceptions.ConnectionError,
-    requests.exceptions.Timeout,
-    ConnectionError,
-    socket.timeout,
-)
+# Labels an image sets to say what its API server can do (ours does; the public AIO image not).
+IMAGE_API_SOCKET = "sandbox-actors.api-socket"  # serves the API on this unix socket path
+IMAGE_COMMAND_USERS = "sandbox-actors.command-users"  # JSON {name: {uid, gid, home}} it can run commands as
+# What the server in our image needs to run commands as another user and manage their files;
+# commands lose all of it with their uid (and no-new-privileges keeps them from regaining any).
+SERVER_CAPABILITIES = ("SETUID", "SETGID", "KILL", "CHOWN", "DAC_OVERRIDE")
 
 
-@contextlib.contextmanager
-def engine_errors(action: str) -> Iterator[None]:
-    """Translate engine failures met while doing ``action`` into typed errors."""
-    try:
-        yield
-    except SandboxError:
-        raise
-    except _UNREACHABLE as exc:
-        raise BackendUnavailable(
-            f"Docker engine did not answer while trying to {action}: {exc}. "
-            "Is dockerd running? (`docker info` should answer.)"
-        ) from exc
-    except docker.errors.APIError as exc:
-        raise BackendError(f"Docker engine refused to {action}: {exc.explanation or exc}") from exc
-    except docker.errors.DockerException as exc:
-        raise BackendUnavailable(
-            f"Docker engine unavailable while trying to {action}: {exc}. "
-            "Start it (e.g. `dockerd &`) or set DOCKER_HOST."
-        ) from exc
+@dataclass(frozen=True)
+class ImageAPI:
+    """What an image's API server supports, from its labels."""
 
+    socket_path: str | None = None
+    users: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-def connect(base_url: str | None, timeout: float) -> docker.DockerClient:
-    """A client for the engine at ``base_url`` (None: from the environment)."""
-    with engine_errors("connect"):
-        if base_url:
-            return docker.DockerClient(base_url=base_url, timeout=int(timeout))
-        return docker.from_env(timeout=int(timeout))
+    @classmethod
+    def from_labels(cls, labels: dict[str, str]) -> ImageAPI:
+        try:
+            users = json.loads(labels.get(IMAGE_COMMAND_USERS) or "{}")
+        except ValueError:
+            users = {}
+        return cls(labels.get(IMAGE_API_SOCKET) or None, users if isinstance(users, dict) else {})
+
+def _writable_tmpfs(user: dict[str, Any] | None) -> dict[str, str]:
+    """With a read-only root filesystem: what stays writable (besides the mounts)."""
+    tmpfs = {
+        "/tmp": "rw,nosuid,nodev,mode=1777",
+        "/var/tmp": "rw,nosuid,nodev,mode=1777",
+        "/run": "rw,nosuid,nodev,mode=755",
+    }
+    if user is not None and user.get("home"):
+        tmpfs[str(user["home"])] = f"rw,nosuid,nodev,mode=755,uid={int(user['uid'])},gid={int(user['gid'])}"
+    return tmpfs
 
 
 class DockerBackend(Backend):
@@ -87,17 +100,35 @@ class DockerBackend(Backend):
         base_url: the engine's address; None uses the environment (DOCKER_HOST
             or the default socket).
         timeout: seconds to wait for any single engine call.
+        policy: what the sandboxes may reach (one network per pool).
+        socket_dir: node-local directory for per-sandbox API sockets.
+        host_socket_dir: ``socket_dir`` as the engine's host sees it
+            (Docker-outside-of-Docker); default the same.
     """
 
     def __init__(
-        self, container_prefix: str = "sandbox-actors", base_url: str | None = None, timeout: float = 30.0
+        self,
+        container_prefix: str = "sandbox-actors",
+        base_url: str | None = None,
+        timeout: float = 30.0,
+        *,
+        policy: NetworkPolicy | None = None,
+        socket_dir: str | None = None,
+        host_socket_dir: str | None = None,
     ) -> None:
         self._prefix = container_prefix
         self._base_url = base_url
         self._timeout = timeout
+        self.policy = policy or NetworkPolicy()
+        self.socket_dir = socket_dir or default_socket_dir()
+        self._host_socket_dir = host_socket_dir or self.socket_dir
         self._client: docker.DockerClient | None = None
         self._client_lock = threading.Lock()
         self._engine: dict[str, str] | None = None
+        self._networks: dict[str, PoolNetwork] = {}
+        self._ready_networks: set[str] = set()  # pools whose network this process has checked
+        self._images: dict[str, ImageAPI] = {}
+        self._warned: set[str] = set()
 
     # ── plumbing ───────────────────────────────────────────────────────────
 
@@ -117,6 +148,31 @@ class DockerBackend(Backend):
             self._engine = {"id": str(info.get("ID") or ""), "name": str(info.get("Name") or socket.gethostname())}
         return self._engine
 
+    def network(self, pool: str) -> PoolNetwork:
+        """The network (and firewall rules) of ``pool`` on this engine."""
+        if pool not in self._networks:
+            lock = os.path.join(self.socket_dir, ".firewall.lock")
+            self._networks[pool] = PoolNetwork(self._docker, pool, self.policy, lock)
+        return self._networks[pool]
+
+    def _pool_socket_dir(self, pool: str, host: bool = False) -> str:
+        return os.path.join(self._host_socket_dir if host else self.socket_dir, pool_tag(pool))
+
+    def _image_api(self, image: str) -> ImageAPI:
+        """What ``image``'s API server can do (cached per image name)."""
+        if image not in self._images:
+            with engine_errors(f"inspect image {image}"):
+                try:
+                    labels = self._docker().images.get(image).labels or {}
+                except docker.errors.ImageNotFound as exc:
+                    raise ImageNotFound(
+                        f"image {image!r} is not on the Docker engine and is never pulled; "
+                        "build it with `sandbox-actors build-image` or set `image` in the config",
+                        image=image,
+                    ) from exc
+            self._images[image] = ImageAPI.from_labels(dict(labels))
+        return self._images[image]
+
     def _get(self, sandbox_id: str) -> Any | None:
         with engine_errors(f"inspect sandbox {sandbox_id}"):
             try:
@@ -125,12 +181,11 @@ class DockerBackend(Backend):
                 return None
 
     def _record(self, container: Any) -> SandboxRecord:
-        """A record from a full inspect (it has the token, from the container's environment)."""
+        """A record from a full inspect."""
         attrs = container.attrs
         labels = dict(attrs["Config"].get("Labels") or {})
         port = labels.get(LABEL_PORT, "8080")
         bindings = (attrs.get("NetworkSettings", {}).get("Ports") or {}).get(f"{port}/tcp") or []
-        env = attrs["Config"].get("Env") or []
         return self._make_record(
             labels,
             host_port=next((b["HostPort"] for b in bindings if b.get("HostPort")), None),
@@ -138,11 +193,10 @@ class DockerBackend(Backend):
             container_id=attrs["Id"],
             running=bool(attrs.get("State", {}).get("Running")),
             created=time.time(),
-            token=next((item.split("=", 1)[1] for item in env if item.startswith(TOKEN_ENV + "=")), ""),
         )
 
     def _record_from_summary(self, summary: dict[str, Any]) -> SandboxRecord:
-        """A record from the list summary (no token: use discover for that)."""
+        """A record from the list summary (one engine call for every container)."""
         labels = dict(summary.get("Labels") or {})
         port = int(labels.get(LABEL_PORT, "8080"))
         ports = summary.get("Ports") or []
@@ -157,16 +211,21 @@ class DockerBackend(Backend):
 
     def _make_record(
         self, labels: dict[str, str], *, host_port: Any, name: str, container_id: str, running: bool,
-        created: float, token: str = "",
+        created: float,
     ) -> SandboxRecord:
         try:
             created_at = float(labels.get(LABEL_CREATED_AT, ""))
         except ValueError:
             created_at = created
         engine = self._engine_info()
+        token = labels.pop(LABEL_TOKEN, "")  # kept out of ``labels``, which get printed
+        if labels.get(LABEL_SOCKET):
+            url = f"unix:{labels[LABEL_SOCKET]}"
+        else:
+            url = f"http://127.0.0.1:{host_port}" if host_port else ""
         return SandboxRecord(
             sandbox_id=labels.get(LABEL_SANDBOX_ID, ""),
-            url=f"http://127.0.0.1:{host_port}" if host_port else "",
+            url=url,
             container_name=name.lstrip("/"),
             container_id=container_id,
             node=engine["name"],
@@ -211,6 +270,7 @@ class DockerBackend(Backend):
 
     def _create_container(self, spec: SandboxSpec, name: str) -> Any:
         engine = self._engine_info()
+        api = self._image_api(spec.image)
         labels = {
             LABEL_PROJECT: PROJECT,
             LABEL_POOL: spec.pool,
@@ -223,12 +283,54 @@ class DockerBackend(Backend):
         }
         environment = {**spec.environment}
         if spec.token:
-            environment[TOKEN_ENV] = spec.token
+            # The server gets only the hash: nothing inside the container can authenticate.
+            environment["SANDBOX_TOKEN_SHA256"] = hashlib.sha256(spec.token.encode()).hexdigest()
+            labels[LABEL_TOKEN] = spec.token
         mounts = [
             docker.types.Mount(target=m.container_path, source=m.host_path, type="bind", read_only=m.read_only)
             for m in spec.mounts
         ]
+        options: dict[str, Any] = {}
+        network = self._network_for(spec.pool)
+        if network is None:
+            options["network_mode"] = "none"
+        else:
+            options["network"] = network
+        if api.socket_path:
+            host_dir = self._socket_dir_for(spec)
+            mounts.append(docker.types.Mount(target=os.path.dirname(api.socket_path), source=host_dir, type="bind"))
+            environment["SANDBOX_SOCKET"] = api.socket_path
+            labels[LABEL_SOCKET] = os.path.join(
+                self._pool_socket_dir(spec.pool), spec.sandbox_id, os.path.basename(api.socket_path)
+            )
+        elif network is None:
+            raise SandboxStartError(
+                f"image {spec.image!r} serves its API on a TCP port only, and network.egress 'none' gives its "
+                "sandboxes no network; use an image that serves it on a unix socket (ours does) or allow egress"
+            )
+        else:
+            options["ports"] = {f"{spec.port}/tcp": (spec.bind_host,)}
+        capabilities = list(spec.capabilities)
+        user = api.users.get(spec.user)
+        if user is not None:
+            environment["SANDBOX_USER"] = spec.user
+            owned = [m.container_path for m in spec.mounts if m.user_owned]
+            if owned:
+                environment["SANDBOX_USER_DIRS"] = ":".join(owned)
+            if int(user.get("uid", 0)) != 0:
+                capabilities += [cap for cap in SERVER_CAPABILITIES if cap not in capabilities]
+        elif spec.user != "root" and spec.image not in self._warned:
+            self._warned.add(spec.image)
+            logger.warning("image %s does not say it can run commands as %r; commands run as the image decides",
+                           spec.image, spec.user)
+        if spec.read_only_rootfs:
+            options["read_only"] = True
+            options["tmpfs"] = _writable_tmpfs(user)
+        if spec.runtime:
+            options["runtime"] = spec.runtime
         limits = spec.limits
+        if limits.disk:
+            options["storage_opt"] = {"size": limits.disk}
         with engine_errors(f"create container {name}"):
             try:
                 return self._docker().containers.create(
@@ -238,16 +340,16 @@ class DockerBackend(Backend):
                     labels=labels,
                     environment=environment,
                     mounts=mounts,
-                    ports={f"{spec.port}/tcp": (spec.bind_host,)},
                     mem_limit=limits.memory,
                     memswap_limit=limits.memory,  # no swap beyond the memory limit
                     nano_cpus=int(limits.cpus * 1e9) if limits.cpus else None,
                     pids_limit=limits.pids,
                     security_opt=["no-new-privileges"],
                     cap_drop=["ALL"],
-                    cap_add=list(spec.capabilities) or None,
+                    cap_add=capabilities or None,
                     privileged=False,
                     init=True,
+                    **options,
                 )
             except docker.errors.ImageNotFound as exc:
                 raise ImageNotFound(
@@ -261,6 +363,24 @@ class DockerBackend(Backend):
                 if exc.status_code is not None and exc.status_code < 500:
                     raise SandboxStartError(f"could not create container {name}: {exc.explanation or exc}") from exc
                 raise
+
+    def _network_for(self, pool: str) -> str | None:
+        """The pool's network name (None: no network), made sure of once per process."""
+        network = self.network(pool)
+        if pool not in self._ready_networks:
+            network.ensure()
+            self._ready_networks.add(pool)
+        return network.name if self.policy.networked else None
+
+    def _socket_dir_for(self, spec: SandboxSpec) -> str:
+        """Create the sandbox's private socket directory; returns it as the engine's host sees it."""
+        local = os.path.join(self._pool_socket_dir(spec.pool), spec.sandbox_id)
+        try:
+            os.makedirs(local, mode=0o700, exist_ok=True)
+            os.chmod(local, 0o700)  # only this node's actors (and root) may enter
+        except OSError as exc:
+            raise SandboxStartError(f"could not create the sandbox's socket directory {local}: {exc.strerror}") from exc
+        return os.path.join(self._pool_socket_dir(spec.pool, host=True), spec.sandbox_id)
 
     def _start(self, container: Any, spec: SandboxSpec) -> SandboxRecord:
         try:
@@ -287,19 +407,18 @@ class DockerBackend(Backend):
         return await asyncio.to_thread(_discover)
 
     async def list(self, pool: str | None = None) -> list[SandboxRecord]:
-        """Every container of ours (one engine call; records carry no token: use discover for that)."""
+        """Every container of ours (one engine call)."""
+        return await asyncio.to_thread(self._list, pool)
 
-        def _list() -> list[SandboxRecord]:
-            label_filter = [f"{LABEL_PROJECT}={PROJECT}"]
-            if pool is not None:
-                label_filter.append(f"{LABEL_POOL}={pool}")
-            with engine_errors("list containers"):
-                # The summary listing: one call, and no per-container inspect that could
-                # race with a container being removed meanwhile.
-                summaries = self._docker().api.containers(all=True, filters={"label": label_filter})
-            return [self._record_from_summary(summary) for summary in summaries]
-
-        return await asyncio.to_thread(_list)
+    def _list(self, pool: str | None = None) -> list[SandboxRecord]:
+        label_filter = [f"{LABEL_PROJECT}={PROJECT}"]
+        if pool is not None:
+            label_filter.append(f"{LABEL_POOL}={pool}")
+        with engine_errors("list containers"):
+            # The summary listing: one call, and no per-container inspect that could
+            # race with a container being removed meanwhile.
+            summaries = self._docker().api.containers(all=True, filters={"label": label_filter})
+        return [self._record_from_summary(summary) for summary in summaries]
 
     async def destroy(self, sandbox_id: str, container_id: str | None = None) -> bool:
         return await asyncio.to_thread(self._destroy, sandbox_id, container_id)
@@ -316,8 +435,25 @@ class DockerBackend(Backend):
             except docker.errors.APIError as exc:
                 if exc.status_code != 409:  # 409: removal already in progress elsewhere
                     raise
+        self._remove_socket_dir(container.labels.get(LABEL_SOCKET))
         logger.info("sandbox %s: removed container %s", sandbox_id, container.name)
         return True
+
+    def _remove_socket_dir(self, socket_path: str | None) -> None:
+        """The socket directory goes with its container (when it lives under our socket dir here)."""
+        if not socket_path:
+            return
+        directory = os.path.dirname(socket_path)
+        if os.path.commonpath([os.path.abspath(directory), os.path.abspath(self.socket_dir)]) != os.path.abspath(
+            self.socket_dir
+        ):
+            return  # another node's or another config's: not ours to touch
+        try:
+            shutil.rmtree(directory)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("could not remove socket directory %s: %s", directory, exc.strerror)
 
     async def is_running(self, sandbox_id: str) -> bool:
         def _running() -> bool:
@@ -351,6 +487,100 @@ class DockerBackend(Backend):
             return None if usage is None else max(0, usage - cache)
 
         return await asyncio.to_thread(_usage)
+
+    async def prepare(
+        self, pool: str, *, image: str | None = None, runtime: str | None = None, limits: Any = None,
+        extra_blocked: Iterable[str] = (),
+    ) -> dict[str, object]:
+        return await asyncio.to_thread(self._prepare, pool, image, runtime, limits, tuple(extra_blocked))
+
+    def _prepare(
+        self, pool: str, image: str | None, runtime: str | None, limits: Any, extra_blocked: tuple[str, ...]
+    ) -> dict[str, object]:
+        engine = self._engine_info()["name"]
+        if runtime:
+            with engine_errors("read engine info"):
+                known = sorted((self._docker().info().get("Runtimes") or {}).keys())
+            if runtime not in known:
+                raise IsolationUnavailable(
+                    f"runtime {runtime!r} is not registered with the Docker engine on {engine} (it knows: "
+                    f"{', '.join(known)}); register it in /etc/docker/daemon.json and reload dockerd "
+                    "(`scripts/bootstrap` does this for gVisor's runsc)"
+                )
+        image_api = self._try_image_api(image)
+        if image_api is not None and not self.policy.networked and not image_api.socket_path:
+            raise IsolationUnavailable(
+                f"image {image!r} serves its API on a TCP port only, and network.egress 'none' gives sandboxes "
+                "no network; use an image that serves it on a unix socket (ours does) or allow egress"
+            )
+        disk = getattr(limits, "disk", None)
+        if disk and image_api is not None:
+            self._check_disk_limit(image, disk, engine)
+        network = self.network(pool)
+        name = network.ensure(extra_blocked, refresh=True)
+        self._ready_networks.add(pool)
+        if name is not None and self.policy.enforce and not os.path.exists(f"/sys/class/net/{network.bridge}"):
+            raise IsolationUnavailable(
+                f"the Docker engine on {engine} does not run in this host's network namespace (bridge "
+                f"{network.bridge} is not visible here), so its firewall rules cannot be installed from here; "
+                "run Ray on the engine's own host, or set network.enforce: false"
+            )
+        return {"network": name, "bridge": network.bridge if name else None, "enforced": self.policy.needs_rules}
+
+    def _try_image_api(self, image: str | None) -> ImageAPI | None:
+        if not image:
+            return None
+        try:
+            return self._image_api(image)
+        except ImageNotFound:
+            return None  # the first acquire says so, with how to build it
+
+    def _check_disk_limit(self, image: str | None, disk: str, engine: str) -> None:
+        """Ask the engine for a container with a disk limit (never started) and remove it at once."""
+        name = f"{self._prefix}-disk-check-{uuid.uuid4().hex[:8]}"
+        with engine_errors("check the disk limit"):
+            try:
+                container = self._docker().containers.create(image, name=name, storage_opt={"size": disk},
+                                                             network_mode="none")
+            except docker.errors.APIError as exc:
+                raise NotSupported(
+                    f"limits.disk: the Docker engine on {engine} cannot limit a container's disk: "
+                    f"{exc.explanation or exc}; remove limits.disk or use a storage driver with quotas "
+                    "(overlay2 on xfs with pquota, btrfs, zfs)",
+                    feature="limits.disk",
+                ) from exc
+            container.remove(force=True)
+
+    async def teardown(self, pool: str) -> dict[str, int]:
+        return await asyncio.to_thread(self._teardown, pool)
+
+    def _teardown(self, pool: str) -> dict[str, int]:
+        removed = self.network(pool).remove()
+        self._ready_networks.discard(pool)
+        left = {record.sandbox_id for record in self._list(pool)}
+        root = self._pool_socket_dir(pool)
+        if os.path.isdir(root):
+            for entry in os.listdir(root):
+                if entry not in left:
+                    self._remove_socket_dir(os.path.join(root, entry, "api.sock"))
+            with contextlib.suppress(OSError):  # not empty: a sandbox of the pool still runs here
+                os.rmdir(root)
+        return removed
+
+    async def sweep_rules(self) -> int:
+        """Remove firewall rules of ours (any pool's) whose network no longer exists on this engine.
+        Returns how many pools' rules went."""
+
+        def _sweep() -> int:
+            if not self.policy.enforce:
+                return 0
+            networks = {(n.attrs.get("Labels") or {}).get(LABEL_TAG) for n in our_networks(self._docker())}
+            stale = [tag for tag in Firewall.installed_tags() if tag not in networks]
+            for tag in stale:
+                Firewall(tag, f"sbx-{tag}", os.path.join(self.socket_dir, ".firewall.lock")).remove()
+            return len(stale)
+
+        return await asyncio.to_thread(_sweep)
 
     async def close(self) -> None:
         with self._client_lock:

@@ -53,6 +53,21 @@ class BackendUnauthorized(BackendError):
     """The provisioner refused our credentials (``provisioner_api_key``)."""
 
 
+class IsolationUnavailable(SandboxError):
+    """The host cannot enforce the isolation the config asks for (network policy rules, a
+    runtime the engine does not know); the message names the cause and the fix. A pool
+    refuses to start rather than run sandboxes with less isolation than configured."""
+
+
+class NotSupported(SandboxError):
+    """The backend (or its engine) cannot do what was asked (e.g. a disk limit on a storage
+    driver without quotas); the message names the backend and the reason.
+
+    Attributes:
+        feature: what was asked for.
+    """
+
+
 class ImageNotFound(SandboxError):
     """The configured image is not present on the engine (we never pull)."""
 

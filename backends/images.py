@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 import docker
 import docker.errors
 
-from .docker_backend import connect, engine_errors
+from .engine import connect, engine_errors
 from .errors import BackendError, ImageNotFound
 
 

@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 import ssl
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
@@ -36,6 +37,8 @@ from .errors import (
 )
 
 logger = logging.getLogger(__name__)
+
+UNIX_SCHEME = "unix:"
 
 # Extra seconds the HTTP request may take beyond a command's own timeout
 # before we give up on the server answering at all.
@@ -97,8 +100,8 @@ def tls_context() -> ssl.SSLContext:
 
 
 async def warm_http_stack() -> None:
-    """Load what the HTTP client imports on first use (httpcore, anyio's backend, h11) and the
-    TLS context, by one request to a throwaway server on loopback inside this process.
+    """Load what the HTTP client imports on first use (httpcore, anyio's backend, h11), by one
+    request to a throwaway server on a unix socket inside this process (as sandboxes are reached).
 
     A spare actor calls this while it waits, so a burst of new sandboxes does
     not pay for dozens of processes importing modules at the same moment.
@@ -110,15 +113,16 @@ async def warm_http_stack() -> None:
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    api = SandboxAPI(f"http://127.0.0.1:{port}")
-    try:
-        await api._http.get("/", timeout=5.0)
-    finally:
-        await api.aclose()
-        server.close()
-        await server.wait_closed()
+    with tempfile.TemporaryDirectory(prefix="sa-warm-") as directory:
+        path = os.path.join(directory, "s")
+        server = await asyncio.start_unix_server(answer, path)
+        api = SandboxAPI(f"{UNIX_SCHEME}{path}")
+        try:
+            await api._http.get("/", timeout=5.0)
+        finally:
+            await api.aclose()
+            server.close()
+            await server.wait_closed()
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,8 @@ class SandboxAPI:
     """Talks to one sandbox's API over HTTP.
 
     Args:
-        url: base URL, e.g. ``http://127.0.0.1:49153``.
+        url: base URL, e.g. ``http://127.0.0.1:49153``, or ``unix:/path/api.sock`` for a
+            server on a unix socket (no network needed between us and it).
         token: sent as ``Authorization: Bearer``; empty sends nothing.
         timeout: seconds for calls that run no command (files, probes).
     """
@@ -173,6 +178,12 @@ class SandboxAPI:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url
         self._timeout = timeout
+        if url.startswith(UNIX_SCHEME):
+            self._http = httpx.AsyncClient(
+                base_url="http://sandbox", headers=headers, timeout=timeout, trust_env=False,
+                transport=httpx.AsyncHTTPTransport(uds=url[len(UNIX_SCHEME):]),
+            )
+            return
         self._http = httpx.AsyncClient(
             base_url=url, headers=headers, timeout=timeout, trust_env=False, verify=tls_context(),
             proxy=proxy_for(url),

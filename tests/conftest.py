@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,9 @@ import docker
 import docker.errors
 import pytest
 
+from backends.firewall import Firewall
 from backends.images import ImageStore
+from backends.network import default_socket_dir, pool_tag
 from sandbox_actors.config import DEFAULT_IMAGE, SandboxConfig
 from sandbox_actors.image import build_image
 
@@ -46,13 +50,46 @@ def docker_client() -> Iterator[docker.DockerClient]:
     left = containers_of(client)
     for container in left:
         container.remove(force=True)
+    networks = networks_of(client)
+    for network in networks:
+        network.remove()
+    rules = firewall_rules_of()
     client.close()
     assert not left, f"containers of ours left after the suite: {[c.name for c in left]}"
+    assert not networks, f"networks of ours left after the suite: {[n.name for n in networks]}"
+    assert not rules, f"firewall rules of ours left after the suite: {rules}"
 
 
 @pytest.fixture(scope="session")
 def image(docker_client: docker.DockerClient) -> str:
     return build_image(DEFAULT_IMAGE, progress=lambda line: None).tag
+
+
+@pytest.fixture(scope="session")
+def tcp_image(image: str) -> str:
+    """Our image without its unix-socket label: served on a TCP port, as an image of another
+    project (the public AIO image) is."""
+    tag = "sandbox-actors-test-tcp:latest"
+    store = ImageStore()
+    try:
+        dockerfile = f'FROM {image}\nLABEL sandbox-actors.api-socket=""\n'
+        store.build(tag, {"Dockerfile": dockerfile.encode()}, {"sandbox-actors.test": "1"})
+    finally:
+        store.close()
+    return tag
+
+
+@pytest.fixture(scope="session")
+def slow_image(image: str) -> str:
+    """Our image with an API server that starts 5 s after its container does."""
+    tag = "sandbox-actors-test-slow:latest"
+    store = ImageStore()
+    try:
+        dockerfile = f'FROM {image}\nCMD ["sh", "-c", "sleep 5; exec python3 -u /opt/sandbox/server.py"]\n'
+        store.build(tag, {"Dockerfile": dockerfile.encode()}, {"sandbox-actors.test": "1"})
+    finally:
+        store.close()
+    return tag
 
 
 @pytest.fixture(scope="session")
@@ -68,15 +105,48 @@ def silent_image(image: str) -> str:
     return tag
 
 
+def networks_of(client: docker.DockerClient, pool: str | None = None) -> list:
+    labels = [PROJECT_FILTER] + ([f"sandbox-actors.pool={pool}"] if pool else [])
+    return client.networks.list(filters={"label": labels})
+
+
+def firewall_rules_of(pool: str | None = None) -> list[str]:
+    """Lines of iptables-save that are ours (of one pool, when given)."""
+    dump = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+    marker = pool_tag(pool) if pool else "sandbox-actors:"
+    return [line for line in dump.splitlines() if marker in line and ("SBXA-" in line or "sandbox-actors" in line)]
+
+
+def leftovers_of(client: docker.DockerClient, pool: str) -> dict[str, list[str]]:
+    """Everything of a pool that may still exist on this machine: containers, networks, firewall
+    rules, socket directories."""
+    socket_root = Path(default_socket_dir()) / pool_tag(pool)
+    return {
+        "containers": [c.name for c in containers_of(client, pool)],
+        "networks": [n.name for n in networks_of(client, pool)],
+        "rules": firewall_rules_of(pool),
+        "socket_dirs": [str(p) for p in socket_root.iterdir()] + [str(socket_root)] if socket_root.exists() else [],
+    }
+
+
+def remove_leftovers(client: docker.DockerClient, pool: str) -> None:
+    for container in containers_of(client, pool):
+        container.remove(force=True)
+    for network in networks_of(client, pool):
+        network.remove()
+    Firewall(pool_tag(pool), f"sbx-{pool_tag(pool)}").remove()
+    shutil.rmtree(Path(default_socket_dir()) / pool_tag(pool), ignore_errors=True)
+
+
 @pytest.fixture
 def pool_name(docker_client: docker.DockerClient) -> Iterator[str]:
     """A pool name for this test alone; anything of it left afterwards fails the test."""
     name = f"t{uuid.uuid4().hex[:10]}"
     yield name
-    left = containers_of(docker_client, name)
-    for container in left:
-        container.remove(force=True)
-    assert not left, f"test left containers behind: {[c.name for c in left]}"
+    left = leftovers_of(docker_client, name)
+    if any(left.values()):
+        remove_leftovers(docker_client, name)
+    assert not any(left.values()), f"test left things behind: { {k: v for k, v in left.items() if v} }"
 
 
 @pytest.fixture

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
+import stat
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +20,7 @@ from backends.errors import (
     InvalidRequest,
     SandboxFileNotFound,
 )
+from backends.network import pool_tag
 from tests.conftest import containers_of, run
 
 
@@ -57,43 +61,51 @@ def test_create_ready_exec_files_destroy(pool_name, image):
             env = await api.bash_exec('echo "$FOO $EXTRA"', env={"EXTRA": "given"})
             assert env.stdout == "bar given\n"
 
-            await api.write_file("/root/work/notes.txt", "line one\nline two\n")
-            assert await api.read_file("/root/work/notes.txt") == "line one\nline two\n"
+            await api.write_file("/home/sandbox/work/notes.txt", "line one\nline two\n")
+            assert await api.read_file("/home/sandbox/work/notes.txt") == "line one\nline two\n"
             blob = bytes(range(256)) * 64
-            assert await api.write_file("/root/work/blob.bin", blob) == len(blob)
-            assert await api.download("/root/work/blob.bin") == blob
-            names = {f.name: f for f in await api.list_files("/root/work")}
+            assert await api.write_file("/home/sandbox/work/blob.bin", blob) == len(blob)
+            assert await api.download("/home/sandbox/work/blob.bin") == blob
+            names = {f.name: f for f in await api.list_files("/home/sandbox/work")}
             assert set(names) == {"notes.txt", "blob.bin"}
             assert names["blob.bin"].size == len(blob) and not names["blob.bin"].is_directory
             with pytest.raises(SandboxFileNotFound):
-                await api.read_file("/root/work/missing.txt")
+                await api.read_file("/home/sandbox/work/missing.txt")
             with pytest.raises(InvalidRequest):
-                await api.read_file("/root/work")  # a directory
+                await api.read_file("/home/sandbox/work")  # a directory
         finally:
             await api.aclose()
         assert await backend.destroy(record.sandbox_id) is True
         assert await backend.is_running(record.sandbox_id) is False
         assert await backend.discover(record.sandbox_id) is None
+        await backend.teardown(pool_name)
         await backend.close()
 
     run(body())
 
 
-def test_port_labels_and_lockdown(pool_name, image, docker_client):
+def test_socket_labels_and_lockdown(pool_name, image, docker_client):
     async def body():
         backend = DockerBackend(f"sat-{pool_name}")
         spec = spec_for(pool_name, image, mounts=())
         record = await backend.create(spec)
+        socket_path = record.url.removeprefix("unix:")
         try:
+            await (await ready_api(backend, record)).aclose()
             attrs = docker_client.containers.get(record.container_id).attrs
-            bindings = attrs["NetworkSettings"]["Ports"]["8080/tcp"]
-            assert bindings and all(b["HostIp"] == "127.0.0.1" for b in bindings)
-            assert attrs["HostConfig"]["PortBindings"]["8080/tcp"][0]["HostPort"] == ""  # engine picked it
+            assert not attrs["HostConfig"]["PortBindings"]  # no port at all: the API is on a unix socket
+            assert record.url.startswith("unix:") and Path(socket_path).is_socket()
+            assert stat.S_IMODE(Path(socket_path).parent.stat().st_mode) == 0o700  # private to this node's actors
+            assert list(attrs["NetworkSettings"]["Networks"]) == [f"sbx-net-{pool_tag(pool_name)}"]
+            env = attrs["Config"]["Env"]
+            assert not any(spec.token in item for item in env)  # the engine holds only the token's hash
+            assert f"SANDBOX_TOKEN_SHA256={hashlib.sha256(spec.token.encode()).hexdigest()}" in env
             labels = attrs["Config"]["Labels"]
             assert labels["sandbox-actors.project"] == "sandbox-actors"
             assert labels["sandbox-actors.pool"] == pool_name
             assert labels["sandbox-actors.sandbox-id"] == spec.sandbox_id
             assert labels["sandbox-actors.engine-id"] == docker_client.info()["ID"]
+            assert "sandbox-actors.token" not in record.labels and record.token == spec.token
             assert record.thread_id == spec.thread_id  # odd characters survive the label round trip
             host = attrs["HostConfig"]
             assert host["Privileged"] is False
@@ -103,6 +115,29 @@ def test_port_labels_and_lockdown(pool_name, image, docker_client):
             assert record.container_name == f"sat-{pool_name}-{spec.sandbox_id}"
         finally:
             await backend.destroy(record.sandbox_id)
+            assert not Path(socket_path).parent.exists()  # the socket directory goes with its container
+            await backend.teardown(pool_name)
+            await backend.close()
+
+    run(body())
+
+
+def test_an_image_without_a_socket_is_served_on_a_loopback_port(pool_name, tcp_image, docker_client):
+    async def body():
+        backend = DockerBackend(f"sat-{pool_name}")
+        record = await backend.create(spec_for(pool_name, tcp_image, mounts=()))
+        api = await ready_api(backend, record)
+        try:
+            attrs = docker_client.containers.get(record.container_id).attrs
+            bindings = attrs["NetworkSettings"]["Ports"]["8080/tcp"]
+            assert bindings and all(b["HostIp"] == "127.0.0.1" for b in bindings)
+            assert attrs["HostConfig"]["PortBindings"]["8080/tcp"][0]["HostPort"] == ""  # engine picked it
+            assert record.url.startswith("http://127.0.0.1:")
+            assert (await api.shell_exec("id -un")).output.strip() == "sandbox"
+        finally:
+            await api.aclose()
+            await backend.destroy(record.sandbox_id)
+            await backend.teardown(pool_name)
             await backend.close()
 
     run(body())
@@ -119,6 +154,7 @@ def test_name_conflict_discovers_and_destroy_is_idempotent(pool_name, image, doc
         assert [r.sandbox_id for r in await backend.list(pool_name)] == [spec.sandbox_id]
         assert await backend.destroy(spec.sandbox_id) is True
         assert await backend.destroy(spec.sandbox_id) is False
+        await backend.teardown(pool_name)
         await backend.close()
 
     run(body())
@@ -162,7 +198,8 @@ def test_mounts_and_token_required(pool_name, image, tmp_path):
             assert await api.read_file("/mnt/shared/given.txt") == "from the host"
             denied = await api.bash_exec("touch /mnt/shared/x")
             assert denied.exit_code != 0 and "Read-only" in denied.stderr
-            async with httpx.AsyncClient(base_url=record.url) as anonymous:
+            transport = httpx.AsyncHTTPTransport(uds=record.url.removeprefix("unix:"))
+            async with httpx.AsyncClient(base_url="http://sandbox", transport=transport) as anonymous:
                 assert (await anonymous.get("/v1/sandbox")).status_code == 401
                 wrong = await anonymous.post(
                     "/v1/shell/exec", json={"command": "id"}, headers={"Authorization": "Bearer wrong"}
@@ -171,6 +208,7 @@ def test_mounts_and_token_required(pool_name, image, tmp_path):
         finally:
             await api.aclose()
             await backend.destroy(record.sandbox_id)
+            await backend.teardown(pool_name)
             await backend.close()
 
     run(body())
@@ -194,6 +232,7 @@ def test_command_timeout_kills_and_shell_survives(pool_name, image):
         finally:
             await api.aclose()
             await backend.destroy(record.sandbox_id)
+            await backend.teardown(pool_name)
             await backend.close()
 
     run(body())
@@ -212,32 +251,49 @@ def test_agent_sandbox_sdk_contract(pool_name, image):
 
     backend, record = run(start())
     try:
-        client = Sandbox(base_url=record.url, headers={"Authorization": f"Bearer {record.token}"})
+        # The SDK takes an httpx client: one on the sandbox's unix socket.
+        http = httpx.Client(
+            base_url="http://sandbox", transport=httpx.HTTPTransport(uds=record.url.removeprefix("unix:")),
+            headers={"Authorization": f"Bearer {record.token}"},
+        )
+        client = Sandbox(base_url="http://sandbox", httpx_client=http)
         context = client.sandbox.get_context()
-        assert context.home_dir == "/root"
+        assert context.home_dir == "/home/sandbox"
         result = client.shell.exec_command(command="echo from-sdk && uname -s")
         assert result.success and result.data.exit_code == 0
         assert "from-sdk" in result.data.output and "Linux" in result.data.output
-        written = client.file.write_file(file="/root/sdk.txt", content="written by the SDK")
+        written = client.file.write_file(file="/home/sandbox/sdk.txt", content="written by the SDK")
         assert written.success
-        read = client.file.read_file(file="/root/sdk.txt")
+        read = client.file.read_file(file="/home/sandbox/sdk.txt")
         assert read.data.content == "written by the SDK"
-        listed = client.file.list_path(path="/root")
+        listed = client.file.list_path(path="/home/sandbox")
         assert "sdk.txt" in {f.name for f in listed.data.files}
+        http.close()
     finally:
         run(backend.destroy(record.sandbox_id))
+        run(backend.teardown(record.pool))
 
 
 def test_concurrent_creates_of_different_sandboxes_run_in_parallel(pool_name, image):
     async def body():
         backend = DockerBackend(f"sat-{pool_name}")
-        started = time.monotonic()
-        records = await asyncio.gather(*(backend.create(spec_for(pool_name, image)) for _ in range(4)))
-        elapsed = time.monotonic() - started
+        await backend.prepare(pool_name, image=image)  # the network exists: only the creates are timed
+        returned: list[float] = []
+
+        async def create():
+            record = await backend.create(spec_for(pool_name, image))
+            returned.append(time.time())
+            return record
+
+        records = await asyncio.gather(*(create() for _ in range(4)))
         assert len({r.container_id for r in records}) == 4
-        assert len({r.url for r in records}) == 4  # every one got its own engine-picked port
+        assert len({r.url for r in records}) == 4  # every one got its own socket
+        # Each create call asked the engine for its container (the label's time) before any of
+        # the four calls returned: the backend never serialized them.
+        asked = [float(r.labels["sandbox-actors.created-at"]) for r in records]
+        assert max(asked) < min(returned), (sorted(asked), sorted(returned))
         await asyncio.gather(*(backend.destroy(r.sandbox_id) for r in records))
+        await backend.teardown(pool_name)
         await backend.close()
-        return elapsed
 
     run(body())
