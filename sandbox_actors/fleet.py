@@ -19,7 +19,7 @@ from typing import Any
 from . import actors
 from .actors import ActorCallTimeout, ActorGone
 from .config import SandboxConfig
-from .errors import PoolExhausted, SandboxDied, SandboxError, SandboxOwned
+from .errors import IsolationUnavailable, NotSupported, PoolExhausted, SandboxDied, SandboxError, SandboxOwned
 from .reconcile import ActorView, ContainerView
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class Fleet:
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget work, kept referenced
         self._named: dict[str, Any] = {}  # the pool's named actors at the last look: name -> handle
+        self.prepared: dict[str, dict[str, Any]] = {}  # engine id -> what its reaper set up there
 
     @property
     def spare_count(self) -> int:
@@ -153,9 +154,15 @@ class Fleet:
     async def _placed(self, actor: Any, sandbox_id: str, node_id: str | None) -> None:
         """Wait until Ray places the actor on a node. Ray leaves an actor no node can host
         pending forever, so the wait is bounded by ``capacity_timeout``. Meanwhile room is
-        made: an idle spare gives way first, else a warm sandbox (on ``node_id`` when pinned)."""
-        deadline = time.monotonic() + self._config.capacity_timeout
+        made: an idle spare gives way first, else a warm sandbox (on ``node_id`` when pinned).
+
+        With no custom resources (``ray.resources`` empty) any node can host it (num_cpus=0):
+        a slow placement is only a slow worker start, never a full cluster."""
         ping = actor.ping.remote()
+        if not self._config.ray.resources and node_id is None:
+            await actors.call(ping, self._config.readiness_timeout + 120, f"starting an actor for sandbox {sandbox_id}")
+            return
+        deadline = time.monotonic() + self._config.capacity_timeout
         while True:
             remaining = deadline - time.monotonic()
             try:
@@ -167,6 +174,8 @@ class Fleet:
                         f"no node could host sandbox {sandbox_id} within {self._config.capacity_timeout:.0f}s "
                         f"(resources {self._config.ray.resources or 'none'}; are all sandbox slots taken?)"
                     ) from exc
+            if not self._config.ray.resources:
+                continue  # pinned to a node, but nothing a sandbox holds can stand in the way there
             # An idle spare holds a node slot too: give it up before any user's sandbox.
             spare, name = self._take_spare(node_id)
             if spare is not None:
@@ -275,6 +284,27 @@ class Fleet:
                 engines.setdefault(identity[0], (reaper, node_id))
         return engines
 
+    async def prepare(self, engines: dict[str, tuple[Any, str]], strict: bool) -> None:
+        """Have each engine's reaper make its node ready for the pool's sandboxes (network and
+        isolation rules, refreshed with the cluster's node addresses; runtime and limits checked).
+
+        Raises:
+            IsolationUnavailable, NotSupported: with ``strict``, when a node cannot isolate
+                sandboxes as configured (otherwise logged: the sandboxes' own actors refuse then).
+        """
+        addresses = await asyncio.to_thread(actors.node_addresses)
+        results = await actors.call_each(
+            {e: reaper.prepare.remote(addresses) for e, (reaper, _node) in engines.items()}, REAPER_TIMEOUT,
+            "prepare an engine",
+        )
+        for engine_id, result in results.items():
+            if isinstance(result, (IsolationUnavailable, NotSupported)) and strict:
+                raise result
+            if isinstance(result, BaseException):
+                logger.warning("engine %s could not be prepared for sandboxes: %s", engine_id[:12], result)
+                continue
+            self.prepared[engine_id] = result
+
     async def containers(self, engines: dict[str, tuple[Any, str]]) -> tuple[list[ContainerView], set[str]]:
         """The pool's containers on every engine that answered, and those engines."""
         lists = await actors.call_each(
@@ -328,6 +358,15 @@ class Fleet:
             for container in containers:
                 if await self.remove(engines, container):
                     swept["containers"] += 1
+            torn = await actors.call_each(
+                {e: reaper.teardown.remote() for e, (reaper, _node) in engines.items()}, REAPER_TIMEOUT, "teardown"
+            )
+            for engine_id, result in torn.items():
+                if isinstance(result, BaseException):
+                    logger.warning("could not remove the pool's network on engine %s: %s", engine_id[:12], result)
+                else:
+                    for key, value in result.items():
+                        swept[key] = swept.get(key, 0) + value
         except SandboxError as exc:
             logger.warning("shutdown sweep could not reach an engine: %s", exc.message)
         for handle in await asyncio.to_thread(actors.list_reapers, self._config):
