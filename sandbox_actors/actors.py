@@ -159,6 +159,12 @@ def sandbox_nodes(config: SandboxConfig) -> dict[str, str]:
     return nodes
 
 
+def node_addresses() -> list[str]:
+    """The addresses of every alive node of the cluster (sandboxes are kept off all of them)."""
+    return sorted({node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")
+                   and node.get("NodeManagerAddress")})
+
+
 def alive_nodes() -> set[str]:
     """Ids of the nodes Ray considers alive."""
     return {node["NodeID"] for node in ray.nodes() if node.get("Alive")}

@@ -40,12 +40,14 @@ class Bench:
     """One benchmark run; :meth:`run` returns the JSON-able results."""
 
     def __init__(
-        self, samples: int, burst: int, out: Callable[[str], None] = print, scale: int = 0, rounds: int = 3
+        self, samples: int, burst: int, out: Callable[[str], None] = print, scale: int = 0, rounds: int = 3,
+        runtime: str | None = None,
     ) -> None:
         self.n = samples
         self.burst_n = burst
         self.rounds = rounds
         self.scale = scale
+        self.runtime = runtime
         self.out = out
         self.results: dict[str, Any] = {}
 
@@ -54,11 +56,11 @@ class Bench:
 
     # ── the floor: no Ray ─────────────────────────────────────────────────
 
-    def _spec(self, pool: str, image: str) -> Any:
+    def _spec(self, pool: str, image: str, runtime: str | None = None) -> Any:
         from backends import Limits, SandboxSpec
 
         return SandboxSpec(sandbox_id=secrets.token_hex(12), pool=pool, image=image, token=secrets.token_urlsafe(16),
-                           limits=Limits())
+                           limits=Limits(), runtime=runtime)
 
     async def _bare_start(self, backend: Any, spec: Any, first_command: bool = False) -> float:
         """create + start + readiness of one container through the engine, polled from 10 ms on;
@@ -77,20 +79,27 @@ class Bench:
             await api.aclose()
         return time.perf_counter() - started
 
-    def floor(self, image: str, pool: str, prefix: str) -> None:
+    def floor(self, image: str, pool: str, prefix: str, runtime: str | None = None) -> None:
+        """Bare starts on the same isolated network (or none) the pool's sandboxes get; with
+        ``runtime``, only the single starts, under that runtime (row ``floor_<runtime>``)."""
         from backends import DockerBackend
+        from backends.firewall import NetworkPolicy
 
         async def body() -> None:
-            backend = DockerBackend(prefix)
-            warmup = self._spec(pool, image)  # the engine client's own start-up is not the floor
+            backend = DockerBackend(prefix, policy=NetworkPolicy(egress="none") if runtime else None)
+            warmup = self._spec(pool, image, runtime)  # the engine client's own start-up is not the floor
             await self._bare_start(backend, warmup)
             await backend.destroy(warmup.sandbox_id)
             samples = []
             for _ in range(self.n):
-                spec = self._spec(pool, image)
+                spec = self._spec(pool, image, runtime)
                 samples.append(await self._bare_start(backend, spec))
                 await backend.destroy(spec.sandbox_id)
-            self.results["floor"] = summarize(samples)
+            self.results[f"floor_{runtime}" if runtime else "floor"] = summarize(samples)
+            if runtime:
+                await backend.teardown(pool)
+                await backend.close()
+                return
             rounds = []
             for _ in range(self.rounds):
                 specs = [self._spec(pool, image) for _ in range(self.burst_n)]
@@ -102,6 +111,7 @@ class Bench:
                          f"in {rounds[-1][1]:.2f}s")
                 await asyncio.gather(*(backend.destroy(s.sandbox_id) for s in specs))
             self.results["floor_burst"] = self._burst_row(rounds)
+            await backend.teardown(pool)
             await backend.close()
 
         asyncio.run(body())
@@ -122,16 +132,24 @@ class Bench:
         value = call()
         return value, time.perf_counter() - started
 
-    def paths(self, pool: Any, address: str) -> None:
-        config = pool.config
+    def cold(self, pool: Any, key: str = "cold") -> None:
         cold = []
         for i in range(self.n):
-            self._wait_spares(pool, actors=config.spare_actors)
+            self._wait_spares(pool, actors=pool.config.spare_actors)
             box, seconds = self._timed(lambda: pool.acquire(f"cold-{i}"))
             assert box.path == "cold", box.path
             cold.append(seconds)
             pool.destroy(box)
-        self.results["cold"] = summarize(cold)
+        self.results[key] = summarize(cold)
+
+    def under_runtime(self, pool: Any) -> None:
+        """Cold start and exec of sandboxes under ``self.runtime`` (rows suffixed with its name)."""
+        self.cold(pool, f"cold_{self.runtime}")
+        self._exec(pool.acquire("steady"), f"_{self.runtime}")
+
+    def paths(self, pool: Any, address: str) -> None:
+        config = pool.config
+        self.cold(pool)
 
         box = pool.acquire("steady")
         self._wait_spares(pool, actors=config.spare_actors)  # measure the steady state, not a refill
@@ -151,7 +169,7 @@ class Bench:
         self.results["cross_process"] = summarize(json.loads(child.stdout.strip().splitlines()[-1]))
         self._exec(box)
 
-    def _exec(self, box: Any) -> None:
+    def _exec(self, box: Any, suffix: str = "") -> None:
         """``true`` through the SandboxActor and straight over HTTP to the same container, in
         alternating blocks, so both see the same machine."""
         from backends import DockerBackend, SandboxAPI
@@ -178,8 +196,8 @@ class Bench:
             loop.run_until_complete(backend.close())
         finally:
             loop.close()
-        self.results["exec_actor"] = summarize(actor)
-        self.results["exec_direct"] = summarize(direct)
+        self.results[f"exec_actor{suffix}"] = summarize(actor)
+        self.results[f"exec_direct{suffix}"] = summarize(direct)
 
     def prewarmed(self, pool: Any) -> None:
         samples = []
@@ -279,6 +297,9 @@ class Bench:
 
             self.out("floor: bare container + readiness through the engine, no Ray")
             self.floor(image, "bench-floor", "bench-floor")
+            if self.runtime:
+                self.out(f"floor under runtime {self.runtime}")
+                self.floor(image, "bench-floor-rt", "bench-floor-rt", runtime=self.runtime)
             ray.init(address="local", logging_level=logging.ERROR, include_dashboard=False)
             try:
                 address = ray.get_runtime_context().gcs_address
@@ -293,6 +314,11 @@ class Bench:
                 ]
                 if self.scale:
                     stages.append((f"{self.scale} sandboxes held at once", config("bench-scale"), self.scale_run))
+                if self.runtime:
+                    # As the bootstrap registers gVisor here: no network of its own (see README).
+                    stages.append((f"cold start and exec under runtime {self.runtime} (no network)",
+                                   config("bench-runtime", runtime=self.runtime, network={"egress": "none"}),
+                                   self.under_runtime))
                 for title, cfg, stage in stages:
                     self.out(title)
                     pool = sandbox_actors.connect(cfg)
@@ -321,7 +347,10 @@ TIME_KEYS = ["floor", "cold", "warm", "hot", "prewarmed", "cross_process", "exec
 def table(results: dict[str, Any]) -> str:
     floor = results.get("floor", {}).get("p50") or 0
     lines = [f"{'figure':<16}{'n':>5}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}{'p50/floor':>11}"]
-    for key in TIME_KEYS:
+    runtimes = sorted(key.removeprefix("floor_") for key in results if key.startswith("floor_") and key != "floor_burst")
+    keys = TIME_KEYS + [f"{key}_{runtime}" for runtime in runtimes for key in ("floor", "cold", "exec_actor",
+                                                                              "exec_direct")]
+    for key in keys:
         row = results.get(key)
         if not row:
             continue

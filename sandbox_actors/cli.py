@@ -130,7 +130,22 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"max {stats['max_sandboxes'] or '-'}; created {counters.get('created', 0)}, "
           f"reclaimed {counters.get('reclaimed', 0)}, evicted {counters.get('evicted', 0)}, "
           f"reaped {counters.get('reaped', 0)}, failed {counters.get('failed', 0)}")
+    print(isolation_line(stats.get("isolation") or {}))
     return 0
+
+
+def isolation_line(isolation: dict[str, Any]) -> str:
+    """One line saying what the pool's sandboxes can reach and how they run."""
+    network = isolation.get("network")
+    if not isinstance(network, dict):
+        return f"isolation: network {network}; runtime {isolation.get('runtime')}"
+    reach = {"open": "egress open", "allowlist": f"egress only to {', '.join(network['allow'])}",
+             "none": "no network"}[network["egress"]]
+    if network["egress"] != "none":
+        reach += (", node, Docker gateways, 169.254.0.0/16" + "".join(f", {c}" for c in network["blocked"])
+                  + " blocked") if network["enforced"] else ", NOTHING BLOCKED (network.enforce: false)"
+    return (f"isolation: {reach}; runtime {isolation.get('runtime')}; commands as {isolation.get('user')}"
+            + ("; read-only root filesystem" if isolation.get("read_only_rootfs") else ""))
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -251,7 +266,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     samples, burst, rounds = (2, 3, 1) if args.tiny else (args.samples, args.burst, args.rounds)
     if min(samples, burst, rounds) < 1 or args.scale < 0:
         raise InvalidRequest("bench: --samples, --burst and --rounds must be at least 1, --scale at least 0")
-    results = Bench(samples, burst, out=lambda line: print(line, flush=True), scale=args.scale, rounds=rounds).run()
+    results = Bench(samples, burst, out=lambda line: print(line, flush=True), scale=args.scale, rounds=rounds,
+                    runtime=args.runtime).run()
     print()
     print(table(results))
     if args.json:
@@ -312,6 +328,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=3,
                        help="bursts measured, on each side; the median counts (default 3)")
     bench.add_argument("--scale", type=int, default=0, metavar="N", help="also hold N sandboxes at once (slow)")
+    bench.add_argument("--runtime", metavar="NAME",
+                       help="also measure cold start and exec under this Docker runtime, e.g. runsc (gVisor)")
     bench.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     bench.add_argument("--tiny", action="store_true", help="2 samples, one burst of 3: a smoke run")
     demo = add("demo", cmd_demo, "run agent threads against a private local pool and check everything")

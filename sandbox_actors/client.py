@@ -24,7 +24,7 @@ import ray.exceptions
 
 from . import actors
 from .config import SandboxConfig, load_config
-from .errors import ConfigError, PoolShutDown, PoolUnavailable, SandboxDied
+from .errors import ConfigError, IsolationUnavailable, NotSupported, PoolShutDown, PoolUnavailable, SandboxDied
 from .pool import Lease
 from .threads import validate_thread_id
 
@@ -374,5 +374,11 @@ def connect(
             )
         cfg = running
     client = PoolClient(cfg, pool)
-    _value(pool.ping.remote())
+    try:
+        _value(pool.ping.remote())
+    except (IsolationUnavailable, NotSupported):
+        # The pool refused to start (a node cannot isolate sandboxes as configured) and removed
+        # what it had made; end it so that fixing the cause and connecting again starts afresh.
+        actors.kill(pool)
+        raise
     return client

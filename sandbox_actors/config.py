@@ -18,6 +18,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from backends.firewall import AllowRule, NetworkPolicy, parse_ipv4_network
+from backends.network import MAX_SOCKET_DIR
+
 from .errors import ConfigError
 
 DEFAULT_IMAGE = "sandbox-actors-minimal:latest"
@@ -52,13 +55,58 @@ class LimitsConfig(_Closed):
     memory: str | None = Field(default="1g", description="Memory limit, e.g. '512m', '2g'.")
     cpus: float | None = Field(default=1.0, gt=0, description="CPU limit in cores.")
     pids: int | None = Field(default=512, gt=0, description="Maximum processes in the container.")
+    disk: str | None = Field(
+        default=None, description="Writable-layer size limit, e.g. '10g' (needs a storage driver with quotas)."
+    )
 
-    @field_validator("memory")
+    @field_validator("memory", "disk")
     @classmethod
-    def _memory(cls, value: str | None) -> str | None:
+    def _size(cls, value: str | None) -> str | None:
         if value is not None and not _MEMORY.match(value):
             raise ValueError("must look like '512m' or '2g'")
         return value
+
+
+class NetworkConfig(_Closed):
+    """What a pool's sandboxes may reach over the network."""
+
+    egress: Literal["open", "allowlist", "none"] = Field(
+        default="open",
+        description="'open': anything but what is always blocked; 'allowlist': only `allow`; 'none': no network.",
+    )
+    allow: tuple[str, ...] = Field(
+        default=(), description="With egress 'allowlist': destinations as CIDR, CIDR:PORT or CIDR:PORT/udp."
+    )
+    blocked: tuple[str, ...] = Field(
+        default=(), description="IPv4 CIDRs refused besides the node, its Docker gateways and 169.254.0.0/16."
+    )
+    enforce: bool = Field(
+        default=True,
+        description="Install the isolation rules (iptables; needs root). False runs sandboxes without them.",
+    )
+
+    @field_validator("allow")
+    @classmethod
+    def _allow(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            AllowRule.parse(entry)  # raises with what is wrong
+        return tuple(entry.strip() for entry in value)
+
+    @field_validator("blocked")
+    @classmethod
+    def _blocked(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(parse_ipv4_network(entry) for entry in value)
+
+    @model_validator(mode="after")
+    def _allow_needs_allowlist(self) -> NetworkConfig:
+        if self.egress == "allowlist" and not self.allow:
+            raise ValueError("egress 'allowlist' needs at least one `allow` entry")
+        if self.allow and self.egress != "allowlist":
+            raise ValueError("`allow` is used only with egress 'allowlist'")
+        return self
+
+    def policy(self) -> NetworkPolicy:
+        return NetworkPolicy(self.egress, self.allow, self.blocked, self.enforce)
 
 
 class DockerBackendConfig(_Closed):
@@ -171,7 +219,23 @@ class SandboxConfig(_Closed):
     capabilities: tuple[str, ...] = Field(
         default=(), description="Linux capabilities added back after dropping all (the minimal image needs none)."
     )
-    bind_host: str = Field(default="127.0.0.1", description="Host address the sandbox port is published on.")
+    bind_host: str = Field(
+        default="127.0.0.1", description="Host address the sandbox port is published on (images without a socket)."
+    )
+    network: NetworkConfig = Field(default_factory=NetworkConfig, description="What sandboxes may reach.")
+    user: Literal["sandbox", "root"] = Field(
+        default="sandbox", description="Who commands run as: 'sandbox' (unprivileged) or 'root' (on purpose)."
+    )
+    runtime: str | None = Field(default=None, description="Docker runtime for sandboxes, e.g. 'runsc' (gVisor).")
+    read_only_rootfs: bool = Field(
+        default=False, description="Read-only root filesystem; /tmp, /run, the home and mounts stay writable."
+    )
+    socket_dir: str | None = Field(
+        default=None, description="Node-local directory for sandbox API sockets (default /run/sandbox-actors)."
+    )
+    host_socket_dir: str | None = Field(
+        default=None, description="socket_dir as the engine's host sees it (Docker-outside-of-Docker)."
+    )
     ray: RayConfig = Field(default_factory=RayConfig, description="Placement of SandboxActors.")
 
     @model_validator(mode="before")
@@ -205,6 +269,32 @@ class SandboxConfig(_Closed):
                 raise ValueError(f"invalid environment variable name {name!r}")
         return value
 
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name an image, e.g. 'sandbox-actors-minimal:latest'")
+        return value
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime(cls, value: str | None) -> str | None:
+        if value is not None and not _CONTAINER_NAME.match(value):
+            raise ValueError("must be the name of a runtime registered with the Docker engine, e.g. 'runsc'")
+        return value
+
+    @field_validator("socket_dir", "host_socket_dir")
+    @classmethod
+    def _socket_dir(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = str(Path(value).expanduser().absolute())
+        if len(path.encode()) > MAX_SOCKET_DIR:
+            raise ValueError(
+                f"must be at most {MAX_SOCKET_DIR} bytes long (unix socket paths are limited to 107 bytes)"
+            )
+        return path
+
     @field_validator("base_dir", "host_base_dir", "skills_path", "host_skills_path")
     @classmethod
     def _abs_dir(cls, value: str | None) -> str | None:
@@ -227,7 +317,9 @@ class SandboxConfig(_Closed):
                     "container_prefix: with a provisioner it starts sandbox ids, so it must be lower-case letters, "
                     "digits and '-', starting with a letter (a Kubernetes name)"
                 )
-            given = [key for key in ("mounts", "environment") if getattr(self, key)]
+            given = [key for key in ("mounts", "environment", "runtime", "read_only_rootfs") if getattr(self, key)]
+            given += ["limits.disk"] if self.limits.disk else []
+            given += ["network"] if self.network != NetworkConfig() else []
             if given:
                 raise ValueError(
                     f"{' and '.join(given)}: the provisioner decides what its sandboxes get; these keys apply "

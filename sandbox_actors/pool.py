@@ -22,7 +22,7 @@ from typing import Any
 from . import actors
 from .actors import ActorGone
 from .config import SandboxConfig
-from .errors import PoolExhausted, PoolShutDown, SandboxError
+from .errors import IsolationUnavailable, NotSupported, PoolExhausted, PoolShutDown, SandboxError
 from .fleet import DESCRIBE_TIMEOUT, STOP_TIMEOUT, Fleet
 from .metrics import PoolMetrics
 from .reconcile import ActorView, ContainerView, plan_reconcile
@@ -77,6 +77,7 @@ class SandboxPool:
         self._changed = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
         self._started: asyncio.Task[None] | None = None
+        self._refused: SandboxError | None = None  # why the pool would not start (isolation it cannot give)
         self._loops: list[asyncio.Task[None]] = []
         self._shutdown: asyncio.Task[dict[str, int]] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -95,11 +96,20 @@ class SandboxPool:
         if self._started is None:
             self._started = asyncio.get_running_loop().create_task(self._startup())
         await asyncio.shield(self._started)
+        if self._refused is not None:
+            raise self._refused
 
     async def _startup(self) -> None:
-        # Rebuild the view before serving: a restarted pool must find its sandboxes.
+        # Rebuild the view before serving: a restarted pool must find its sandboxes. A node that
+        # cannot isolate sandboxes as configured stops the pool here, before any sandbox exists.
         try:
-            await self._reconcile_pass()
+            await self._reconcile_pass(strict=True)
+        except (IsolationUnavailable, NotSupported) as exc:
+            logger.error("pool %s refuses to start: %s", self._config.pool_name, exc.message)
+            self._refused = exc
+            await self._fleet.close()
+            await self._fleet.sweep()
+            return
         except Exception:
             logger.exception("initial reconcile failed; serving anyway, next pass in %ss", self._config.reconcile_interval)
         self._loops = [
@@ -417,13 +427,14 @@ class SandboxPool:
         await self._ready()
         return await self._reconcile_pass()
 
-    async def _reconcile_pass(self) -> dict[str, int]:
+    async def _reconcile_pass(self, strict: bool = False) -> dict[str, int]:
         async with self._reconcile_lock:
             # The three views are taken across awaits: whatever changed meanwhile (or was
             # busy at any point) is left for the next pass instead of judged on a stale view.
             epoch, busy, keep = self._state.epoch, self._busy(), self._fleet.keep_names
             views, handles, silent = await self._fleet.actor_views()
             engines = await self._fleet.engines()
+            await self._fleet.prepare(engines, strict)
             containers, seen = await self._fleet.containers(engines)
             busy |= self._busy() | self._state.changed_since(epoch)
             # A silent actor of a sandbox we hold: leave that sandbox for the next pass (or end
@@ -648,6 +659,20 @@ class SandboxPool:
             "spare_actors": self._fleet.spare_count,
             "pid": os.getpid(),
             "counters": dict(self.counters),
+            "isolation": self._isolation(),
+        }
+
+    def _isolation(self) -> dict[str, Any]:
+        """The pool's isolation settings as status shows them."""
+        config = self._config
+        if config.backend.kind != "docker":
+            return {"network": "decided by the provisioner", "runtime": "decided by the provisioner"}
+        return {
+            "network": config.network.policy().describe(),
+            "runtime": config.runtime or "default",
+            "user": config.user,
+            "read_only_rootfs": config.read_only_rootfs,
+            "engines": {engine[:12]: info for engine, info in self._fleet.prepared.items()},
         }
 
     # ── shutdown ───────────────────────────────────────────────────────────

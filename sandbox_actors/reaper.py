@@ -24,6 +24,7 @@ class NodeReaper:
     """Lists, probes and removes this pool's containers on the local engine."""
 
     def __init__(self, config: SandboxConfig) -> None:
+        self._config = config
         self._pool = config.pool_name
         self._backend = make_backend(config)
         self._node_id = actors.current_node_id()
@@ -31,6 +32,26 @@ class NodeReaper:
     async def identity(self) -> tuple[str, str]:
         """(engine id, Ray node id)."""
         return await self._backend.engine_id(), self._node_id
+
+    async def prepare(self, cluster_addresses: list[str]) -> dict[str, Any]:
+        """Make this engine ready for the pool's sandboxes: its network, with firewall rules that
+        also refuse every node of the cluster (``cluster_addresses``), refreshed on every call; the
+        runtime and limits checked. Rules of pools whose network is gone are removed.
+
+        Raises:
+            IsolationUnavailable, NotSupported: this node cannot isolate sandboxes as configured.
+        """
+        config = self._config
+        found = await self._backend.prepare(
+            self._pool, image=config.image, runtime=config.runtime, limits=config.limits,
+            extra_blocked=cluster_addresses,
+        )
+        await self._backend.sweep_rules()
+        return {**found, "node_id": self._node_id}
+
+    async def teardown(self) -> dict[str, int]:
+        """Remove the pool's network, rules and socket directories here (once its containers are gone)."""
+        return await self._backend.teardown(self._pool)
 
     async def containers(self) -> list[dict[str, Any]]:
         """This pool's containers on this engine."""

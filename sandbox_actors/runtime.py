@@ -62,7 +62,10 @@ def make_backend(config: SandboxConfig) -> Backend:
             delete_timeout=backend.delete_timeout,
             request_timeout=backend.request_timeout,
         )
-    return DockerBackend(config.container_prefix)
+    return DockerBackend(
+        config.container_prefix, policy=config.network.policy(), socket_dir=config.socket_dir,
+        host_socket_dir=config.host_socket_dir,
+    )
 
 
 class SandboxRuntime:
@@ -196,10 +199,15 @@ class SandboxRuntime:
             mounts=mounts,
             environment=_resolve_env(config),
             token=secrets.token_urlsafe(32),
-            limits=Limits(memory=config.limits.memory, cpus=config.limits.cpus, pids=config.limits.pids),
+            limits=Limits(
+                memory=config.limits.memory, cpus=config.limits.cpus, pids=config.limits.pids, disk=config.limits.disk
+            ),
             capabilities=tuple(config.capabilities),
             bind_host=config.bind_host,
             extra_labels={**self._extra_labels, LABEL_ACTOR: self.owner},
+            user=config.user,
+            runtime=config.runtime,
+            read_only_rootfs=config.read_only_rootfs,
         )
         record = await self.backend.create(spec)
         if record.labels.get(LABEL_ACTOR, "") != self.owner:

@@ -91,7 +91,9 @@ def sandbox_mounts(config: SandboxConfig, thread_id: str | None) -> tuple[Mount,
     if thread_id is not None and config.thread_mounts:
         ensure_thread_dirs(config, thread_id)
         host_root = thread_dir(config.host_dir, thread_id)
-        mounts += [Mount(str(host_root / name), f"{USER_DATA_MOUNT}/{name}") for name in USER_DATA_DIRS]
+        mounts += [
+            Mount(str(host_root / name), f"{USER_DATA_MOUNT}/{name}", user_owned=True) for name in USER_DATA_DIRS
+        ]
     if config.skills_path and os.path.isdir(config.skills_path):
         mounts.append(
             Mount(config.host_skills_path or config.skills_path, config.skills_container_path, read_only=True)

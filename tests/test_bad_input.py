@@ -64,14 +64,14 @@ def test_huge_non_utf8_and_slow_commands(pool):
 def test_file_edge_cases(pool):
     box = pool.acquire("files")
     with pytest.raises(SandboxFileNotFound):
-        box.read_file("/root/missing.txt")
+        box.read_file("/home/sandbox/missing.txt")
     with pytest.raises(SandboxFileNotFound):
-        box.read_bytes("/root/missing.bin")
+        box.read_bytes("/home/sandbox/missing.bin")
     with pytest.raises(InvalidRequest):
-        box.read_file("/root")  # a directory read as a file
+        box.read_file("/home/sandbox")  # a directory read as a file
     blob = bytes(range(256)) * 512
-    box.write_file("/root/deep/new/dir/blob.bin", blob)
-    assert box.read_bytes("/root/deep/new/dir/blob.bin") == blob
+    box.write_file("/home/sandbox/deep/new/dir/blob.bin", blob)
+    assert box.read_bytes("/home/sandbox/deep/new/dir/blob.bin") == blob
     # Paths are the sandbox's own: '..' walks the container's filesystem, never the host's.
     inside = box.read_file("/mnt/user-data/workspace/../../../etc/hostname").strip()
     assert inside == box.exec("hostname").output.strip()

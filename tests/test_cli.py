@@ -51,6 +51,10 @@ def test_every_command_against_a_running_pool(ray_address, config_file, config, 
         assert table["stats"]["counters"]["created"] == 1
         text = cli("status", *opts)
         assert "t1" in text.stdout and "active" in text.stdout
+        assert "isolation: egress open, node, Docker gateways, 169.254.0.0/16 blocked; runtime default; " \
+               "commands as sandbox" in text.stdout
+        assert table["stats"]["isolation"]["network"] == {"egress": "open", "allow": [], "blocked": [],
+                                                          "enforced": True}
 
         assert cli("release", "t1", *opts).returncode == 0
         assert json.loads(cli("status", *opts, "--json").stdout)["sandboxes"][0]["state"] == "warm"

@@ -37,13 +37,13 @@ def test_a_new_thread_takes_a_spare_and_a_replacement_starts(prewarmed, docker_c
     assert box.path == "prewarmed"
     assert box.sandbox_id != sandbox_id_for(config.pool_name, "fresh-thread")  # the spare's own id
     assert prewarmed.sandbox_id("fresh-thread") == box.sandbox_id
-    box.write_file("/root/state.txt", "mine")
+    box.write_file("/home/sandbox/state.txt", "mine")
     assert wait_until(lambda: spares(prewarmed) == 2, timeout=30)  # replaced in the background
     assert prewarmed.acquire("fresh-thread").path == "hot"
     prewarmed.release(box)
     again = prewarmed.acquire("fresh-thread")
     assert (again.path, again.sandbox_id) == ("warm", box.sandbox_id)
-    assert again.read_file("/root/state.txt") == "mine"
+    assert again.read_file("/home/sandbox/state.txt") == "mine"
     anonymous = prewarmed.acquire()
     assert anonymous.path == "prewarmed"
 

@@ -23,7 +23,7 @@ from backends import SandboxAPI, SandboxSpec
 from backends.errors import BackendError, BackendUnauthorized, BackendUnavailable, ReadinessTimeout
 from backends.provisioner import ProvisionerBackend
 from sandbox_actors.config import SandboxConfig
-from tests.conftest import assert_no_actors_left, containers_of, run
+from tests.conftest import assert_no_actors_left, containers_of, remove_leftovers, run
 from tests.provisioner_service import FAIL_MESSAGE, POOL, free_port
 
 API_KEY = "test-key-" + secrets.token_hex(4)
@@ -60,19 +60,20 @@ class Service:
 
 
 @pytest.fixture
-def service_factory(image: str, docker_client) -> Iterator:
+def service_factory(tcp_image: str, docker_client) -> Iterator:
+    # A provisioner hands out http URLs (sandboxes served on a port, as the public AIO image is).
     services: list[Service] = []
 
     def make(mode: str = "normal") -> Service:
-        services.append(Service(image, mode).start())
+        services.append(Service(tcp_image, mode).start())
         return services[-1]
 
     yield make
     for service in services:
         service.stop()
     left = containers_of(docker_client, POOL)
-    for container in left:
-        container.remove(force=True)
+    # The stand-in service is killed, not shut down: its network is its own to clean up.
+    remove_leftovers(docker_client, POOL)
     assert not left, f"provisioned containers left behind: {[c.name for c in left]}"
 
 

@@ -18,24 +18,41 @@ def test_containers_are_locked_down(pool, config, docker_client):
     box = pool.acquire("locked")
     attrs = docker_client.containers.get(box.info["container_id"]).attrs
     host = attrs["HostConfig"]
-    published = [b for bindings in attrs["NetworkSettings"]["Ports"].values() for b in bindings or []]
-    assert published and all(b["HostIp"] == "127.0.0.1" for b in published)
+    assert not host["PortBindings"]  # nothing published: the API is on a unix socket only its actor can reach
     assert host["Privileged"] is False
     assert "no-new-privileges" in host["SecurityOpt"]
-    assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+    # Every capability dropped; the server gets back only what it needs to run commands as
+    # another user (commands lose them all with their uid).
+    assert host["CapDrop"] == ["ALL"]
+    assert {cap.removeprefix("CAP_") for cap in host["CapAdd"]} == {"SETUID", "SETGID", "KILL", "CHOWN", "DAC_OVERRIDE"}
     assert host["Memory"] == 256 * 2**20 and host["MemorySwap"] == 256 * 2**20
     assert host["NanoCpus"] == 5 * 10**8 and host["PidsLimit"] == 128
     assert host["Init"] is True
-    caps = box.bash("grep CapEff /proc/self/status").stdout.split()[-1]
-    assert int(caps, 16) == 0  # no capabilities at all inside
-    assert box.bash("id -u").stdout.strip() == "0"  # root in the container, with nothing to escalate to
+    status = box.bash("grep -E 'Cap(Eff|Prm|Bnd)' /proc/self/status").stdout.split()
+    assert int(status[1], 16) == 0 and int(status[3], 16) == 0  # a command has no capabilities at all
+    assert box.bash("id -u").stdout.strip() == "10000"  # and is not root
+
+
+def test_root_commands_on_purpose(ray_address, config, docker_client):
+    client = sandbox_actors.connect(config.model_copy(update={"user": "root"}))
+    try:
+        box = client.acquire("root-on-purpose")
+        host = docker_client.containers.get(box.info["container_id"]).attrs["HostConfig"]
+        assert not host["CapAdd"]  # root in the container, with nothing to escalate to
+        assert box.bash("id -u").stdout.strip() == "0"
+        assert int(box.bash("grep CapEff /proc/self/status").stdout.split()[-1], 16) == 0
+        assert client.stats()["isolation"]["user"] == "root"
+    finally:
+        client.shutdown()
+    assert_no_actors_left(config.pool_name)
 
 
 def test_the_api_needs_the_sandbox_token(pool):
     box = pool.acquire("token")
     url = box.info["url"]
-    assert "token" not in box.info  # only the SandboxActor holds it
-    with httpx.Client(base_url=url, timeout=10) as anonymous:
+    assert url.startswith("unix:") and "token" not in box.info  # only the SandboxActor holds it
+    transport = httpx.HTTPTransport(uds=url.removeprefix("unix:"))
+    with httpx.Client(base_url="http://sandbox", transport=transport, timeout=10) as anonymous:
         assert anonymous.get("/v1/sandbox").status_code == 401
         refused = anonymous.post("/v1/shell/exec", json={"command": "touch /tmp/pwned"})
         assert refused.status_code == 401
@@ -44,7 +61,8 @@ def test_the_api_needs_the_sandbox_token(pool):
         )
         assert guessed.status_code == 401
     assert box.bash("test -e /tmp/pwned").exit_code == 1
-    assert "SANDBOX_TOKEN" not in box.bash("env").stdout  # commands never see it
+    assert "SANDBOX_TOKEN" not in box.bash("env").stdout  # commands never see it (nor its hash)
+    assert box.bash("test -r /run/sandbox-api").exit_code != 0  # nor can they reach the socket
 
 
 def _session_logs() -> list[Path]:
