@@ -8,7 +8,7 @@ Talking to the sandbox once it runs is :mod:`backends.sandbox_api`'s job.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 # Label keys every container of ours carries. Reconcile and the reapers decide
@@ -23,6 +23,9 @@ LABEL_ACTOR = "sandbox-actors.actor"  # the actor that created the container
 # container anyway), never from inside the container: the server there holds only its hash.
 LABEL_TOKEN = "sandbox-actors.token"
 LABEL_SOCKET = "sandbox-actors.socket"  # the API's unix socket, as the host sees it
+# Who made a container or network: the Ray cluster (its session name). Once no process of that
+# cluster runs on the engine's host, what it left there is an orphan (`sandbox-actors gc`).
+LABEL_CLUSTER = "sandbox-actors.cluster"
 PROJECT = "sandbox-actors"
 
 
@@ -85,6 +88,15 @@ class SandboxSpec:
 
 
 @dataclass(frozen=True)
+class ContainerEvent:
+    """The engine saw a container of ours die ('die', 'oom') or go ('destroy')."""
+
+    sandbox_id: str
+    container_id: str
+    event: str
+
+
+@dataclass(frozen=True)
 class SandboxRecord:
     """A sandbox container as the backend sees it.
 
@@ -98,6 +110,7 @@ class SandboxRecord:
         running: True when the engine reports the container running.
         labels: every label on the container.
         token: the API token the container was started with.
+        pid: its init process on the engine's host, when known and running.
     """
 
     sandbox_id: str
@@ -110,6 +123,7 @@ class SandboxRecord:
     running: bool
     labels: Mapping[str, str] = field(default_factory=dict)
     token: str = field(default="", repr=False)
+    pid: int | None = None  # the container's init process on the engine's host (a full inspect only)
 
     @property
     def pool(self) -> str:
@@ -191,6 +205,11 @@ class Backend(abc.ABC):
     async def sweep_rules(self) -> int:
         """Remove isolation rules of ours left behind by pools whose network is gone."""
         return 0
+
+    def container_events(self, pool: str) -> Iterator[ContainerEvent]:
+        """Deaths of ``pool``'s containers as the engine reports them (blocking; runs until the
+        engine's stream ends: the caller reconnects). Backends without events yield nothing."""
+        return iter(())
 
     async def close(self) -> None:
         """Release client resources. Containers are untouched."""

@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ import docker.errors
 import docker.types
 
 from .base import (
+    LABEL_CLUSTER,
     LABEL_ENGINE_ID,
     LABEL_POOL,
     LABEL_PROJECT,
@@ -44,12 +45,20 @@ from .base import (
     LABEL_TOKEN,
     PROJECT,
     Backend,
+    ContainerEvent,
     SandboxRecord,
     SandboxSpec,
     encode_label_value,
 )
 from .engine import connect, engine_errors
-from .errors import BackendUnavailable, ImageNotFound, IsolationUnavailable, NotSupported, SandboxError, SandboxStartError
+from .errors import (
+    BackendUnavailable,
+    ImageNotFound,
+    IsolationUnavailable,
+    NotSupported,
+    SandboxError,
+    SandboxStartError,
+)
 from .firewall import Firewall, NetworkPolicy
 from .network import LABEL_TAG, PoolNetwork, default_socket_dir, our_networks, pool_tag
 
@@ -104,6 +113,7 @@ class DockerBackend(Backend):
         socket_dir: node-local directory for per-sandbox API sockets.
         host_socket_dir: ``socket_dir`` as the engine's host sees it
             (Docker-outside-of-Docker); default the same.
+        labels: added to every container and network it creates (e.g. the Ray cluster).
     """
 
     def __init__(
@@ -115,6 +125,7 @@ class DockerBackend(Backend):
         policy: NetworkPolicy | None = None,
         socket_dir: str | None = None,
         host_socket_dir: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         self._prefix = container_prefix
         self._base_url = base_url
@@ -122,6 +133,7 @@ class DockerBackend(Backend):
         self.policy = policy or NetworkPolicy()
         self.socket_dir = socket_dir or default_socket_dir()
         self._host_socket_dir = host_socket_dir or self.socket_dir
+        self._labels = dict(labels or {})
         self._client: docker.DockerClient | None = None
         self._client_lock = threading.Lock()
         self._engine: dict[str, str] | None = None
@@ -152,7 +164,7 @@ class DockerBackend(Backend):
         """The network (and firewall rules) of ``pool`` on this engine."""
         if pool not in self._networks:
             lock = os.path.join(self.socket_dir, ".firewall.lock")
-            self._networks[pool] = PoolNetwork(self._docker, pool, self.policy, lock)
+            self._networks[pool] = PoolNetwork(self._docker, pool, self.policy, lock, self._labels)
         return self._networks[pool]
 
     def _pool_socket_dir(self, pool: str, host: bool = False) -> str:
@@ -193,6 +205,7 @@ class DockerBackend(Backend):
             container_id=attrs["Id"],
             running=bool(attrs.get("State", {}).get("Running")),
             created=time.time(),
+            pid=int(attrs.get("State", {}).get("Pid") or 0) or None,
         )
 
     def _record_from_summary(self, summary: dict[str, Any]) -> SandboxRecord:
@@ -211,7 +224,7 @@ class DockerBackend(Backend):
 
     def _make_record(
         self, labels: dict[str, str], *, host_port: Any, name: str, container_id: str, running: bool,
-        created: float,
+        created: float, pid: int | None = None,
     ) -> SandboxRecord:
         try:
             created_at = float(labels.get(LABEL_CREATED_AT, ""))
@@ -234,6 +247,7 @@ class DockerBackend(Backend):
             running=running,
             labels=labels,
             token=token,
+            pid=pid,
         )
 
     # ── Backend ────────────────────────────────────────────────────────────
@@ -279,6 +293,7 @@ class DockerBackend(Backend):
             LABEL_ENGINE_ID: engine["id"],
             LABEL_PORT: str(spec.port),
             LABEL_CREATED_AT: f"{time.time():.6f}",
+            **self._labels,
             **spec.extra_labels,
         }
         environment = {**spec.environment}
@@ -365,9 +380,10 @@ class DockerBackend(Backend):
                 raise
 
     def _network_for(self, pool: str) -> str | None:
-        """The pool's network name (None: no network), made sure of once per process."""
+        """The pool's network name (None: no network). Its rules are checked once per process; that
+        it exists, every time (`gc` may have removed an unused one)."""
         network = self.network(pool)
-        if pool not in self._ready_networks:
+        if pool not in self._ready_networks or not network.exists():
             network.ensure()
             self._ready_networks.add(pool)
         return network.name if self.policy.networked else None
@@ -565,6 +581,74 @@ class DockerBackend(Backend):
                     self._remove_socket_dir(os.path.join(root, entry, "api.sock"))
             with contextlib.suppress(OSError):  # not empty: a sandbox of the pool still runs here
                 os.rmdir(root)
+        return removed
+
+    def container_events(self, pool: str) -> Iterator[ContainerEvent]:
+        """Deaths of ``pool``'s containers, as the engine reports them (blocking: run it in a thread).
+        Ends when the engine's stream does (an engine restart): call again to follow on."""
+        filters = {"type": "container", "event": ["die", "oom", "destroy"],
+                   "label": [f"{LABEL_PROJECT}={PROJECT}", f"{LABEL_POOL}={pool}"]}
+        with engine_errors("follow container events"):
+            # A client of its own: the stream holds its connection for as long as it runs.
+            client = connect(self._base_url, self._timeout)
+            try:
+                for event in client.events(decode=True, filters=filters):
+                    attributes = (event.get("Actor") or {}).get("Attributes") or {}
+                    sandbox_id = attributes.get(LABEL_SANDBOX_ID)
+                    if sandbox_id:
+                        yield ContainerEvent(sandbox_id, str(event.get("id") or ""), str(event.get("status") or ""))
+            finally:
+                client.close()
+
+    def orphans(self, alive: Callable[[str], bool]) -> dict[str, list[dict[str, str]]]:
+        """Containers and networks of ours on this engine, of any pool, whose Ray cluster (its
+        label) ``alive`` says no longer runs here. Those without a cluster label are not judged."""
+        with engine_errors("list containers and networks"):
+            summaries = self._docker().api.containers(all=True, filters={"label": f"{LABEL_PROJECT}={PROJECT}"})
+            networks = our_networks(self._docker())
+        verdicts: dict[str, bool] = {}
+
+        def dead(labels: Mapping[str, str]) -> bool:
+            cluster = labels.get(LABEL_CLUSTER)
+            if not cluster:
+                return False
+            if cluster not in verdicts:
+                verdicts[cluster] = alive(cluster)
+            return not verdicts[cluster]
+
+        containers = [
+            {"container": (c.get("Names") or ["/"])[0].lstrip("/"), "container_id": c["Id"],
+             "pool": c["Labels"].get(LABEL_POOL, ""), "sandbox_id": c["Labels"].get(LABEL_SANDBOX_ID, ""),
+             "cluster": c["Labels"][LABEL_CLUSTER], "socket": c["Labels"].get(LABEL_SOCKET, "")}
+            for c in summaries if dead(c.get("Labels") or {})
+        ]
+        left = {c.get("Labels", {}).get(LABEL_POOL) for c in summaries if not dead(c.get("Labels") or {})}
+        found = [
+            {"network": n.name, "pool": (n.attrs.get("Labels") or {}).get(LABEL_POOL, ""),
+             "cluster": (n.attrs.get("Labels") or {})[LABEL_CLUSTER]}
+            for n in networks if dead(n.attrs.get("Labels") or {})
+            and (n.attrs.get("Labels") or {}).get(LABEL_POOL) not in left
+        ]
+        return {"containers": containers, "networks": found}
+
+    def remove_orphans(self, orphans: dict[str, list[dict[str, str]]]) -> dict[str, int]:
+        """Remove what :meth:`orphans` listed: containers by id, then networks with their rules."""
+        removed = {"containers": 0, "networks": 0, "rules": 0}
+        for item in orphans.get("containers", []):
+            with engine_errors(f"remove container {item['container']}"):
+                try:
+                    self._docker().api.remove_container(item["container_id"], force=True, v=True)
+                    removed["containers"] += 1
+                except docker.errors.NotFound:
+                    pass
+            self._remove_socket_dir(item.get("socket") or None)
+        for pool in {item["pool"] for item in orphans.get("containers", [])}:
+            with contextlib.suppress(OSError):  # not empty: the pool still has a sandbox here
+                os.rmdir(self._pool_socket_dir(pool))
+        for item in orphans.get("networks", []):
+            done = self.network(item["pool"]).remove()
+            removed["networks"] += done["networks"]
+            removed["rules"] += done["rules"]
         return removed
 
     async def sweep_rules(self) -> int:

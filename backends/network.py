@@ -16,7 +16,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import docker
@@ -54,10 +54,11 @@ class PoolNetwork:
         pool: the pool's name.
         policy: what its sandboxes may reach.
         lock_path: file to lock while changing firewall rules on this node.
+        labels: added to the network (e.g. the Ray cluster that made it).
     """
 
     def __init__(self, client: Callable[[], docker.DockerClient], pool: str, policy: NetworkPolicy,
-                 lock_path: str | None = None) -> None:
+                 lock_path: str | None = None, labels: Mapping[str, str] | None = None) -> None:
         self._client = client
         self.pool = pool
         self.policy = policy
@@ -66,6 +67,7 @@ class PoolNetwork:
         self.bridge = f"sbx-{self.tag}"
         self.firewall = Firewall(self.tag, self.bridge, lock_path)
         self._lock = threading.Lock()  # one ensure at a time in this process
+        self._labels = dict(labels or {})
 
     def ensure(self, extra_blocked: Iterable[str] = (), refresh: bool = False) -> str | None:
         """The network's name, after making sure it and its rules exist; None when the policy
@@ -101,6 +103,10 @@ class PoolNetwork:
             self._create()
         return self.name
 
+    def exists(self) -> bool:
+        """Whether the policy needs no network, or the network is there."""
+        return not self.policy.networked or self._get() is not None
+
     def _wanted_icc(self) -> bool:
         return not self.policy.enforce
 
@@ -117,7 +123,7 @@ class PoolNetwork:
 
     def _create(self) -> None:
         options = {_ICC: str(self._wanted_icc()).lower(), _BRIDGE_NAME: self.bridge}
-        labels = {LABEL_PROJECT: PROJECT, LABEL_POOL: self.pool, LABEL_TAG: self.tag}
+        labels = {**self._labels, LABEL_PROJECT: PROJECT, LABEL_POOL: self.pool, LABEL_TAG: self.tag}
         with engine_errors(f"create network {self.name}"):
             try:
                 self._client().networks.create(

@@ -35,7 +35,12 @@ from .base import (
     SandboxSpec,
     encode_label_value,
 )
-from .errors import BackendError, BackendUnauthorized, BackendUnavailable, SandboxStartError
+from .errors import (
+    BackendError,
+    BackendUnauthorized,
+    BackendUnavailable,
+    SandboxStartError,
+)
 from .sandbox_api import tls_context
 
 logger = logging.getLogger(__name__)

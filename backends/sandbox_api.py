@@ -27,8 +27,8 @@ import httpx
 from .errors import (
     CommandTimeout,
     InvalidRequest,
-    ResourceLimitExceeded,
     ReadinessTimeout,
+    ResourceLimitExceeded,
     SandboxAuthError,
     SandboxExited,
     SandboxFileNotFound,
@@ -202,12 +202,25 @@ class SandboxAPI:
         except httpx.TransportError as exc:
             raise SandboxUnreachable(f"sandbox at {self.url} is not answering ({type(exc).__name__})") from exc
 
-    async def _call(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> Any:
+    async def _call(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> dict[str, Any]:
+        """The ``data`` of a successful reply.
+
+        Raises:
+            SandboxOperationError: the reply has no ``data`` object (a server that does not
+                speak this API the way the agent-sandbox SDK describes it), or it says it failed.
+        """
         response = await self._request(method, path, timeout=timeout, **kwargs)
         body = _json(response)
         if response.status_code >= 400 or body.get("success") is False:
             _raise_for(response.status_code, body, path)
-        return body.get("data")
+        data = body.get("data")
+        if not isinstance(data, dict):
+            raise SandboxOperationError(
+                f"{path}: the sandbox answered {type(data).__name__} where an object was expected "
+                f"(message: {str(body.get('message') or '')[:200]!r})",
+                status_code=response.status_code,
+            )
+        return data
 
     # ── context and readiness ──────────────────────────────────────────────
 
@@ -218,6 +231,14 @@ class SandboxAPI:
         if response.status_code >= 400:
             _raise_for(response.status_code, body, "/v1/sandbox")
         return body
+
+    async def health(self, timeout: float = 2.0) -> bool:
+        """Whether the server answers at all (``GET /health``), within ``timeout``."""
+        try:
+            response = await self._http.get("/health", timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        return response.status_code < 500
 
     async def wait_ready(
         self,

@@ -3,21 +3,28 @@
 The pool's own node cannot see other nodes' engines, so reconcile asks one
 reaper per engine what containers exist, whether one still answers, and to
 remove the ones that must go. A reaper only touches containers whose
-engine-id label is its own engine's.
+engine-id label is its own engine's. It also follows the engine's event
+stream and tells the pool at once when one of its containers dies, so the
+pool's state stays true between its own looks.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any
 
 from backends import SandboxAPI
 from backends.errors import BackendUnavailable, SandboxError
 
-from . import actors
+from . import raycalls
 from .config import SandboxConfig
 from .runtime import make_backend, read_owner
 
 _PROBE_TIMEOUT = 3.0
+_RECONNECT_SECONDS = 1.0
+
+logger = logging.getLogger(__name__)
 
 
 class NodeReaper:
@@ -26,8 +33,10 @@ class NodeReaper:
     def __init__(self, config: SandboxConfig) -> None:
         self._config = config
         self._pool = config.pool_name
-        self._backend = make_backend(config)
-        self._node_id = actors.current_node_id()
+        self._backend = make_backend(config, cluster=raycalls.session_name())
+        self._node_id = raycalls.current_node_id()
+        self._watcher: threading.Thread | None = None
+        self._closing = threading.Event()
 
     async def identity(self) -> tuple[str, str]:
         """(engine id, Ray node id)."""
@@ -47,10 +56,32 @@ class NodeReaper:
             extra_blocked=cluster_addresses,
         )
         await self._backend.sweep_rules()
+        self._watch()
         return {**found, "node_id": self._node_id}
+
+    def _watch(self) -> None:
+        """Follow the engine's container events (once per reaper, in a thread of its own)."""
+        if self._watcher is None or not self._watcher.is_alive():
+            self._watcher = threading.Thread(target=self._follow_events, name="container-events", daemon=True)
+            self._watcher.start()
+
+    def _follow_events(self) -> None:
+        pool = None
+        while not self._closing.is_set():
+            try:
+                for event in self._backend.container_events(self._pool):
+                    pool = pool or raycalls.get_actor(self._pool, self._config.namespace)
+                    if pool is not None:
+                        # Fire and forget: the pool checks it against what it knows.
+                        pool.report_dead.remote(event.sandbox_id, event.container_id)
+            except SandboxError as exc:
+                logger.info("container events of %s interrupted (%s); following again", self._pool, exc.message)
+            pool = None  # the pool may have been restarted meanwhile
+            self._closing.wait(_RECONNECT_SECONDS)
 
     async def teardown(self) -> dict[str, int]:
         """Remove the pool's network, rules and socket directories here (once its containers are gone)."""
+        self._closing.set()
         return await self._backend.teardown(self._pool)
 
     async def containers(self) -> list[dict[str, Any]]:

@@ -17,8 +17,15 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
-from backends import Backend, DockerBackend, Limits, SandboxAPI, SandboxRecord, SandboxSpec
-from backends.base import LABEL_ACTOR, LABEL_ENGINE_ID
+from backends import (
+    Backend,
+    DockerBackend,
+    Limits,
+    SandboxAPI,
+    SandboxRecord,
+    SandboxSpec,
+)
+from backends.base import LABEL_ACTOR, LABEL_CLUSTER, LABEL_ENGINE_ID
 from backends.errors import (
     BackendUnavailable,
     InvalidRequest,
@@ -49,8 +56,9 @@ _DEATH_NOTICE_SECONDS = 2.0
 OWNER_FILE = "/run/sandbox-actors/owner.json"
 
 
-def make_backend(config: SandboxConfig) -> Backend:
-    """The backend ``config`` asks for: the local Docker engine, or a remote provisioner."""
+def make_backend(config: SandboxConfig, cluster: str | None = None) -> Backend:
+    """The backend ``config`` asks for: the local Docker engine, or a remote provisioner.
+    ``cluster`` (the Ray session) labels what it creates."""
     backend = config.backend
     if isinstance(backend, ProvisionerBackendConfig):
         return ProvisionerBackend(
@@ -64,7 +72,7 @@ def make_backend(config: SandboxConfig) -> Backend:
         )
     return DockerBackend(
         config.container_prefix, policy=config.network.policy(), socket_dir=config.socket_dir,
-        host_socket_dir=config.host_socket_dir,
+        host_socket_dir=config.host_socket_dir, labels={LABEL_CLUSTER: cluster} if cluster else None,
     )
 
 
@@ -110,6 +118,7 @@ class SandboxRuntime:
         self._start_lock = asyncio.Lock()
         self._shell_lock = asyncio.Lock()
         self._stopping = False
+        self._pid_start: str | None = None  # when the container's init process started, if visible here
 
     # ── lifecycle ──────────────────────────────────────────────────────────
 
@@ -138,6 +147,7 @@ class SandboxRuntime:
                     logger.info("sandbox %s: removing unusable container %s", self.sandbox_id, existing.container_name)
                     await self.backend.destroy(self.sandbox_id, existing.container_id)
                 await self._create()
+            self._pid_start = _process_start(self.record.pid) if self.record and self.record.pid else None
             info = self.describe()
             info["start_seconds"] = time.monotonic() - started
             return info
@@ -253,18 +263,38 @@ class SandboxRuntime:
         except SandboxError as exc:
             logger.info("sandbox %s: could not record its owner (%s)", self.sandbox_id, type(exc).__name__)
 
-    async def stop(self, if_idle_for: float | None = None) -> bool:
-        """Remove the container. With ``if_idle_for``, only when idle that long with nothing in flight.
+    def begin_stop(self, if_idle_for: float) -> bool:
+        """Stop serving if idle that long with nothing in flight (the pool then removes the
+        container, or calls the stop off). False: busy, keep serving."""
+        if self.inflight > 0 or self.idle_for() <= if_idle_for:
+            return False
+        self._stopping = True  # new operations are refused from here on
+        return True
+
+    def cancel_stop(self) -> None:
+        """Serve again after :meth:`begin_stop` (the sandbox's thread came back in time)."""
+        if self._api is not None:
+            self._stopping = False
+
+    async def alive(self) -> bool:
+        """A cheap check that the sandbox can serve: not known dead, and its container's init
+        process still runs (a file read on the engine's host; an HTTP probe where that process
+        is out of sight, as with a provisioner)."""
+        if self.dead_reason is not None or self._api is None or self._stopping:
+            return False
+        if self._pid_start is not None and self.record is not None and self.record.pid is not None:
+            return _process_start(self.record.pid) == self._pid_start
+        return await self._api.health()
+
+    async def stop(self) -> bool:
+        """Remove the container.
 
         Returns:
-            False when the sandbox refused because it is busy; True when the
-            container is gone (or never existed).
+            True when the container is gone (or never existed).
 
         Raises:
             BackendUnavailable: the engine did not answer; the container may still exist.
         """
-        if if_idle_for is not None and (self.inflight > 0 or self.idle_for() <= if_idle_for):
-            return False
         self._stopping = True  # new operations are refused from here on
         try:
             if self.record is not None:  # only the container this sandbox owns, never a namesake
@@ -377,6 +407,17 @@ class SandboxRuntime:
     async def list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> list[FileInfo]:
         async with self._operation() as api:
             return await api.list_files(path, recursive=recursive, show_hidden=show_hidden)
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), or None when there is none: with
+    the pid, it tells the same process from a later one that reused its number."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[19].decode() if len(fields) > 19 else None
 
 
 async def read_owner(api: SandboxAPI) -> dict[str, Any] | None:

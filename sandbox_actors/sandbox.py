@@ -20,7 +20,7 @@ from typing import Any
 
 from backends.sandbox_api import BashResult, FileInfo, ShellResult, warm_http_stack
 
-from . import actors
+from . import raycalls
 from .config import SandboxConfig
 from .errors import InvalidRequest, SandboxDied, SandboxError, SandboxNotFound
 from .metrics import SandboxMetrics
@@ -33,14 +33,14 @@ _REPORT_TIMEOUT = 5.0
 
 
 class SandboxActor:
-    """One sandbox. Created by the pool through :func:`actors.spawn_sandbox_actor`."""
+    """One sandbox. Created by the pool's fleet through :func:`sandbox_actors.spawn.sandbox_actor`."""
 
     def __init__(self, config: SandboxConfig, name: str) -> None:
         self._config = config
         self._name = name
-        self._node_id = actors.current_node_id()
-        self._resources = actors.assigned_resources()
-        self._backend = make_backend(config)  # connects on first use
+        self._node_id = raycalls.current_node_id()
+        self._resources = raycalls.assigned_resources()
+        self._backend = make_backend(config, cluster=raycalls.session_name())  # connects on first use
         self._runtime: SandboxRuntime | None = None
         self._reported_dead = False
         self._metrics = SandboxMetrics(config.pool_name)
@@ -92,14 +92,30 @@ class SandboxActor:
         runtime = self._runtime_or_raise()
         return runtime.idle_for(), runtime.inflight, runtime.dead_reason
 
-    async def stop(self, if_idle_for: float | None = None) -> bool:
-        """Remove the container (only when idle that long, if given). The pool then ends the actor."""
+    async def alive(self) -> bool:
+        """A cheap check that the sandbox can serve (the pool asks before reclaiming a warm one)."""
+        return self._runtime is not None and await self._runtime.alive()
+
+    async def begin_stop(self, if_idle_for: float) -> bool:
+        """Stop serving if idle that long with nothing in flight; False: busy. The pool then
+        calls :meth:`stop` or :meth:`cancel_stop`."""
+        return self._runtime is None or self._runtime.begin_stop(if_idle_for)
+
+    async def cancel_stop(self) -> None:
+        if self._runtime is not None:
+            self._runtime.cancel_stop()
+
+    async def stop(self) -> bool:
+        """Remove the container. The pool then ends the actor.
+
+        Raises:
+            BackendUnavailable: the engine did not answer; nothing was removed.
+        """
         if self._runtime is None:
             return True
-        stopped = await self._runtime.stop(if_idle_for)
-        if stopped:
-            await self._runtime.close()
-        return stopped
+        await self._runtime.stop()
+        await self._runtime.close()
+        return True
 
     def _runtime_or_raise(self) -> SandboxRuntime:
         if self._runtime is None:
@@ -107,11 +123,11 @@ class SandboxActor:
         return self._runtime
 
     async def _owner_alive(self, name: str) -> bool:
-        handle = await asyncio.to_thread(actors.get_actor, name, self._config.namespace)
+        handle = await asyncio.to_thread(raycalls.get_actor, name, self._config.namespace)
         if handle is None:
             return False
         try:
-            await actors.call(handle.ping.remote(), _REPORT_TIMEOUT, f"ping {name}")
+            await raycalls.call(handle.ping.remote(), _REPORT_TIMEOUT, f"ping {name}")
         except SandboxError:
             return False
         return True
@@ -162,11 +178,13 @@ class SandboxActor:
 
     async def _report_dead(self) -> None:
         config, sandbox_id = self._config, self._runtime_or_raise().sandbox_id
-        pool = await asyncio.to_thread(actors.get_actor, config.pool_name, config.namespace)
+        pool = await asyncio.to_thread(raycalls.get_actor, config.pool_name, config.namespace)
         if pool is None:
             logger.warning("sandbox %s died and pool %s is not running to hear of it", sandbox_id, config.pool_name)
             return
+        container_id = self._runtime_or_raise().describe().get("container_id")
         try:
-            await actors.call(pool.report_dead.remote(sandbox_id), _REPORT_TIMEOUT, "report a dead sandbox")
+            await raycalls.call(pool.report_dead.remote(sandbox_id, container_id), _REPORT_TIMEOUT,
+                                "report a dead sandbox")
         except SandboxError as exc:
             logger.warning("sandbox %s died; could not tell pool %s: %s", sandbox_id, config.pool_name, exc)

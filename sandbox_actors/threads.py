@@ -53,8 +53,12 @@ def sandbox_id_for(pool: str, thread_id: str) -> str:
     return digest[:SANDBOX_ID_HEX]
 
 
-def anonymous_sandbox_id() -> str:
-    return uuid.uuid4().hex[:SANDBOX_ID_HEX]
+def anonymous_sandbox_id(pool: str | None = None, request_id: str | None = None) -> str:
+    """A new anonymous sandbox's id: random, or derived from ``request_id`` so that a retried
+    request finds the sandbox its first attempt made (and never makes a second)."""
+    if request_id is None:
+        return uuid.uuid4().hex[:SANDBOX_ID_HEX]
+    return hashlib.sha256(f"{pool}\0anonymous\0{request_id}".encode()).hexdigest()[:SANDBOX_ID_HEX]
 
 
 def thread_dir_name(thread_id: str) -> str:
