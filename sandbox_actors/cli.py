@@ -17,7 +17,14 @@ import time
 from typing import Any
 
 from .config import DEFAULT_IMAGE
-from .errors import CommandTimeout, ConfigError, InvalidRequest, PoolExhausted, SandboxError, SandboxNotFound
+from .errors import (
+    CommandTimeout,
+    ConfigError,
+    InvalidRequest,
+    PoolExhausted,
+    SandboxError,
+    SandboxNotFound,
+)
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CAPACITY = 1, 2, 3, 4
 EXIT_TIMEOUT, EXIT_CANNOT_RUN = 124, 125
@@ -50,7 +57,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 def _client(args: argparse.Namespace, create: bool = False) -> Any:
     """Attach to Ray and the pool; only ``create`` makes a pool that does not exist."""
-    from . import actors, localray
+    from . import localray, raycalls
     from .client import connect
     from .config import SandboxConfig
 
@@ -59,7 +66,7 @@ def _client(args: argparse.Namespace, create: bool = False) -> Any:
     base = config or SandboxConfig()
     name = args.pool or base.pool_name
     namespace = args.namespace or base.namespace
-    if not create and actors.get_actor(name, namespace) is None:
+    if not create and raycalls.get_actor(name, namespace) is None:
         raise NotFound(f"no pool {name!r} in namespace {namespace!r}; start one with `sandbox-actors up`")
     return connect(config, pool_name=args.pool, namespace=args.namespace)
 
@@ -205,21 +212,44 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    client = _client(args)
-    done = client.reconcile()
+    from . import localray, orphans
+
+    found = orphans.find()  # no cluster needed: the engine and this machine's processes say it all
+    result: dict[str, Any] = {**found, "removed": None if args.dry_run else orphans.remove(found)}
+    if not (args.dead_clusters or args.dry_run):
+        try:
+            result["reconcile"] = _client(args).reconcile()
+        except (localray.NoCluster, NotFound) as exc:
+            result["reconcile"] = None
+            result["note"] = f"no pool reconciled: {exc}"
     if args.json:
-        _print_json(done)
-    elif not done:
-        print("nothing to collect: every container has its actor and every actor its container")
-    else:
-        print(", ".join(f"{key.replace('_', ' ')} {value}" for key, value in sorted(done.items())))
+        _print_json(result)
+        return 0
+    left = found["containers"] + found["networks"]
+    for item in found["containers"]:
+        print(f"container {item['container']:<48} pool {item['pool']!r:<20} of dead cluster {item['cluster']}")
+    for item in found["networks"]:
+        print(f"network   {item['network']:<48} pool {item['pool']!r:<20} of dead cluster {item['cluster']}")
+    if args.dry_run:
+        print(f"dry run: {len(left)} thing(s) of dead clusters would be removed" if left else
+              "nothing of a dead cluster on this machine")
+    elif left:
+        removed = result["removed"]
+        print(f"removed {removed['containers']} container(s), {removed['networks']} network(s), "
+              f"{removed['rules']} rule set(s) of dead clusters")
+    done = result.get("reconcile")
+    if done is not None:
+        print("reconcile: " + (", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(done.items())) or
+                               "nothing to collect: every container has its actor and every actor its container"))
+    elif "note" in result:
+        print(result["note"])
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
     import ray
 
-    from . import actors, localray
+    from . import localray, raycalls
     from .client import connect
     from .config import SandboxConfig
 
@@ -232,7 +262,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     except localray.NoCluster:
         pass
     if ray.is_initialized():
-        if actors.get_actor(name, namespace) is not None:
+        if raycalls.get_actor(name, namespace) is not None:
             result.update(connect(pool_name=name, namespace=namespace).shutdown())
             say(f"pool {name!r} shut down: {result.get('destroyed', 0)} sandbox(es) destroyed")
         else:
@@ -316,7 +346,11 @@ def parser() -> argparse.ArgumentParser:
     destroy = add("destroy", cmd_destroy, "destroy a sandbox by id or by thread", common)
     destroy.add_argument("sandbox_id", nargs="?", help="sandbox id")
     destroy.add_argument("--thread", help="destroy this thread's sandbox")
-    add("gc", cmd_gc, "reconcile now: adopt, re-adopt or remove orphans, and print what changed", common, as_json)
+    gc = add("gc", cmd_gc, "remove what dead clusters left on this machine, and reconcile the running pool: "
+             "adopt, re-adopt or remove its orphans; print what changed", common, as_json)
+    gc.add_argument("--dead-clusters", action="store_true",
+                    help="only what clusters that no longer run here left (needs no Ray cluster)")
+    gc.add_argument("--dry-run", action="store_true", help="list what dead clusters left; remove nothing")
     down = add("down", cmd_down, "shut the pool down and stop the Ray head `up` started", common, as_json)
     down.add_argument("--keep-ray", action="store_true", help="leave the local Ray head running")
     build = add("build-image", cmd_build_image, "build the minimal sandbox image locally (no registry)")

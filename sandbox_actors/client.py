@@ -16,17 +16,27 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import ray
-import ray.exceptions
+from backends.sandbox_api import BashResult, FileInfo, ShellResult
 
-from . import actors
+from . import raycalls
 from .config import SandboxConfig, load_config
-from .errors import ConfigError, IsolationUnavailable, NotSupported, PoolShutDown, PoolUnavailable, SandboxDied
-from .pool import Lease
+from .errors import (
+    ConfigError,
+    IsolationUnavailable,
+    NotSupported,
+    PoolShutDown,
+    PoolUnavailable,
+    SandboxDied,
+)
+from .options import pool_options
+from .raycalls import ActorGone
+from .records import PoolRecords
 from .threads import validate_thread_id
+from .views import Lease
 
 logger = logging.getLogger(__name__)
 
@@ -42,38 +52,11 @@ def ensure_ray(address: str | None = None) -> None:
     attach(address, fallback="local")
 
 
-def _value(ref: Any) -> Any:
-    try:
-        return ray.get(ref)
-    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-        raise actors.unwrap(exc) from None
+def pool_actor(config: SandboxConfig) -> Any:
+    """Get or create the pool named in ``config`` (any process may call this)."""
+    from .pool import PoolActor
 
-
-async def _avalue(ref: Any) -> Any:
-    try:
-        return await ref
-    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-        raise actors.unwrap(exc) from None
-
-
-class _Aio:
-    """``obj.aio.method(...)`` awaits what ``obj.method(...)`` returns synchronously."""
-
-    def __init__(self, owner: Any) -> None:
-        self._owner = owner
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):  # incl. pickle's probes before __dict__ is restored
-            raise AttributeError(name)
-        make_ref = getattr(self._owner, f"_ref_{name}", None)
-        if make_ref is None:
-            raise AttributeError(name)
-        finish = getattr(self._owner, f"_finish_{name}", lambda value: value)
-
-        async def method(*args: Any, **kwargs: Any) -> Any:
-            return finish(await self._owner._await(make_ref(*args, **kwargs)))
-
-        return method
+    return raycalls.remote_class(PoolActor).options(**pool_options(config)).remote(config)
 
 
 class SandboxHandle:
@@ -84,6 +67,8 @@ class SandboxHandle:
         thread_id: the thread it serves (None when anonymous).
         actor: the SandboxActor handle, for ``actor.exec.remote(...)`` style calls.
         path: how the acquire got it: 'hot', 'warm', 'prewarmed', 'cold' or 'adopted'.
+        info: what its actor said about it (node, container, ...).
+        aio: the same operations, awaitable.
     """
 
     def __init__(self, lease: Lease, pool: PoolClient | None = None) -> None:
@@ -93,71 +78,41 @@ class SandboxHandle:
         self.path = lease.path
         self.info = lease.info
         self._pool = pool
-        self.aio = _Aio(self)
+        self.aio = AsyncSandboxHandle(self)
 
     def __repr__(self) -> str:
         return f"SandboxHandle(sandbox_id={self.sandbox_id!r}, thread_id={self.thread_id!r}, path={self.path!r})"
 
-    # Each operation is a ref builder; the sync method and ``aio`` share it.
-    def _ref_exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None) -> Any:
-        return self.actor.exec.remote(command, timeout, exec_dir)
-
-    def _ref_bash(
-        self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
-        exec_dir: str | None = None,
-    ) -> Any:
-        return self.actor.bash.remote(command, dict(env) if env else None, timeout, exec_dir)
-
-    def _ref_read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> Any:
-        return self.actor.read_file.remote(path, start_line, end_line)
-
-    def _ref_read_bytes(self, path: str) -> Any:
-        return self.actor.read_bytes.remote(path)
-
-    def _ref_write_file(self, path: str, content: str | bytes, append: bool = False) -> Any:
-        return self.actor.write_file.remote(path, content, append)
-
-    def _ref_list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> Any:
-        return self.actor.list_files.remote(path, recursive, show_hidden)
-
-    def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None) -> Any:
-        """Run ``command`` in the persistent shell. Returns a ShellResult (output, exit_code).
+    def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None) -> ShellResult:
+        """Run ``command`` in the persistent shell (cwd and env persist).
 
         Raises:
             CommandTimeout: it ran past ``timeout`` (default: config exec_timeout) and was killed.
             SandboxDied: the sandbox is gone; acquire the thread again.
             BackendUnavailable: the engine did not answer (nothing was destroyed).
         """
-        return self._wait(self._ref_exec(command, timeout, exec_dir))
+        return self._wait(self.actor.exec.remote(command, timeout, exec_dir))
 
-    def bash(
-        self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
-        exec_dir: str | None = None,
-    ) -> Any:
-        """Run ``command`` in a fresh session with extra ``env``. Returns a BashResult (stdout, stderr, exit_code)."""
-        return self._wait(self._ref_bash(command, env, timeout, exec_dir))
+    def bash(self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
+             exec_dir: str | None = None) -> BashResult:
+        """Run ``command`` in a fresh session with extra ``env`` (for secrets); stdout and stderr apart."""
+        return self._wait(self.actor.bash.remote(command, dict(env) if env else None, timeout, exec_dir))
 
     def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> str:
         """A text file's content (invalid UTF-8 replaced). Raises SandboxFileNotFound."""
-        return self._wait(self._ref_read_file(path, start_line, end_line))
+        return self._wait(self.actor.read_file.remote(path, start_line, end_line))
 
     def read_bytes(self, path: str) -> bytes:
         """A file's exact bytes."""
-        return self._wait(self._ref_read_bytes(path))
+        return self._wait(self.actor.read_bytes.remote(path))
 
     def write_file(self, path: str, content: str | bytes, append: bool = False) -> int:
         """Write text or bytes (parents created). Returns bytes written."""
-        return self._wait(self._ref_write_file(path, content, append))
+        return self._wait(self.actor.write_file.remote(path, content, append))
 
-    def list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> list[Any]:
-        """Entries of a directory as FileInfo (name, path, is_directory, size)."""
-        return self._wait(self._ref_list_files(path, recursive, show_hidden))
-
-    def _ref_release(self) -> Any:
-        return self._require_pool()._ref_release(self)
-
-    def _ref_destroy(self) -> Any:
-        return self._require_pool()._ref_destroy(self)
+    def list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> list[FileInfo]:
+        """Entries of a directory (name, path, is_directory, size, modified_time)."""
+        return self._wait(self.actor.list_files.remote(path, recursive, show_hidden))
 
     def release(self) -> bool:
         """Give the sandbox back to the pool's warm pool."""
@@ -172,26 +127,61 @@ class SandboxHandle:
             raise PoolUnavailable("this handle was not obtained through a PoolClient")
         return self._pool
 
-    def _died(self, exc: BaseException) -> BaseException:
-        if isinstance(exc, actors.ActorGone):
-            if self._pool is not None:
-                self._pool._report_dead(self.sandbox_id)
-            died = SandboxDied(f"sandbox {self.sandbox_id}'s actor is gone; acquire the thread again")
-            died.__cause__ = exc
-            return died
-        return exc
+    def _died(self, exc: ActorGone) -> SandboxDied:
+        if self._pool is not None:
+            self._pool._report_dead(self.sandbox_id)
+        died = SandboxDied(f"sandbox {self.sandbox_id}'s actor is gone; acquire the thread again")
+        died.__cause__ = exc
+        return died
 
     def _wait(self, ref: Any) -> Any:
         try:
-            return _value(ref)
-        except actors.ActorGone as exc:
+            return raycalls.value(ref)
+        except ActorGone as exc:
             raise self._died(exc) from None
+
+
+class AsyncSandboxHandle:
+    """``box.aio``: a sandbox's operations, awaitable (see :class:`SandboxHandle` for each)."""
+
+    def __init__(self, handle: SandboxHandle) -> None:
+        self._handle = handle
 
     async def _await(self, ref: Any) -> Any:
         try:
-            return await _avalue(ref)
-        except actors.ActorGone as exc:
-            raise self._died(exc) from None
+            return await raycalls.call(ref)
+        except ActorGone as exc:
+            raise self._handle._died(exc) from None
+
+    async def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None) -> ShellResult:
+        return await self._await(self._handle.actor.exec.remote(command, timeout, exec_dir))
+
+    async def bash(self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
+                   exec_dir: str | None = None) -> BashResult:
+        return await self._await(self._handle.actor.bash.remote(command, dict(env) if env else None, timeout,
+                                                                exec_dir))
+
+    async def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> str:
+        return await self._await(self._handle.actor.read_file.remote(path, start_line, end_line))
+
+    async def read_bytes(self, path: str) -> bytes:
+        return await self._await(self._handle.actor.read_bytes.remote(path))
+
+    async def write_file(self, path: str, content: str | bytes, append: bool = False) -> int:
+        return await self._await(self._handle.actor.write_file.remote(path, content, append))
+
+    async def list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> list[FileInfo]:
+        return await self._await(self._handle.actor.list_files.remote(path, recursive, show_hidden))
+
+    async def release(self) -> bool:
+        return await self._handle._require_pool().aio.release(self._handle)
+
+    async def destroy(self) -> bool:
+        return await self._handle._require_pool().aio.destroy(self._handle)
+
+
+def _id(handle_or_id: SandboxHandle | str) -> str:
+    return handle_or_id.sandbox_id if isinstance(handle_or_id, SandboxHandle) else handle_or_id
 
 
 class PoolClient:
@@ -207,22 +197,20 @@ class PoolClient:
         self.config = config
         self.pool = pool
         self._closed = False
-        self.aio = _Aio(self)
+        self.aio = AsyncPoolClient(self)
 
-    # ── plumbing ───────────────────────────────────────────────────────────
-
-    def _method_ref(self, method: str, *args: Any) -> Any:
+    def _method(self, method: str) -> Any:
         if self._closed:
             raise PoolShutDown(f"pool {self.config.pool_name} was shut down by this client; connect again")
-        return getattr(self.pool, method).remote(*args)
+        return getattr(self.pool, method)
 
     def _retrying(self, method: str, *args: Any) -> Any:
         deadline = time.monotonic() + _POOL_RETRY_SECONDS
         while True:
             try:
-                return _value(self._method_ref(method, *args))
-            except actors.ActorGone as exc:
-                if actors.was_shut_down(self.config):
+                return raycalls.value(self._method(method).remote(*args))
+            except ActorGone as exc:
+                if PoolRecords.for_config(self.config).was_shut_down():
                     raise PoolShutDown(
                         f"pool {self.config.pool_name} was shut down (by `sandbox-actors down` or a shutdown() "
                         "call); connect() again to start a new one"
@@ -231,33 +219,20 @@ class PoolClient:
                     raise PoolUnavailable(f"pool {self.config.pool_name} unreachable for {_POOL_RETRY_SECONDS:.0f}s") from exc
                 logger.info("pool %s is gone or restarting; reconnecting", self.config.pool_name)
                 time.sleep(0.5)
-                self.pool = actors.pool_actor(self.config)
-
-    async def _await(self, ref: Any) -> Any:
-        return await _avalue(ref)
+                self.pool = pool_actor(self.config)
 
     def _report_dead(self, sandbox_id: str) -> None:
         if not self._closed:
             self.pool.report_dead.remote(sandbox_id)
-
-    def _id(self, handle_or_id: SandboxHandle | str) -> str:
-        return handle_or_id.sandbox_id if isinstance(handle_or_id, SandboxHandle) else handle_or_id
-
-    # ── API ────────────────────────────────────────────────────────────────
 
     def sandbox_id(self, thread_id: str) -> str:
         """The sandbox id of ``thread_id`` in this pool: the one it holds, else the one it would get."""
         validate_thread_id(thread_id)
         return self._retrying("resolve", thread_id)
 
-    def _ref_acquire(self, thread_id: str | None = None) -> Any:
-        return self._method_ref("acquire", thread_id)
-
-    def _finish_acquire(self, lease: Lease) -> SandboxHandle:
-        return SandboxHandle(lease, self)
-
-    def acquire(self, thread_id: str | None = None) -> SandboxHandle:
-        """The thread's sandbox (None: a new anonymous one). Same sandbox from every process.
+    def acquire(self, thread_id: str | None = None, *, request_id: str | None = None) -> SandboxHandle:
+        """The thread's sandbox; same sandbox from every process. None: a new anonymous one (retries
+        of one call, and calls with the same ``request_id``, get the same one).
 
         Raises:
             InvalidThreadId: empty, too long or non-text thread id.
@@ -266,55 +241,37 @@ class PoolClient:
         """
         if thread_id is not None:
             validate_thread_id(thread_id)  # here, before a round trip
-        return self._finish_acquire(self._retrying("acquire", thread_id))
-
-    def _ref_get(self, sandbox_id: str) -> Any:
-        return self._method_ref("get", sandbox_id)
-
-    def _finish_get(self, lease: Lease | None) -> SandboxHandle | None:
-        return None if lease is None else SandboxHandle(lease, self)
+        elif request_id is None:
+            request_id = uuid.uuid4().hex  # one per call, the same for every retry of it
+        return SandboxHandle(self._retrying("acquire", thread_id, request_id), self)
 
     def get(self, sandbox_id: str) -> SandboxHandle | None:
         """The handle of an active sandbox, else None."""
-        return self._finish_get(self._retrying("get", sandbox_id))
-
-    def _ref_release(self, handle_or_id: SandboxHandle | str) -> Any:
-        return self._method_ref("release", self._id(handle_or_id))
+        lease = self._retrying("get", sandbox_id)
+        return None if lease is None else SandboxHandle(lease, self)
 
     def release(self, handle_or_id: SandboxHandle | str) -> bool:
         """Park the sandbox warm (container keeps running). False if it was not active."""
-        return self._retrying("release", self._id(handle_or_id))
-
-    def _ref_destroy(self, handle_or_id: SandboxHandle | str) -> Any:
-        return self._method_ref("destroy", self._id(handle_or_id))
+        return self._retrying("release", _id(handle_or_id))
 
     def destroy(self, handle_or_id: SandboxHandle | str) -> bool:
-        """Stop and remove the sandbox, active or warm. Idempotent (False: nothing to destroy)."""
-        return self._retrying("destroy", self._id(handle_or_id))
+        """Stop and remove the sandbox, active or warm. Idempotent (False: nothing to destroy).
+
+        Raises:
+            BackendUnavailable: its engine did not confirm the removal (the pool keeps trying).
+        """
+        return self._retrying("destroy", _id(handle_or_id))
 
     def destroy_thread(self, thread_id: str) -> bool:
         """Destroy the sandbox of ``thread_id``."""
         return self.destroy(self.sandbox_id(thread_id))
-
-    def _ref_sandbox_id(self, thread_id: str) -> Any:
-        validate_thread_id(thread_id)
-        return self._method_ref("resolve", thread_id)
-
-    def _ref_list(self) -> Any:
-        return self._method_ref("list")
-
-    def _ref_stats(self) -> Any:
-        return self._method_ref("stats")
-
-    def _ref_reconcile(self) -> Any:
-        return self._method_ref("reconcile")
 
     def list(self) -> list[dict[str, Any]]:
         """Every sandbox of the pool (id, thread, state, node, age, idle, in-flight)."""
         return self._retrying("list")
 
     def stats(self) -> dict[str, Any]:
-        """Totals per state and event counters."""
+        """Totals per state, event counters and the pool's isolation."""
         return self._retrying("stats")
 
     def reconcile(self) -> dict[str, int]:
@@ -326,12 +283,52 @@ class PoolClient:
         if self._closed:
             return {}
         try:
-            result = _value(self.pool.shutdown.remote())
-        except actors.ActorGone:
+            result = raycalls.value(self.pool.shutdown.remote())
+        except ActorGone:
             result = {}
-        actors.kill(self.pool)
+        raycalls.kill(self.pool)
         self._closed = True
         return result
+
+
+class AsyncPoolClient:
+    """``pool.aio``: the pool's calls, awaitable (no retry while the pool restarts; no shutdown)."""
+
+    def __init__(self, client: PoolClient) -> None:
+        self._client = client
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        return await raycalls.call(self._client._method(method).remote(*args))
+
+    async def acquire(self, thread_id: str | None = None, *, request_id: str | None = None) -> SandboxHandle:
+        if thread_id is not None:
+            validate_thread_id(thread_id)
+        elif request_id is None:
+            request_id = uuid.uuid4().hex
+        return SandboxHandle(await self._call("acquire", thread_id, request_id), self._client)
+
+    async def get(self, sandbox_id: str) -> SandboxHandle | None:
+        lease = await self._call("get", sandbox_id)
+        return None if lease is None else SandboxHandle(lease, self._client)
+
+    async def release(self, handle_or_id: SandboxHandle | str) -> bool:
+        return await self._call("release", _id(handle_or_id))
+
+    async def destroy(self, handle_or_id: SandboxHandle | str) -> bool:
+        return await self._call("destroy", _id(handle_or_id))
+
+    async def sandbox_id(self, thread_id: str) -> str:
+        validate_thread_id(thread_id)
+        return await self._call("resolve", thread_id)
+
+    async def list(self) -> list[dict[str, Any]]:
+        return await self._call("list")
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._call("stats")
+
+    async def reconcile(self) -> dict[str, int]:
+        return await self._call("reconcile")
 
 
 def connect(
@@ -353,8 +350,10 @@ def connect(
         pool_name, namespace: override the config's.
 
     Raises:
-        ConfigError: bad config, or a pool of that name already runs with a
-            different config.
+        ConfigError: bad config, a pool of that name already runs with a
+            different config, or another running pool uses its base_dir.
+        IsolationUnavailable, NotSupported: a node cannot isolate sandboxes as
+            configured (the pool did not start and left nothing behind).
     """
     explicit = config is not None
     cfg = load_config(config)
@@ -362,9 +361,9 @@ def connect(
     if overrides:
         cfg = load_config({**cfg.model_dump(), **overrides})
     ensure_ray(address)
-    actors.clear_shut_down(cfg)  # asking for the pool is asking for it to run again
-    pool = actors.pool_actor(cfg)
-    running = _value(pool.config.remote())
+    PoolRecords.for_config(cfg).clear_shut_down()  # asking for the pool is asking for it to run again
+    pool = pool_actor(cfg)
+    running = raycalls.value(pool.config.remote())
     if running != cfg:
         if explicit:
             differs = sorted(k for k in SandboxConfig.model_fields if getattr(running, k) != getattr(cfg, k))
@@ -375,10 +374,13 @@ def connect(
         cfg = running
     client = PoolClient(cfg, pool)
     try:
-        _value(pool.ping.remote())
-    except (IsolationUnavailable, NotSupported):
-        # The pool refused to start (a node cannot isolate sandboxes as configured) and removed
-        # what it had made; end it so that fixing the cause and connecting again starts afresh.
-        actors.kill(pool)
+        raycalls.value(pool.ping.remote())
+    except (IsolationUnavailable, NotSupported, ConfigError):
+        # The pool refused to start and removed what it had made; end it, so that fixing the
+        # cause and connecting again starts afresh.
+        raycalls.kill(pool)
         raise
     return client
+
+
+__all__ = ["AsyncPoolClient", "AsyncSandboxHandle", "PoolClient", "SandboxHandle", "connect", "ensure_ray", "pool_actor"]

@@ -1,10 +1,9 @@
-"""The pool's hands: SandboxActors to start, spares to keep, reapers to ask.
+"""The pool's hands: its SandboxActors, the spares kept ahead of need, one reaper per engine.
 
-:class:`Fleet` does what the pool decides: it starts sandboxes (on a spare,
-already-running actor when one is ready, so a new thread does not wait for a
-Ray worker to boot), keeps the spare actors topped up, finds one reaper per
-Docker engine, and lists, probes and removes containers through them. It holds
-no sandbox state: that is the pool's :class:`~sandbox_actors.state.PoolState`.
+:class:`Fleet` does what the pool decides and reports what happened; it
+decides nothing about sandboxes (that is :class:`~sandbox_actors.state.PoolState`)
+and never calls back into the pool. Every Ray call the pool makes goes
+through here, so the pool's logic runs on a fake fleet in tests.
 """
 
 from __future__ import annotations
@@ -12,44 +11,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Callable
 from typing import Any
 
-from . import actors
-from .actors import ActorCallTimeout, ActorGone
+from . import raycalls, spawn
 from .config import SandboxConfig
-from .errors import IsolationUnavailable, NotSupported, PoolExhausted, SandboxDied, SandboxError, SandboxOwned
-from .reconcile import ActorView, ContainerView
+from .errors import IsolationUnavailable, NotSupported, SandboxError, SandboxOwned
+from .raycalls import ActorGone
+from .views import ActorView, ContainerView
 
 logger = logging.getLogger(__name__)
 
 DESCRIBE_TIMEOUT = 3.0
 STOP_TIMEOUT = 60.0
 REAPER_TIMEOUT = 30.0
-_START_ATTEMPTS = 3
-_PLACEMENT_POLL = 1.0
+CLAIM_TIMEOUT = 10.0
 
 
 class Fleet:
-    """Actors and reapers of one pool.
+    """The actors and reapers of one pool.
 
     Args:
         config: the pool's config.
-        on_no_room: called (sandbox id, required node or None) each second an
-            actor waits for a node with room and no spare can give way; the pool
-            evicts a warm sandbox there (each holds a node slot).
     """
 
-    def __init__(self, config: SandboxConfig, on_no_room: Callable[[str, str | None], None]) -> None:
+    def __init__(self, config: SandboxConfig) -> None:
         self._config = config
-        self._on_no_room = on_no_room
         self._spares: list[tuple[Any, str, str]] = []  # placed, idle SandboxActors: (handle, name, node id)
         self._launching: dict[str, Any] = {}  # name -> actor started but not yet serving a sandbox
         self._reapers: dict[str, Any] = {}  # node id -> reaper
         self._refilling: asyncio.Task[None] | None = None
         self._spawning = 0  # spawns in flight in worker threads (they cannot be cancelled)
-        self._starting = 0  # sandbox starts in flight (refills wait for them: they compete for CPU)
+        self.starting = 0  # sandbox starts in flight (refills wait for them: they compete for CPU)
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget work, kept referenced
         self._named: dict[str, Any] = {}  # the pool's named actors at the last look: name -> handle
@@ -64,86 +56,6 @@ class Fleet:
         """Actors the fleet holds that serve no sandbox (reconcile must leave them be)."""
         return {name for _, name, _ in self._spares} | set(self._launching)
 
-    # ── starting sandboxes ────────────────────────────────────────────────
-
-    async def start_sandbox(
-        self, sandbox_id: str, thread_id: str | None, node_id: str | None = None
-    ) -> tuple[Any, dict[str, Any]]:
-        """An actor serving ``sandbox_id`` with its container up and answering.
-
-        Takes a spare actor when one is ready (and no node is required), else
-        starts one. Adopts the actor that already owns the container, if any.
-
-        Raises:
-            PoolExhausted: no node had room within ``capacity_timeout``.
-            ImageNotFound, ReadinessTimeout, SandboxStartError, ...: the container did not start.
-        """
-        self._starting += 1
-        try:
-            return await self._start_sandbox(sandbox_id, thread_id, node_id)
-        finally:
-            self._starting -= 1
-
-    async def _start_sandbox(
-        self, sandbox_id: str, thread_id: str | None, node_id: str | None
-    ) -> tuple[Any, dict[str, Any]]:
-        config = self._config
-        for attempt in range(1, _START_ATTEMPTS + 1):
-            actor, name = self._take_spare(node_id)
-            spare = actor is not None
-            if not spare:
-                actor, name = await self._spawn_actor(node_id)
-            self._launching[name] = actor
-            self.refill()
-            try:
-                if not spare:  # a spare is placed already: it answered before it became one
-                    await self._placed(actor, sandbox_id, node_id)
-                info = await actors.call(
-                    actor.start.remote(sandbox_id, thread_id), config.readiness_timeout + 120,
-                    f"starting sandbox {sandbox_id}",
-                )
-                return actor, info
-            except PoolExhausted:
-                actors.kill(actor)  # never placed: nothing to stop
-                raise
-            except SandboxOwned as exc:
-                actors.kill(actor)
-                return await self._owner_of(sandbox_id, exc)
-            except SandboxDied:
-                actors.kill(actor)  # the actor died under us (e.g. a spare): try another
-                if attempt == _START_ATTEMPTS:
-                    raise
-            except BaseException:
-                self.later(self.discard(actor))
-                raise
-            finally:
-                self._launching.pop(name, None)
-        raise AssertionError("unreachable")
-
-    def _take_spare(self, node_id: str | None) -> tuple[Any, str]:
-        """A ready spare actor (on ``node_id``, when given), or (None, '')."""
-        for index, (actor, name, node) in enumerate(self._spares):
-            if node_id is None or node == node_id:
-                del self._spares[index]
-                return actor, name
-        return None, ""
-
-    async def _spawn_actor(self, node_id: str | None) -> tuple[Any, str]:
-        self._spawning += 1
-        try:
-            return await asyncio.to_thread(actors.spawn_sandbox_actor, self._config, node_id)
-        finally:
-            self._spawning -= 1
-
-    async def _owner_of(self, sandbox_id: str, owned: SandboxOwned) -> tuple[Any, dict[str, Any]]:
-        handle = await asyncio.to_thread(actors.get_actor, owned.owner, self._config.namespace)
-        if handle is None:
-            raise owned
-        info = await actors.call(handle.describe.remote(), DESCRIBE_TIMEOUT, f"describe {owned.owner}")
-        if info.get("sandbox_id") != sandbox_id or not info.get("started"):
-            raise owned
-        return handle, {**info, "adopted": True}
-
     def later(self, work: Any) -> asyncio.Task[Any]:
         """Run ``work`` in the background, keeping a reference until it is done."""
         task = asyncio.get_running_loop().create_task(work)
@@ -151,44 +63,125 @@ class Fleet:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _placed(self, actor: Any, sandbox_id: str, node_id: str | None) -> None:
-        """Wait until Ray places the actor on a node. Ray leaves an actor no node can host
-        pending forever, so the wait is bounded by ``capacity_timeout``. Meanwhile room is
-        made: an idle spare gives way first, else a warm sandbox (on ``node_id`` when pinned).
+    # ── an actor for a sandbox ─────────────────────────────────────────────
 
-        With no custom resources (``ray.resources`` empty) any node can host it (num_cpus=0):
-        a slow placement is only a slow worker start, never a full cluster."""
-        ping = actor.ping.remote()
-        if not self._config.ray.resources and node_id is None:
-            await actors.call(ping, self._config.readiness_timeout + 120, f"starting an actor for sandbox {sandbox_id}")
-            return
-        deadline = time.monotonic() + self._config.capacity_timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                await actors.call(ping, max(0.01, min(_PLACEMENT_POLL, remaining)), f"placing sandbox {sandbox_id}")
-                return
-            except ActorCallTimeout as exc:
-                if remaining <= _PLACEMENT_POLL:
-                    raise PoolExhausted(
-                        f"no node could host sandbox {sandbox_id} within {self._config.capacity_timeout:.0f}s "
-                        f"(resources {self._config.ray.resources or 'none'}; are all sandbox slots taken?)"
-                    ) from exc
-            if not self._config.ray.resources:
-                continue  # pinned to a node, but nothing a sandbox holds can stand in the way there
-            # An idle spare holds a node slot too: give it up before any user's sandbox.
-            spare, name = self._take_spare(node_id)
-            if spare is not None:
-                logger.info("no node has room for sandbox %s: ending spare actor %s", sandbox_id, name)
-                actors.kill(spare)
-            else:
-                self._on_no_room(sandbox_id, node_id)
+    async def actor_for(self, node_id: str | None) -> tuple[Any, str, bool]:
+        """An actor to start a sandbox on: a ready spare when one is (and no node is required),
+        else a new one. Returns (handle, name, is_spare); a spare is placed already. The actor
+        counts as launching (kept by reconcile) until :meth:`launched`."""
+        actor, name = self.take_spare(node_id)
+        spare = actor is not None
+        if not spare:
+            actor, name = await self._spawn_actor(node_id)
+        self._launching[name] = actor
+        self.refill()
+        return actor, name, spare
+
+    def launched(self, name: str) -> None:
+        """The actor now serves a sandbox (or was given up)."""
+        self._launching.pop(name, None)
+
+    async def placed(self, actor: Any, timeout: float) -> bool:
+        """Whether Ray placed the actor on a node within ``timeout`` (it answers a ping)."""
+        try:
+            await raycalls.call(actor.ping.remote(), timeout, "placing an actor")
+            return True
+        except raycalls.ActorCallTimeout:
+            return False
+
+    async def start(self, actor: Any, sandbox_id: str, thread_id: str | None) -> dict[str, Any]:
+        """Have ``actor`` serve ``sandbox_id``: adopt its running container or create one.
+
+        Raises:
+            SandboxOwned: another live actor owns the container.
+            ImageNotFound, ReadinessTimeout, SandboxStartError, ...: the container did not start.
+        """
+        return await raycalls.call(
+            actor.start.remote(sandbox_id, thread_id), self._config.readiness_timeout + 120,
+            f"starting sandbox {sandbox_id}",
+        )
+
+    async def owner_of(self, sandbox_id: str, owned: SandboxOwned) -> tuple[Any, dict[str, Any]]:
+        """The live actor that owns ``sandbox_id`` (it refused to let another start it)."""
+        handle = await asyncio.to_thread(raycalls.get_actor, owned.owner, self._config.namespace)
+        if handle is None:
+            raise owned
+        info = await raycalls.call(handle.describe.remote(), DESCRIBE_TIMEOUT, f"describe {owned.owner}")
+        if info.get("sandbox_id") != sandbox_id or not info.get("started"):
+            raise owned
+        return handle, {**info, "adopted": True}
+
+    def take_spare(self, node_id: str | None) -> tuple[Any, str]:
+        """A ready spare actor (on ``node_id``, when given), or (None, '')."""
+        for index, (actor, name, node) in enumerate(self._spares):
+            if node_id is None or node == node_id:
+                del self._spares[index]
+                return actor, name
+        return None, ""
+
+    def give_up_spare(self, node_id: str | None) -> bool:
+        """End an idle spare (on ``node_id``, when given): it holds a node slot. False: none."""
+        actor, name = self.take_spare(node_id)
+        if actor is None:
+            return False
+        logger.info("ending spare actor %s to free its slot", name)
+        raycalls.kill(actor)
+        return True
+
+    async def _spawn_actor(self, node_id: str | None) -> tuple[Any, str]:
+        self._spawning += 1
+        try:
+            return await asyncio.to_thread(spawn.sandbox_actor, self._config, node_id)
+        finally:
+            self._spawning -= 1
+
+    # ── talking to a sandbox's actor ───────────────────────────────────────
+
+    async def claim(self, actor: Any, thread_id: str | None) -> dict[str, Any]:
+        return await raycalls.call(actor.claim.remote(thread_id), CLAIM_TIMEOUT, "claim a spare")
+
+    async def alive(self, actor: Any) -> bool:
+        """Whether the sandbox's actor lives and its container runs (a cheap check)."""
+        try:
+            return bool(await raycalls.call(actor.alive.remote(), DESCRIBE_TIMEOUT, "alive"))
+        except SandboxError:
+            return False
+
+    async def describe(self, actor: Any) -> dict[str, Any]:
+        return await raycalls.call(actor.describe.remote(), DESCRIBE_TIMEOUT, "describe")
+
+    async def activity(self, actors: dict[str, Any]) -> dict[str, Any]:
+        """Sandbox id -> (idle seconds, operations in flight, dead reason), or the error it raised."""
+        return await raycalls.call_each({sid: a.activity.remote() for sid, a in actors.items()}, DESCRIBE_TIMEOUT,
+                                        "activity")
+
+    async def begin_stop(self, actor: Any, if_idle_for: float) -> bool:
+        """Ask the sandbox to stop serving if it has been idle that long; False when it is busy."""
+        return bool(await raycalls.call(actor.begin_stop.remote(if_idle_for), DESCRIBE_TIMEOUT, "begin stop"))
+
+    async def cancel_stop(self, actor: Any) -> None:
+        await raycalls.call(actor.cancel_stop.remote(), DESCRIBE_TIMEOUT, "cancel stop")
+
+    async def stop(self, actor: Any, sandbox_id: str) -> bool:
+        """Have the actor remove its container (then end it).
+
+        Raises:
+            ActorGone: the actor is gone (its container may still exist).
+            BackendUnavailable: the engine did not answer; nothing was removed.
+        """
+        stopped = await raycalls.call(actor.stop.remote(), STOP_TIMEOUT, f"stop {sandbox_id}")
+        raycalls.kill(actor)
+        return bool(stopped)
+
+    @staticmethod
+    def kill(actor: Any) -> None:
+        raycalls.kill(actor)
 
     async def discard(self, actor: Any) -> None:
         """Make sure an actor we gave up on leaves nothing behind."""
         with contextlib.suppress(SandboxError):
-            await actors.call(actor.stop.remote(), STOP_TIMEOUT, "discarding a failed sandbox")
-        actors.kill(actor)
+            await raycalls.call(actor.stop.remote(), STOP_TIMEOUT, "discarding a failed sandbox")
+        raycalls.kill(actor)
 
     # ── spare actors ──────────────────────────────────────────────────────
 
@@ -200,7 +193,7 @@ class Fleet:
     async def _refill(self) -> None:
         config = self._config
         while not self._closed and len(self._spares) < config.spare_actors:
-            while self._starting and not self._closed:
+            while self.starting and not self._closed:
                 await asyncio.sleep(0.1)  # new threads first: a spare's start-up would slow theirs
             if self._closed:
                 return
@@ -210,16 +203,16 @@ class Fleet:
                 logger.warning("could not create a spare SandboxActor (%s); will retry", exc.message)
                 return
             if self._closed:
-                actors.kill(actor)
+                raycalls.kill(actor)
                 return
             self._launching[name] = actor
             try:
-                node = await actors.call(actor.ping.remote(), config.capacity_timeout, "starting a spare actor")
+                node = await raycalls.call(actor.ping.remote(), config.capacity_timeout, "starting a spare actor")
                 # Connect it to its engine now, so a new thread does not wait for that either.
-                await actors.call(actor.warm_up.remote(), REAPER_TIMEOUT, "warming up a spare actor")
+                await raycalls.call(actor.warm_up.remote(), REAPER_TIMEOUT, "warming up a spare actor")
             except SandboxError as exc:
                 # No room (spares need a slot like any sandbox) or a crash: try again later.
-                actors.kill(actor)
+                raycalls.kill(actor)
                 logger.info("could not start a spare SandboxActor (%s); will retry", exc.message)
                 return
             finally:
@@ -235,7 +228,7 @@ class Fleet:
             self._refilling.cancel()
             await asyncio.gather(self._refilling, return_exceptions=True)
         for actor in [*(a for a, _, _ in self._spares), *self._launching.values()]:
-            actors.kill(actor)
+            raycalls.kill(actor)
         self._spares.clear()
         self._launching.clear()
 
@@ -243,9 +236,9 @@ class Fleet:
 
     async def actor_views(self) -> tuple[list[ActorView], dict[str, Any], set[str]]:
         """Every live SandboxActor of the pool: (views, handles by name, names that did not answer)."""
-        named = await asyncio.to_thread(actors.list_sandbox_actors, self._config, self._named)
+        named = await asyncio.to_thread(spawn.sandbox_actors, self._config, self._named)
         self._named = named
-        described = await actors.call_each(
+        described = await raycalls.call_each(
             {name: handle.describe.remote() for name, handle in named.items()}, DESCRIBE_TIMEOUT, "describe"
         )
         views, unknown = [], set()
@@ -259,16 +252,28 @@ class Fleet:
             views.append(ActorView.from_description(result))
         return views, named, unknown
 
+    @staticmethod
+    def node_id() -> str:
+        """The node this process (the pool) runs on."""
+        return raycalls.current_node_id()
+
+    async def pool_exists(self, name: str) -> bool:
+        """Whether a pool of that name runs (in this pool's namespace)."""
+        return await asyncio.to_thread(raycalls.get_actor, name, self._config.namespace) is not None
+
+    async def alive_nodes(self) -> set[str]:
+        return await asyncio.to_thread(raycalls.alive_nodes)
+
     async def engines(self) -> dict[str, tuple[Any, str]]:
         """One reaper per Docker engine: engine id -> (reaper, node id)."""
-        nodes = await asyncio.to_thread(actors.sandbox_nodes, self._config)
+        nodes = await asyncio.to_thread(raycalls.nodes_with, self._config.ray.resources)
         for node_id in list(self._reapers):
             if node_id not in nodes:
                 del self._reapers[node_id]
         for node_id in sorted(nodes):
             if node_id not in self._reapers:
-                self._reapers[node_id] = await asyncio.to_thread(actors.spawn_reaper, self._config, node_id)
-        identities = await actors.call_each(
+                self._reapers[node_id] = await asyncio.to_thread(spawn.reaper, self._config, node_id)
+        identities = await raycalls.call_each(
             {n: self._reapers[n].identity.remote() for n in sorted(self._reapers)}, REAPER_TIMEOUT, "reaper"
         )
         engines: dict[str, tuple[Any, str]] = {}
@@ -277,7 +282,7 @@ class Fleet:
                 logger.warning("reaper on node %s did not answer: %s", node_id[:12], identity)
                 gone = self._reapers.pop(node_id, None) if isinstance(identity, ActorGone) else None
                 if gone is not None:
-                    actors.kill(gone)
+                    raycalls.kill(gone)
                 continue
             reaper = self._reapers.get(node_id)
             if reaper is not None:
@@ -286,14 +291,15 @@ class Fleet:
 
     async def prepare(self, engines: dict[str, tuple[Any, str]], strict: bool) -> None:
         """Have each engine's reaper make its node ready for the pool's sandboxes (network and
-        isolation rules, refreshed with the cluster's node addresses; runtime and limits checked).
+        isolation rules, refreshed with the cluster's node addresses; runtime and limits checked;
+        the engine's container events followed).
 
         Raises:
             IsolationUnavailable, NotSupported: with ``strict``, when a node cannot isolate
                 sandboxes as configured (otherwise logged: the sandboxes' own actors refuse then).
         """
-        addresses = await asyncio.to_thread(actors.node_addresses)
-        results = await actors.call_each(
+        addresses = await asyncio.to_thread(raycalls.node_addresses)
+        results = await raycalls.call_each(
             {e: reaper.prepare.remote(addresses) for e, (reaper, _node) in engines.items()}, REAPER_TIMEOUT,
             "prepare an engine",
         )
@@ -307,7 +313,7 @@ class Fleet:
 
     async def containers(self, engines: dict[str, tuple[Any, str]]) -> tuple[list[ContainerView], set[str]]:
         """The pool's containers on every engine that answered, and those engines."""
-        lists = await actors.call_each(
+        lists = await raycalls.call_each(
             {e: reaper.containers.remote() for e, (reaper, _node) in engines.items()}, REAPER_TIMEOUT, "list containers"
         )
         containers, seen = [], set()
@@ -322,14 +328,14 @@ class Fleet:
     async def remove(self, engines: dict[str, tuple[Any, str]], container: ContainerView) -> bool:
         """Remove exactly this container (not a namesake created since it was listed)."""
         reaper = engines[container.engine_id][0]
-        return await actors.call(
+        return await raycalls.call(
             reaper.remove.remote(container.sandbox_id, container.container_id), REAPER_TIMEOUT, "remove container"
         )
 
     async def probe(self, engines: dict[str, tuple[Any, str]], container: ContainerView) -> dict[str, Any] | None:
         """What the container's owner record says when it runs and answers, else None."""
         reaper = engines[container.engine_id][0]
-        return await actors.call(reaper.probe.remote(container.sandbox_id), REAPER_TIMEOUT, "probe")
+        return await raycalls.call(reaper.probe.remote(container.sandbox_id), REAPER_TIMEOUT, "probe")
 
     async def remove_everywhere(self, sandbox_id: str, container_id: str | None, engine_id: str | None) -> bool:
         """Remove a sandbox's container whose actor is gone; False when it could not be confirmed."""
@@ -344,13 +350,13 @@ class Fleet:
         return removed
 
     async def sweep(self) -> dict[str, int]:
-        """Remove whatever of the pool still exists: actors, containers, then the reapers."""
+        """Remove whatever of the pool still exists: actors, containers, networks, then the reapers."""
         swept = {"actors": 0, "containers": 0}
-        named = await asyncio.to_thread(actors.list_sandbox_actors, self._config)
+        named = await asyncio.to_thread(spawn.sandbox_actors, self._config)
         for handle in named.values():
             with contextlib.suppress(SandboxError):
-                await actors.call(handle.stop.remote(), STOP_TIMEOUT, "stop")
-            actors.kill(handle)
+                await raycalls.call(handle.stop.remote(), STOP_TIMEOUT, "stop")
+            raycalls.kill(handle)
             swept["actors"] += 1
         try:
             engines = await self.engines()
@@ -358,7 +364,7 @@ class Fleet:
             for container in containers:
                 if await self.remove(engines, container):
                     swept["containers"] += 1
-            torn = await actors.call_each(
+            torn = await raycalls.call_each(
                 {e: reaper.teardown.remote() for e, (reaper, _node) in engines.items()}, REAPER_TIMEOUT, "teardown"
             )
             for engine_id, result in torn.items():
@@ -369,7 +375,7 @@ class Fleet:
                         swept[key] = swept.get(key, 0) + value
         except SandboxError as exc:
             logger.warning("shutdown sweep could not reach an engine: %s", exc.message)
-        for handle in await asyncio.to_thread(actors.list_reapers, self._config):
-            actors.kill(handle)
+        for handle in await asyncio.to_thread(spawn.reapers, self._config):
+            raycalls.kill(handle)
         self._reapers.clear()
         return swept

@@ -19,6 +19,7 @@ sandbox_actors_exec_seconds               histogram  pool, op (exec/bash)
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping
 
 from ray.util import metrics
@@ -76,3 +77,24 @@ class SandboxMetrics:
 
     def executed(self, op: str, seconds: float) -> None:
         self._exec.observe(seconds, {**self._tags, "op": op})
+
+
+class Tally:
+    """The pool's event counts (shown by ``stats()``) and, when given, its exported metrics."""
+
+    def __init__(self, metrics_: PoolMetrics | None = None) -> None:
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._metrics = metrics_
+
+    def count(self, event: str, amount: int = 1) -> None:
+        self.counters[event] += amount
+        if self._metrics is not None:
+            self._metrics.count(event, amount)
+
+    def states(self, counts: Mapping[str, int]) -> None:
+        if self._metrics is not None:
+            self._metrics.states(counts)
+
+    def acquired(self, path: str, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.acquired(path, seconds)

@@ -1,57 +1,22 @@
-"""Reconcile rules, as a pure function: what exists vs what the pool believes.
+"""Reconcile and repair rules, as pure functions: what exists vs what the pool believes.
 
 The pool gathers three views (its own entries, live SandboxActors, labelled
 containers from one reaper per engine) and :func:`plan_reconcile` says what to
-do with each sandbox id. The pool carries the plan out; ids it is busy with
-(starting, stopping, repairing) are left alone this pass.
+do with each sandbox id; ids it is busy with (starting, stopping, repairing)
+are left alone this pass. :func:`plan_repair` decides, for one sandbox looked
+at closely, how to make it whole or make it gone. The reconciler
+(:mod:`sandbox_actors.reconciler`) carries the plans out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
+from .views import ActorView, ContainerView
 
-@dataclass(frozen=True)
-class ActorView:
-    """What a live SandboxActor says about itself (``describe()``); ``sandbox_id`` None: a spare."""
-
-    name: str
-    sandbox_id: str | None
-    started: bool
-    container_id: str | None = None
-    engine_id: str | None = None
-    dead_reason: str | None = None
-    thread_id: str | None = None
-    idle_for: float = 0.0
-    info: Mapping[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_description(cls, info: Mapping[str, Any]) -> ActorView:
-        return cls(
-            name=info["actor_name"],
-            sandbox_id=info.get("sandbox_id"),
-            started=bool(info.get("started")),
-            container_id=info.get("container_id"),
-            engine_id=info.get("engine_id"),
-            dead_reason=info.get("dead_reason"),
-            thread_id=info.get("thread_id"),
-            idle_for=float(info.get("idle_for") or 0.0),
-            info=dict(info),
-        )
-
-
-@dataclass(frozen=True)
-class ContainerView:
-    """A labelled container as a reaper lists it."""
-
-    sandbox_id: str
-    container_id: str
-    running: bool
-    engine_id: str
-    node_id: str
-    thread_id: str | None = None
+__all__ = ["ActorView", "ContainerView", "ReconcilePlan", "RepairFacts", "RepairPlan", "plan_reconcile",
+           "plan_repair", "repair_needs_probe"]
 
 
 @dataclass
@@ -157,3 +122,70 @@ def _live_actor(
         plan.end_actors.append(actor.name)
         if known:
             plan.forget.append(actor.sandbox_id)
+
+
+# ── one sandbox, looked at closely ──────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class RepairFacts:
+    """What is true of one sandbox right now.
+
+    Attributes:
+        known: the pool has an entry for it.
+        doomed: its destroy is owed (asked, not confirmed): never keep it.
+        actor: what its actor says (None when that actor is gone or there is none).
+        containers: every container of this sandbox the reapers found.
+        answering: the id of a running container that answered its probe (probed
+            only when :func:`repair_needs_probe` says so).
+    """
+
+    sandbox_id: str
+    known: bool
+    doomed: bool
+    actor: ActorView | None
+    containers: tuple[ContainerView, ...]
+    answering: str | None = None
+
+
+@dataclass
+class RepairPlan:
+    """How to make one sandbox whole or gone. ``outcome``: 'healthy', 'readopted', 'removed',
+    'died', 'lost' or 'destroyed' (the owed destroy is done)."""
+
+    outcome: str
+    remove: list[ContainerView] = field(default_factory=list)  # containers to remove (never the kept one)
+    stop_actor: bool = False  # its actor removes its own container, then ends
+    end_actor: bool = False  # end the actor (its container, if any, is handled by ``remove``)
+    adopt: bool = False  # a live pair the pool did not know: park it warm
+    readopt: ContainerView | None = None  # a new actor on this container's node takes it over
+    forget: bool = False  # drop the pool's entry (and any claim or owed destroy)
+
+
+def repair_needs_probe(facts: RepairFacts) -> bool:
+    """Whether the running containers must be asked if they answer (their actor is gone or never
+    finished starting, and the sandbox is not doomed)."""
+    return not facts.doomed and not (facts.actor is not None and facts.actor.started) and any(
+        c.running for c in facts.containers
+    )
+
+
+def plan_repair(facts: RepairFacts) -> RepairPlan:
+    """Decide what to do with one sandbox (never two containers for it, nothing unowned)."""
+    actor = facts.actor
+    if actor is not None and actor.started:
+        own = [c for c in facts.containers if c.container_id == actor.container_id]
+        others = [c for c in facts.containers if c.container_id != actor.container_id]
+        if not facts.doomed and actor.dead_reason is None and own and own[0].running:
+            return RepairPlan("healthy", remove=others, adopt=not facts.known)
+        # Its container died, or its destroy is owed: its actor removes it, then ends.
+        return RepairPlan("destroyed" if facts.doomed else "died", remove=others, stop_actor=True, forget=True)
+    # The actor is gone or never finished starting: keep one container that answers.
+    keep = None
+    if not facts.doomed:
+        keep = next((c for c in facts.containers if c.running and c.container_id == facts.answering), None)
+    remove = [c for c in facts.containers if c is not keep]
+    if keep is None:
+        outcome = "destroyed" if facts.doomed else ("lost" if facts.known else "removed")
+        return RepairPlan(outcome, remove=remove, end_actor=actor is not None, forget=True)
+    return RepairPlan("readopted", remove=remove, end_actor=actor is not None, readopt=keep)

@@ -1,11 +1,14 @@
 """The pool's decisions, as plain Python: no Ray, no Docker, an injectable clock.
 
 :class:`PoolState` holds one :class:`Entry` per sandbox and answers the
-questions the pool actor asks: which sandbox does this acquire get, what must
-be evicted first, must it wait, what is idle. The actor carries out the
-answers (start containers, stop them) and reports back. Every method is
-synchronous, so a decision and the state change it makes happen with no
-``await`` in between; after any ``await`` the actor asks again.
+questions the pool asks: which sandbox does this acquire get, what must be
+evicted first, must it wait, what is idle. The pool carries the answers out
+(start containers, stop them) and reports back. Every method is synchronous,
+so a decision and the state change it makes happen with no ``await`` in
+between; after any ``await`` the pool asks again.
+
+Every state a sandbox can be in is in :class:`SandboxState`, and every move
+between states is in ``TRANSITIONS``; an illegal move raises.
 """
 
 from __future__ import annotations
@@ -24,17 +27,22 @@ class SandboxState(enum.Enum):
     SPARE = "spare"  # pre-warmed: container running, not yet any thread's
     ACTIVE = "active"  # leased to a thread
     WARM = "warm"  # released; container running, ready to reclaim
-    STOPPING = "stopping"  # container being removed
+    STOPPING = "stopping"  # being removed (an idle stop can still be called off)
+    DOOMED = "doomed"  # destroy asked, not confirmed by the engine: retried, never adopted
 
 
-_TRANSITIONS: dict[SandboxState, frozenset[SandboxState]] = {
-    SandboxState.STARTING: frozenset({SandboxState.ACTIVE, SandboxState.SPARE}),
-    SandboxState.SPARE: frozenset({SandboxState.ACTIVE, SandboxState.STOPPING}),
-    SandboxState.ACTIVE: frozenset({SandboxState.WARM, SandboxState.STOPPING}),
-    SandboxState.WARM: frozenset({SandboxState.ACTIVE, SandboxState.STOPPING}),
-    # Back out of STOPPING only when the sandbox refused an idle stop (it got busy).
-    SandboxState.STOPPING: frozenset({SandboxState.ACTIVE, SandboxState.WARM}),
+S = SandboxState
+TRANSITIONS: dict[SandboxState, frozenset[SandboxState]] = {
+    S.STARTING: frozenset({S.ACTIVE, S.SPARE}),
+    S.SPARE: frozenset({S.ACTIVE, S.STOPPING}),
+    S.ACTIVE: frozenset({S.WARM, S.STOPPING}),
+    S.WARM: frozenset({S.ACTIVE, S.STOPPING}),
+    # Back from STOPPING only when an idle stop was refused (the sandbox got busy) or called off
+    # (its thread came back) before it was committed; DOOMED when the engine did not answer.
+    S.STOPPING: frozenset({S.ACTIVE, S.WARM, S.DOOMED}),
+    S.DOOMED: frozenset({S.STOPPING}),
 }
+LIVE = (S.STARTING, S.SPARE, S.ACTIVE, S.WARM)  # what counts toward replicas
 
 
 class IllegalTransition(SandboxError):
@@ -48,7 +56,8 @@ class Entry:
     ``last_active`` is the pool clock at the last acquire/get/release or
     reported activity; ``released_at`` is set while WARM. ``version`` grows on
     every touch, so a decision taken before an ``await`` can tell whether the
-    sandbox was used meanwhile.
+    sandbox was used meanwhile. ``stop`` says why a STOPPING sandbox is being
+    stopped ('idle', 'evicted', 'destroyed', 'shutdown').
     """
 
     sandbox_id: str
@@ -61,13 +70,20 @@ class Entry:
     info: dict[str, Any] = field(default_factory=dict)
     inflight: int = 0
     version: int = 0
-    resume_state: SandboxState | None = None
     spare: bool = False  # started ahead of need, for whichever thread comes first
+    stop: str | None = None
+    resume_state: SandboxState | None = None  # where a called-off idle stop returns to
+    cancel_requested: bool = False  # an acquire wants it back while its idle stop is pending
+    committed: bool = False  # the stop can no longer be called off
 
     def move(self, new: SandboxState) -> None:
-        if new not in _TRANSITIONS[self.state]:
+        if new not in TRANSITIONS[self.state]:
             raise IllegalTransition(f"sandbox {self.sandbox_id}: {self.state.value} -> {new.value} is not allowed")
         self.state = new
+
+    @property
+    def container_id(self) -> str | None:
+        return self.info.get("container_id")
 
 
 # ── decisions ───────────────────────────────────────────────────────────────
@@ -79,6 +95,14 @@ class Acquired:
 
     entry: Entry
     path: str
+
+
+@dataclass(frozen=True)
+class MustCheck:
+    """A warm sandbox to reclaim once its actor confirms it still runs (then :meth:`PoolState.reclaim`)."""
+
+    entry: Entry
+    version: int
 
 
 @dataclass(frozen=True)
@@ -99,27 +123,28 @@ class MustCreate:
 
 @dataclass(frozen=True)
 class MustWait:
-    """Nothing to return yet: ``reason`` is 'starting', 'stopping' or 'capacity'."""
+    """Nothing to return yet: ``reason`` is 'starting', 'stopping', 'doomed' or 'capacity'."""
 
     sandbox_id: str
     reason: str
     evict: tuple[Entry, ...] = ()
 
 
-Decision = Acquired | Claimed | MustCreate | MustWait
+Decision = Acquired | MustCheck | Claimed | MustCreate | MustWait
 
 
 class PoolState:
     """Every sandbox of one pool and the rules that move them.
 
     Args:
-        replicas: soft cap on STARTING + ACTIVE + WARM sandboxes; reaching it
-            evicts the least recently released WARM one, never an ACTIVE one.
-        max_sandboxes: optional hard cap on all sandboxes (STOPPING ones
-            included, their containers still exist); at it, acquire waits.
+        replicas: soft cap on STARTING + SPARE + ACTIVE + WARM sandboxes;
+            reaching it evicts the least recently released WARM one, never an
+            ACTIVE one.
+        max_sandboxes: optional hard cap on all sandboxes (STOPPING and DOOMED
+            ones included: their containers still exist); at it, acquire waits.
         idle_timeout: seconds; 0 disables idle reaping.
         prewarm: how many SPARE sandboxes to keep ready for new threads. They
-            count toward the caps and the idle timeout never reaps them.
+            count toward the caps and the idle timeout never stops them.
         clock: seconds, monotonic; tests pass a fake.
     """
 
@@ -143,6 +168,9 @@ class PoolState:
 
     # ── queries ────────────────────────────────────────────────────────────
 
+    def entry(self, sandbox_id: str) -> Entry | None:
+        return self.entries.get(sandbox_id)
+
     def in_state(self, *states: SandboxState) -> list[Entry]:
         return [entry for entry in self.entries.values() if entry.state in states]
 
@@ -153,16 +181,16 @@ class PoolState:
         return counts
 
     def _live(self) -> int:
-        return len(self.in_state(SandboxState.STARTING, SandboxState.SPARE, SandboxState.ACTIVE, SandboxState.WARM))
+        return len(self.in_state(*LIVE))
 
     def _mark(self, sandbox_id: str) -> None:
         self.epoch += 1
         self._changed[sandbox_id] = self.epoch
 
     def changed_since(self, epoch: int) -> set[str]:
-        """Sandbox ids created, moved or removed after ``epoch`` (and forget older marks).
+        """Sandbox ids created, moved or removed after ``epoch`` (older marks are forgotten).
 
-        Reconcile compares snapshots taken across awaits; an id changed meanwhile
+        Reconcile compares views taken across awaits; an id changed meanwhile
         is left for the next pass rather than judged on a stale view.
         """
         changed = {sid for sid, at in self._changed.items() if at > epoch}
@@ -172,6 +200,12 @@ class PoolState:
     def lookup(self, thread_id: str) -> str | None:
         """The sandbox id the pool holds for ``thread_id``, if any."""
         return self.threads.get(thread_id)
+
+    def ids(self, states: Iterable[SandboxState] | None = None) -> set[str]:
+        if states is None:
+            return set(self.entries)
+        wanted = set(states)
+        return {sid for sid, entry in self.entries.items() if entry.state in wanted}
 
     def _index(self, entry: Entry) -> None:
         if entry.thread_id is not None:
@@ -187,31 +221,37 @@ class PoolState:
         entry.last_active = self.clock()
         entry.version += 1
 
+    def _new(self, sandbox_id: str, thread_id: str | None, state: SandboxState, **fields: Any) -> Entry:
+        now = self.clock()
+        entry = Entry(sandbox_id, thread_id, state, created_at=now, last_active=now, **fields)
+        self.entries[sandbox_id] = entry
+        self._index(entry)
+        self._mark(sandbox_id)
+        return entry
+
     # ── acquire ────────────────────────────────────────────────────────────
 
     def acquire(self, sandbox_id: str, thread_id: str | None) -> Decision:
         """Decide what an acquire of ``sandbox_id`` gets (SPEC §3 order).
 
-        1. active: return it; 2. warm: reclaim it; 3./4. otherwise create (the
-        actor layer adopts a live SandboxActor of that id if one exists).
+        1. active: return it; 2. warm: reclaim it once its actor confirms it
+        runs; 3./4. otherwise a spare, or create (the fleet adopts a live
+        SandboxActor of that id if one exists).
         """
         entry = self.entries.get(sandbox_id)
         if entry is not None:
-            if entry.state is SandboxState.ACTIVE:
+            if entry.state is S.ACTIVE:
                 self._touch(entry)
                 return Acquired(entry, "hot")
-            if entry.state is SandboxState.WARM:
-                entry.move(SandboxState.ACTIVE)
-                entry.released_at = None
-                self._touch(entry)
-                self._mark(sandbox_id)
-                return Acquired(entry, "warm")
+            if entry.state is S.WARM:
+                return MustCheck(entry, entry.version)
+            self.want_back(sandbox_id)
             return MustWait(sandbox_id, entry.state.value)
 
-        spares = self.in_state(SandboxState.SPARE)
+        spares = self.in_state(S.SPARE)
         if spares:
             entry = min(spares, key=lambda e: e.created_at)
-            entry.move(SandboxState.ACTIVE)
+            entry.move(S.ACTIVE)
             entry.thread_id = thread_id
             self._index(entry)
             self._touch(entry)
@@ -219,35 +259,38 @@ class PoolState:
             return Claimed(entry)
         if self._live() >= self.replicas:
             # At the cap with a spare on its way: it is the capacity this thread gets.
-            coming = [e for e in self.entries.values() if e.spare and e.state is SandboxState.STARTING]
+            coming = [e for e in self.entries.values() if e.spare and e.state is S.STARTING]
             if coming:
                 return MustWait(coming[0].sandbox_id, "starting")
         evict = self._evict_for_one_more()
         if self.max_sandboxes is not None and len(self.entries) >= self.max_sandboxes:
             return MustWait(sandbox_id, "capacity", evict)
         over_soft_cap = self._live() >= self.replicas
-        now = self.clock()
-        entry = Entry(sandbox_id, thread_id, SandboxState.STARTING, created_at=now, last_active=now)
-        self.entries[sandbox_id] = entry
-        self._index(entry)
+        return MustCreate(self._new(sandbox_id, thread_id, S.STARTING), evict, over_soft_cap)
+
+    def reclaim(self, sandbox_id: str, version: int) -> Acquired | None:
+        """WARM -> ACTIVE for a :class:`MustCheck` whose actor confirmed the sandbox runs.
+        None when it changed meanwhile (decide again)."""
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.state is not S.WARM or entry.version != version:
+            return None
+        entry.move(S.ACTIVE)
+        entry.released_at = None
+        self._touch(entry)
         self._mark(sandbox_id)
-        return MustCreate(entry, evict, over_soft_cap)
+        return Acquired(entry, "warm")
 
     def begin_spare(self, sandbox_id: str) -> Entry | None:
         """A new STARTING spare when fewer than ``prewarm`` are ready or starting and there is room.
 
         Spares never evict anything: with no room under the caps, none is started.
         """
-        pending = [e for e in self.entries.values() if e.spare and e.state in (SandboxState.STARTING, SandboxState.SPARE)]
+        pending = [e for e in self.entries.values() if e.spare and e.state in (S.STARTING, S.SPARE)]
         if len(pending) >= self.prewarm or self._live() >= self.replicas:
             return None
         if self.max_sandboxes is not None and len(self.entries) >= self.max_sandboxes:
             return None
-        now = self.clock()
-        entry = Entry(sandbox_id, None, SandboxState.STARTING, created_at=now, last_active=now, spare=True)
-        self.entries[sandbox_id] = entry
-        self._mark(sandbox_id)
-        return entry
+        return self._new(sandbox_id, None, S.STARTING, spare=True)
 
     def claim_failed(self, sandbox_id: str) -> None:
         """A claimed spare turned out dead: forget it (the acquire tries again)."""
@@ -256,29 +299,26 @@ class PoolState:
     def _evict_for_one_more(self) -> tuple[Entry, ...]:
         """Move least recently released WARM sandboxes to STOPPING until one more fits under ``replicas``."""
         evicted = []
-        warm = sorted(self.in_state(SandboxState.WARM), key=lambda e: e.released_at or 0.0)
+        warm = sorted(self.in_state(S.WARM), key=lambda e: e.released_at or 0.0)
         while warm and self._live() >= self.replicas:
-            victim = warm.pop(0)
-            victim.move(SandboxState.STOPPING)
-            self._mark(victim.sandbox_id)
-            evicted.append(victim)
+            evicted.append(self._begin_stop(warm.pop(0), "evicted"))
         return tuple(evicted)
 
     def evict_lru_warm(self, node_id: str | None = None) -> Entry | None:
         """Move the least recently released WARM sandbox (on ``node_id``, when given) to STOPPING,
         to free a node slot."""
-        warm = [e for e in self.in_state(SandboxState.WARM) if node_id is None or e.info.get("node_id") == node_id]
+        warm = [e for e in self.in_state(S.WARM) if node_id is None or e.info.get("node_id") == node_id]
         if not warm:
             return None
-        victim = min(warm, key=lambda e: e.released_at or 0.0)
-        victim.move(SandboxState.STOPPING)
-        self._mark(victim.sandbox_id)
-        return victim
+        return self._begin_stop(min(warm, key=lambda e: e.released_at or 0.0), "evicted")
 
-    def started(self, sandbox_id: str, actor: Any, info: dict[str, Any]) -> Entry:
-        """A STARTING sandbox answered: it becomes ACTIVE."""
-        entry = self.entries[sandbox_id]
-        entry.move(SandboxState.SPARE if entry.spare else SandboxState.ACTIVE)
+    def started(self, sandbox_id: str, actor: Any, info: dict[str, Any]) -> Entry | None:
+        """A STARTING sandbox answered: ACTIVE (SPARE when pre-warmed). None when the entry went
+        meanwhile (the caller must not keep what it started)."""
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.state is not S.STARTING:
+            return None
+        entry.move(S.SPARE if entry.spare else S.ACTIVE)
         entry.actor = actor
         entry.info = dict(info)
         self._touch(entry)
@@ -287,17 +327,23 @@ class PoolState:
 
     def start_failed(self, sandbox_id: str) -> None:
         entry = self.entries.get(sandbox_id)
-        if entry is not None and entry.state is SandboxState.STARTING:
+        if entry is not None and entry.state is S.STARTING:
             self._drop(sandbox_id)
 
-    # ── release, get, destroy ──────────────────────────────────────────────
+    def update_info(self, sandbox_id: str, info: dict[str, Any]) -> None:
+        """What the sandbox's actor now says about it (after a claim)."""
+        entry = self.entries.get(sandbox_id)
+        if entry is not None:
+            entry.info = dict(info)
+
+    # ── release, get ───────────────────────────────────────────────────────
 
     def release(self, sandbox_id: str) -> bool:
         """ACTIVE -> WARM. Returns True when it is warm now (also when it already was)."""
         entry = self.entries.get(sandbox_id)
-        if entry is None or entry.state is not SandboxState.ACTIVE:
-            return entry is not None and entry.state is SandboxState.WARM
-        entry.move(SandboxState.WARM)
+        if entry is None or entry.state is not S.ACTIVE:
+            return entry is not None and entry.state is S.WARM
+        entry.move(S.WARM)
         entry.released_at = self.clock()
         self._touch(entry)
         self._mark(sandbox_id)
@@ -306,21 +352,97 @@ class PoolState:
     def get(self, sandbox_id: str) -> Entry | None:
         """The entry when ACTIVE (its activity refreshed), else None."""
         entry = self.entries.get(sandbox_id)
-        if entry is None or entry.state is not SandboxState.ACTIVE:
+        if entry is None or entry.state is not S.ACTIVE:
             return None
         self._touch(entry)
         return entry
 
+    # ── stopping ───────────────────────────────────────────────────────────
+
+    def _begin_stop(self, entry: Entry, why: str, resume: SandboxState | None = None) -> Entry:
+        entry.move(S.STOPPING)
+        entry.stop, entry.resume_state = why, resume
+        entry.cancel_requested, entry.committed = False, resume is None
+        self._mark(entry.sandbox_id)
+        return entry
+
     def begin_destroy(self, sandbox_id: str) -> Entry | MustWait | None:
-        """SPARE/ACTIVE/WARM -> STOPPING and return the entry to stop; wait if starting/stopping; None if unknown."""
+        """SPARE/ACTIVE/WARM/DOOMED -> STOPPING and return the entry to stop; wait if it is starting
+        or already stopping; None if unknown."""
         entry = self.entries.get(sandbox_id)
         if entry is None:
             return None
-        if entry.state in (SandboxState.STARTING, SandboxState.STOPPING):
+        if entry.state in (S.STARTING, S.STOPPING):
             return MustWait(sandbox_id, entry.state.value)
-        entry.move(SandboxState.STOPPING)
-        entry.resume_state = None
+        return self._begin_stop(entry, "destroyed")
+
+    def begin_idle_stop(self, sandbox_id: str, version: int) -> Entry | None:
+        """Re-check an idle candidate after the pool asked the sandbox; STOPPING if still idle.
+
+        Returns None (keep it) when the sandbox was used since the candidate
+        was chosen (its version moved), is busy, or changed state. The stop
+        stays cancellable until :meth:`commit_stop`.
+        """
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.version != version or entry.inflight > 0:
+            return None
+        if entry.state not in (S.ACTIVE, S.WARM):
+            return None
+        if self.clock() - entry.last_active <= self.idle_timeout:
+            return None
+        return self._begin_stop(entry, "idle", resume=entry.state)
+
+    def want_back(self, sandbox_id: str) -> None:
+        """Its thread came back while an idle stop is pending: the stop is called off, unless
+        already committed (then the thread waits for it and gets a new sandbox)."""
+        entry = self.entries.get(sandbox_id)
+        if entry is not None and entry.state is S.STOPPING and entry.stop == "idle" and not entry.committed:
+            entry.cancel_requested = True
+
+    def commit_stop(self, sandbox_id: str) -> bool:
+        """The pool is about to remove the container: no calling the stop off from here on.
+        False when it was called off (an acquire wants the sandbox back)."""
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.state is not S.STOPPING:
+            return False
+        if entry.cancel_requested and not entry.committed:
+            return False
+        entry.committed = True
+        return True
+
+    def stop_called_off(self, sandbox_id: str) -> None:
+        """An idle stop was refused by the sandbox (it got busy) or called off by an acquire:
+        back to where it was."""
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.state is not S.STOPPING or entry.resume_state is None or entry.committed:
+            return
+        entry.move(entry.resume_state)
+        entry.stop, entry.resume_state, entry.cancel_requested = None, None, False
+        self._touch(entry)
         self._mark(sandbox_id)
+
+    def stop_failed(self, sandbox_id: str) -> Entry | None:
+        """The engine did not confirm the removal: DOOMED (retried; never adopted again)."""
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.state is not S.STOPPING:
+            return None
+        entry.move(S.DOOMED)
+        self._mark(sandbox_id)
+        return entry
+
+    def retry_destroy(self, sandbox_id: str) -> Entry | None:
+        """DOOMED -> STOPPING, to try the removal again."""
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.state is not S.DOOMED:
+            return None
+        return self._begin_stop(entry, entry.stop or "destroyed")
+
+    def doomed_found(self, sandbox_id: str, thread_id: str | None, container_id: str | None) -> Entry | None:
+        """A destroy owed from before this pool (Ray's KV says so): DOOMED, so that nothing adopts it."""
+        if sandbox_id in self.entries:
+            return None
+        entry = self._new(sandbox_id, thread_id, S.DOOMED, stop="destroyed")
+        entry.info = {"container_id": container_id} if container_id else {}
         return entry
 
     def removed(self, sandbox_id: str) -> None:
@@ -332,7 +454,7 @@ class PoolState:
     def idle_candidates(self) -> list[tuple[Entry, int]]:
         """ACTIVE and WARM sandboxes idle past the timeout, with their version now.
 
-        The actor must confirm with the sandbox itself (in-flight operations,
+        The pool must confirm with the sandbox itself (in-flight operations,
         its own last activity) and then call :meth:`begin_idle_stop`.
         """
         if self.idle_timeout <= 0:
@@ -340,7 +462,7 @@ class PoolState:
         now = self.clock()
         return [
             (entry, entry.version)
-            for entry in self.in_state(SandboxState.ACTIVE, SandboxState.WARM)
+            for entry in self.in_state(S.ACTIVE, S.WARM)
             if now - entry.last_active > self.idle_timeout
         ]
 
@@ -350,38 +472,9 @@ class PoolState:
         if entry is None:
             return
         entry.inflight = inflight
-        seen = self.clock() - max(idle_for, 0.0)
-        if inflight > 0:
-            seen = self.clock()
+        seen = self.clock() if inflight > 0 else self.clock() - max(idle_for, 0.0)
         # Not a pool-side touch: the version is left alone, the idle check reads last_active.
         entry.last_active = max(entry.last_active, seen)
-
-    def begin_idle_stop(self, sandbox_id: str, version: int) -> Entry | None:
-        """Re-check an idle candidate after the actor asked the sandbox; STOPPING if still idle.
-
-        Returns None (keep it) when the sandbox was used since the candidate
-        was chosen (its version moved), is busy, or changed state.
-        """
-        entry = self.entries.get(sandbox_id)
-        if entry is None or entry.version != version or entry.inflight > 0:
-            return None
-        if entry.state not in (SandboxState.ACTIVE, SandboxState.WARM):
-            return None
-        if self.clock() - entry.last_active <= self.idle_timeout:
-            return None
-        entry.resume_state = entry.state
-        entry.move(SandboxState.STOPPING)
-        self._mark(sandbox_id)
-        return entry
-
-    def stop_refused(self, sandbox_id: str) -> None:
-        """The sandbox refused an idle stop (an operation started): put it back as it was."""
-        entry = self.entries.get(sandbox_id)
-        if entry is not None and entry.state is SandboxState.STOPPING and entry.resume_state is not None:
-            entry.move(entry.resume_state)
-            entry.resume_state = None
-            self._touch(entry)
-            self._mark(sandbox_id)
 
     # ── reconcile and shutdown ─────────────────────────────────────────────
 
@@ -391,21 +484,15 @@ class PoolState:
             return False
         if thread_id is not None and thread_id in self.threads:
             return False  # the thread already has a sandbox: never two
-        now = self.clock()
-        seen = now - max(idle_for, 0.0)
-        entry = Entry(
-            sandbox_id, thread_id, SandboxState.WARM, created_at=now, last_active=seen, released_at=seen,
-            actor=actor, info=dict(info),
-        )
-        self.entries[sandbox_id] = entry
-        self._index(entry)
-        self._mark(sandbox_id)
+        seen = self.clock() - max(idle_for, 0.0)
+        entry = self._new(sandbox_id, thread_id, S.WARM, released_at=seen, actor=actor, info=dict(info))
+        entry.last_active = seen
         return True
 
     def replace_actor(self, sandbox_id: str, actor: Any, info: dict[str, Any]) -> bool:
         """A new SandboxActor re-adopted this sandbox's container (the old actor died)."""
         entry = self.entries.get(sandbox_id)
-        if entry is None or entry.state not in (SandboxState.SPARE, SandboxState.ACTIVE, SandboxState.WARM):
+        if entry is None or entry.state not in (S.SPARE, S.ACTIVE, S.WARM):
             return False
         entry.actor = actor
         entry.info = dict(info)
@@ -413,16 +500,5 @@ class PoolState:
         return True
 
     def begin_shutdown(self) -> list[Entry]:
-        """Every SPARE, ACTIVE and WARM sandbox moves to STOPPING; returned for the actor to stop."""
-        doomed = self.in_state(SandboxState.SPARE, SandboxState.ACTIVE, SandboxState.WARM)
-        for entry in doomed:
-            entry.move(SandboxState.STOPPING)
-            entry.resume_state = None
-            self._mark(entry.sandbox_id)
-        return doomed
-
-    def ids(self, states: Iterable[SandboxState] | None = None) -> set[str]:
-        if states is None:
-            return set(self.entries)
-        wanted = set(states)
-        return {sid for sid, entry in self.entries.items() if entry.state in wanted}
+        """Every SPARE, ACTIVE, WARM and DOOMED sandbox moves to STOPPING; returned for the pool to stop."""
+        return [self._begin_stop(entry, "shutdown") for entry in self.in_state(S.SPARE, S.ACTIVE, S.WARM, S.DOOMED)]

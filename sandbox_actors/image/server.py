@@ -27,8 +27,8 @@ import base64
 import binascii
 import collections
 import contextlib
-import errno
 import datetime
+import errno
 import hashlib
 import hmac
 import json

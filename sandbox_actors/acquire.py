@@ -1,0 +1,112 @@
+"""The order in which an acquire gets its sandbox, and how a destroy waits its turn.
+
+Each turn asks the pool's state for a decision (no ``await`` inside it), then
+carries it out or waits for the operation under way on that sandbox, and
+asks again: whatever happened during the wait is judged afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from .errors import BackendUnavailable, PoolExhausted, PoolShutDown
+from .lifecycle import Lifecycle, lease
+from .state import Acquired, Claimed, MustCheck, MustCreate, MustWait, SandboxState
+from .views import Lease
+
+logger = logging.getLogger(__name__)
+
+
+async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id: str | None, deadline: float) -> Lease:
+    """The sandbox ``sandbox_id_now()`` names (asked each turn: a thread may be given a spare's id):
+    active, else reclaimed warm once it is seen to run, else a spare, else created.
+
+    Raises:
+        PoolShutDown, PoolExhausted (no capacity before ``deadline``), BackendUnavailable (its
+        destroy is still owed), and the start errors of a new sandbox.
+    """
+    config, state = life.config, life.state
+    while True:
+        if life.closed:
+            raise PoolShutDown(f"pool {config.pool_name} is shutting down")
+        sandbox_id = sandbox_id_now()
+        operation = life.ops.get(sandbox_id)
+        if operation is not None:
+            if operation.kind == "start":  # a start of this very sandbox: share its outcome
+                return await asyncio.shield(operation.task)
+            state.want_back(sandbox_id)  # an idle stop under way is called off, if it still can be
+            await life.ops.wait(sandbox_id)
+            continue
+        decision = state.acquire(sandbox_id, thread_id)
+        if isinstance(decision, Acquired):
+            life.tally.count("acquired_hot")
+            return lease(decision.entry, decision.path)
+        if isinstance(decision, MustCheck):
+            checked = await asyncio.shield(life.check(decision))
+            if isinstance(checked, Lease):
+                return checked
+            if checked is False:
+                life.repair(sandbox_id)  # dead: the repair removes it, the next turn creates anew
+            continue
+        if isinstance(decision, Claimed):
+            claimed = await asyncio.shield(life.claim(decision.entry))
+            if claimed is not None:
+                return claimed
+            continue
+        for victim in decision.evict:
+            logger.info("evicting warm sandbox %s to stay within replicas=%d", victim.sandbox_id, config.replicas)
+            life.stop_later(victim)
+        if isinstance(decision, MustCreate):
+            if decision.over_soft_cap:
+                logger.warning("all %d replica slots are in use; creating sandbox %s beyond the soft limit",
+                               config.replicas, sandbox_id)
+            return await asyncio.shield(life.create(decision.entry))
+        await _wait_for(life, decision, deadline)
+
+
+async def _wait_for(life: Lifecycle, decision: MustWait, deadline: float) -> None:
+    config, remaining = life.config, deadline - time.monotonic()
+    if decision.reason == "doomed":
+        repair = life.repair(decision.sandbox_id)
+        if repair is not None:
+            await asyncio.shield(repair)
+        entry = life.state.entry(decision.sandbox_id)
+        if entry is not None and entry.state is SandboxState.DOOMED:
+            raise BackendUnavailable(
+                f"sandbox {decision.sandbox_id} is still being destroyed (its engine does not answer); retry"
+            )
+    elif decision.reason == "capacity":
+        if remaining <= 0:
+            life.tally.count("exhausted")
+            raise PoolExhausted(
+                f"pool {config.pool_name} is at max_sandboxes={config.max_sandboxes} and none freed up within "
+                f"{config.capacity_timeout:.0f}s; release or destroy sandboxes, or retry",
+                max_sandboxes=config.max_sandboxes,
+            )
+        await life.changed.wait(remaining)
+    elif life.ops.get(decision.sandbox_id) is not None:
+        await life.ops.wait(decision.sandbox_id)  # e.g. the spare this thread will get, still starting
+    else:
+        await life.changed.wait(min(0.05, max(0.0, remaining)))  # its operation is about to start
+
+
+async def destroy(life: Lifecycle, sandbox_id: str) -> bool:
+    """Stop and remove a sandbox once no other operation is under way on it; False when unknown.
+
+    Raises:
+        BackendUnavailable: its engine did not confirm the removal (the sandbox is DOOMED).
+    """
+    while True:
+        if life.ops.get(sandbox_id) is not None:
+            await life.ops.wait(sandbox_id)
+            continue
+        found = life.state.begin_destroy(sandbox_id)
+        if found is None:
+            return False
+        if isinstance(found, MustWait):
+            await life.changed.wait(0.05)
+            continue
+        return await asyncio.shield(life.stop_later(found))

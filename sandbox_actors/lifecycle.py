@@ -1,0 +1,431 @@
+"""Carrying out the pool's decisions, one sandbox at a time: start, check, claim, stop, repair.
+
+Each is an operation of :class:`~sandbox_actors.operations.Operations` (one
+per sandbox at a time, which anyone needing the sandbox waits for). They act
+through the :class:`~sandbox_actors.fleet.Fleet` and report back to the
+:class:`~sandbox_actors.state.PoolState`; after every ``await`` they ask the
+state again instead of trusting what they saw before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from .config import SandboxConfig
+from .errors import (
+    BackendUnavailable,
+    PoolExhausted,
+    SandboxDied,
+    SandboxError,
+    SandboxOwned,
+    SandboxStartError,
+)
+from .fleet import Fleet
+from .metrics import Tally
+from .operations import Operations
+from .raycalls import ActorGone
+from .reconcile import RepairFacts, RepairPlan, plan_repair, repair_needs_probe
+from .records import PoolRecords
+from .state import Entry, MustCheck, PoolState, SandboxState
+from .threads import anonymous_sandbox_id
+from .views import ActorView, ContainerView, Lease
+
+logger = logging.getLogger(__name__)
+
+_START_ATTEMPTS = 3
+_PLACEMENT_POLL = 1.0
+
+
+class Changed:
+    """Wakes whoever waits for the pool's state to change (capacity freed, a stop done)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._event.wait(), max(0.0, timeout))
+
+
+def lease(entry: Entry, path: str) -> Lease:
+    return Lease(entry.sandbox_id, entry.thread_id, entry.actor, path, dict(entry.info))
+
+
+class Lifecycle:
+    """The operations on a pool's sandboxes.
+
+    Args:
+        config: the pool's config.
+        state: the pool's decisions.
+        fleet: its actors and reapers.
+        records: what it keeps in Ray's KV (called in worker threads).
+        tally: event counts and metrics.
+    """
+
+    def __init__(self, config: SandboxConfig, state: PoolState, fleet: Fleet, records: PoolRecords,
+                 tally: Tally) -> None:
+        self.config = config
+        self.state = state
+        self.fleet = fleet
+        self.records = records
+        self.tally = tally
+        self.ops = Operations()
+        self.changed = Changed()
+        self.closed = False
+
+    def notify(self) -> None:
+        self.changed.notify()
+        self.tally.states(self.state.counts())
+
+    # ── starting ───────────────────────────────────────────────────────────
+
+    def create(self, entry: Entry) -> asyncio.Task[Lease]:
+        """Start the container of a new STARTING entry (the 'start' operation)."""
+        return self.ops.start(entry.sandbox_id, "start", self._create(entry))
+
+    async def _create(self, entry: Entry) -> Lease:
+        sandbox_id = entry.sandbox_id
+        try:
+            actor, info = await self.start_sandbox(sandbox_id, entry.thread_id)
+        except BaseException:
+            self.state.start_failed(sandbox_id)
+            self.tally.count("failed")
+            self.notify()
+            raise
+        started = self.state.started(sandbox_id, actor, info)
+        self.notify()
+        if started is None:  # the pool let go of it meanwhile (shutting down): keep nothing
+            self.fleet.later(self.fleet.discard(actor))
+            raise SandboxDied(f"sandbox {sandbox_id} was let go while it started; acquire again")
+        adopted = bool(info.get("adopted"))
+        self.tally.count("adopted" if adopted else "created")
+        return lease(started, "adopted" if adopted else "cold")
+
+    async def start_sandbox(
+        self, sandbox_id: str, thread_id: str | None, node_id: str | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """An actor serving ``sandbox_id`` with its container up and answering (pinned to
+        ``node_id`` when given). Adopts the live actor that already owns the container, if any.
+
+        Raises:
+            PoolExhausted: no node had room within ``capacity_timeout``.
+            ImageNotFound, ReadinessTimeout, SandboxStartError, ...: the container did not start.
+        """
+        fleet = self.fleet
+        fleet.starting += 1
+        try:
+            for attempt in range(1, _START_ATTEMPTS + 1):
+                actor, name, spare = await fleet.actor_for(node_id)
+                try:
+                    if not spare:  # a spare is placed already: it answered before it became one
+                        await self._place(actor, sandbox_id, node_id)
+                    return actor, await fleet.start(actor, sandbox_id, thread_id)
+                except PoolExhausted:
+                    fleet.kill(actor)  # never placed: nothing to stop
+                    raise
+                except SandboxOwned as exc:
+                    fleet.kill(actor)
+                    return await fleet.owner_of(sandbox_id, exc)
+                except SandboxDied:
+                    fleet.kill(actor)  # the actor died under us (e.g. a spare): try another
+                    if attempt == _START_ATTEMPTS:
+                        raise
+                except BaseException:
+                    fleet.later(fleet.discard(actor))
+                    raise
+                finally:
+                    fleet.launched(name)
+            raise AssertionError("unreachable")
+        finally:
+            fleet.starting -= 1
+
+    async def _place(self, actor: Any, sandbox_id: str, node_id: str | None) -> None:
+        """Wait until Ray places the actor. Ray leaves an actor no node can host pending forever,
+        so with custom resources the wait is bounded by ``capacity_timeout`` and room is made
+        meanwhile, one at a time: an idle spare gives way first, else a warm sandbox (on
+        ``node_id`` when pinned). With none, any node can host it (num_cpus=0): a slow placement
+        is only a slow worker start."""
+        config = self.config
+        if not config.ray.resources:
+            if not await self.fleet.placed(actor, config.readiness_timeout + 120):
+                raise SandboxStartError(f"the actor for sandbox {sandbox_id} never started")
+            return
+        deadline = time.monotonic() + config.capacity_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if await self.fleet.placed(actor, max(0.01, min(_PLACEMENT_POLL, remaining))):
+                return
+            if remaining <= _PLACEMENT_POLL:
+                raise PoolExhausted(
+                    f"no node could host sandbox {sandbox_id} within {config.capacity_timeout:.0f}s "
+                    f"(resources {config.ray.resources}; are all sandbox slots taken?)"
+                )
+            if not self.fleet.give_up_spare(node_id):
+                self._make_room(sandbox_id, node_id)
+
+    def _make_room(self, waiting_for: str, node_id: str | None) -> None:
+        """Evict the least recently released warm sandbox (one at a time: a stop takes about as
+        long as a placement poll)."""
+        if any(self.state.entries.get(op.sandbox_id) is not None and self.state.entries[op.sandbox_id].stop == "evicted"
+               for op in self.ops.of_kind("stop")):
+            return
+        victim = self.state.evict_lru_warm(node_id)
+        if victim is not None:
+            logger.info("no node has room for sandbox %s: evicting warm sandbox %s", waiting_for, victim.sandbox_id)
+            self.stop_later(victim)
+
+    def top_up(self) -> None:
+        """Keep ``prewarm`` spare sandboxes and ``spare_actors`` spare actors ready (in the background)."""
+        if self.closed:
+            return
+        self.fleet.refill()
+        while (entry := self.state.begin_spare(anonymous_sandbox_id())) is not None:
+            self.ops.start(entry.sandbox_id, "start", self._create_spare(entry))
+
+    async def _create_spare(self, entry: Entry) -> None:
+        try:
+            await self._create(entry)
+        except SandboxError as exc:
+            logger.warning("could not pre-warm a spare sandbox: %s", exc.message)
+
+    # ── handing out ────────────────────────────────────────────────────────
+
+    def check(self, decision: MustCheck) -> asyncio.Task[Lease | bool]:
+        """Reclaim a warm sandbox once its actor says it still runs (the 'check' operation).
+        The task returns the lease, False when the sandbox is dead, True when it changed meanwhile."""
+        return self.ops.start(decision.entry.sandbox_id, "check", self._check(decision))
+
+    async def _check(self, decision: MustCheck) -> Lease | bool:
+        entry = decision.entry
+        if not await self.fleet.alive(entry.actor):
+            logger.info("warm sandbox %s no longer runs; not handing it out", entry.sandbox_id)
+            return False
+        acquired = self.state.reclaim(entry.sandbox_id, decision.version)
+        if acquired is None:
+            return True
+        self.tally.count("reclaimed")
+        self.notify()
+        return lease(acquired.entry, "warm")
+
+    def claim(self, entry: Entry) -> asyncio.Task[Lease | None]:
+        """Hand a pre-warmed spare to its thread (the 'claim' operation); None when it was dead."""
+        return self.ops.start(entry.sandbox_id, "claim", self._claim(entry))
+
+    async def _claim(self, entry: Entry) -> Lease | None:
+        try:
+            if entry.thread_id is not None:  # anonymous claims need no record
+                await asyncio.to_thread(self.records.put_claim, entry.sandbox_id, entry.thread_id)
+            self.state.update_info(entry.sandbox_id, await self.fleet.claim(entry.actor, entry.thread_id))
+        except SandboxError as exc:
+            logger.warning("spare sandbox %s could not be claimed (%s); removing it", entry.sandbox_id, exc.message)
+            self.state.claim_failed(entry.sandbox_id)
+            self.fleet.later(self.fleet.discard(entry.actor))
+            self.fleet.later(asyncio.to_thread(self.records.drop_claim, entry.sandbox_id))
+            return None
+        finally:
+            self.top_up()
+        self.tally.count("prewarmed")
+        return lease(entry, "prewarmed")
+
+    # ── stopping ───────────────────────────────────────────────────────────
+
+    def stop_later(self, entry: Entry) -> asyncio.Task[bool]:
+        """Remove a STOPPING sandbox (the 'stop' operation). The task returns False when an idle
+        stop was called off, True when the sandbox is gone, and raises when the engine did not
+        confirm (the sandbox is DOOMED then)."""
+        return self.ops.start(entry.sandbox_id, "stop", self._stop(entry))
+
+    async def _stop(self, entry: Entry) -> bool:
+        sandbox_id, why = entry.sandbox_id, entry.stop or "destroyed"
+        try:
+            if why == "idle" and not await self._idle_stop_goes_ahead(entry):
+                return False
+            # The intent first: a pool that dies from here on leaves it for the next one.
+            await asyncio.to_thread(self.records.mark_doomed, sandbox_id, entry.container_id)
+            if not await self._remove(entry):
+                raise BackendUnavailable(
+                    f"the engine holding sandbox {sandbox_id} did not confirm its removal; the pool retries it"
+                )
+        except SandboxError as exc:
+            if self.state.stop_failed(sandbox_id) is not None:
+                logger.warning("could not stop sandbox %s (%s); it stays doomed and is retried", sandbox_id,
+                               exc.message)
+            raise
+        finally:
+            self.notify()
+        self.state.removed(sandbox_id)
+        await asyncio.to_thread(self._forget_records, sandbox_id, entry.spare)
+        self.tally.count({"idle": "reaped", "shutdown": "destroyed"}.get(why, why))
+        logger.info("sandbox %s %s", sandbox_id, "reaped" if why == "idle" else why)
+        self.notify()
+        self.top_up()
+        return True
+
+    async def _idle_stop_goes_ahead(self, entry: Entry) -> bool:
+        """Ask the sandbox to stop serving (it refuses if an operation started), then make the
+        decision with no await in between: an acquire that came meanwhile calls the stop off."""
+        sandbox_id = entry.sandbox_id
+        try:
+            agreed = await self.fleet.begin_stop(entry.actor, self.config.idle_timeout)
+        except ActorGone:
+            # Its actor died meanwhile: whether the container is worth keeping is for a repair to
+            # judge (the next idle pass or reconcile starts one), not for an idle stop.
+            self.state.stop_called_off(sandbox_id)
+            return False
+        if not agreed:
+            logger.info("sandbox %s got busy; not stopping it", sandbox_id)
+            self.state.stop_called_off(sandbox_id)
+            return False
+        if not self.state.commit_stop(sandbox_id):
+            logger.info("sandbox %s was acquired while its idle stop was pending; keeping it", sandbox_id)
+            with contextlib.suppress(SandboxError):
+                await self.fleet.cancel_stop(entry.actor)
+            self.state.stop_called_off(sandbox_id)
+            self.tally.count("idle_stop_called_off")
+            return False
+        return True
+
+    async def _remove(self, entry: Entry) -> bool:
+        if entry.actor is not None:
+            try:
+                return await self.fleet.stop(entry.actor, entry.sandbox_id)
+            except ActorGone:
+                pass  # its container may outlive it: remove that directly
+        return await self.fleet.remove_everywhere(entry.sandbox_id, entry.container_id, entry.info.get("engine_id"))
+
+    def _forget_records(self, sandbox_id: str, spare: bool) -> None:
+        self.records.clear_doomed(sandbox_id)
+        if spare:
+            self.records.drop_claim(sandbox_id)
+
+    # ── idle ───────────────────────────────────────────────────────────────
+
+    async def idle_pass(self) -> None:
+        """Stop sandboxes idle past the timeout (each confirms it is idle first); repair those
+        whose actor is gone."""
+        self.top_up()
+        busy = self.ops.busy()
+        candidates = [(e, v) for e, v in self.state.idle_candidates() if e.sandbox_id not in busy]
+        if not candidates:
+            return
+        reports = await self.fleet.activity({entry.sandbox_id: entry.actor for entry, _ in candidates})
+        for entry, version in candidates:
+            report = reports[entry.sandbox_id]
+            if isinstance(report, ActorGone):
+                self.repair(entry.sandbox_id)
+                continue
+            if isinstance(report, BaseException):
+                logger.warning("sandbox %s did not report activity: %s", entry.sandbox_id, report)
+                continue
+            idle_for, inflight, _dead = report
+            self.state.note_activity(entry.sandbox_id, idle_for, inflight)
+            if self.ops.get(entry.sandbox_id) is None and self.state.begin_idle_stop(entry.sandbox_id, version):
+                logger.info("sandbox %s idle for %.1fs (its own count: %.1fs); stopping it", entry.sandbox_id,
+                            self.state.clock() - entry.last_active, idle_for)
+                self.stop_later(entry)
+
+    # ── repair ─────────────────────────────────────────────────────────────
+
+    def repair(self, sandbox_id: str, handle: Any = None) -> asyncio.Task[str] | None:
+        """Look closely at one sandbox and make it whole or make it gone (the 'repair' operation).
+        None when another operation is under way on it (it will be looked at again after)."""
+        if self.ops.get(sandbox_id) is not None or self.closed:
+            return None
+        return self.ops.start(sandbox_id, "repair", self._repair(sandbox_id, handle))
+
+    async def _repair(self, sandbox_id: str, handle: Any) -> str:
+        try:
+            return await self._repair_one(sandbox_id, handle)
+        except SandboxError as exc:
+            logger.warning("repair of sandbox %s failed (%s); the next reconcile retries", sandbox_id, exc.message)
+            return "unknown"
+        finally:
+            self.notify()
+
+    async def _repair_one(self, sandbox_id: str, handle: Any) -> str:
+        entry = self.state.entry(sandbox_id)
+        if entry is not None and entry.actor is not None:
+            handle = entry.actor
+        view = None
+        if handle is not None:
+            try:
+                view = ActorView.from_description(await self.fleet.describe(handle))
+            except ActorGone:
+                # Dead, or unreachable with its node: end it now so its slot frees up at once.
+                self.fleet.kill(handle)
+                handle = None
+        engines = await self.fleet.engines()
+        containers, _seen = await self.fleet.containers(engines)
+        found = tuple(c for c in containers if c.sandbox_id == sandbox_id)
+        doomed = sandbox_id in await asyncio.to_thread(self.records.doomed)
+        facts = RepairFacts(sandbox_id, self.state.entry(sandbox_id) is not None, doomed, view, found)
+        if repair_needs_probe(facts):
+            facts = RepairFacts(**{**facts.__dict__, "answering": await self._answering(engines, found)})
+        plan = plan_repair(facts)
+        return await self._carry_out(plan, facts, engines, handle)
+
+    async def _answering(self, engines: dict[str, tuple[Any, str]], found: tuple[ContainerView, ...]) -> str | None:
+        for container in found:
+            if container.running and await self.fleet.probe(engines, container) is not None:
+                return container.container_id
+        return None
+
+    async def _carry_out(self, plan: RepairPlan, facts: RepairFacts, engines: dict[str, tuple[Any, str]],
+                         handle: Any) -> str:
+        sandbox_id = facts.sandbox_id
+        for container in plan.remove:
+            await self.fleet.remove(engines, container)
+        if plan.stop_actor:
+            await self.fleet.stop(handle, sandbox_id)
+        elif plan.end_actor and handle is not None:
+            self.fleet.kill(handle)
+        if plan.adopt and facts.actor is not None:
+            self.state.adopt(sandbox_id, facts.actor.thread_id, handle, dict(facts.actor.info), facts.actor.idle_for)
+        if plan.readopt is not None:
+            return await self._readopt(sandbox_id, plan.readopt, engines)
+        if plan.forget:
+            await self._forget(sandbox_id)
+            if plan.outcome != "removed":
+                self.tally.count(plan.outcome)
+        return plan.outcome
+
+    async def _readopt(self, sandbox_id: str, keep: ContainerView, engines: dict[str, tuple[Any, str]]) -> str:
+        """A fresh actor on the container's node takes it over (the old one never finished or died)."""
+        entry = self.state.entry(sandbox_id)
+        # Which thread: what the pool holds, else a claim recorded in Ray's KV (pre-warmed
+        # sandboxes), else the container's label. Never the owner record inside it.
+        thread_id = entry.thread_id if entry is not None else None
+        thread_id = thread_id or await asyncio.to_thread(self.records.get_claim, sandbox_id) or keep.thread_id
+        try:
+            handle, info = await self.start_sandbox(sandbox_id, thread_id, node_id=keep.node_id)
+        except PoolExhausted:
+            # No slot on the container's node: an unowned container must not linger.
+            # (With thread mounts, its workspace lives on the host, not in the container.)
+            logger.warning("no room to re-adopt sandbox %s on its node; removing its container", sandbox_id)
+            await self.fleet.remove(engines, keep)
+            await self._forget(sandbox_id)
+            self.tally.count("lost")
+            return "removed"
+        if not self.state.replace_actor(sandbox_id, handle, info) and not self.state.adopt(
+            sandbox_id, thread_id, handle, info, float(info.get("idle_for") or 0.0)
+        ):
+            await self.fleet.discard(handle)  # the thread got another sandbox meanwhile
+            return "removed"
+        self.tally.count("readopted")
+        logger.info("sandbox %s: container re-adopted by a new actor", sandbox_id)
+        return "readopted"
+
+    async def _forget(self, sandbox_id: str) -> None:
+        """The sandbox is gone for good: drop its entry, any owed destroy and any claim."""
+        entry = self.state.entry(sandbox_id)
+        if entry is not None and entry.state is not SandboxState.STARTING:
+            self.state.removed(sandbox_id)
+        await asyncio.to_thread(self._forget_records, sandbox_id, True)

@@ -1,0 +1,129 @@
+"""The reconcile pass: compare what exists with what the pool believes, and make them agree.
+
+It gathers three views across awaits (live SandboxActors, each engine's
+labelled containers, silent actors' nodes), then takes the pool's own facts
+(its entries, what is busy, what changed) after the last await, plans with
+:func:`~sandbox_actors.reconcile.plan_reconcile`, and carries the plan out
+through the :class:`~sandbox_actors.lifecycle.Lifecycle`. A pass never dies:
+the pool's loop logs a failing one and runs the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any
+
+from .errors import SandboxError
+from .lifecycle import Lifecycle
+from .raycalls import ActorGone
+from .reconcile import plan_reconcile
+from .state import SandboxState
+
+logger = logging.getLogger(__name__)
+
+
+class Reconciler:
+    """Runs reconcile passes for one pool (one at a time)."""
+
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self._life = lifecycle
+        self._lock = asyncio.Lock()
+
+    async def run(self, strict: bool = False) -> dict[str, int]:
+        """One pass; returns what it did (counts per action). With ``strict``, a node that cannot
+        isolate sandboxes as configured raises (IsolationUnavailable, NotSupported)."""
+        async with self._lock:
+            return await self._pass(strict)
+
+    async def _pass(self, strict: bool) -> dict[str, int]:
+        life = self._life
+        state, fleet = life.state, life.fleet
+        epoch = state.epoch
+        owed = await asyncio.to_thread(life.records.doomed)
+        views, handles, silent = await fleet.actor_views()
+        engines = await fleet.engines()
+        await fleet.prepare(engines, strict)
+        containers, seen = await fleet.containers(engines)
+        alive = await fleet.alive_nodes() if silent else set()
+        # The last await is behind us: the pool's own facts from here on are current, and nothing
+        # below awaits before the plan is carried out as far as forgetting entries goes.
+        changed = state.changed_since(epoch)
+        for sandbox_id, container_id in owed.items():
+            if sandbox_id not in changed:
+                state.doomed_found(sandbox_id, None, container_id)  # a dead pool owed it: never adopt it
+        # Owed destroys are finished by repairs, never judged by the plan.
+        doomed = {sid for sid in state.ids({SandboxState.DOOMED}) if life.ops.get(sid) is None}
+        busy = (life.ops.busy() | state.ids({SandboxState.STARTING, SandboxState.STOPPING, SandboxState.DOOMED})
+                | changed)
+        silent_ids, unplaced = self._place_silent(silent, handles, alive)
+        plan = plan_reconcile(
+            state.ids(), views, containers, seen, busy | silent_ids, fleet.keep_names, any_unknown=unplaced,
+        )
+        plan.repair += sorted(doomed)
+        done: collections.Counter[str] = collections.Counter()
+        owners = {v.sandbox_id: v for v in views if v.sandbox_id is not None and v.name not in plan.end_actors}
+        for view in plan.adopt:
+            if state.adopt(view.sandbox_id, view.thread_id, handles[view.name], dict(view.info), view.idle_for):
+                done["adopted"] += 1
+            else:  # its thread already has another sandbox: never two
+                fleet.later(fleet.discard(handles[view.name]))
+                done["ended_actors"] += 1
+        for sandbox_id in plan.forget:
+            state.removed(sandbox_id)
+            life.tally.count("lost")
+            done["forgotten"] += 1
+        for container in plan.remove_containers:
+            if container.engine_id in engines and await fleet.remove(engines, container):
+                done["removed_containers"] += 1
+        for name in plan.end_actors:
+            if await self._still_unwanted(name, handles[name]):
+                fleet.kill(handles[name])  # a kill, not a stop: a duplicate's container is another's
+                done["ended_actors"] += 1
+        repairs = [
+            life.repair(sandbox_id, handles.get(owners[sandbox_id].name) if sandbox_id in owners else None)
+            for sandbox_id in dict.fromkeys(plan.repair)
+        ]
+        results = await asyncio.gather(*(r for r in repairs if r is not None), return_exceptions=True)
+        done["repaired"] += sum(1 for r in results if r == "readopted")
+        done["removed_containers"] += sum(1 for r in results if r in ("removed", "died", "lost"))
+        done["destroyed"] += sum(1 for r in results if r == "destroyed")
+        for key, value in done.items():
+            life.tally.count(f"reconcile_{key}", value)
+        if not plan.is_empty():
+            logger.info("reconcile: %s", dict(done))
+        life.notify()
+        life.top_up()
+        return {key: value for key, value in done.items() if value}
+
+    def _place_silent(self, silent: set[str], handles: dict[str, Any], alive: set[str]) -> tuple[set[str], bool]:
+        """Sandbox ids whose actor did not answer, and whether any such actor is not ours to place."""
+        if not silent:
+            return set(), False
+        state, fleet = self._life.state, self._life.fleet
+        by_name = {e.info.get("actor_name"): e for e in state.entries.values()}
+        ids, unplaced = set(), False
+        for name in silent:
+            entry = by_name.get(name)
+            if entry is None:
+                unplaced = unplaced or name not in fleet.keep_names
+            elif entry.info.get("node_id") not in alive:
+                fleet.kill(handles[name])  # its node is gone: so is it; free its name and slot now
+            else:
+                ids.add(entry.sandbox_id)
+        return ids, unplaced
+
+    async def _still_unwanted(self, name: str, handle: Any) -> bool:
+        """Ask an actor once more before ending it: it may have been given a sandbox since."""
+        fleet = self._life.fleet
+        if name in fleet.keep_names:
+            return False
+        try:
+            info = await fleet.describe(handle)
+        except ActorGone:
+            return False  # already gone
+        except SandboxError:
+            return False  # silent: decide next pass
+        entry = self._life.state.entry(info.get("sandbox_id") or "")
+        return entry is None or entry.info.get("actor_name") != name
