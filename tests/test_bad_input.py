@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 import sandbox_actors
-from sandbox_actors import CommandTimeout, InvalidRequest, InvalidThreadId, SandboxFileNotFound
+from sandbox_actors import (
+    CommandTimeout,
+    InvalidRequest,
+    InvalidThreadId,
+    SandboxFileNotFound,
+)
 from sandbox_actors.threads import thread_dir
 
 

@@ -9,7 +9,14 @@ import uuid
 import pytest
 
 from backends.errors import IsolationUnavailable
-from backends.firewall import AllowRule, Firewall, NetworkPolicy, chains, plan_rules, restore_script
+from backends.firewall import (
+    AllowRule,
+    Firewall,
+    NetworkPolicy,
+    chains,
+    plan_rules,
+    restore_script,
+)
 
 
 def test_rules_refuse_the_host_metadata_and_listed_cidrs_and_let_replies_back():

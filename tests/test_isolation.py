@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-import ray
 
 import sandbox_actors
 from backends.firewall import chains

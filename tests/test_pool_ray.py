@@ -17,7 +17,12 @@ import ray
 import sandbox_actors
 from sandbox_actors import CommandTimeout, ImageNotFound, PoolExhausted, SandboxDied
 from sandbox_actors.threads import thread_dir
-from tests.conftest import assert_no_actors_left, containers_of, wait_until, serving_actors
+from tests.conftest import (
+    assert_no_actors_left,
+    containers_of,
+    serving_actors,
+    wait_until,
+)
 
 
 def running_names(docker_client, pool_name):

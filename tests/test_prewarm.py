@@ -15,12 +15,13 @@ from tests.conftest import assert_no_actors_left, containers_of, wait_until
 from tests.invariant import wait_for_invariant
 
 
-
-
 @pytest.fixture
-def prewarmed(ray_address, config):
+def prewarmed(request, ray_address, config):
+    # A short idle timeout, so the idle check has the chance to reap spares (which it must not);
+    # tests that restart the pool, which takes about that long, ask for a long one.
+    idle_timeout = getattr(request, "param", 3)
     client = sandbox_actors.connect(
-        config.model_copy(update={"prewarm": 2, "thread_mounts": False, "replicas": 4, "idle_timeout": 3})
+        config.model_copy(update={"prewarm": 2, "thread_mounts": False, "replicas": 4, "idle_timeout": idle_timeout})
     )
     yield client
     client.shutdown()
@@ -54,11 +55,14 @@ def test_spares_are_not_idle_reaped_and_count_toward_replicas(prewarmed, docker_
     assert spares(prewarmed) == 2
     boxes = [prewarmed.acquire(f"t{i}") for i in range(4)]  # replicas=4: spares then new ones
     assert [b.path for b in boxes][:2] == ["prewarmed", "prewarmed"]
-    time.sleep(2)
+    for _ in range(2):  # two seconds with the four in use (idle_timeout is 3 s): no spare may start
+        time.sleep(1)
+        assert all(b.exec("true").exit_code == 0 for b in boxes)
     assert spares(prewarmed) == 0  # at the soft cap: no new spares
     assert len(containers_of(docker_client, config.pool_name)) == 4
 
 
+@pytest.mark.parametrize("prewarmed", [600], indirect=True)
 def test_a_claimed_spare_survives_pool_restart_and_actor_death(prewarmed, docker_client, config):
     assert wait_until(lambda: spares(prewarmed) == 2, timeout=30)
     box = prewarmed.acquire("claimer")

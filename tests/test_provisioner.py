@@ -20,7 +20,12 @@ import pytest
 
 import sandbox_actors
 from backends import SandboxAPI, SandboxSpec
-from backends.errors import BackendError, BackendUnauthorized, BackendUnavailable, ReadinessTimeout
+from backends.errors import (
+    BackendError,
+    BackendUnauthorized,
+    BackendUnavailable,
+    ReadinessTimeout,
+)
 from backends.provisioner import ProvisionerBackend
 from sandbox_actors.config import SandboxConfig
 from tests.conftest import assert_no_actors_left, containers_of, remove_leftovers, run

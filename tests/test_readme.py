@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-import typing
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import httpx

@@ -6,9 +6,11 @@ import pytest
 
 from sandbox_actors.reconcile import ActorView, ContainerView, plan_reconcile
 from sandbox_actors.state import (
+    TRANSITIONS,
     Acquired,
     Claimed,
     IllegalTransition,
+    MustCheck,
     MustCreate,
     MustWait,
     PoolState,
@@ -47,9 +49,12 @@ def test_acquire_order_cold_hot_warm():
     assert isinstance(hot, Acquired) and hot.path == "hot"
     assert state.release("a") is True
     assert state.entries["a"].state is SandboxState.WARM
-    warm = state.acquire("a", "t")
+    check = state.acquire("a", "t")  # warm: handed out only once its actor confirms it runs
+    assert isinstance(check, MustCheck) and state.entries["a"].state is SandboxState.WARM
+    warm = state.reclaim("a", check.version)
     assert isinstance(warm, Acquired) and warm.path == "warm"
     assert state.entries["a"].state is SandboxState.ACTIVE and state.entries["a"].released_at is None
+    assert state.reclaim("a", check.version) is None  # changed meanwhile: decide again
 
 
 def test_concurrent_acquire_of_a_starting_sandbox_waits():
@@ -129,6 +134,56 @@ def test_idle_never_reaps_inflight_and_rechecks_after_use():
     assert state.entries["a"].state is SandboxState.ACTIVE
 
 
+def test_an_acquire_calls_off_a_pending_idle_stop_until_it_is_committed():
+    state, clock = make(idle_timeout=10)
+    create(state, "a")
+    state.release("a")
+    clock.advance(11)
+    [(_, version)] = state.idle_candidates()
+    assert state.begin_idle_stop("a", version).stop == "idle"
+    waiting = state.acquire("a", "t")  # the thread comes back while the sandbox is asked to stop
+    assert isinstance(waiting, MustWait) and waiting.reason == "stopping"
+    assert state.commit_stop("a") is False  # so the stop is called off...
+    state.stop_called_off("a")
+    assert state.entries["a"].state is SandboxState.WARM  # ...and the thread gets its sandbox back
+    assert isinstance(state.acquire("a", "t"), MustCheck)
+    # Once committed, a stop can no longer be called off: the thread waits and gets a new one.
+    clock.advance(11)
+    [(_, version)] = state.idle_candidates()
+    state.begin_idle_stop("a", version)
+    assert state.commit_stop("a") is True
+    assert isinstance(state.acquire("a", "t"), MustWait)
+    state.stop_called_off("a")
+    assert state.entries["a"].state is SandboxState.STOPPING
+
+
+def test_a_stop_the_engine_did_not_confirm_is_doomed_and_never_handed_out():
+    state, _ = make()
+    create(state, "a")
+    state.begin_destroy("a")
+    doomed = state.stop_failed("a")
+    assert doomed is not None and doomed.state is SandboxState.DOOMED
+    assert state.counts()["doomed"] == 1
+    waiting = state.acquire("a", "thread-a")
+    assert isinstance(waiting, MustWait) and waiting.reason == "doomed"
+    assert state.adopt("a", "thread-a", "actor", {}, 0) is False  # never adopted back
+    assert state.begin_destroy("a").state is SandboxState.STOPPING  # destroy retries it
+    state.removed("a")
+    assert isinstance(state.acquire("a", "thread-a"), MustCreate)
+    # A destroy a dead pool owed (found in Ray's KV) is doomed from the start.
+    found = state.doomed_found("b", None, "c-b")
+    assert found.state is SandboxState.DOOMED and found.container_id == "c-b"
+    assert state.doomed_found("b", None, "c-b") is None
+    assert [e.sandbox_id for e in state.begin_shutdown()] == ["b"]
+
+
+def test_a_started_sandbox_whose_entry_went_is_not_kept():
+    state, _ = make()
+    state.acquire("a", "t")
+    state.start_failed("a")
+    assert state.started("a", "actor", {}) is None
+
+
 def test_idle_stop_uses_the_sandbox_own_activity():
     state, clock = make(idle_timeout=10)
     create(state, "a")
@@ -150,7 +205,7 @@ def test_refused_stop_restores_previous_state():
     clock.advance(11)
     [(_, version)] = state.idle_candidates()
     state.begin_idle_stop("w", version)
-    state.stop_refused("w")
+    state.stop_called_off("w")  # the sandbox refused: an operation started meanwhile
     assert state.entries["w"].state is SandboxState.WARM
 
 
@@ -345,3 +400,51 @@ def test_changes_are_marked_so_reconcile_skips_what_moved_meanwhile():
     state.removed("b")
     assert state.changed_since(epoch) == {"b"}
     assert state.changed_since(state.epoch) == set()
+
+
+def test_every_state_is_in_the_transition_table():
+    assert set(TRANSITIONS) == set(SandboxState)
+    assert all(targets <= set(SandboxState) for targets in TRANSITIONS.values())
+
+
+# ── repair rules ────────────────────────────────────────────────────────────
+
+
+def facts(sid="s", known=True, doomed=False, actor_view=None, containers=(), answering=None):
+    from sandbox_actors.reconcile import RepairFacts
+
+    return RepairFacts(sid, known, doomed, actor_view, tuple(containers), answering)
+
+
+def test_repair_keeps_a_healthy_pair_and_removes_any_second_container():
+    from sandbox_actors.reconcile import plan_repair
+
+    own, stray = container("s", cid="c-s"), container("s", cid="c-old")
+    plan = plan_repair(facts(actor_view=actor("s"), containers=[own, stray]))
+    assert plan.outcome == "healthy" and plan.remove == [stray] and not plan.forget
+    assert plan_repair(facts(known=False, actor_view=actor("s"), containers=[own])).adopt
+
+
+def test_repair_of_a_dead_container_or_an_owed_destroy_stops_its_actor():
+    from sandbox_actors.reconcile import plan_repair
+
+    dead = plan_repair(facts(actor_view=actor("s"), containers=[container("s", cid="c-s", running=False)]))
+    assert dead.outcome == "died" and dead.stop_actor and dead.forget
+    owed = plan_repair(facts(doomed=True, actor_view=actor("s"), containers=[container("s", cid="c-s")]))
+    assert owed.outcome == "destroyed" and owed.stop_actor  # a live, healthy pair: destroyed all the same
+
+
+def test_repair_readopts_a_container_that_answers_when_its_actor_is_gone():
+    from sandbox_actors.reconcile import plan_repair, repair_needs_probe
+
+    running = container("s", cid="c-s")
+    question = facts(containers=[running])
+    assert repair_needs_probe(question)
+    plan = plan_repair(facts(containers=[running], answering="c-s"))
+    assert plan.outcome == "readopted" and plan.readopt == running and plan.remove == []
+    silent = plan_repair(facts(containers=[running]))  # probed, did not answer
+    assert silent.outcome == "lost" and silent.remove == [running] and silent.forget
+    owed = facts(doomed=True, containers=[running], answering="c-s")
+    assert not repair_needs_probe(owed) and plan_repair(owed).outcome == "destroyed"
+    unknown = plan_repair(facts(known=False, containers=[running]))
+    assert unknown.outcome == "removed"

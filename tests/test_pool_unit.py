@@ -1,0 +1,205 @@
+"""The pool's logic without Ray: SandboxPool on a fake fleet, in-memory records and a fake clock,
+driven through the interleavings that used to go wrong."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sandbox_actors.config import SandboxConfig
+from sandbox_actors.errors import BackendUnavailable
+from sandbox_actors.pool import SandboxPool
+from sandbox_actors.records import MemoryRecords, MemoryStore
+from sandbox_actors.state import SandboxState
+from sandbox_actors.threads import sandbox_id_for
+from tests.fakefleet import FakeFleet
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(fleet: FakeFleet | None = None, store: MemoryStore | None = None, **config) -> tuple[SandboxPool, FakeFleet]:
+    fleet = fleet or FakeFleet()
+    values = dict(pool_name="unit", idle_timeout=10, spare_actors=0, thread_mounts=False, reconcile_interval=3600,
+                  idle_check_interval=3600)
+    values.update(config)
+    pool = SandboxPool(SandboxConfig(**values), fleet=fleet, records=MemoryRecords("unit", store or MemoryStore()),
+                       clock=Clock())
+    return pool, fleet
+
+
+def run(test):  # noqa: ANN001, ANN201
+    return asyncio.run(asyncio.wait_for(test(), 10))
+
+
+def test_building_a_pool_starts_nothing():
+    pool, fleet = make()  # no event loop here: a constructor with side effects would fail or schedule work
+    assert pool._started is None and fleet.actors == {}
+
+
+def test_an_acquire_during_a_reconcile_await_is_never_forgotten():
+    async def body():
+        pool, fleet = make()
+        await pool.ping()
+        first = await pool.acquire("t1")
+        fleet.silent.add(first.actor.name)  # a silent actor makes the pass look its node up (an await)
+        fleet.gate("alive_nodes")
+        passing = asyncio.create_task(pool.reconcile())
+        await fleet.entered("alive_nodes")
+        fleet.gate("start")
+        starting = asyncio.create_task(pool.acquire("t2"))  # starts while the pass is awaiting
+        await fleet.entered("start")
+        fleet.open("alive_nodes")
+        await passing  # plans with t2 STARTING: must leave it alone
+        fleet.open("start")
+        second = await starting
+        assert second.path == "cold"
+        assert pool._state.entry(second.sandbox_id).state is SandboxState.ACTIVE
+
+    run(body)
+
+
+def test_an_acquire_during_a_pending_idle_stop_keeps_the_sandbox():
+    async def body():
+        pool, fleet = make()
+        await pool.ping()
+        box = await pool.acquire("t1")
+        await pool.release(box.sandbox_id)
+        pool._state.clock.now += 11  # idle past the timeout, by the pool's clock and the sandbox's own
+        fleet.actor_of(box.sandbox_id).idle_for = 11
+        fleet.gate("begin_stop")
+        idle = asyncio.create_task(pool._life.idle_pass())
+        await fleet.entered("begin_stop")  # the sandbox is being asked whether it is idle...
+        back = asyncio.create_task(pool.acquire("t1"))  # ...when its thread comes back
+        await asyncio.sleep(0.01)
+        fleet.open("begin_stop")
+        await idle
+        again = await back
+        assert again.sandbox_id == box.sandbox_id and again.path == "warm"  # the same sandbox, files and all
+        assert fleet.creates == 1
+        assert pool._life.tally.counters["idle_stop_called_off"] == 1
+        assert fleet.actor_of(box.sandbox_id).stopping is False  # serving again
+
+    run(body)
+
+
+def test_a_dead_warm_sandbox_is_repaired_not_handed_out():
+    async def body():
+        pool, fleet = make()
+        await pool.ping()
+        box = await pool.acquire("t1")
+        await pool.release(box.sandbox_id)
+        fleet.kill_container(box.sandbox_id)  # before anyone could tell the pool
+        again = await pool.acquire("t1")
+        assert again.path == "cold" and again.info["container_id"] != box.info["container_id"]
+        assert pool._life.tally.counters["died"] == 1
+
+    run(body)
+
+
+def test_a_destroy_the_engine_did_not_confirm_raises_and_survives_a_pool_restart():
+    async def body():
+        store = MemoryStore()
+        pool, fleet = make(store=store)
+        await pool.ping()
+        box = await pool.acquire("t1")
+        fleet.engine_down = True
+        with pytest.raises(BackendUnavailable):
+            await pool.destroy(box.sandbox_id)
+        assert pool._state.entry(box.sandbox_id).state is SandboxState.DOOMED
+        with pytest.raises(BackendUnavailable):
+            await pool.acquire("t1")  # never handed out while its destroy is owed
+        # The pool dies; a new one starts on the same records once the engine answers again.
+        fleet.engine_down = False
+        fleet.actor_of(box.sandbox_id).alive = False  # its actor went with the old pool's node, say
+        fresh, _ = make(fleet=fleet, store=store)
+        await fresh.ping()  # the first pass finishes the destroy instead of adopting it
+        assert box.info["container_id"] not in fleet.boxes
+        assert fresh._state.entry(box.sandbox_id) is None
+        assert MemoryRecords("unit", store).doomed() == {}
+        again = await fresh.acquire("t1")
+        assert again.path == "cold" and again.info["container_id"] != box.info["container_id"]
+
+    run(body)
+
+
+def test_a_retried_anonymous_acquire_gets_the_same_sandbox_even_from_a_new_pool():
+    async def body():
+        store = MemoryStore()
+        pool, fleet = make(store=store)
+        await pool.ping()
+        first = await pool.acquire(None, request_id="r1")
+        assert (await pool.acquire(None, request_id="r1")).sandbox_id == first.sandbox_id
+        assert (await pool.acquire(None, request_id="r2")).sandbox_id != first.sandbox_id
+        fresh, _ = make(fleet=fleet, store=store)  # the pool died mid-call and was restarted
+        await fresh.ping()
+        retried = await fresh.acquire(None, request_id="r1")
+        assert retried.sandbox_id == first.sandbox_id and fleet.creates == 2
+
+    run(body)
+
+
+def test_a_reported_death_is_repaired_at_once():
+    async def body():
+        pool, fleet = make()
+        await pool.ping()
+        box = await pool.acquire("t1")
+        fleet.kill_container(box.sandbox_id)
+        await pool.report_dead(box.sandbox_id, box.info["container_id"])
+        await pool._life.ops.wait(box.sandbox_id)
+        assert pool._state.entry(box.sandbox_id) is None and pool._life.tally.counters["died"] == 1
+        await pool.report_dead(box.sandbox_id, "c-unknown")  # a death of nothing it holds: ignored
+
+    run(body)
+
+
+def test_a_report_of_an_older_container_is_ignored():
+    async def body():
+        pool, fleet = make()
+        await pool.ping()
+        box = await pool.acquire("t1")
+        await pool.report_dead(box.sandbox_id, "an-older-container")
+        assert pool._life.ops.get(box.sandbox_id) is None
+        assert pool._state.entry(box.sandbox_id).state is SandboxState.ACTIVE
+
+    run(body)
+
+
+def test_concurrent_acquires_of_one_thread_share_one_start():
+    async def body():
+        pool, fleet = make()
+        await pool.ping()
+        boxes = await asyncio.gather(*(pool.acquire("same") for _ in range(10)))
+        assert len({b.sandbox_id for b in boxes}) == 1 and fleet.creates == 1
+        assert boxes[0].sandbox_id == sandbox_id_for("unit", "same")
+
+    run(body)
+
+
+def test_shutdown_stops_everything_and_stays_down():
+    async def body():
+        pool, fleet = make()
+        await pool.ping()
+        await pool.acquire("a")
+        await pool.release((await pool.acquire("b")).sandbox_id)
+        result = await pool.shutdown()
+        assert result["destroyed"] == 2 and fleet.boxes == {}
+        assert pool._life.records.was_shut_down()
+
+    run(body)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray():
+    """This tier must never start Ray (the pool's Ray calls all go through the fleet)."""
+    import ray
+
+    before = ray.is_initialized()  # a session of the Ray tests may run already
+    yield
+    assert ray.is_initialized() == before, "a unit test started Ray"
