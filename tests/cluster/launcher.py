@@ -1,0 +1,268 @@
+"""``cluster.yaml`` plus the test's overlay, and the ``ray`` CLI run against the merged file.
+
+The overlay holds only what must differ on this machine (README, "Launch a cluster", names
+each line and why). It is merged into the real ``cluster.yaml`` at run time, so a change to
+that file is what the test runs.
+
+The ``ray`` commands run from the repository root (``file_mounts`` names the repository as
+``.``) with a HOME of the test's own: ``cluster.yaml`` copies ``~/.ray/auth_token``, and the
+test generates that token there rather than touch the token of the user who runs it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER_YAML = ROOT / "cluster.yaml"
+RAY = str(Path(sys.executable).with_name("ray"))
+WHEELHOUSE = "/opt/sandbox-actors-wheelhouse"  # on every node
+RESULT_MARK = "CLUSTER-JOB-RESULT "
+
+
+class LaunchError(RuntimeError):
+    """A ``ray`` command failed; the message carries the tail of its output."""
+
+
+# ── the overlay ─────────────────────────────────────────────────────────────
+
+
+def overlay(
+    *, cluster_name: str, head_ip: str, worker_ips: list[str], ssh_key: Path, wheelhouse: Path, pip_conf: Path
+) -> dict[str, Any]:
+    """What differs from ``cluster.yaml`` here, and nothing else (each line is in the README)."""
+    return {
+        # The launcher keeps its state in /tmp/ray/cluster-<name>.state on this machine: a name of
+        # the run's own leaves the state of a real `sandbox-actors` cluster launched from here alone.
+        "cluster_name": cluster_name,
+        # The node containers' addresses on the test's network.
+        "provider": {"head_ip": head_ip, "worker_ips": worker_ips},
+        # The nodes' only user is root (Ray runs as root, so per-pool iptables rules can be
+        # installed); the key is the one the test made and mounted into every node.
+        "auth": {"ssh_user": "root", "ssh_private_key": str(ssh_key)},
+        "file_mounts": {
+            # PyPI may be unreachable from the nodes: the project's dependencies travel as wheels,
+            # the very versions this machine's .venv runs (the host's `ray` CLI must match the
+            # cluster's Ray), and pip on each node is told to use them and no index.
+            WHEELHOUSE: str(wheelhouse),
+            "/etc/pip.conf": str(pip_conf),
+        },
+    }
+
+
+def pip_conf_text() -> str:
+    return f"[global]\nno-index = true\nfind-links = {WHEELHOUSE}\ndisable-pip-version-check = true\n"
+
+
+def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in: mappings merge key by key, anything else is replaced."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def overlay_paths(extra: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The leaf keys an overlay sets, as paths (``("provider", "head_ip")``)."""
+    paths: list[tuple[str, ...]] = []
+    for key, value in extra.items():
+        if isinstance(value, Mapping):
+            paths += overlay_paths(value, prefix + (key,))
+        else:
+            paths.append(prefix + (key,))
+    return paths
+
+
+# ── the wheelhouse ──────────────────────────────────────────────────────────
+
+
+def project_dependencies() -> list[str]:
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return list(data["project"]["dependencies"]) + list(data["build-system"]["requires"])
+
+
+def wheelhouse(cache_root: Path, progress: Any = print) -> Path:
+    """Wheels of the project's dependencies (and its build backend) at the versions this
+    .venv has, built once per set of inputs and kept under ``cache_root``."""
+    freeze = subprocess.run(
+        [sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout
+    pins = "".join(line + "\n" for line in freeze.splitlines() if "==" in line)
+    requirements = project_dependencies()
+    digest = hashlib.sha256(
+        json.dumps([sys.version_info[:2], requirements, pins]).encode()
+    ).hexdigest()[:12]
+    target = cache_root / f"wheelhouse-{digest}"
+    if (target / ".complete").exists():
+        progress(f"wheelhouse {target} is up to date")
+        return target
+    partial = cache_root / f"wheelhouse-{digest}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    (partial / "constraints.txt").write_text(pins)
+    progress(f"wheelhouse: {len(requirements)} requirements at this .venv's versions -> {target}")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(partial),
+         "--constraint", str(partial / "constraints.txt"), *requirements],
+        capture_output=True, text=True, timeout=1800, check=False,
+    )
+    if result.returncode != 0:
+        raise LaunchError(f"pip wheel failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    (partial / "constraints.txt").unlink()
+    for stale in cache_root.glob("wheelhouse-*"):
+        if stale != partial:
+            shutil.rmtree(stale, ignore_errors=True)
+    (partial / ".complete").write_text("")
+    partial.rename(target)
+    return target
+
+
+# ── the ray CLI ─────────────────────────────────────────────────────────────
+
+
+@dataclass
+class RayCli:
+    """The host's ``ray`` CLI against one merged cluster config."""
+
+    config: Path
+    home: Path
+    logs: Path
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(
+            HOME=str(self.home),
+            RAY_USAGE_STATS_ENABLED="0",
+            # The cluster runs with token auth (cluster.yaml's start commands): so do our clients.
+            RAY_AUTH_MODE="token",
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def run(self, name: str, *args: str, timeout: float, check: bool = True) -> str:
+        """``ray ARGS...``; its output goes to ``<logs>/<name>.log`` and is returned."""
+        log = self.logs / f"{name}.log"
+        with log.open("w") as out:
+            result = subprocess.run(
+                [RAY, *args], cwd=ROOT, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, timeout=timeout, check=False,
+            )
+        text = log.read_text(errors="replace").replace("\r", "")
+        if check and result.returncode != 0:
+            raise LaunchError(f"`ray {' '.join(args[:2])}` failed ({result.returncode}); see {log}:\n{text[-4000:]}")
+        return text
+
+    def generate_token(self) -> Path:
+        """``ray get-auth-token --generate`` in the test's HOME, as README tells users to."""
+        self.run("get-auth-token", "get-auth-token", "--generate", timeout=60)
+        token = self.home / ".ray" / "auth_token"
+        if not token.exists():
+            raise LaunchError(f"`ray get-auth-token --generate` made no {token}")
+        return token
+
+    def up(self, timeout: float = 1200) -> str:
+        return self.run("ray-up", "up", "--yes", "--no-config-cache", "--log-style", "record",
+                        "--log-color", "false", str(self.config), timeout=timeout)
+
+    def down(self, timeout: float = 300) -> str:
+        return self.run("ray-down", "down", "--yes", "--log-style", "record", "--log-color", "false",
+                        str(self.config), timeout=timeout)
+
+    def exec(self, name: str, command: str, timeout: float = 180) -> str:
+        return self.run(name, "exec", "--no-config-cache", "--log-style", "record", "--log-color", "false",
+                        str(self.config), command, timeout=timeout)
+
+    def forward_dashboard(self, timeout: float = 60) -> DashboardForward:
+        """``ray dashboard``: the head's dashboard (bound to its loopback) on a local port."""
+        port = _free_port()
+        log = (self.logs / "ray-dashboard.log").open("w")
+        process = subprocess.Popen(
+            [RAY, "dashboard", "--no-config-cache", "--port", str(port), str(self.config)],
+            cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its ssh is in its group: stop() ends exactly these
+        )
+        forward = DashboardForward(process, port, f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + timeout
+        while not forward.answers():
+            if process.poll() is not None or time.monotonic() > deadline:
+                forward.stop()
+                raise LaunchError(f"`ray dashboard` did not forward port {port}:\n"
+                                  f"{(self.logs / 'ray-dashboard.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        return forward
+
+    def submit(
+        self, name: str, address: str, entrypoint: str, *, resources: Mapping[str, float] | None = None,
+        timeout: float = 600,
+    ) -> dict[str, Any]:
+        """``ray job submit`` and wait; returns the job's result line (see tests/cluster/job.py)."""
+        args = ["job", "submit", "--address", address, "--submission-id", f"{name}-{os.urandom(3).hex()}",
+                "--log-style", "record", "--log-color", "false"]
+        if resources:
+            args += ["--entrypoint-resources", json.dumps(dict(resources))]
+        text = self.run(f"job-{name}", *args, "--", entrypoint, timeout=timeout)
+        found = [line[len(RESULT_MARK):] for line in text.splitlines() if line.startswith(RESULT_MARK)]
+        if not found:
+            raise LaunchError(f"job {name} printed no result line:\n{text[-4000:]}")
+        return json.loads(found[-1])
+
+
+@dataclass
+class DashboardForward:
+    process: subprocess.Popen
+    port: int
+    address: str
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"GET /api/version HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                return sock.recv(12).startswith(b"HTTP/")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def json_block(text: str) -> Any:
+    """The JSON document in a command's output (``ray exec`` surrounds it with its own lines)."""
+    start = re.search(r"^[\[{]", text, re.M)
+    if start is None:
+        raise LaunchError(f"no JSON in:\n{text[-2000:]}")
+    decoder = json.JSONDecoder()
+    value, _ = decoder.raw_decode(text[start.start():])
+    return value
