@@ -26,7 +26,7 @@ WORKSPACE = "/mnt/user-data/workspace"
 NOTE = f"{WORKSPACE}/note.txt"
 
 
-def pool(args: dict[str, Any]) -> sandbox_actors.PoolClient:
+def pool(args: dict[str, Any], **overrides: Any) -> sandbox_actors.PoolClient:
     """The test's pool: one slot per sandbox, thread directories on the workers' shared storage."""
     return sandbox_actors.connect({
         "pool_name": args["pool"],
@@ -35,10 +35,14 @@ def pool(args: dict[str, Any]) -> sandbox_actors.PoolClient:
         "base_dir": "/mnt/sandbox-actors",
         "replicas": 32,
         "spare_actors": 0,  # no slot held by a spare: the per-worker count is sandboxes only
-        "capacity_timeout": 10,
+        # The default 60 s: the pool bounds the wait for an actor's placement by it, and a burst
+        # of actors on a worker starts its Ray worker processes two at a time (as many as it has
+        # CPUs), so 8 at once on a busy 2-core machine take well over 10 s to answer.
+        "capacity_timeout": 60,
         "readiness_timeout": 120,  # many sandboxes start at once on a 2-core machine
         "reconcile_interval": 3,
         "limits": {"memory": "256m", "cpus": 0.5, "pids": 128},
+        **overrides,
     })
 
 
@@ -59,10 +63,10 @@ def wait_for_workers(count: int, timeout: float) -> list[dict[str, Any]]:
 
 
 def phase_place(args: dict[str, Any]) -> dict[str, Any]:
-    """Acquire sandboxes, all at once, for ``extra`` more threads than the workers have slots."""
+    """A first sandbox alone, then sandboxes for every other slot at once; then one more sandbox,
+    from a second pool, which finds no slot on any worker."""
     workers = wait_for_workers(args["workers"], timeout=120)
-    slots = int(sum(w["slots"] for w in workers))
-    threads = [f"agent-{i:02d}" for i in range(slots + args["extra"])]
+    threads = [f"agent-{i:02d}" for i in range(int(sum(w["slots"] for w in workers)))]
     client = pool(args)
     started = time.time()
 
@@ -76,14 +80,30 @@ def phase_place(args: dict[str, Any]) -> dict[str, Any]:
             return {"thread": thread, "error": type(exc).__name__, "retryable": exc.retryable,
                     "message": str(exc)[:300], "failed_at": time.time()}
 
-    with ThreadPoolExecutor(len(threads)) as executor:
-        results = list(executor.map(one, threads))
+    first = one(threads[0])  # alone, on an idle cluster: the first sandbox's cold start
+    burst_started = time.time()
+    with ThreadPoolExecutor(len(threads) - 1) as executor:
+        results = [first, *executor.map(one, threads[1:])]
+
+    # Slots are the workers' Ray resources, whoever asks: a sandbox of another pool finds none.
+    # (Its own short capacity_timeout: the main pool's 60 s would only make the test wait.)
+    overflow = pool({**args, "pool": args["pool"] + "-overflow"}, capacity_timeout=5)
+    asked = time.time()
+    try:
+        box = overflow.acquire("one-too-many")
+        beyond = {"node_id": box.info["node_id"]}
+    except sandbox_actors.SandboxError as exc:
+        beyond = {"error": type(exc).__name__, "retryable": exc.retryable, "waited": time.time() - asked}
+    finally:
+        beyond["shutdown"] = overflow.shutdown()
     return {
         "driver_node": here(),
         "pool_node": ray.get(client.pool.ping.remote()),
         "workers": workers,
         "started_at": started,
+        "burst_started_at": burst_started,
         "results": results,
+        "beyond": beyond,
         "rows": client.list(),
     }
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -193,10 +193,11 @@ class RayCli:
         return self.run(name, "exec", "--no-config-cache", "--log-style", "record", "--log-color", "false",
                         str(self.config), command, timeout=timeout)
 
-    def forward_dashboard(self, timeout: float = 60) -> DashboardForward:
+    def forward_dashboard(self, attempt: int = 1, timeout: float = 60) -> DashboardForward:
         """``ray dashboard``: the head's dashboard (bound to its loopback) on a local port."""
         port = _free_port()
-        log = (self.logs / "ray-dashboard.log").open("w")
+        log_path = self.logs / f"ray-dashboard-{attempt}.log"
+        log = log_path.open("w")
         process = subprocess.Popen(
             [RAY, "dashboard", "--no-config-cache", "--port", str(port), str(self.config)],
             cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -207,25 +208,52 @@ class RayCli:
         while not forward.answers():
             if process.poll() is not None or time.monotonic() > deadline:
                 forward.stop()
-                raise LaunchError(f"`ray dashboard` did not forward port {port}:\n"
-                                  f"{(self.logs / 'ray-dashboard.log').read_text()[-2000:]}")
+                raise LaunchError(f"`ray dashboard` did not forward port {port}:\n{log_path.read_text()[-2000:]}")
             time.sleep(0.5)
         return forward
 
     def submit(
-        self, name: str, address: str, entrypoint: str, *, resources: Mapping[str, float] | None = None,
-        timeout: float = 600,
-    ) -> dict[str, Any]:
-        """``ray job submit`` and wait; returns the job's result line (see tests/cluster/job.py)."""
-        args = ["job", "submit", "--address", address, "--submission-id", f"{name}-{os.urandom(3).hex()}",
+        self, submission_id: str, address: str, entrypoint: list[str], *,
+        resources: Mapping[str, float] | None = None,
+    ) -> None:
+        """``ray job submit --no-wait``: the job is queued; follow it with :class:`JobWatcher`."""
+        args = ["job", "submit", "--no-wait", "--address", address, "--submission-id", submission_id,
                 "--log-style", "record", "--log-color", "false"]
         if resources:
             args += ["--entrypoint-resources", json.dumps(dict(resources))]
-        text = self.run(f"job-{name}", *args, "--", entrypoint, timeout=timeout)
-        found = [line[len(RESULT_MARK):] for line in text.splitlines() if line.startswith(RESULT_MARK)]
-        if not found:
-            raise LaunchError(f"job {name} printed no result line:\n{text[-4000:]}")
-        return json.loads(found[-1])
+        self.run(f"job-{submission_id}-submit", *args, "--", *entrypoint, timeout=120)
+
+    def token(self) -> str:
+        return (self.home / ".ray" / "auth_token").read_text().strip()
+
+
+class JobGone(LaunchError):
+    """The dashboard does not know the job (its submission never arrived)."""
+
+
+def job_state(address: str, token: str, submission_id: str) -> tuple[str, str]:
+    """The job's status and its driver's logs so far, from the dashboard's REST API (what
+    `ray job status` and `ray job logs` read), with the cluster's token.
+
+    Raises:
+        OSError / httpx.HTTPError: the dashboard (or the forward to it) did not answer.
+        JobGone: no such job.
+    """
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=address, headers=headers, timeout=15, trust_env=False) as client:
+        info = client.get(f"/api/jobs/{submission_id}")
+        if info.status_code == 404:
+            raise JobGone(f"the dashboard knows no job {submission_id}")
+        info.raise_for_status()
+        logs = client.get(f"/api/jobs/{submission_id}/logs")
+        logs.raise_for_status()
+    return info.json()["status"], logs.json().get("logs", "")
+
+
+def job_result(logs: str) -> dict[str, Any] | None:
+    """The result line a job of tests/cluster/job.py printed, if it did."""
+    found = [line[len(RESULT_MARK):] for line in logs.splitlines() if line.startswith(RESULT_MARK)]
+    return json.loads(found[-1]) if found else None
 
 
 @dataclass

@@ -140,7 +140,10 @@ class NodeCluster:
 
     def _create(self, node: Node) -> None:
         docker("volume", "create", *self.labels, node.volume)
-        mounts = ["--volume", f"{self.key}.pub:/root/.ssh/authorized_keys:ro", "--volume", f"{node.volume}:/var/lib/docker"]
+        mounts = [
+            "--volume", f"{self.key}.pub:/root/.ssh/authorized_keys:ro",
+            "--volume", f"{node.volume}:/var/lib/docker",
+        ]
         if node.role == "worker":
             # One host directory in every worker: storage the workers share, as cluster.yaml asks.
             mounts += ["--volume", f"{self.shared_dir}:{SHARED_MOUNT}"]
@@ -151,8 +154,6 @@ class NodeCluster:
             *capabilities,
             "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
             "--security-opt", "systempaths=unconfined", "--cgroupns=private", "--tmpfs", "/run",
-            # Ray sizes its object store to /dev/shm; Docker's default (64 MB) is below Ray's minimum.
-            "--shm-size", "1g",
             *mounts, self.image,
         )
 
