@@ -22,13 +22,15 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import httpx
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -96,19 +98,48 @@ def overlay_paths(extra: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> lis
 # ── the wheelhouse ──────────────────────────────────────────────────────────
 
 
-def project_dependencies() -> list[str]:
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    return list(data["project"]["dependencies"]) + list(data["build-system"]["requires"])
+def project_dependencies(project: str = "sandbox-actors") -> list[str]:
+    """The installed project's run-time requirements (no extras) and its build backend's."""
+    runtime = [raw for raw in metadata.requires(project) or [] if Requirement(raw).marker is None]
+    text = (ROOT / "pyproject.toml").read_text()
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10, which this project supports, has no tomllib
+        match = re.search(r"^\[build-system\][^\[]*?^requires\s*=\s*\[([^\]]*)\]", text, re.M | re.S)
+        if match is None:
+            raise LaunchError("pyproject.toml has no [build-system] requires") from None
+        return runtime + re.findall(r'"([^"]+)"', match.group(1))
+    return runtime + list(tomllib.loads(text)["build-system"]["requires"])
+
+
+def runtime_pins(project: str = "sandbox-actors") -> str:
+    """``name==version`` lines for every distribution the installed project needs at run time,
+    as this .venv has them (its test extra and whatever else the venv holds left out)."""
+    found: dict[str, str] = {}
+    todo: list[tuple[str, frozenset[str]]] = [(canonicalize_name(project), frozenset())]
+    done: set[tuple[str, frozenset[str]]] = set()
+    while todo:
+        name, extras = todo.pop()
+        if (name, extras) in done:
+            continue
+        done.add((name, extras))
+        dist = metadata.distribution(name)
+        if name != canonicalize_name(project):
+            found[name] = dist.version
+        for raw in dist.requires or []:
+            requirement = Requirement(raw)
+            wanted = requirement.marker is None or any(
+                requirement.marker.evaluate({"extra": extra}) for extra in (extras | {""})
+            )
+            if wanted:
+                todo.append((canonicalize_name(requirement.name), frozenset(requirement.extras)))
+    return "".join(f"{name}=={version}\n" for name, version in sorted(found.items()))
 
 
 def wheelhouse(cache_root: Path, progress: Any = print) -> Path:
     """Wheels of the project's dependencies (and its build backend) at the versions this
     .venv has, built once per set of inputs and kept under ``cache_root``."""
-    freeze = subprocess.run(
-        [sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
-        capture_output=True, text=True, check=True, timeout=120,
-    ).stdout
-    pins = "".join(line + "\n" for line in freeze.splitlines() if "==" in line)
+    pins = runtime_pins()
     requirements = project_dependencies()
     digest = hashlib.sha256(
         json.dumps([sys.version_info[:2], requirements, pins]).encode()
