@@ -9,6 +9,7 @@ to ``~/.cache/sandbox-actors/cluster-test/last-run/report.json`` with the run's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -368,9 +369,14 @@ class Scenario:
             self.out["left_after_teardown"] = self.step("teardown", nodes.teardown)
             self.out["left_with_run_label"] = leftovers(f"{RUN_LABEL}={nodes.run_id}")
         if self.cluster_name:
-            # The launcher's state for this cluster on this machine (our cluster name only).
+            # What the launcher keeps on this machine for this cluster (our cluster name only): its
+            # state, and the directory of its SSH control sockets.
             for suffix in ("state", "lock"):
                 Path(f"/tmp/ray/cluster-{self.cluster_name}.{suffix}").unlink(missing_ok=True)
+            control = launcher.ssh_control_dir(self.cluster_name)
+            shutil.rmtree(control, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                control.parent.rmdir()  # only when no other cluster's directory is left in it
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

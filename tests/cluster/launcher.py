@@ -12,6 +12,7 @@ test generates that token there rather than touch the token of the user who runs
 from __future__ import annotations
 
 import copy
+import getpass
 import hashlib
 import json
 import os
@@ -309,6 +310,16 @@ class DashboardForward:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
+
+
+def ssh_control_dir(cluster_name: str) -> Path:
+    """Where Ray's SSH runner keeps the control sockets of ``cluster_name`` (its own recipe, in
+    ray.autoscaler._private.command_runner.SSHCommandRunner)."""
+    from ray.autoscaler._private.command_runner import HASH_MAX_LENGTH
+
+    user = hashlib.sha256(getpass.getuser().encode()).hexdigest()[:HASH_MAX_LENGTH]
+    cluster = hashlib.sha256(cluster_name.encode()).hexdigest()[:HASH_MAX_LENGTH]
+    return Path(f"/tmp/ray_ssh_{user}") / cluster
 
 
 def _free_port() -> int:
