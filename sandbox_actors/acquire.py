@@ -40,7 +40,7 @@ async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id:
             state.want_back(sandbox_id)  # an idle stop under way is called off, if it still can be
             await life.ops.wait(sandbox_id)
             continue
-        decision = state.acquire(sandbox_id, thread_id)
+        decision = state.acquire(sandbox_id, thread_id, busy=life.ops.busy())
         if isinstance(decision, Acquired):
             life.tally.count("acquired_hot")
             return lease(decision.entry, decision.path)

@@ -177,7 +177,7 @@ class Lifecycle:
         if any(self.state.entries.get(op.sandbox_id) is not None and self.state.entries[op.sandbox_id].stop == "evicted"
                for op in self.ops.of_kind("stop")):
             return
-        victim = self.state.evict_lru_warm(node_id)
+        victim = self.state.evict_lru_warm(node_id, busy=self.ops.busy())
         if victim is not None:
             logger.info("no node has room for sandbox %s: evicting warm sandbox %s", waiting_for, victim.sandbox_id)
             self.stop_later(victim)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -231,12 +231,13 @@ class PoolState:
 
     # ── acquire ────────────────────────────────────────────────────────────
 
-    def acquire(self, sandbox_id: str, thread_id: str | None) -> Decision:
+    def acquire(self, sandbox_id: str, thread_id: str | None, busy: Collection[str] = ()) -> Decision:
         """Decide what an acquire of ``sandbox_id`` gets (SPEC §3 order).
 
         1. active: return it; 2. warm: reclaim it once its actor confirms it
         runs; 3./4. otherwise a spare, or create (the fleet adopts a live
-        SandboxActor of that id if one exists).
+        SandboxActor of that id if one exists). Sandboxes in ``busy`` (an
+        operation is under way on them) are never evicted to make room.
         """
         entry = self.entries.get(sandbox_id)
         if entry is not None:
@@ -262,7 +263,7 @@ class PoolState:
             coming = [e for e in self.entries.values() if e.spare and e.state is S.STARTING]
             if coming:
                 return MustWait(coming[0].sandbox_id, "starting")
-        evict = self._evict_for_one_more()
+        evict = self._evict_for_one_more(busy)
         if self.max_sandboxes is not None and len(self.entries) >= self.max_sandboxes:
             return MustWait(sandbox_id, "capacity", evict)
         over_soft_cap = self._live() >= self.replicas
@@ -296,18 +297,19 @@ class PoolState:
         """A claimed spare turned out dead: forget it (the acquire tries again)."""
         self._drop(sandbox_id)
 
-    def _evict_for_one_more(self) -> tuple[Entry, ...]:
+    def _evict_for_one_more(self, busy: Collection[str]) -> tuple[Entry, ...]:
         """Move least recently released WARM sandboxes to STOPPING until one more fits under ``replicas``."""
         evicted = []
-        warm = sorted(self.in_state(S.WARM), key=lambda e: e.released_at or 0.0)
+        warm = sorted((e for e in self.in_state(S.WARM) if e.sandbox_id not in busy), key=lambda e: e.released_at or 0.0)
         while warm and self._live() >= self.replicas:
             evicted.append(self._begin_stop(warm.pop(0), "evicted"))
         return tuple(evicted)
 
-    def evict_lru_warm(self, node_id: str | None = None) -> Entry | None:
-        """Move the least recently released WARM sandbox (on ``node_id``, when given) to STOPPING,
-        to free a node slot."""
-        warm = [e for e in self.in_state(S.WARM) if node_id is None or e.info.get("node_id") == node_id]
+    def evict_lru_warm(self, node_id: str | None = None, busy: Collection[str] = ()) -> Entry | None:
+        """Move the least recently released WARM sandbox (on ``node_id``, when given; not one in
+        ``busy``) to STOPPING, to free a node slot."""
+        warm = [e for e in self.in_state(S.WARM)
+                if (node_id is None or e.info.get("node_id") == node_id) and e.sandbox_id not in busy]
         if not warm:
             return None
         return self._begin_stop(min(warm, key=lambda e: e.released_at or 0.0), "evicted")

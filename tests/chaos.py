@@ -54,8 +54,9 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
     ops: collections.Counter[str] = collections.Counter()
     errors: collections.Counter[str] = collections.Counter()
     written: list[tuple[str, str, str]] = []
-    first: dict[str, tuple[float, str]] = {}  # thread -> (when its acquire began, sandbox id): first op pending
-    first_failed: list[tuple[float, float, str, str]] = []  # (acquire began, op failed, sandbox id, error)
+    first: dict[str, tuple[float, str, str]] = {}  # thread -> (acquire began, sandbox id, actor): first op pending
+    first_failed: list[tuple[float, float, str, str, str]] = []  # (acquire began, failed, sandbox, actor, error)
+    ended: list[tuple[float, str, str]] = []  # sandboxes this driver released or destroyed: (when, what, which)
     deadline = time.monotonic() + duration
     while time.monotonic() < deadline:
         thread = rng.choice(THREADS)
@@ -67,7 +68,7 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
             if op == "acquire" or box is None:
                 op = "acquire"
                 held[thread] = pool.acquire(thread)
-                first[thread] = (began, held[thread].sandbox_id)
+                first[thread] = (began, held[thread].sandbox_id, held[thread].info.get("actor_name", ""))
                 ops[op] += 1
                 continue
             pending = first.pop(thread, None)
@@ -84,19 +85,24 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
                 if mine:
                     _, fname, content = rng.choice(mine)
                     assert box.read_file(f"{WORKSPACE}/{fname}") == content, "workspace file changed"
-            elif op == "release":
-                pool.release(held.pop(thread))
-            elif op == "destroy":
-                pool.destroy(held.pop(thread))
+            elif op == "release":  # parked warm for every driver: evictable under the other's feet
+                released = held.pop(thread)
+                ended.append((time.time(), "release", released.sandbox_id))
+                pool.release(released)
+            elif op == "destroy":  # gone for the other driver too, if it holds the thread
+                doomed = held.pop(thread)
+                ended.append((time.time(), "destroy", doomed.sandbox_id))
+                pool.destroy(doomed)
             ops[op] += 1
         except sandbox_actors.SandboxError as exc:
             errors[type(exc).__name__] += 1
             held.pop(thread, None)
             if pending is not None and isinstance(exc, (sandbox_actors.SandboxDied, sandbox_actors.BackendUnavailable)):
-                first_failed.append((pending[0], time.time(), pending[1], type(exc).__name__))
+                first_failed.append((pending[0], time.time(), pending[1], pending[2], type(exc).__name__))
         except AssertionError as exc:
             errors[f"AssertionError: {exc}"] += 1
-    print(json.dumps({"ops": ops, "errors": errors, "written": written, "first_failed": first_failed}))
+    print(json.dumps({"ops": ops, "errors": errors, "written": written, "first_failed": first_failed,
+                      "ended": ended}))
 
 
 def killer(address: str, pool_name: str, namespace: str, seed: int, duration: float) -> None:
@@ -137,7 +143,8 @@ def killer(address: str, pool_name: str, namespace: str, seed: int, duration: fl
             try:
                 actor = ray.get_actor(rng.choice(names), namespace=namespace)
                 info = ray.get(actor.describe.remote(), timeout=5)
-                when.append((time.time(), "actor_sigkill", info.get("sandbox_id") or "-"))
+                # By name: a spare (no sandbox yet) may be given one between this look and the kill.
+                when.append((time.time(), "actor_sigkill", info["actor_name"]))
                 os.kill(info["pid"], signal.SIGKILL)
                 faults["actor_sigkill"] += 1
             except (ValueError, ray.exceptions.RayError, ProcessLookupError):
@@ -201,11 +208,11 @@ def restart_engine(client):  # noqa: ANN001, ANN201
 
 
 def unexplained(first_failed: list, when: list) -> list:  # noqa: ANN001
-    """First operations that failed with no fault on their sandbox (or on everything) from
-    NOTICE_SECONDS before their acquire began until they failed."""
+    """First operations that failed with nothing (a fault, a destroy, a release) on their sandbox,
+    its actor or everything, from NOTICE_SECONDS before their acquire began until they failed."""
     return [
         failure for failure in first_failed
-        if not any(failure[0] - NOTICE_SECONDS <= at <= failure[1] and target in ("*", failure[2])
+        if not any(failure[0] - NOTICE_SECONDS <= at <= failure[1] and target in ("*", failure[2], failure[3])
                    for at, _fault, target in when)
     ]
 
@@ -288,7 +295,10 @@ def run(seed: int, duration: float) -> int:
             errors = sum((collections.Counter(r.get("errors", {})) for r in results), collections.Counter())
             faults = collections.Counter(results[-1].get("faults", {}))
             first_failed = [f for r in results[:2] for f in r.get("first_failed", [])]
-            unexplained_failures = unexplained(first_failed, results[-1].get("when", []))
+            # What ended a sandbox on purpose explains a failure too: the other driver destroyed the
+            # thread, or released it (parked warm for both) and the pool evicted it.
+            ends = [e for r in results[:2] for e in r.get("ended", [])]
+            unexplained_failures = unexplained(first_failed, results[-1].get("when", []) + ends)
 
             deadline = time.monotonic() + 4 * config.reconcile_interval + 30
             view = snapshot(pool, client, config.namespace, config.pool_name)
@@ -317,7 +327,8 @@ def run(seed: int, duration: float) -> int:
     print(f"  acquires whose first operation failed: {len(first_failed)}, of which with no fault to explain it: "
           f"{len(unexplained_failures)}")
     for failure in unexplained_failures:
-        print(f"    UNEXPLAINED: sandbox {failure[2]} acquired at {failure[0]:.3f}, {failure[3]} at {failure[1]:.3f}")
+        print(f"    UNEXPLAINED: sandbox {failure[2]} (actor {failure[3]}) acquired at {failure[0]:.3f}, "
+              f"{failure[4]} at {failure[1]:.3f}")
     print(f"  shutdown destroyed {shut.get('destroyed', 0)}, containers left {len(left)}")
     print(f"  leaks found = {leaks + len(left)}")
     for line in crashed:
