@@ -48,8 +48,13 @@ async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id:
             checked = await asyncio.shield(life.check(decision))
             if isinstance(checked, Lease):
                 return checked
-            if checked is False:
-                life.repair(sandbox_id)  # dead: the repair removes it, the next turn creates anew
+            if checked is False:  # dead: the repair removes it, the next turn creates anew
+                repair = life.repair(sandbox_id)
+                if repair is not None and await asyncio.shield(repair) == "unknown":
+                    raise BackendUnavailable(
+                        f"sandbox {sandbox_id} no longer runs and its engine does not answer, so it cannot be "
+                        "removed or replaced yet; retry"
+                    )
             continue
         if isinstance(decision, Claimed):
             claimed = await asyncio.shield(life.claim(decision.entry))

@@ -103,6 +103,23 @@ def test_a_dead_warm_sandbox_is_repaired_not_handed_out():
     run(body)
 
 
+def test_a_dead_warm_sandbox_with_its_engine_away_fails_the_acquire_typed():
+    async def body():
+        pool, fleet = make()
+        await pool.ping()
+        box = await pool.acquire("t1")
+        await pool.release(box.sandbox_id)
+        fleet.kill_container(box.sandbox_id)
+        fleet.engine_down = True  # the repair cannot look: the acquire must not spin on it
+        with pytest.raises(BackendUnavailable, match="engine does not answer"):
+            await pool.acquire("t1")
+        fleet.engine_down = False
+        again = await pool.acquire("t1")
+        assert again.path == "cold" and again.info["container_id"] != box.info["container_id"]
+
+    run(body)
+
+
 def test_a_destroy_the_engine_did_not_confirm_raises_and_survives_a_pool_restart():
     async def body():
         store = MemoryStore()
