@@ -49,7 +49,7 @@ def main(image: str) -> dict:
     base = tempfile.mkdtemp(prefix="sandbox-actors-multinode-")
     config = SandboxConfig(
         image=image, pool_name="multinode", namespace="sandbox_actors_multinode", container_prefix="multinode",
-        base_dir=base, replicas=10, reconcile_interval=2, idle_check_interval=1, capacity_timeout=4,
+        base_dir=base, replicas=10, reconcile_interval=2, idle_check_interval=1, capacity_timeout=8,
         ray={"resources": {"sandbox_slots": 1}}, limits={"memory": "256m", "cpus": 0.5, "pids": 128},
         spare_actors=2,  # spares hold slots too: they give way to sandboxes when nodes are full
     )
@@ -80,12 +80,18 @@ def main(image: str) -> dict:
                             "waited": time.monotonic() - started}
         # ...or succeeds when one is released within the deadline (the warm one is evicted).
         result: dict = {}
-        waiter = threading.Thread(target=lambda: result.update(box=pool.acquire("e")))
+        def wait_for_e():
+            try:
+                result["box"] = pool.acquire("e")
+            except sandbox_actors.SandboxError as exc:
+                result["error"] = repr(exc)
+
+        waiter = threading.Thread(target=wait_for_e)
         waiter.start()
         time.sleep(1.0)
         pool.release(boxes["d"])
         waiter.join(60)
-        out["fifth_after_release"] = result["box"].path if "box" in result else None
+        out["fifth_after_release"] = result["box"].path if "box" in result else result.get("error")
         out["d_after_eviction"] = [r["state"] for r in pool.list() if r["thread_id"] == "d"]
         pool.destroy(boxes["c"])
 

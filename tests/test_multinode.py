@@ -79,7 +79,7 @@ def test_sandboxes_land_only_on_worker_nodes(observed):
 @pytest.mark.slow
 def test_a_full_cluster_waits_then_fails_typed_or_succeeds_after_a_release(observed):
     fifth = observed["fifth"]
-    assert fifth["error"] == "PoolExhausted" and fifth["retryable"] and fifth["waited"] >= 3.5
+    assert fifth["error"] == "PoolExhausted" and fifth["retryable"] and fifth["waited"] >= 7.5
     assert observed["fifth_after_release"] == "cold"
     assert observed["d_after_eviction"] == []  # the released one was evicted to free its slot
 

@@ -87,7 +87,9 @@ def phase_place(args: dict[str, Any]) -> dict[str, Any]:
 
     # Slots are the workers' Ray resources, whoever asks: a sandbox of another pool finds none.
     # (Its own short capacity_timeout: the main pool's 60 s would only make the test wait.)
-    overflow = pool({**args, "pool": args["pool"] + "-overflow"}, capacity_timeout=5)
+    # A base_dir of its own too: a pool refuses one that a running pool uses.
+    overflow = pool({**args, "pool": args["pool"] + "-overflow"}, capacity_timeout=5,
+                    base_dir="/mnt/sandbox-actors/overflow")
     asked = time.time()
     try:
         box = overflow.acquire("one-too-many")
