@@ -34,7 +34,7 @@ WORKSPACE = "/mnt/user-data/workspace"
 # What killing things underneath a driver may cause: a dead sandbox, a start cut short, an
 # engine away for a moment.
 EXPECTED_ERRORS = {"SandboxDied", "ActorGone", "SandboxExited", "SandboxStartError", "ReadinessTimeout",
-                   "BackendUnavailable"}
+                   "BackendUnavailable", "SandboxNotFound"}
 # How long before an acquire a fault may still explain its sandbox's first operation failing: the
 # engine's death event reaches the pool within milliseconds, but a fault is not a clean instant.
 NOTICE_SECONDS = 2.0
@@ -60,7 +60,8 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
     deadline = time.monotonic() + duration
     while time.monotonic() < deadline:
         thread = rng.choice(THREADS)
-        op = rng.choice(["acquire", "exec", "exec", "write", "write", "read", "release", "destroy"])
+        op = rng.choice(["acquire", "exec", "exec", "write", "write", "read", "release", "destroy", "hibernate",
+                         "snapshot"])
         began = time.time()
         pending = None
         try:
@@ -93,6 +94,22 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
                 doomed = held.pop(thread)
                 ended.append((time.time(), "destroy", doomed.sandbox_id))
                 pool.destroy(doomed)
+            elif op == "hibernate":  # its actor ends: the other driver's handle is spent too
+                sleeper = held.pop(thread)
+                ended.append((time.time(), "hibernate", sleeper.sandbox_id))
+                pool.hibernate(sleeper)
+            elif op == "snapshot":  # a snapshot, one fork from it, both removed again
+                snap = box.snapshot(f"{name}-{ops['snapshot']}")
+                fork_thread = f"{name}-fork-{ops['snapshot']}"
+                try:
+                    for fork in pool.fork(snap, [fork_thread]):
+                        assert fork.exec("echo forked").output.strip() == "forked"
+                finally:
+                    pool.destroy(pool.sandbox_id(fork_thread))
+                    try:
+                        pool.remove_snapshot(snap)
+                    except sandbox_actors.InvalidRequest:
+                        ops["snapshot_kept"] += 1  # its fork's destroy is still owed: shutdown removes it
             ops[op] += 1
         except sandbox_actors.SandboxError as exc:
             errors[type(exc).__name__] += 1
@@ -229,12 +246,23 @@ def snapshot(pool, client, namespace: str, pool_name: str) -> dict[str, set[str]
     containers = {c["Labels"]["sandbox-actors.sandbox-id"] for c in pool_containers(client, pool_name, all=True)}
     running = {c["Labels"]["sandbox-actors.sandbox-id"] for c in pool_containers(client, pool_name)}
     live = sandboxes_served(pool_name, namespace)
-    records = {row["sandbox_id"] for row in pool.list()}
-    return {"containers": containers, "running": running, "actors": live, "records": records}
+    rows = pool.list()
+    records = {row["sandbox_id"] for row in rows}
+    asleep = {row["sandbox_id"] for row in rows if row["state"] == "hibernated"}
+    return {"containers": containers, "running": running, "actors": live, "records": records, "asleep": asleep}
 
 
 def consistent(view: dict[str, set[str]]) -> bool:
-    return view["containers"] == view["running"] == view["actors"] == view["records"]
+    """Every record has its container; a running one has its actor, a hibernated one a stopped
+    container and no actor."""
+    awake = view["records"] - view["asleep"]
+    return (view["containers"] == view["records"] and view["running"] == view["actors"] == awake
+            and view["containers"] - view["running"] == view["asleep"])
+
+
+def snapshot_images(client, pool_name: str) -> list[str]:
+    return [i["Id"] for i in client.api.images(filters={"label": [f"sandbox-actors.pool={pool_name}",
+                                                                   "sandbox-actors.snapshot"]})]
 
 
 def main() -> int:
@@ -305,8 +333,9 @@ def run(seed: int, duration: float) -> int:
             while not consistent(view) and time.monotonic() < deadline:
                 time.sleep(0.5)
                 view = snapshot(pool, client, config.namespace, config.pool_name)
-            leaks = len(view["containers"] ^ view["actors"]) + len(view["records"] ^ view["actors"])
-            leaks += len(view["containers"] - view["running"])
+            awake = view["records"] - view["asleep"]
+            leaks = len(view["containers"] ^ view["records"]) + len(awake ^ view["actors"])
+            leaks += len((view["containers"] - view["running"]) ^ view["asleep"])
             lost = [w for r in results[:2] for w in r.get("written", [])
                     if not (thread_dir(base_dir, w[0]) / "workspace" / w[1]).is_file()
                     or (thread_dir(base_dir, w[0]) / "workspace" / w[1]).read_text() != w[2]]
@@ -316,24 +345,31 @@ def run(seed: int, duration: float) -> int:
             left = pool_containers(client, config.pool_name, all=True)
             for container in left:
                 client.api.remove_container(container["Id"], force=True)
+            images_left = snapshot_images(client, config.pool_name)
+            for image in images_left:
+                client.api.remove_image(image, force=True)
+            networks_left = client.api.networks(filters={"label": f"sandbox-actors.pool={config.pool_name}"})
             client.close()
             ray.shutdown()
     print(f"chaos run: seed {seed}, {duration:.0f}s of chaos, {time.monotonic() - started:.0f}s in all")
     print(f"  operations: {sum(ops.values())} ({', '.join(f'{k} {v}' for k, v in sorted(ops.items()))})")
     print(f"  faults injected: {sum(faults.values())} ({', '.join(f'{k} {v}' for k, v in sorted(faults.items()))})")
     print(f"  errors by type: {dict(sorted(errors.items())) or 'none'}")
-    print(f"  after quiescence: {len(view['records'])} sandboxes, containers = actors = records: {consistent(view)}")
+    print(f"  after quiescence: {len(view['records'])} sandboxes ({len(view['asleep'])} hibernated), "
+          f"containers = actors = records: {consistent(view)}")
     print(f"  workspace files written {sum(len(r['written']) for r in results[:2])}, lost {len(lost)}")
     print(f"  acquires whose first operation failed: {len(first_failed)}, of which with no fault to explain it: "
           f"{len(unexplained_failures)}")
     for failure in unexplained_failures:
         print(f"    UNEXPLAINED: sandbox {failure[2]} (actor {failure[3]}) acquired at {failure[0]:.3f}, "
               f"{failure[4]} at {failure[1]:.3f}")
-    print(f"  shutdown destroyed {shut.get('destroyed', 0)}, containers left {len(left)}")
-    print(f"  leaks found = {leaks + len(left)}")
+    print(f"  shutdown destroyed {shut.get('destroyed', 0)}, containers left {len(left)}, snapshot images left "
+          f"{len(images_left)}, networks left {len(networks_left)}")
+    leaks += len(left) + len(images_left) + len(networks_left)
+    print(f"  leaks found = {leaks}")
     for line in crashed:
         print(f"  CRASHED: {line}")
-    ok = (leaks == 0 and not left and not lost and not unexpected and not crashed and sum(faults.values()) > 0
+    ok = (leaks == 0 and not lost and not unexpected and not crashed and sum(faults.values()) > 0
           and not unexplained_failures)
     print("chaos run " + ("passed" if ok else f"FAILED (unexpected errors: {unexpected})"))
     return 0 if ok else 1
