@@ -299,6 +299,10 @@ class Fleet:
     async def alive_nodes(self) -> set[str]:
         return await asyncio.to_thread(raycalls.alive_nodes)
 
+    def reaper_on(self, node_id: str | None) -> Any:
+        """The reaper of ``node_id`` as last seen (no call made), or None."""
+        return self._reapers.get(node_id) if node_id is not None else None
+
     async def engines(self) -> dict[str, tuple[Any, str]]:
         """One reaper per Docker engine: engine id -> (reaper, node id)."""
         nodes = await asyncio.to_thread(raycalls.nodes_with, self._config.ray.resources)

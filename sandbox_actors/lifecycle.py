@@ -95,7 +95,7 @@ class Lifecycle:
     async def _create(self, entry: Entry) -> Lease:
         sandbox_id = entry.sandbox_id
         try:
-            actor, info = await self.start_sandbox(sandbox_id, entry.thread_id, **await self._image_of(entry))
+            actor, info = await self.start_sandbox(sandbox_id, entry.thread_id, **self._image_of(entry))
         except BaseException:
             self.state.start_failed(sandbox_id)
             self.tally.count("failed")
@@ -110,15 +110,13 @@ class Lifecycle:
         self.tally.count("adopted" if adopted else "created")
         return lease(started, "adopted" if adopted else "cold")
 
-    async def _image_of(self, entry: Entry) -> dict[str, Any]:
+    def _image_of(self, entry: Entry) -> dict[str, Any]:
         """How a sandbox started from a snapshot gets its image: the name, and the reaper of an
         engine that has it (for a node whose engine does not)."""
         if entry.image is None:
             return {}
-        engines = await self.fleet.engines()
         record = self.snapshot_records.get(entry.image, {})
-        source = engines.get(str(record.get("engine_id")))
-        return {"image": record.get("image", entry.image), "image_from": source[0] if source else None}
+        return {"image": record.get("image", entry.image), "image_from": self.fleet.reaper_on(record.get("node_id"))}
 
     async def start_sandbox(
         self, sandbox_id: str, thread_id: str | None, node_id: str | None = None, resume: bool = False,

@@ -57,6 +57,8 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
     first: dict[str, tuple[float, str, str]] = {}  # thread -> (acquire began, sandbox id, actor): first op pending
     first_failed: list[tuple[float, float, str, str, str]] = []  # (acquire began, failed, sandbox, actor, error)
     ended: list[tuple[float, str, str]] = []  # sandboxes this driver released or destroyed: (when, what, which)
+    unexpected: list[str] = []  # what went wrong beyond the expected errors, with its message
+    tries = 0
     deadline = time.monotonic() + duration
     while time.monotonic() < deadline:
         thread = rng.choice(THREADS)
@@ -99,8 +101,9 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
                 ended.append((time.time(), "hibernate", sleeper.sandbox_id))
                 pool.hibernate(sleeper)
             elif op == "snapshot":  # a snapshot, one fork from it, both removed again
-                snap = box.snapshot(f"{name}-{ops['snapshot']}")
-                fork_thread = f"{name}-fork-{ops['snapshot']}"
+                tries += 1  # names never reused: a failed try may leave its snapshot for the shutdown
+                snap = box.snapshot(f"{name}-{tries}")
+                fork_thread = f"{name}-fork-{tries}"
                 try:
                     for fork in pool.fork(snap, [fork_thread]):
                         assert fork.exec("echo forked").output.strip() == "forked"
@@ -113,13 +116,16 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
             ops[op] += 1
         except sandbox_actors.SandboxError as exc:
             errors[type(exc).__name__] += 1
+            if type(exc).__name__ not in EXPECTED_ERRORS:
+                unexpected.append(f"{op}: {type(exc).__name__}: {str(exc)[:300]}")
             held.pop(thread, None)
             if pending is not None and isinstance(exc, (sandbox_actors.SandboxDied, sandbox_actors.BackendUnavailable)):
-                first_failed.append((pending[0], time.time(), pending[1], pending[2], type(exc).__name__))
+                first_failed.append((pending[0], time.time(), pending[1], pending[2],
+                                     f"{type(exc).__name__} in {op}: {str(exc)[:300]}"))
         except AssertionError as exc:
             errors[f"AssertionError: {exc}"] += 1
     print(json.dumps({"ops": ops, "errors": errors, "written": written, "first_failed": first_failed,
-                      "ended": ended}))
+                      "ended": ended, "unexpected": unexpected}))
 
 
 def killer(address: str, pool_name: str, namespace: str, seed: int, duration: float) -> None:
@@ -133,14 +139,15 @@ def killer(address: str, pool_name: str, namespace: str, seed: int, duration: fl
     client = docker.from_env()
     rng = random.Random(seed)
     faults: collections.Counter[str] = collections.Counter()
-    when: list[tuple[float, str, str]] = []  # (time, fault, sandbox id or '*')
+    when: list[tuple] = []  # (time, fault, its sandbox id, actor name or "*"[, until when])
     next_engine_restart = time.monotonic() + rng.uniform(20, ENGINE_RESTART_EVERY)
     deadline = time.monotonic() + duration
     while time.monotonic() < deadline:
         time.sleep(rng.uniform(0.5, 2.0))
         if time.monotonic() > next_engine_restart and time.monotonic() < deadline - 20:
-            when.append((time.time(), "engine_restart", "*"))
+            began = time.time()
             client = restart_engine(client)
+            when.append((began, "engine_restart", "*", time.time()))  # it lasts until the engine answers again
             faults["engine_restart"] += 1
             next_engine_restart = time.monotonic() + ENGINE_RESTART_EVERY
             continue
@@ -226,12 +233,13 @@ def restart_engine(client):  # noqa: ANN001, ANN201
 
 def unexplained(first_failed: list, when: list) -> list:  # noqa: ANN001
     """First operations that failed with nothing (a fault, a destroy, a release) on their sandbox,
-    its actor or everything, from NOTICE_SECONDS before their acquire began until they failed."""
-    return [
-        failure for failure in first_failed
-        if not any(failure[0] - NOTICE_SECONDS <= at <= failure[1] and target in ("*", failure[2], failure[3])
-                   for at, _fault, target in when)
-    ]
+    its actor or everything, from NOTICE_SECONDS before their acquire began until they failed (an
+    engine restart lasts from its start until the engine answers again)."""
+    def overlaps(failure, fault) -> bool:  # noqa: ANN001 - a fault is (began, kind, target[, ended])
+        began, ended = fault[0], fault[3] if len(fault) > 3 else fault[0]
+        return began <= failure[1] and ended >= failure[0] - NOTICE_SECONDS and fault[2] in ("*", failure[2], failure[3])
+
+    return [failure for failure in first_failed if not any(overlaps(failure, fault) for fault in when)]
 
 
 def pool_containers(client, pool_name: str, all: bool = False) -> list[dict]:
@@ -369,6 +377,8 @@ def run(seed: int, duration: float) -> int:
     print(f"  leaks found = {leaks}")
     for line in crashed:
         print(f"  CRASHED: {line}")
+    for line in (u for r in results[:2] for u in r.get("unexpected", [])):
+        print(f"  UNEXPECTED ERROR: {line}")
     ok = (leaks == 0 and not lost and not unexpected and not crashed and sum(faults.values()) > 0
           and not unexplained_failures)
     print("chaos run " + ("passed" if ok else f"FAILED (unexpected errors: {unexpected})"))

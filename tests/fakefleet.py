@@ -226,6 +226,9 @@ class FakeFleet:
         await self._pass("alive_nodes")
         return {NODE}
 
+    def reaper_on(self, node_id: str | None) -> Any:
+        return "reaper" if node_id == NODE else None
+
     async def engines(self) -> dict[str, tuple[Any, str]]:
         await self._pass("engines")
         return {} if self.engine_lost else {ENGINE: ("reaper", NODE)}
