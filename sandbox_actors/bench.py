@@ -264,7 +264,7 @@ class Bench:
         self.results["pool_sandboxes"] = stats["total"]
 
     def lifecycle(self, pool: Any) -> None:
-        """Hibernate and resume (and what hibernation frees); snapshot, then a burst of forks."""
+        """Hibernate and resume (and what hibernation frees), and snapshots."""
         import psutil
         import ray
 
@@ -294,18 +294,24 @@ class Bench:
         self.results["hibernate"], self.results["resume"] = summarize(sleep), summarize(wake)
         self.results["hibernate_frees_mb"] = round(sorted(freed)[len(freed) // 2], 1)
 
-        source = pool.acquire("fork-source")
+        source = pool.acquire("snapshot-source")
         source.exec("echo prepared > /tmp/env.txt")
         snaps = [self._timed(lambda: source.snapshot(f"bench-{i}")) for i in range(self.n)]
         self.results["snapshot"] = summarize([seconds for _, seconds in snaps])
         self.results["snapshot_image_mb"] = round((snaps[0][0].size or 0) / 1e6, 1)
+
+    def fork_burst(self, pool: Any) -> None:
+        """Bursts of new threads started from one snapshot (``fork``), each running ``true``."""
+        source = pool.acquire("fork-source")
+        source.exec("echo prepared > /tmp/env.txt")
+        snap = source.snapshot("bench-fork")
         pool.destroy(source)
         measured = []
         for r in range(self.rounds):
             self._wait_spares(pool, actors=pool.config.spare_actors, timeout=600)
             threads = [f"fork-{r}-{i}" for i in range(self.burst_n)]
             started = time.perf_counter()
-            outcomes = [_try(lambda box=box: box.exec("true")) for box in pool.fork(snaps[0][0], threads)]
+            outcomes = [_try(lambda box=box: box.exec("true")) for box in pool.fork(snap, threads)]
             measured.append((sum(1 for o in outcomes if o is True), time.perf_counter() - started))
             self.say(f"fork round {r + 1}/{self.rounds}: {measured[-1][0]}/{self.burst_n} ok in {measured[-1][1]:.2f}s")
             for row in pool.list():
@@ -361,9 +367,10 @@ class Bench:
                     (f"burst of {self.burst_n} new threads, default 2 spare actors",
                      config("bench-burst2"), lambda p: (self.burst(p, "burst_default", 1), self.memory(p))),
                 ]
-                stages.append((f"hibernate and resume; snapshot, then {self.rounds} bursts of {self.burst_n} forks",
-                               config("bench-life", idle_action="hibernate", spare_actors=self.burst_n),
-                               self.lifecycle))
+                stages.append(("hibernate and resume, snapshot (default spare actors)",
+                               config("bench-life", idle_action="hibernate"), self.lifecycle))
+                stages.append((f"{self.rounds} bursts of {self.burst_n} forks from one snapshot, {self.burst_n} spare actors",
+                               config("bench-fork", spare_actors=self.burst_n), self.fork_burst))
                 if self.scale:
                     stages.append((f"{self.scale} sandboxes held at once", config("bench-scale"), self.scale_run))
                 if self.runtime:
