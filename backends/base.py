@@ -11,6 +11,8 @@ import abc
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from .errors import NotSupported
+
 # Label keys every container of ours carries. Reconcile and the reapers decide
 # what to adopt or remove from these alone.
 LABEL_PROJECT = "sandbox-actors.project"
@@ -205,6 +207,42 @@ class Backend(abc.ABC):
     async def sweep_rules(self) -> int:
         """Remove isolation rules of ours left behind by pools whose network is gone."""
         return 0
+
+    # ── lifecycle beyond create and destroy (hibernation, snapshots) ───────
+
+    def _cannot(self, feature: str) -> NotSupported:
+        return NotSupported(f"{feature}: the {type(self).__name__} cannot do this (its sandboxes are created and "
+                            "destroyed only)", feature=feature)
+
+    async def stop_container(self, sandbox_id: str, container_id: str) -> bool:
+        """Stop the container, keeping its filesystem (for hibernation). False: it is gone."""
+        raise self._cannot("hibernate")
+
+    async def start_container(self, sandbox_id: str, container_id: str) -> SandboxRecord:
+        """Start a stopped container of ours again (resume). Raises SandboxNotFound when it is gone."""
+        raise self._cannot("resume")
+
+    async def commit(self, sandbox_id: str, container_id: str, image: str, labels: Mapping[str, str]) -> dict[str, object]:
+        """Save the container's filesystem as ``image`` (snapshot); returns its id and size."""
+        raise self._cannot("snapshot")
+
+    async def snapshot_images(self, pool: str) -> list[dict[str, object]]:
+        """The pool's snapshot images on this engine."""
+        return []
+
+    async def remove_image(self, image: str) -> bool:
+        """Remove a snapshot image; False when a container still uses it or it is gone."""
+        raise self._cannot("snapshot")
+
+    async def has_image(self, image: str) -> bool:
+        raise self._cannot("snapshot")
+
+    async def export_image(self, image: str) -> bytes:
+        """The image as a tar archive (to load it into another engine)."""
+        raise self._cannot("snapshot")
+
+    async def import_image(self, archive: bytes) -> None:
+        raise self._cannot("snapshot")
 
     def container_events(self, pool: str) -> Iterator[ContainerEvent]:
         """Deaths of ``pool``'s containers as the engine reports them (blocking; runs until the

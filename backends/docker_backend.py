@@ -57,6 +57,7 @@ from .errors import (
     IsolationUnavailable,
     NotSupported,
     SandboxError,
+    SandboxNotFound,
     SandboxStartError,
 )
 from .firewall import Firewall, NetworkPolicy
@@ -66,6 +67,8 @@ logger = logging.getLogger(__name__)
 
 LABEL_PORT = "sandbox-actors.port"
 LABEL_CREATED_AT = "sandbox-actors.created-at"
+LABEL_SNAPSHOT = "sandbox-actors.snapshot"  # on a snapshot image: its name
+LABEL_SNAPSHOT_CREATED = "sandbox-actors.snapshot-created"
 # Labels an image sets to say what its API server can do (ours does; the public AIO image not).
 IMAGE_API_SOCKET = "sandbox-actors.api-socket"  # serves the API on this unix socket path
 IMAGE_COMMAND_USERS = "sandbox-actors.command-users"  # JSON {name: {uid, gid, home}} it can run commands as
@@ -88,6 +91,23 @@ class ImageAPI:
         except ValueError:
             users = {}
         return cls(labels.get(IMAGE_API_SOCKET) or None, users if isinstance(users, dict) else {})
+
+# What one sandbox's container carries that its snapshot must not: a snapshot is the filesystem,
+# and whoever starts from it gets labels and environment of their own.
+_PER_SANDBOX_LABELS = (LABEL_SANDBOX_ID, LABEL_THREAD_ID, LABEL_TOKEN, LABEL_SOCKET, LABEL_ENGINE_ID, LABEL_CLUSTER,
+                       LABEL_CREATED_AT, "sandbox-actors.actor", "sandbox-actors.ray-node")
+
+
+def _snapshot_changes(container: Mapping[str, Any], base: Mapping[str, Any], labels: Mapping[str, str]) -> list[str]:
+    """Dockerfile lines for a snapshot's image: the sandbox's own labels and environment blanked
+    (the engine merges a commit's config with the container's; nothing can be unset), ours added."""
+    base_env = {item.split("=", 1)[0] for item in base.get("Env") or []}
+    own_env = sorted({item.split("=", 1)[0] for item in container.get("Env") or []} - base_env)
+    changes = [f'ENV {name}=""' for name in own_env]
+    changes += [f'LABEL "{key}"=""' for key in _PER_SANDBOX_LABELS if key in (container.get("Labels") or {})]
+    changes += [f'LABEL "{key}"={json.dumps(str(value))}' for key, value in labels.items()]
+    return changes
+
 
 def _writable_tmpfs(user: dict[str, Any] | None) -> dict[str, str]:
     """With a read-only root filesystem: what stays writable (besides the mounts)."""
@@ -582,6 +602,96 @@ class DockerBackend(Backend):
             with contextlib.suppress(OSError):  # not empty: a sandbox of the pool still runs here
                 os.rmdir(root)
         return removed
+
+    # ── hibernation and snapshots ──────────────────────────────────────────
+
+    async def stop_container(self, sandbox_id: str, container_id: str) -> bool:
+        def _stop() -> bool:
+            container = self._get(sandbox_id)
+            if container is None or container.id != container_id:
+                return False
+            with engine_errors(f"stop container {container.name}"):
+                container.stop(timeout=5)  # SIGTERM to the server (it kills its commands), SIGKILL after 5 s
+            return True
+
+        return await asyncio.to_thread(_stop)
+
+    async def start_container(self, sandbox_id: str, container_id: str) -> SandboxRecord:
+        def _start() -> SandboxRecord:
+            container = self._get(sandbox_id)
+            if container is None or container.id != container_id:
+                raise SandboxNotFound(f"the container of sandbox {sandbox_id} is gone")
+            with engine_errors(f"start container {container.name}"):
+                container.start()
+                container.reload()
+            return self._record(container)
+
+        return await asyncio.to_thread(_start)
+
+    async def commit(self, sandbox_id: str, container_id: str, image: str, labels: Mapping[str, str]) -> dict[str, object]:
+        def _commit() -> dict[str, object]:
+            container = self._get(sandbox_id)
+            if container is None or container.id != container_id:
+                raise SandboxNotFound(f"the container of sandbox {sandbox_id} is gone")
+            repository, _, tag = image.rpartition(":")
+            with engine_errors(f"commit container {container.name}"):
+                base = self._docker().images.get(container.attrs["Config"]["Image"])
+                committed = container.commit(repository=repository, tag=tag, changes=_snapshot_changes(
+                    container.attrs["Config"], base.attrs["Config"], labels))
+            return {"image_id": committed.id, "size": int(committed.attrs.get("Size") or 0)}
+
+        return await asyncio.to_thread(_commit)
+
+    async def snapshot_images(self, pool: str) -> list[dict[str, object]]:
+        def _images() -> list[dict[str, object]]:
+            with engine_errors("list snapshot images"):
+                found = self._docker().images.list(
+                    filters={"label": [f"{LABEL_PROJECT}={PROJECT}", f"{LABEL_POOL}={pool}", LABEL_SNAPSHOT]})
+            return [{"image": (image.tags or [image.id])[0], "image_id": image.id,
+                     "name": image.labels.get(LABEL_SNAPSHOT, ""),
+                     "created_at": float(image.labels.get(LABEL_SNAPSHOT_CREATED) or 0)} for image in found]
+
+        return await asyncio.to_thread(_images)
+
+    async def remove_image(self, image: str) -> bool:
+        def _remove() -> bool:
+            with engine_errors(f"remove image {image}"):
+                try:
+                    self._docker().images.remove(image)
+                except docker.errors.ImageNotFound:
+                    return False
+                except docker.errors.APIError as exc:
+                    if exc.status_code == 409:  # a container (even a stopped one) still uses it
+                        return False
+                    raise
+            return True
+
+        return await asyncio.to_thread(_remove)
+
+    async def has_image(self, image: str) -> bool:
+        def _has() -> bool:
+            with engine_errors(f"inspect image {image}"):
+                try:
+                    self._docker().images.get(image)
+                except docker.errors.ImageNotFound:
+                    return False
+            return True
+
+        return await asyncio.to_thread(_has)
+
+    async def export_image(self, image: str) -> bytes:
+        def _export() -> bytes:
+            with engine_errors(f"export image {image}"):
+                return b"".join(self._docker().images.get(image).save(named=True))
+
+        return await asyncio.to_thread(_export)
+
+    async def import_image(self, archive: bytes) -> None:
+        def _import() -> None:
+            with engine_errors("import an image"):
+                self._docker().images.load(archive)
+
+        await asyncio.to_thread(_import)
 
     def container_events(self, pool: str) -> Iterator[ContainerEvent]:
         """Deaths of ``pool``'s containers, as the engine reports them (blocking: run it in a thread).

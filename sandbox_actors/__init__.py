@@ -17,6 +17,7 @@ _EXPORTS = {
     "connect": "client",
     "PoolClient": "client",
     "SandboxHandle": "client",
+    "Snapshot": "views",
     "SandboxConfig": "config",
     "load_config": "config",
     "BashResult": "backends.sandbox_api",

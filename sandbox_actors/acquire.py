@@ -13,20 +13,32 @@ import time
 from collections.abc import Callable
 
 from .errors import BackendUnavailable, PoolExhausted, PoolShutDown
+from .hibernation import resume_later
 from .lifecycle import Lifecycle, lease
-from .state import Acquired, Claimed, MustCheck, MustCreate, MustWait, SandboxState
+from .state import (
+    Acquired,
+    Claimed,
+    MustCheck,
+    MustCreate,
+    MustResume,
+    MustWait,
+    SandboxState,
+)
 from .views import Lease
 
 logger = logging.getLogger(__name__)
 
 
-async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id: str | None, deadline: float) -> Lease:
+async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id: str | None, deadline: float,
+                  snapshot: str | None = None) -> Lease:
     """The sandbox ``sandbox_id_now()`` names (asked each turn: a thread may be given a spare's id):
-    active, else reclaimed warm once it is seen to run, else a spare, else created.
+    active, else reclaimed warm once it is seen to run, else resumed from hibernation, else a
+    spare, else created (from ``snapshot``'s image when given: a new sandbox only).
 
     Raises:
         PoolShutDown, PoolExhausted (no capacity before ``deadline``), BackendUnavailable (its
-        destroy is still owed), and the start errors of a new sandbox.
+        destroy is still owed), InvalidRequest (a snapshot for a sandbox that exists), and the
+        start errors of a new sandbox.
     """
     config, state = life.config, life.state
     while True:
@@ -40,7 +52,7 @@ async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id:
             state.want_back(sandbox_id)  # an idle stop under way is called off, if it still can be
             await life.ops.wait(sandbox_id)
             continue
-        decision = state.acquire(sandbox_id, thread_id, busy=life.ops.busy())
+        decision = state.acquire(sandbox_id, thread_id, busy=life.ops.busy(), image=snapshot)
         if isinstance(decision, Acquired):
             life.tally.count("acquired_hot")
             return lease(decision.entry, decision.path)
@@ -64,6 +76,11 @@ async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id:
         for victim in decision.evict:
             logger.info("evicting warm sandbox %s to stay within replicas=%d", victim.sandbox_id, config.replicas)
             life.stop_later(victim)
+        if isinstance(decision, MustResume):
+            resumed = await asyncio.shield(resume_later(life, decision.entry))
+            if resumed is not None:
+                return resumed
+            continue  # it could not be resumed and is gone: the next turn starts a new one
         if isinstance(decision, MustCreate):
             if decision.over_soft_cap:
                 logger.warning("all %d replica slots are in use; creating sandbox %s beyond the soft limit",

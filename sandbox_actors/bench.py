@@ -263,6 +263,61 @@ class Bench:
         self.results["pool_uss_mb"] = round(psutil.Process(stats["pid"]).memory_full_info().uss / 2**20, 1)
         self.results["pool_sandboxes"] = stats["total"]
 
+    def lifecycle(self, pool: Any) -> None:
+        """Hibernate and resume (and what hibernation frees), and snapshots."""
+        import psutil
+        import ray
+
+        from backends import DockerBackend
+
+        async def container_mb(sandbox_id: str) -> float | None:
+            backend = DockerBackend(pool.config.container_prefix)
+            try:
+                used = await backend.memory_usage(sandbox_id)
+                return None if used is None else used / 2**20
+            finally:
+                await backend.close()
+
+        sleep, wake, freed = [], [], []
+        for i in range(self.n):
+            box = pool.acquire(f"sleeper-{i}")
+            box.exec("echo kept > /tmp/kept.txt")
+            pid = ray.get(box.actor.describe.remote())["pid"]
+            in_container = asyncio.run(container_mb(box.sandbox_id)) or 0.0
+            held = psutil.Process(pid).memory_full_info().uss / 2**20 + in_container
+            sleep.append(self._timed(lambda: pool.hibernate(box))[1])
+            freed.append(held)
+            again, seconds = self._timed(lambda: pool.acquire(f"sleeper-{i}"))
+            assert again.path == "resumed" and again.read_file("/tmp/kept.txt").strip() == "kept", again.path
+            wake.append(seconds)
+            pool.destroy(again)
+        self.results["hibernate"], self.results["resume"] = summarize(sleep), summarize(wake)
+        self.results["hibernate_frees_mb"] = round(sorted(freed)[len(freed) // 2], 1)
+
+        source = pool.acquire("snapshot-source")
+        source.exec("echo prepared > /tmp/env.txt")
+        snaps = [self._timed(lambda: source.snapshot(f"bench-{i}")) for i in range(self.n)]
+        self.results["snapshot"] = summarize([seconds for _, seconds in snaps])
+        self.results["snapshot_image_mb"] = round((snaps[0][0].size or 0) / 1e6, 1)
+
+    def fork_burst(self, pool: Any) -> None:
+        """Bursts of new threads started from one snapshot (``fork``), each running ``true``."""
+        source = pool.acquire("fork-source")
+        source.exec("echo prepared > /tmp/env.txt")
+        snap = source.snapshot("bench-fork")
+        pool.destroy(source)
+        measured = []
+        for r in range(self.rounds):
+            self._wait_spares(pool, actors=pool.config.spare_actors, timeout=600)
+            threads = [f"fork-{r}-{i}" for i in range(self.burst_n)]
+            started = time.perf_counter()
+            outcomes = [_try(lambda box=box: box.exec("true")) for box in pool.fork(snap, threads)]
+            measured.append((sum(1 for o in outcomes if o is True), time.perf_counter() - started))
+            self.say(f"fork round {r + 1}/{self.rounds}: {measured[-1][0]}/{self.burst_n} ok in {measured[-1][1]:.2f}s")
+            for row in pool.list():
+                pool.destroy(row["sandbox_id"])
+        self.results["fork_burst"] = {**self._burst_row(measured), "spare_actors": pool.config.spare_actors}
+
     def scale_run(self, pool: Any) -> None:
         started = time.perf_counter()
         with ThreadPoolExecutor(8) as workers:
@@ -312,6 +367,10 @@ class Bench:
                     (f"burst of {self.burst_n} new threads, default 2 spare actors",
                      config("bench-burst2"), lambda p: (self.burst(p, "burst_default", 1), self.memory(p))),
                 ]
+                stages.append(("hibernate and resume, snapshot (default spare actors)",
+                               config("bench-life", idle_action="hibernate"), self.lifecycle))
+                stages.append((f"{self.rounds} bursts of {self.burst_n} forks from one snapshot, {self.burst_n} spare actors",
+                               config("bench-fork", spare_actors=self.burst_n), self.fork_burst))
                 if self.scale:
                     stages.append((f"{self.scale} sandboxes held at once", config("bench-scale"), self.scale_run))
                 if self.runtime:
@@ -341,7 +400,8 @@ def _try(call: Callable[[], Any]) -> Any:
         return exc
 
 
-TIME_KEYS = ["floor", "cold", "warm", "hot", "prewarmed", "cross_process", "exec_actor", "exec_direct"]
+TIME_KEYS = ["floor", "cold", "warm", "hot", "prewarmed", "cross_process", "exec_actor", "exec_direct", "hibernate",
+             "resume", "snapshot"]
 
 
 def table(results: dict[str, Any]) -> str:
@@ -357,7 +417,7 @@ def table(results: dict[str, Any]) -> str:
         ratio = f"{row['p50'] / floor:.2f}x" if floor else "-"
         lines.append(f"{key:<16}{row['n']:>5}{row['p50']:>10.1f}{row['p95']:>10.1f}{row['max']:>10.1f}{ratio:>11}")
     floor_burst = results.get("floor_burst", {})
-    for key in ("floor_burst", "burst", "burst_default"):
+    for key in ("floor_burst", "burst", "burst_default", "fork_burst"):
         row = results.get(key)
         if row:
             ratio = f"{row['wall_s'] / floor_burst['wall_s']:.2f}x" if floor_burst.get("wall_s") else "-"
@@ -367,7 +427,8 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"{key:<16}{row['n']:>5}  ok {row['ok']}/{row['n']}  wall {row['wall_s']:.2f}s  "
                          f"{ratio} of floor burst ({over}{spares})")
     memory = [f"{k} {results[k]}" for k in ("actor_uss_mb", "actor_uss_mb_max", "container_mb", "pool_uss_mb",
-                                            "pool_sandboxes") if results.get(k) is not None]
+                                            "pool_sandboxes", "hibernate_frees_mb", "snapshot_image_mb")
+              if results.get(k) is not None]
     if memory:
         lines.append("memory (MB): " + ", ".join(memory))
     if results.get("scale"):

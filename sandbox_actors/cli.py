@@ -122,21 +122,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"sandboxes": rows, "stats": stats})
         return 0
-    header = f"{'SANDBOX':<24}  {'THREAD':<24}  {'STATE':<8}  {'NODE':<12}  {'AGE':>6}  {'IDLE':>6}  {'INFLIGHT':>8}"
+    header = (f"{'SANDBOX':<24}  {'THREAD':<24}  {'STATE':<11}  {'NODE':<12}  {'AGE':>6}  {'IDLE':>6}  "
+              f"{'INFLIGHT':>8}  {'ASLEEP':>6}")
     print(header)
     for row in sorted(rows, key=lambda r: (r["state"], r["age_s"])):
         thread = row["thread_id"] if row["thread_id"] is not None else "(anonymous)"
         thread = thread if len(thread) <= 24 else thread[:21] + "..."
+        asleep = "-" if row.get("hibernated_s") is None else _age(row["hibernated_s"])
         print(
-            f"{row['sandbox_id']:<24}  {thread!s:<24}  {row['state']:<8}  {(row['node_id'] or '-')[:12]:<12}  "
-            f"{_age(row['age_s']):>6}  {_age(row['idle_s']):>6}  {row['inflight']:>8}"
+            f"{row['sandbox_id']:<24}  {thread!s:<24}  {row['state']:<11}  {(row['node_id'] or '-')[:12]:<12}  "
+            f"{_age(row['age_s']):>6}  {_age(row['idle_s']):>6}  {row['inflight']:>8}  {asleep:>6}"
         )
     states = ", ".join(f"{state} {count}" for state, count in stats["states"].items())
     counters = stats["counters"]
     print(f"\npool {stats['pool']!r}: {stats['total']} sandbox(es) ({states}); replicas {stats['replicas']}, "
           f"max {stats['max_sandboxes'] or '-'}; created {counters.get('created', 0)}, "
           f"reclaimed {counters.get('reclaimed', 0)}, evicted {counters.get('evicted', 0)}, "
-          f"reaped {counters.get('reaped', 0)}, failed {counters.get('failed', 0)}")
+          f"reaped {counters.get('reaped', 0)}, failed {counters.get('failed', 0)}, "
+          f"hibernated {counters.get('hibernated', 0)}, resumed {counters.get('resumed', 0)}")
     print(isolation_line(stats.get("isolation") or {}))
     return 0
 
@@ -208,6 +211,40 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     if not client.destroy(sandbox_id):
         raise NotFound(f"no sandbox {sandbox_id} in pool {client.config.pool_name!r}")
     print(f"destroyed {sandbox_id}")
+    return 0
+
+
+def cmd_hibernate(args: argparse.Namespace) -> int:
+    client = _client(args)
+    sandbox_id = client.sandbox_id(args.thread)
+    if not client.hibernate(sandbox_id):
+        raise NotFound(f"thread {args.thread!r} has no running sandbox in pool {client.config.pool_name!r}")
+    print(f"hibernated {sandbox_id} (container stopped with its files, actor ended; the next acquire resumes it)")
+    return 0
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    snaps = _client(args).snapshots()
+    if args.json:
+        _print_json([vars(s) for s in snaps])
+        return 0
+    if not snaps:
+        print("no snapshots")
+        return 0
+    print(f"{'NAME':<32}  {'OF THREAD':<24}  {'SIZE':>9}  {'AGE':>6}  {'NODE':<12}  IMAGE")
+    now = time.time()
+    for snap in snaps:
+        size = f"{(snap.size or 0) / 1e6:.1f} MB"
+        print(f"{snap.name:<32}  {snap.thread_id or '(anonymous)':<24}  {size:>9}  {_age(now - snap.created):>6}  "
+              f"{(snap.node_id or '-')[:12]:<12}  {snap.image}")
+    return 0
+
+
+def cmd_snapshot_rm(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if not client.remove_snapshot(args.name):
+        raise NotFound(f"no snapshot {args.name!r} in pool {client.config.pool_name!r}")
+    print(f"removed snapshot {args.name}")
     return 0
 
 
@@ -346,6 +383,15 @@ def parser() -> argparse.ArgumentParser:
     destroy = add("destroy", cmd_destroy, "destroy a sandbox by id or by thread", common)
     destroy.add_argument("sandbox_id", nargs="?", help="sandbox id")
     destroy.add_argument("--thread", help="destroy this thread's sandbox")
+    sleep = add("hibernate", cmd_hibernate, "stop a thread's sandbox keeping its files; the next acquire resumes it",
+                common)
+    sleep.add_argument("thread", help="thread id")
+    add("snapshots", cmd_snapshots, "list the pool's snapshots", common, as_json)
+    snapshot = add("snapshot", cmd_snapshot_rm, "manage snapshots (rm NAME)")
+    snapshot_commands = snapshot.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
+    snapshot_rm = snapshot_commands.add_parser("rm", help="remove a snapshot's image", parents=[common])
+    snapshot_rm.add_argument("name", help="snapshot name (see `sandbox-actors snapshots`)")
+    snapshot_rm.set_defaults(run=cmd_snapshot_rm)
     gc = add("gc", cmd_gc, "remove what dead clusters left on this machine, and reconcile the running pool: "
              "adopt, re-adopt or remove its orphans; print what changed", common, as_json)
     gc.add_argument("--dead-clusters", action="store_true",

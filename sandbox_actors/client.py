@@ -13,11 +13,12 @@ pool restarts), or call the actor directly: ``await box.actor.exec.remote("ls")`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
 from backends.sandbox_api import BashResult, FileInfo, ShellResult
@@ -36,7 +37,7 @@ from .options import pool_options
 from .raycalls import ActorGone
 from .records import PoolRecords
 from .threads import validate_thread_id
-from .views import Lease
+from .views import Lease, Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,15 @@ class SandboxHandle:
         """Destroy the sandbox (container and actor)."""
         return self._require_pool().destroy(self)
 
+    def hibernate(self) -> bool:
+        """Stop the container keeping its filesystem and end the actor; the next acquire of the
+        thread resumes it (this handle is spent)."""
+        return self._require_pool().hibernate(self)
+
+    def snapshot(self, name: str | None = None) -> Snapshot:
+        """Save the sandbox's filesystem (not its processes, not the thread mounts) as a snapshot."""
+        return self._require_pool().snapshot(self, name)
+
     def _require_pool(self) -> PoolClient:
         if self._pool is None:
             raise PoolUnavailable("this handle was not obtained through a PoolClient")
@@ -184,6 +194,20 @@ def _id(handle_or_id: SandboxHandle | str) -> str:
     return handle_or_id.sandbox_id if isinstance(handle_or_id, SandboxHandle) else handle_or_id
 
 
+def _snap(snapshot: Snapshot | str | None) -> str | None:
+    return snapshot.name if isinstance(snapshot, Snapshot) else snapshot
+
+
+def _acquire_args(thread_id: str | None, request_id: str | None) -> tuple[str | None, str | None]:
+    """Checked here, before a round trip; an anonymous acquire gets one request id per call (the
+    same for every retry of it)."""
+    if thread_id is not None:
+        validate_thread_id(thread_id)
+    elif request_id is None:
+        request_id = uuid.uuid4().hex
+    return thread_id, request_id
+
+
 class PoolClient:
     """A connection to one SandboxPool. Safe to use from many threads; cheap to create.
 
@@ -230,20 +254,63 @@ class PoolClient:
         validate_thread_id(thread_id)
         return self._retrying("resolve", thread_id)
 
-    def acquire(self, thread_id: str | None = None, *, request_id: str | None = None) -> SandboxHandle:
+    def acquire(self, thread_id: str | None = None, *, request_id: str | None = None,
+                snapshot: Snapshot | str | None = None) -> SandboxHandle:
         """The thread's sandbox; same sandbox from every process. None: a new anonymous one (retries
-        of one call, and calls with the same ``request_id``, get the same one).
+        of one call, and calls with the same ``request_id``, get the same one). A hibernated
+        sandbox is resumed. With ``snapshot``: a new sandbox started from it.
 
         Raises:
             InvalidThreadId: empty, too long or non-text thread id.
             PoolExhausted: no capacity within ``capacity_timeout`` (retryable).
+            InvalidRequest: no such snapshot, or the thread has a sandbox already.
             ImageNotFound, ReadinessTimeout, SandboxStartError: a new sandbox could not start.
         """
-        if thread_id is not None:
-            validate_thread_id(thread_id)  # here, before a round trip
-        elif request_id is None:
-            request_id = uuid.uuid4().hex  # one per call, the same for every retry of it
-        return SandboxHandle(self._retrying("acquire", thread_id, request_id), self)
+        thread_id, request_id = _acquire_args(thread_id, request_id)
+        return SandboxHandle(self._retrying("acquire", thread_id, request_id, _snap(snapshot)), self)
+
+    def fork(self, snapshot: Snapshot | str, threads: Iterable[str]) -> Iterator[SandboxHandle]:
+        """Start a sandbox from ``snapshot`` for each thread, all at once; yields each handle as it
+        becomes ready. The first failure is raised when it comes (the other sandboxes start
+        anyway: ``acquire(thread)`` gets them)."""
+        threads = list(threads)
+        for thread in threads:
+            validate_thread_id(thread)
+        pending = {self._method("acquire").remote(t, None, _snap(snapshot)): t for t in threads}
+        while pending:
+            ready, _ = raycalls.wait_first(list(pending))
+            pending.pop(ready)
+            yield SandboxHandle(raycalls.value(ready), self)
+
+    def hibernate(self, handle_or_thread: SandboxHandle | str) -> bool:
+        """Hibernate a sandbox, given its handle or its thread id: its container stops with its
+        filesystem kept, its actor ends; the next acquire of the thread resumes it. False when the
+        thread has no sandbox.
+
+        Raises:
+            NotSupported: a provisioner's sandboxes cannot hibernate.
+            BackendUnavailable: the engine did not stop it (it serves on).
+        """
+        sandbox_id = (handle_or_thread.sandbox_id if isinstance(handle_or_thread, SandboxHandle)
+                      else self.sandbox_id(handle_or_thread))
+        return self._retrying("hibernate", sandbox_id)
+
+    def snapshot(self, handle_or_id: SandboxHandle | str, name: str | None = None) -> Snapshot:
+        """Snapshot a running sandbox (see :meth:`SandboxHandle.snapshot`); ``name`` defaults to
+        the thread and the time."""
+        return Snapshot.from_record(self._retrying("snapshot", _id(handle_or_id), name))
+
+    def snapshots(self) -> list[Snapshot]:
+        """The pool's snapshots, oldest first."""
+        return [Snapshot.from_record(r) for r in self._retrying("snapshots")]
+
+    def remove_snapshot(self, snapshot: Snapshot | str) -> bool:
+        """Remove a snapshot's image everywhere. False when there was none.
+
+        Raises:
+            InvalidRequest: a sandbox started from it still exists.
+        """
+        return self._retrying("remove_snapshot", _snap(snapshot))
 
     def get(self, sandbox_id: str) -> SandboxHandle | None:
         """The handle of an active sandbox, else None."""
@@ -300,12 +367,32 @@ class AsyncPoolClient:
     async def _call(self, method: str, *args: Any) -> Any:
         return await raycalls.call(self._client._method(method).remote(*args))
 
-    async def acquire(self, thread_id: str | None = None, *, request_id: str | None = None) -> SandboxHandle:
-        if thread_id is not None:
-            validate_thread_id(thread_id)
-        elif request_id is None:
-            request_id = uuid.uuid4().hex
-        return SandboxHandle(await self._call("acquire", thread_id, request_id), self._client)
+    async def acquire(self, thread_id: str | None = None, *, request_id: str | None = None,
+                      snapshot: Snapshot | str | None = None) -> SandboxHandle:
+        thread_id, request_id = _acquire_args(thread_id, request_id)
+        return SandboxHandle(await self._call("acquire", thread_id, request_id, _snap(snapshot)), self._client)
+
+    async def fork(self, snapshot: Snapshot | str, threads: Iterable[str]) -> AsyncIterator[SandboxHandle]:
+        """See :meth:`PoolClient.fork`: each handle as it becomes ready."""
+        threads = list(threads)
+        for thread in threads:
+            validate_thread_id(thread)
+        for ready in asyncio.as_completed([self._call("acquire", t, None, _snap(snapshot)) for t in threads]):
+            yield SandboxHandle(await ready, self._client)
+
+    async def hibernate(self, handle_or_thread: SandboxHandle | str) -> bool:
+        sandbox_id = (handle_or_thread.sandbox_id if isinstance(handle_or_thread, SandboxHandle)
+                      else await self.sandbox_id(handle_or_thread))
+        return await self._call("hibernate", sandbox_id)
+
+    async def snapshot(self, handle_or_id: SandboxHandle | str, name: str | None = None) -> Snapshot:
+        return Snapshot.from_record(await self._call("snapshot", _id(handle_or_id), name))
+
+    async def snapshots(self) -> list[Snapshot]:
+        return [Snapshot.from_record(r) for r in await self._call("snapshots")]
+
+    async def remove_snapshot(self, snapshot: Snapshot | str) -> bool:
+        return await self._call("remove_snapshot", _snap(snapshot))
 
     async def get(self, sandbox_id: str) -> SandboxHandle | None:
         lease = await self._call("get", sandbox_id)

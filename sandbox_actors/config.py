@@ -209,6 +209,21 @@ class SandboxConfig(_Closed):
     spare_actors: int = Field(
         default=2, ge=0, description="Started SandboxActors kept waiting, so a cold start skips Ray worker start-up."
     )
+    idle_action: Literal["destroy", "hibernate"] = Field(
+        default="destroy",
+        description="What idle_timeout does: 'destroy' the sandbox, or 'hibernate' it (container stopped, its "
+        "filesystem kept, its actor ended; the next acquire resumes it).",
+    )
+    hibernate_ttl: float = Field(
+        default=86400, ge=0, description="Seconds a sandbox stays hibernated before it is removed; 0 keeps it."
+    )
+    max_hibernated: int | None = Field(
+        default=None, ge=0, description="Most hibernated sandboxes kept; over it the oldest is removed."
+    )
+    snapshot_ttl: float = Field(
+        default=0, ge=0, description="Seconds a snapshot is kept; 0 keeps it until removed or the pool shuts down."
+    )
+    keep_snapshots: bool = Field(default=False, description="Keep the pool's snapshots when it shuts down.")
     thread_mounts: bool = Field(
         default=True, description="Mount per-thread workspace/uploads/outputs dirs from base_dir."
     )
@@ -325,6 +340,7 @@ class SandboxConfig(_Closed):
                     "digits and '-', starting with a letter (a Kubernetes name)"
                 )
             given = [key for key in ("mounts", "environment", "runtime", "read_only_rootfs") if getattr(self, key)]
+            given += ["idle_action: hibernate"] if self.idle_action == "hibernate" else []
             given += ["limits.disk"] if self.limits.disk else []
             given += ["network"] if self.network != NetworkConfig() else []
             if given:

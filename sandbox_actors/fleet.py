@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 DESCRIBE_TIMEOUT = 3.0
 STOP_TIMEOUT = 60.0
 REAPER_TIMEOUT = 30.0
+IMAGE_TIMEOUT = 600.0  # committing, saving or loading an image of a few GB
 CLAIM_TIMEOUT = 10.0
 
 
@@ -89,17 +90,51 @@ class Fleet:
         except raycalls.ActorCallTimeout:
             return False
 
-    async def start(self, actor: Any, sandbox_id: str, thread_id: str | None) -> dict[str, Any]:
-        """Have ``actor`` serve ``sandbox_id``: adopt its running container or create one.
+    async def start(self, actor: Any, sandbox_id: str, thread_id: str | None, resume: bool = False,
+                    image: str | None = None, image_from: Any = None) -> dict[str, Any]:
+        """Have ``actor`` serve ``sandbox_id``: adopt its running container, start its stopped one
+        again (``resume``), or create one (of a snapshot's ``image``, fetched from the reaper
+        ``image_from`` when this node's engine lacks it).
 
         Raises:
             SandboxOwned: another live actor owns the container.
             ImageNotFound, ReadinessTimeout, SandboxStartError, ...: the container did not start.
         """
         return await raycalls.call(
-            actor.start.remote(sandbox_id, thread_id), self._config.readiness_timeout + 120,
-            f"starting sandbox {sandbox_id}",
+            actor.start.remote(sandbox_id, thread_id, resume, image, image_from),
+            self._config.readiness_timeout + 120 + (IMAGE_TIMEOUT if image else 0), f"starting sandbox {sandbox_id}",
         )
+
+    async def hibernate(self, actor: Any, sandbox_id: str) -> dict[str, Any]:
+        """Have the actor stop its container, keeping the filesystem (then end the actor).
+
+        Raises:
+            ActorGone: the actor is gone; BackendUnavailable: the engine did not stop it.
+        """
+        info = await raycalls.call(actor.hibernate.remote(), STOP_TIMEOUT, f"hibernate {sandbox_id}")
+        raycalls.kill(actor)
+        return info
+
+    async def snapshot(self, actor: Any, sandbox_id: str, image: str, labels: dict[str, str]) -> dict[str, Any]:
+        """Commit the sandbox's filesystem as ``image``; returns its id and size."""
+        return await raycalls.call(actor.snapshot.remote(image, labels), IMAGE_TIMEOUT, f"snapshot {sandbox_id}")
+
+    async def snapshot_images(self, engines: dict[str, tuple[Any, str]]) -> dict[str, list[dict[str, Any]]]:
+        """The pool's snapshot images on each engine that answered."""
+        lists = await raycalls.call_each(
+            {e: reaper.snapshot_images.remote() for e, (reaper, _node) in engines.items()}, REAPER_TIMEOUT, "images"
+        )
+        found = {}
+        for engine_id, listed in lists.items():
+            if isinstance(listed, BaseException):
+                logger.warning("could not list snapshot images on engine %s: %s", engine_id[:12], listed)
+                continue
+            found[engine_id] = listed
+        return found
+
+    async def remove_image(self, engines: dict[str, tuple[Any, str]], engine_id: str, image: str) -> bool:
+        """Remove a snapshot image from one engine; False when a container still uses it."""
+        return await raycalls.call(engines[engine_id][0].remove_image.remote(image), REAPER_TIMEOUT, "remove image")
 
     async def owner_of(self, sandbox_id: str, owned: SandboxOwned) -> tuple[Any, dict[str, Any]]:
         """The live actor that owns ``sandbox_id`` (it refused to let another start it)."""
@@ -263,6 +298,10 @@ class Fleet:
 
     async def alive_nodes(self) -> set[str]:
         return await asyncio.to_thread(raycalls.alive_nodes)
+
+    def reaper_on(self, node_id: str | None) -> Any:
+        """The reaper of ``node_id`` as last seen (no call made), or None."""
+        return self._reapers.get(node_id) if node_id is not None else None
 
     async def engines(self) -> dict[str, tuple[Any, str]]:
         """One reaper per Docker engine: engine id -> (reaper, node id)."""

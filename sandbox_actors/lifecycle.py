@@ -80,6 +80,7 @@ class Lifecycle:
         self.ops = Operations()
         self.changed = Changed()
         self.closed = False
+        self.snapshot_records: dict[str, dict[str, Any]] = {}  # snapshot name -> its record (as in Ray's KV)
 
     def notify(self) -> None:
         self.changed.notify()
@@ -94,7 +95,7 @@ class Lifecycle:
     async def _create(self, entry: Entry) -> Lease:
         sandbox_id = entry.sandbox_id
         try:
-            actor, info = await self.start_sandbox(sandbox_id, entry.thread_id)
+            actor, info = await self.start_sandbox(sandbox_id, entry.thread_id, **self._image_of(entry))
         except BaseException:
             self.state.start_failed(sandbox_id)
             self.tally.count("failed")
@@ -109,11 +110,22 @@ class Lifecycle:
         self.tally.count("adopted" if adopted else "created")
         return lease(started, "adopted" if adopted else "cold")
 
+    def _image_of(self, entry: Entry) -> dict[str, Any]:
+        """How a sandbox started from a snapshot gets its image: the name, and the reaper of an
+        engine that has it (for a node whose engine does not)."""
+        if entry.image is None:
+            return {}
+        record = self.snapshot_records.get(entry.image, {})
+        return {"image": record.get("image", entry.image), "image_from": self.fleet.reaper_on(record.get("node_id"))}
+
     async def start_sandbox(
-        self, sandbox_id: str, thread_id: str | None, node_id: str | None = None
+        self, sandbox_id: str, thread_id: str | None, node_id: str | None = None, resume: bool = False,
+        image: str | None = None, image_from: Any = None,
     ) -> tuple[Any, dict[str, Any]]:
         """An actor serving ``sandbox_id`` with its container up and answering (pinned to
-        ``node_id`` when given). Adopts the live actor that already owns the container, if any.
+        ``node_id`` when given). Adopts the live actor that already owns the container, if any;
+        starts its stopped container again with ``resume``; creates a new one of ``image`` (a
+        snapshot's) when given.
 
         Raises:
             PoolExhausted: no node had room within ``capacity_timeout``.
@@ -127,7 +139,7 @@ class Lifecycle:
                 try:
                     if not spare:  # a spare is placed already: it answered before it became one
                         await self._place(actor, sandbox_id, node_id)
-                    return actor, await fleet.start(actor, sandbox_id, thread_id)
+                    return actor, await fleet.start(actor, sandbox_id, thread_id, resume, image, image_from)
                 except PoolExhausted:
                     fleet.kill(actor)  # never placed: nothing to stop
                     raise
@@ -248,6 +260,10 @@ class Lifecycle:
         try:
             if why == "idle" and not await self._idle_stop_goes_ahead(entry):
                 return False
+            # A hibernating pool keeps what idles or is evicted: stopped, not removed.
+            if (why in ("idle", "evicted") and self.config.idle_action == "hibernate"
+                    and self.state.stop_to_hibernate(sandbox_id)):
+                return await self._hibernate(entry)
             # The intent first: a pool that dies from here on leaves it for the next one.
             await asyncio.to_thread(self.records.mark_doomed, sandbox_id, entry.container_id)
             if not await self._remove(entry):
@@ -261,10 +277,37 @@ class Lifecycle:
             raise
         finally:
             self.notify()
+        self.tally.count({"idle": "reaped", "shutdown": "destroyed"}.get(why, why))
         self.state.removed(sandbox_id)
         await asyncio.to_thread(self._forget_records, sandbox_id, entry.spare)
-        self.tally.count({"idle": "reaped", "shutdown": "destroyed"}.get(why, why))
         logger.info("sandbox %s %s", sandbox_id, "reaped" if why == "idle" else why)
+        self.notify()
+        self.top_up()
+        return True
+
+    def hibernate_later(self, entry: Entry) -> asyncio.Task[bool]:
+        """Hibernate a HIBERNATING sandbox (the 'hibernate' operation). The task returns True when
+        it is hibernated, and raises when it could not be (the sandbox serves on)."""
+        return self.ops.start(entry.sandbox_id, "hibernate", self._hibernate(entry))
+
+    async def _hibernate(self, entry: Entry) -> bool:
+        """Stop the container (its filesystem stays), end the actor, record the sandbox as hibernated."""
+        sandbox_id = entry.sandbox_id
+        try:
+            await self.fleet.hibernate(entry.actor, sandbox_id)
+        except SandboxError as exc:
+            self.state.hibernate_failed(sandbox_id)
+            self.notify()
+            # It serves on as it was; an actor that died meanwhile is the next reconcile's to repair.
+            logger.warning("could not hibernate sandbox %s (%s)", sandbox_id, exc.message)
+            raise
+        record = {"thread_id": entry.thread_id, "container_id": entry.container_id, "image": entry.image,
+                  "engine_id": entry.info.get("engine_id"), "node_id": entry.info.get("node_id"),
+                  "container_name": entry.info.get("container_name"), "since": time.time()}
+        await asyncio.to_thread(self.records.put_hibernated, sandbox_id, record)
+        self.state.hibernated(sandbox_id)
+        self.tally.count("hibernated")
+        logger.info("sandbox %s hibernated (container %s stopped, actor ended)", sandbox_id, record["container_name"])
         self.notify()
         self.top_up()
         return True
@@ -303,6 +346,7 @@ class Lifecycle:
 
     def _forget_records(self, sandbox_id: str, spare: bool) -> None:
         self.records.clear_doomed(sandbox_id)
+        self.records.drop_hibernated(sandbox_id)
         if spare:
             self.records.drop_claim(sandbox_id)
 
@@ -392,9 +436,9 @@ class Lifecycle:
         if plan.readopt is not None:
             return await self._readopt(sandbox_id, plan.readopt, engines)
         if plan.forget:
-            await self._forget(sandbox_id)
             if plan.outcome != "removed":
-                self.tally.count(plan.outcome)
+                self.tally.count(plan.outcome)  # counted before it leaves the table: both show at once
+            await self._forget(sandbox_id)
         return plan.outcome
 
     async def _readopt(self, sandbox_id: str, keep: ContainerView, engines: dict[str, tuple[Any, str]]) -> str:

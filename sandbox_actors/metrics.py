@@ -32,6 +32,10 @@ COUNTERS = {
     "reaped": "Sandboxes destroyed by the idle timeout.",
     "failed": "Sandboxes that failed to start.",
     "readopted": "Containers whose actor died, re-adopted by a new actor.",
+    "hibernated": "Sandboxes hibernated (container stopped with its files, actor ended).",
+    "resumed": "Hibernated sandboxes resumed by their thread.",
+    "resume_failed": "Hibernated sandboxes that could not be resumed (their thread got a new one).",
+    "snapshots": "Snapshots taken.",
 }
 
 

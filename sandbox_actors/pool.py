@@ -20,10 +20,12 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from . import hibernation, snapshots
 from .acquire import acquire, destroy
 from .config import SandboxConfig
 from .errors import (
     ConfigError,
+    InvalidRequest,
     IsolationUnavailable,
     NotSupported,
     PoolShutDown,
@@ -34,7 +36,7 @@ from .lifecycle import Lifecycle, lease
 from .metrics import PoolMetrics, Tally
 from .reconciler import Reconciler
 from .records import PoolRecords
-from .state import PoolState, SandboxState
+from .state import MustWait, PoolState, SandboxState
 from .threads import anonymous_sandbox_id, sandbox_id_for, validate_thread_id
 from .views import Lease
 
@@ -93,7 +95,7 @@ class SandboxPool:
         except Exception:
             logger.exception("initial reconcile failed; serving anyway, next pass in %ss", config.reconcile_interval)
         self._loops = [
-            self._every(config.idle_check_interval, self._life.idle_pass, "idle check"),
+            self._every(config.idle_check_interval, self._idle_pass, "idle check"),
             self._every(config.reconcile_interval, self._reconciler.run, "reconcile"),
         ]
         self._life.top_up()
@@ -110,6 +112,10 @@ class SandboxPool:
                 "would share their threads' workspaces. Give each pool its own base_dir"
             )
         await asyncio.to_thread(records.claim_base_dir, config.base_dir)
+
+    async def _idle_pass(self) -> None:
+        await self._life.idle_pass()
+        hibernation.expire(self._life)
 
     def _every(self, interval: float, work: Callable[[], Coroutine[Any, Any, Any]], name: str) -> asyncio.Task[None]:
         async def loop() -> None:
@@ -134,19 +140,25 @@ class SandboxPool:
 
     # ── acquire ────────────────────────────────────────────────────────────
 
-    async def acquire(self, thread_id: str | None = None, request_id: str | None = None) -> Lease:
-        """The thread's sandbox: active, else reclaimed warm, else a spare, else adopted or created.
-        Anonymous (``thread_id`` None): a new sandbox, the same one again for the same ``request_id``.
+    async def acquire(self, thread_id: str | None = None, request_id: str | None = None,
+                      snapshot: str | None = None) -> Lease:
+        """The thread's sandbox: active, else reclaimed warm, else resumed, else a spare, else
+        adopted or created. Anonymous (``thread_id`` None): a new sandbox, the same one again for
+        the same ``request_id``. With ``snapshot`` (a name): a new sandbox started from it.
 
         Raises:
             InvalidThreadId, PoolExhausted (retryable), PoolShutDown, BackendUnavailable (a destroy
-            of it is still owed), and the start errors of a new sandbox (ImageNotFound, ...).
+            of it is still owed), InvalidRequest (no such snapshot, or the thread has a sandbox
+            already), and the start errors of a new sandbox (ImageNotFound, ...).
         """
         await self._ready()
         started = time.monotonic()
+        known = snapshot is None or snapshot in self._life.snapshot_records
+        if not known and snapshot not in await snapshots.refresh(self._life):
+            raise InvalidRequest(f"no snapshot named {snapshot!r} in pool {self._config.pool_name}")
         anonymous = anonymous_sandbox_id(self._config.pool_name, request_id) if thread_id is None else None
         got = await acquire(self._life, lambda: anonymous or self._sandbox_id(str(thread_id)), thread_id,
-                            started + self._config.capacity_timeout)
+                            started + self._config.capacity_timeout, snapshot)
         self._life.tally.acquired(got.path, time.monotonic() - started)
         return got
 
@@ -186,6 +198,62 @@ class SandboxPool:
         await self._ready()
         return await destroy(self._life, sandbox_id)
 
+    # ── hibernate and snapshot ─────────────────────────────────────────────
+
+    async def hibernate(self, sandbox_id: str) -> bool:
+        """Stop a sandbox's container keeping its filesystem, and end its actor; the next acquire
+        of its thread resumes it. True when it is hibernated (also already), False when unknown.
+
+        Raises:
+            NotSupported: the backend cannot stop and start a sandbox (a provisioner).
+            BackendUnavailable: the engine did not stop it; it serves on.
+        """
+        await self._ready()
+        if self._config.backend.kind != "docker":
+            raise NotSupported(f"the {self._config.backend.kind} backend cannot hibernate sandboxes",
+                               feature="hibernate")
+        life = self._life
+        while True:
+            if life.ops.get(sandbox_id) is not None:
+                await life.ops.wait(sandbox_id)
+                continue
+            found = self._state.begin_hibernate(sandbox_id)
+            if found is None:
+                entry = self._state.entry(sandbox_id)
+                return entry is not None and entry.state is SandboxState.HIBERNATED
+            if isinstance(found, MustWait):
+                await life.changed.wait(0.05)
+                continue
+            return await asyncio.shield(life.hibernate_later(found))
+
+    async def snapshot(self, sandbox_id: str, name: str | None = None) -> dict[str, Any]:
+        """Save a running sandbox's filesystem (not its processes, not the thread mounts) as a
+        snapshot; returns its record (name, image, size, engine, node, created).
+
+        Raises:
+            NotSupported (a provisioner), InvalidRequest (a bad or used name), SandboxNotFound.
+        """
+        await self._ready()
+        if self._config.backend.kind != "docker":
+            raise NotSupported(f"the {self._config.backend.kind} backend cannot snapshot sandboxes",
+                               feature="snapshot")
+        return await snapshots.take(self._life, sandbox_id, name)
+
+    async def snapshots(self) -> list[dict[str, Any]]:
+        """The pool's snapshots, oldest first."""
+        await self._ready()
+        found = await snapshots.refresh(self._life)
+        return sorted(found.values(), key=lambda r: float(r.get("created") or 0))
+
+    async def remove_snapshot(self, name: str) -> bool:
+        """Remove a snapshot's image everywhere; False when there was none.
+
+        Raises:
+            InvalidRequest: a sandbox started from it still exists.
+        """
+        await self._ready()
+        return await snapshots.remove(self._life, snapshots.validate_name(name))
+
     async def report_dead(self, sandbox_id: str, container_id: str | None = None) -> None:
         """A SandboxActor, a client or the engine's events say this sandbox died: repair it now."""
         entry = self._state.entry(sandbox_id)
@@ -210,7 +278,9 @@ class SandboxPool:
             {"sandbox_id": entry.sandbox_id, "thread_id": entry.thread_id, "state": entry.state.value,
              "node_id": entry.info.get("node_id"), "container_name": entry.info.get("container_name"),
              "url": entry.info.get("url"), "age_s": round(now - entry.created_at, 3),
-             "idle_s": round(now - entry.last_active, 3), "inflight": entry.inflight}
+             "idle_s": round(now - entry.last_active, 3), "inflight": entry.inflight,
+             "hibernated_s": None if entry.hibernated_at is None else round(now - entry.hibernated_at, 3),
+             "image": entry.image}
             for entry in state.entries.values()
         ]
 
@@ -260,6 +330,10 @@ class SandboxPool:
         stops = [life.stop_later(entry) for entry in self._state.begin_shutdown()]
         results = await asyncio.gather(*stops, return_exceptions=True)
         destroyed = sum(1 for r in results if r is True)
+        if not config.keep_snapshots and config.backend.kind == "docker":
+            removed = await snapshots.remove_all(life)
+            if removed:
+                logger.info("pool %s: %d snapshots removed", config.pool_name, removed)
         swept = await life.fleet.sweep()
         with contextlib.suppress(SandboxError):
             await asyncio.to_thread(life.records.release_base_dir, config.base_dir)

@@ -161,3 +161,9 @@ def session_name() -> str:
 def assigned_resources() -> dict[str, float]:
     """The Ray resources this actor holds (none beyond ``ray.resources``: SandboxActors use num_cpus=0)."""
     return {name: amount for name, amount in ray.get_runtime_context().get_assigned_resources().items() if amount}
+
+
+def wait_first(refs: list[Any]) -> tuple[Any, list[Any]]:
+    """The first of ``refs`` to finish (result or error), and the others."""
+    ready, rest = ray.wait(refs, num_returns=1)
+    return ready[0], rest

@@ -79,6 +79,18 @@ class NodeReaper:
             pool = None  # the pool may have been restarted meanwhile
             self._closing.wait(_RECONNECT_SECONDS)
 
+    async def snapshot_images(self) -> list[dict[str, Any]]:
+        """This pool's snapshot images on this engine."""
+        return await self._backend.snapshot_images(self._pool)
+
+    async def remove_image(self, image: str) -> bool:
+        """Remove a snapshot image of this pool here; False when a container still uses it."""
+        return await self._backend.remove_image(image)
+
+    async def export_image(self, image: str) -> bytes:
+        """A snapshot image as an archive, for a node whose engine lacks it."""
+        return await self._backend.export_image(image)
+
     async def teardown(self) -> dict[str, int]:
         """Remove the pool's network, rules and socket directories here (once its containers are gone)."""
         self._closing.set()

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from .views import ActorView, ContainerView
 
-__all__ = ["ActorView", "ContainerView", "ReconcilePlan", "RepairFacts", "RepairPlan", "plan_reconcile",
-           "plan_repair", "repair_needs_probe"]
+__all__ = ["ActorView", "AsleepPlan", "ContainerView", "ReconcilePlan", "RepairFacts", "RepairPlan", "plan_asleep",
+           "plan_reconcile", "plan_repair", "repair_needs_probe"]
 
 
 @dataclass
@@ -189,3 +189,36 @@ def plan_repair(facts: RepairFacts) -> RepairPlan:
         outcome = "destroyed" if facts.doomed else ("lost" if facts.known else "removed")
         return RepairPlan(outcome, remove=remove, end_actor=actor is not None, forget=True)
     return RepairPlan("readopted", remove=remove, end_actor=actor is not None, readopt=keep)
+
+
+# ── hibernated sandboxes ────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class AsleepPlan:
+    remove_containers: list[ContainerView]  # a hibernated sandbox's other containers
+    forget: list[str]  # hibernated sandboxes whose container is gone (removed, or lost with its node)
+
+
+def plan_asleep(
+    asleep: Iterable[tuple[str, str | None, str | None, str | None]],
+    containers: Iterable[ContainerView],
+    engines_seen: Iterable[str],
+    alive_nodes: Iterable[str] | None,
+) -> AsleepPlan:
+    """Hibernated sandboxes, each as (sandbox id, container id, engine id, node id): their stopped
+    container is kept; one whose engine was seen without it, or whose node is gone, is forgotten
+    (its thread gets a new sandbox). ``alive_nodes`` None: not known this pass (no node is judged)."""
+    engines_seen = set(engines_seen)
+    by_id: dict[str, list[ContainerView]] = {}
+    for container in containers:
+        by_id.setdefault(container.sandbox_id, []).append(container)
+    plan = AsleepPlan([], [])
+    for sandbox_id, container_id, engine_id, node_id in asleep:
+        found = by_id.get(sandbox_id, [])
+        plan.remove_containers.extend(c for c in found if c.container_id != container_id)
+        if any(c.container_id == container_id for c in found):
+            continue
+        if engine_id in engines_seen or (alive_nodes is not None and node_id not in set(alive_nodes)):
+            plan.forget.append(sandbox_id)
+    return plan

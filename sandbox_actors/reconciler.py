@@ -15,11 +15,12 @@ import collections
 import logging
 from typing import Any
 
+from . import hibernation, snapshots
 from .errors import SandboxError
 from .lifecycle import Lifecycle
 from .raycalls import ActorGone
-from .reconcile import plan_reconcile
-from .state import SandboxState
+from .reconcile import plan_asleep, plan_reconcile
+from .state import ASLEEP, SandboxState
 
 logger = logging.getLogger(__name__)
 
@@ -42,26 +43,38 @@ class Reconciler:
         state, fleet = life.state, life.fleet
         epoch = state.epoch
         owed = await asyncio.to_thread(life.records.doomed)
+        asleep_records = await asyncio.to_thread(life.records.hibernated)
         views, handles, silent = await fleet.actor_views()
         engines = await fleet.engines()
         await fleet.prepare(engines, strict)
         containers, seen = await fleet.containers(engines)
-        alive = await fleet.alive_nodes() if silent else set()
+        alive = await fleet.alive_nodes()
+        await snapshots.reap(life, engines)
         # The last await is behind us: the pool's own facts from here on are current, and nothing
         # below awaits before the plan is carried out as far as forgetting entries goes.
         changed = state.changed_since(epoch)
         for sandbox_id, container_id in owed.items():
             if sandbox_id not in changed:
                 state.doomed_found(sandbox_id, None, container_id)  # a dead pool owed it: never adopt it
-        # Owed destroys are finished by repairs, never judged by the plan.
+        hibernation.load(life, asleep_records, changed)
+        # Owed destroys are finished by repairs, never judged by the plan; hibernated sandboxes
+        # keep their stopped container (planned apart).
         doomed = {sid for sid in state.ids({SandboxState.DOOMED}) if life.ops.get(sid) is None}
-        busy = (life.ops.busy() | state.ids({SandboxState.STARTING, SandboxState.STOPPING, SandboxState.DOOMED})
-                | changed)
+        asleep = [e for e in state.in_state(SandboxState.HIBERNATED) if e.sandbox_id not in changed
+                  and life.ops.get(e.sandbox_id) is None]
+        busy = (life.ops.busy() | changed | state.ids({SandboxState.STARTING, SandboxState.STOPPING,
+                                                      SandboxState.DOOMED, *ASLEEP, SandboxState.RESUMING}))
         silent_ids, unplaced = self._place_silent(silent, handles, alive)
         plan = plan_reconcile(
             state.ids(), views, containers, seen, busy | silent_ids, fleet.keep_names, any_unknown=unplaced,
         )
         plan.repair += sorted(doomed)
+        sleeping = plan_asleep([(e.sandbox_id, e.container_id, e.info.get("engine_id"), e.info.get("node_id"))
+                                for e in asleep], containers, seen, alive)
+        plan.forget += sleeping.forget
+        plan.remove_containers += sleeping.remove_containers
+        asleep_ids = {e.sandbox_id for e in asleep}
+        plan.end_actors += [v.name for v in views if v.sandbox_id in asleep_ids and v.name not in plan.end_actors]
         done: collections.Counter[str] = collections.Counter()
         owners = {v.sandbox_id: v for v in views if v.sandbox_id is not None and v.name not in plan.end_actors}
         for view in plan.adopt:
@@ -74,6 +87,9 @@ class Reconciler:
             state.removed(sandbox_id)
             life.tally.count("lost")
             done["forgotten"] += 1
+        if sleeping.forget:
+            logger.warning("hibernated sandboxes lost with their container or node: %s", sleeping.forget)
+            await asyncio.to_thread(lambda: [life.records.drop_hibernated(sid) for sid in sleeping.forget])
         for container in plan.remove_containers:
             if container.engine_id in engines and await fleet.remove(engines, container):
                 done["removed_containers"] += 1

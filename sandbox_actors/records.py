@@ -7,6 +7,7 @@ a new one is connected:
 * claims: which thread a pre-warmed sandbox was given to;
 * destroy intents: sandboxes whose destroy was asked but not yet confirmed by
   their engine (a restarted pool finishes them instead of adopting them);
+* hibernated sandboxes (their stopped containers are kept, not reaped) and snapshots;
 * which pool uses a ``base_dir`` (two pools must not share thread directories).
 
 Every method is synchronous (Ray's KV client is); the pool calls them in a
@@ -138,6 +139,43 @@ class PoolRecords:
 
     def clear_doomed(self, sandbox_id: str) -> None:
         self._store.delete(self._key("doomed", sandbox_id))
+
+    # ── hibernated sandboxes and snapshots ─────────────────────────────────
+
+    def _put_json(self, kind: str, name: str, record: Mapping[str, object]) -> None:
+        self._store.put(self._key(kind, name), json.dumps(record).encode())
+
+    def _all_json(self, kind: str) -> dict[str, dict[str, object]]:
+        prefix = self._key(kind) + "/"
+        found: dict[str, dict[str, object]] = {}
+        for key in self._store.keys(prefix):
+            raw = self._store.get(key)
+            try:
+                record = json.loads(raw) if raw is not None else None
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                found[key[len(prefix):]] = record
+        return found
+
+    def put_hibernated(self, sandbox_id: str, record: Mapping[str, object]) -> None:
+        """``sandbox_id`` is hibernated: its thread, container, engine, node, and since when (unix time)."""
+        self._put_json("hibernated", sandbox_id, record)
+
+    def hibernated(self) -> dict[str, dict[str, object]]:
+        return self._all_json("hibernated")
+
+    def drop_hibernated(self, sandbox_id: str) -> None:
+        self._store.delete(self._key("hibernated", sandbox_id))
+
+    def put_snapshot(self, name: str, record: Mapping[str, object]) -> None:
+        self._put_json("snapshots", name, record)
+
+    def snapshots(self) -> dict[str, dict[str, object]]:
+        return self._all_json("snapshots")
+
+    def drop_snapshot(self, name: str) -> None:
+        self._store.delete(self._key("snapshots", name))
 
     # ── base_dir ───────────────────────────────────────────────────────────
 

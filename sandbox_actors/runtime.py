@@ -122,14 +122,20 @@ class SandboxRuntime:
 
     # ── lifecycle ──────────────────────────────────────────────────────────
 
-    async def start(self) -> dict[str, Any]:
+    async def start(self, resume: bool = False, image: str | None = None) -> dict[str, Any]:
         """Adopt this sandbox's running container, or create one and wait until it answers.
+
+        Args:
+            resume: a stopped container of this sandbox is started again (it was hibernated:
+                its filesystem is the sandbox's), not replaced.
+            image: the image of a new container (a snapshot's), instead of the config's.
 
         Idempotent: a second call returns the same description.
 
         Raises:
             ImageNotFound, SandboxStartError, ReadinessTimeout, SandboxExited,
-            BackendUnavailable. On any of them no container is left behind.
+            BackendUnavailable. On any of them no container is left behind (a resumed one is
+            left stopped, for the pool to decide).
         """
         async with self._start_lock:
             if self._api is not None:
@@ -142,15 +148,34 @@ class SandboxRuntime:
                 await self._refuse_if_owned(existing)
             if existing is not None and existing.running and await self._try_adopt(existing):
                 logger.info("sandbox %s: adopted running container %s", self.sandbox_id, existing.container_name)
+            elif existing is not None and resume:
+                await self._resume(existing)
             else:
                 if existing is not None:
                     logger.info("sandbox %s: removing unusable container %s", self.sandbox_id, existing.container_name)
                     await self.backend.destroy(self.sandbox_id, existing.container_id)
-                await self._create()
+                await self._create(image)
             self._pid_start = _process_start(self.record.pid) if self.record and self.record.pid else None
             info = self.describe()
             info["start_seconds"] = time.monotonic() - started
             return info
+
+    async def _resume(self, stopped: SandboxRecord) -> None:
+        """Start the hibernated container again and wait until it answers."""
+        record = await self.backend.start_container(self.sandbox_id, stopped.container_id)
+        api = SandboxAPI(record.url, record.token)
+        try:
+            await api.wait_ready(
+                self.config.readiness_timeout,
+                is_running=lambda: self.backend.is_running(self.sandbox_id),
+                log_tail=lambda: self.backend.logs_tail(self.sandbox_id),
+            )
+        except BaseException:
+            await api.aclose()
+            raise
+        self.record, self._api, self.adopted = record, api, True
+        await self._write_owner()
+        logger.info("sandbox %s: resumed container %s", self.sandbox_id, record.container_name)
 
     async def _try_adopt(self, record: SandboxRecord) -> bool:
         api = SandboxAPI(record.url, record.token)
@@ -188,7 +213,7 @@ class SandboxRuntime:
             if other and other != self.owner and self._owner_alive is not None and await self._owner_alive(other):
                 raise SandboxOwned(f"sandbox {self.sandbox_id} is owned by live actor {other}", owner=other)
 
-    async def _create(self) -> None:
+    async def _create(self, image: str | None = None) -> None:
         config = self.config
         try:
             # Mounts are the Docker backend's: a provisioner decides what its sandboxes get.
@@ -203,7 +228,7 @@ class SandboxRuntime:
         spec = SandboxSpec(
             sandbox_id=self.sandbox_id,
             pool=config.pool_name,
-            image=config.image,
+            image=image or config.image,
             thread_id=self.thread_id,
             port=config.port,
             mounts=mounts,
@@ -262,6 +287,32 @@ class SandboxRuntime:
             await self._api.write_file(OWNER_FILE, json.dumps(record))
         except SandboxError as exc:
             logger.info("sandbox %s: could not record its owner (%s)", self.sandbox_id, type(exc).__name__)
+
+    async def hibernate(self) -> dict[str, Any]:
+        """Stop serving and stop the container, keeping its filesystem (the pool then ends this
+        actor; a new one resumes the container).
+
+        Raises:
+            BackendUnavailable: the engine did not answer; the sandbox serves on.
+        """
+        if self.record is None:
+            raise SandboxNotFound(f"sandbox {self.sandbox_id} has not been started")
+        self._stopping = True
+        try:
+            await self.backend.stop_container(self.sandbox_id, self.record.container_id)
+        except BackendUnavailable:
+            self._stopping = False
+            raise
+        if self._api is not None:
+            await self._api.aclose()
+            self._api = None
+        return self.describe()
+
+    async def snapshot(self, image: str, labels: Mapping[str, str]) -> dict[str, Any]:
+        """Save the container's filesystem (not its processes, not the mounts) as ``image``."""
+        if self.record is None or self._stopping or self.dead_reason is not None:
+            raise SandboxDied(f"sandbox {self.sandbox_id} is not running; acquire it first")
+        return await self.backend.commit(self.sandbox_id, self.record.container_id, image, labels)
 
     def begin_stop(self, if_idle_for: float) -> bool:
         """Stop serving if idle that long with nothing in flight (the pool then removes the

@@ -22,7 +22,13 @@ from backends.sandbox_api import BashResult, FileInfo, ShellResult, warm_http_st
 
 from . import raycalls
 from .config import SandboxConfig
-from .errors import InvalidRequest, SandboxDied, SandboxError, SandboxNotFound
+from .errors import (
+    ImageNotFound,
+    InvalidRequest,
+    SandboxDied,
+    SandboxError,
+    SandboxNotFound,
+)
 from .metrics import SandboxMetrics
 from .runtime import SandboxRuntime, make_backend
 
@@ -30,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 LABEL_RAY_NODE = "sandbox-actors.ray-node"
 _REPORT_TIMEOUT = 5.0
+_IMAGE_TIMEOUT = 600.0
 
 
 class SandboxActor:
@@ -43,6 +50,7 @@ class SandboxActor:
         self._backend = make_backend(config, cluster=raycalls.session_name())  # connects on first use
         self._runtime: SandboxRuntime | None = None
         self._reported_dead = False
+        self._fetched: dict[str, Any] | None = None  # a snapshot image this actor brought to its node
         self._metrics = SandboxMetrics(config.pool_name)
 
     async def ping(self) -> str:
@@ -55,8 +63,11 @@ class SandboxActor:
         await warm_http_stack()
         return await self._backend.engine_id()
 
-    async def start(self, sandbox_id: str, thread_id: str | None) -> dict[str, Any]:
-        """Serve ``sandbox_id``: adopt its running container or create one, and wait until it answers.
+    async def start(self, sandbox_id: str, thread_id: str | None, resume: bool = False, image: str | None = None,
+                    image_from: Any = None) -> dict[str, Any]:
+        """Serve ``sandbox_id``: adopt its running container, resume its stopped one (``resume``), or
+        create one (of ``image``, a snapshot's, when given), and wait until it answers. A snapshot
+        image this node's engine lacks is fetched from the reaper ``image_from`` (once per node).
 
         Idempotent for the same sandbox. Raises SandboxOwned when another live
         actor owns the container, and the start errors of a new container.
@@ -73,8 +84,30 @@ class SandboxActor:
             )
         elif self._runtime.sandbox_id != sandbox_id:
             raise InvalidRequest(f"actor {self._name} already serves sandbox {self._runtime.sandbox_id}")
-        started = await self._runtime.start()
+        try:
+            started = await self._runtime.start(resume=resume, image=image)
+        except ImageNotFound:
+            if image is None or image_from is None:
+                raise
+            await self._fetch_image(image, image_from)
+            started = await self._runtime.start(resume=resume, image=image)
         return {**await self.describe(), "start_seconds": started.get("start_seconds")}
+
+    async def _fetch_image(self, image: str, source: Any) -> None:
+        began = time.monotonic()
+        archive = await raycalls.call(source.export_image.remote(image), _IMAGE_TIMEOUT, f"export {image}")
+        await self._backend.import_image(archive)
+        self._fetched = {"image": image, "bytes": len(archive), "seconds": round(time.monotonic() - began, 3)}
+        logger.info("image %s fetched from another node's engine: %d bytes in %.1fs", image, len(archive),
+                    time.monotonic() - began)
+
+    async def hibernate(self) -> dict[str, Any]:
+        """Stop the container, keeping its filesystem; the pool then ends this actor."""
+        return await self._runtime_or_raise().hibernate()
+
+    async def snapshot(self, image: str, labels: Mapping[str, str]) -> dict[str, Any]:
+        """Save the container's filesystem as ``image`` (a snapshot); returns its id and size."""
+        return await self._guard(self._runtime_or_raise().snapshot(image, labels))
 
     async def claim(self, thread_id: str) -> dict[str, Any]:
         """Hand this pre-warmed sandbox to ``thread_id``."""
@@ -82,7 +115,8 @@ class SandboxActor:
         return await self.describe()
 
     async def describe(self) -> dict[str, Any]:
-        base = {"actor_name": self._name, "node_id": self._node_id, "pid": os.getpid(), "resources": self._resources}
+        base = {"actor_name": self._name, "node_id": self._node_id, "pid": os.getpid(), "resources": self._resources,
+                "image_fetched": self._fetched}
         if self._runtime is None:
             return {**base, "sandbox_id": None, "started": False}
         return {**self._runtime.describe(), **base}

@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.errors import SandboxError
+from backends.errors import InvalidRequest, SandboxError
 
 
 class SandboxState(enum.Enum):
@@ -29,20 +29,30 @@ class SandboxState(enum.Enum):
     WARM = "warm"  # released; container running, ready to reclaim
     STOPPING = "stopping"  # being removed (an idle stop can still be called off)
     DOOMED = "doomed"  # destroy asked, not confirmed by the engine: retried, never adopted
+    HIBERNATING = "hibernating"  # its container being stopped (filesystem kept), its actor ended
+    HIBERNATED = "hibernated"  # container stopped, no actor: costs no memory; the next acquire resumes it
+    RESUMING = "resuming"  # the same container started again, under a new actor
 
 
 S = SandboxState
 TRANSITIONS: dict[SandboxState, frozenset[SandboxState]] = {
     S.STARTING: frozenset({S.ACTIVE, S.SPARE}),
     S.SPARE: frozenset({S.ACTIVE, S.STOPPING}),
-    S.ACTIVE: frozenset({S.WARM, S.STOPPING}),
-    S.WARM: frozenset({S.ACTIVE, S.STOPPING}),
+    S.ACTIVE: frozenset({S.WARM, S.STOPPING, S.HIBERNATING}),
+    S.WARM: frozenset({S.ACTIVE, S.STOPPING, S.HIBERNATING}),
     # Back from STOPPING only when an idle stop was refused (the sandbox got busy) or called off
-    # (its thread came back) before it was committed; DOOMED when the engine did not answer.
-    S.STOPPING: frozenset({S.ACTIVE, S.WARM, S.DOOMED}),
+    # (its thread came back) before it was committed; DOOMED when the engine did not answer;
+    # HIBERNATING when the pool hibernates idle sandboxes instead of destroying them.
+    S.STOPPING: frozenset({S.ACTIVE, S.WARM, S.DOOMED, S.HIBERNATING}),
     S.DOOMED: frozenset({S.STOPPING}),
+    S.HIBERNATING: frozenset({S.HIBERNATED, S.ACTIVE, S.WARM}),  # back when the engine did not stop it
+    S.HIBERNATED: frozenset({S.RESUMING, S.STOPPING}),
+    # Back to HIBERNATED when its node has no room now; a resume that fails drops the entry (the
+    # thread starts afresh).
+    S.RESUMING: frozenset({S.ACTIVE, S.HIBERNATED}),
 }
-LIVE = (S.STARTING, S.SPARE, S.ACTIVE, S.WARM)  # what counts toward replicas
+LIVE = (S.STARTING, S.SPARE, S.ACTIVE, S.WARM, S.RESUMING)  # what counts toward replicas
+ASLEEP = (S.HIBERNATING, S.HIBERNATED)  # counts toward no cap: no actor, no running container
 
 
 class IllegalTransition(SandboxError):
@@ -72,9 +82,11 @@ class Entry:
     version: int = 0
     spare: bool = False  # started ahead of need, for whichever thread comes first
     stop: str | None = None
-    resume_state: SandboxState | None = None  # where a called-off idle stop returns to
+    resume_state: SandboxState | None = None  # where a called-off idle stop (or failed hibernation) returns to
     cancel_requested: bool = False  # an acquire wants it back while its idle stop is pending
     committed: bool = False  # the stop can no longer be called off
+    hibernated_at: float | None = None  # pool clock, while HIBERNATED
+    image: str | None = None  # a snapshot's image, when started from one
 
     def move(self, new: SandboxState) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -106,6 +118,14 @@ class MustCheck:
 
 
 @dataclass(frozen=True)
+class MustResume:
+    """Start a HIBERNATED sandbox's container again (``entry`` is RESUMING now); stop ``evict`` first."""
+
+    entry: Entry
+    evict: tuple[Entry, ...] = ()
+
+
+@dataclass(frozen=True)
 class Claimed:
     """A pre-warmed spare was given to the thread: tell its actor (``entry.thread_id``)."""
 
@@ -130,7 +150,7 @@ class MustWait:
     evict: tuple[Entry, ...] = ()
 
 
-Decision = Acquired | MustCheck | Claimed | MustCreate | MustWait
+Decision = Acquired | MustCheck | MustResume | Claimed | MustCreate | MustWait
 
 
 class PoolState:
@@ -183,6 +203,10 @@ class PoolState:
     def _live(self) -> int:
         return len(self.in_state(*LIVE))
 
+    def _held(self) -> int:
+        """Sandboxes whose container runs or is being handled (what ``max_sandboxes`` caps)."""
+        return sum(1 for entry in self.entries.values() if entry.state not in ASLEEP)
+
     def _mark(self, sandbox_id: str) -> None:
         self.epoch += 1
         self._changed[sandbox_id] = self.epoch
@@ -231,25 +255,37 @@ class PoolState:
 
     # ── acquire ────────────────────────────────────────────────────────────
 
-    def acquire(self, sandbox_id: str, thread_id: str | None, busy: Collection[str] = ()) -> Decision:
+    def acquire(self, sandbox_id: str, thread_id: str | None, busy: Collection[str] = (),
+                image: str | None = None) -> Decision:
         """Decide what an acquire of ``sandbox_id`` gets (SPEC §3 order).
 
         1. active: return it; 2. warm: reclaim it once its actor confirms it
-        runs; 3./4. otherwise a spare, or create (the fleet adopts a live
-        SandboxActor of that id if one exists). Sandboxes in ``busy`` (an
-        operation is under way on them) are never evicted to make room.
+        runs; hibernated: resume it; 3./4. otherwise a spare, or create (the
+        fleet adopts a live SandboxActor of that id if one exists). With
+        ``image`` (a snapshot's) only a new sandbox will do. Sandboxes in
+        ``busy`` (an operation is under way on them) are never evicted to make room.
+
+        Raises:
+            InvalidRequest: ``image`` given for a sandbox that exists.
         """
         entry = self.entries.get(sandbox_id)
+        if entry is not None and image is not None:
+            raise InvalidRequest(
+                f"sandbox {sandbox_id} exists already ({entry.state.value}); a snapshot starts new sandboxes "
+                "only: destroy it first, or use another thread"
+            )
         if entry is not None:
             if entry.state is S.ACTIVE:
                 self._touch(entry)
                 return Acquired(entry, "hot")
             if entry.state is S.WARM:
                 return MustCheck(entry, entry.version)
+            if entry.state is S.HIBERNATED:
+                return self._resume(entry, busy)
             self.want_back(sandbox_id)
             return MustWait(sandbox_id, entry.state.value)
 
-        spares = self.in_state(S.SPARE)
+        spares = self.in_state(S.SPARE) if image is None else []
         if spares:
             entry = min(spares, key=lambda e: e.created_at)
             entry.move(S.ACTIVE)
@@ -261,13 +297,23 @@ class PoolState:
         if self._live() >= self.replicas:
             # At the cap with a spare on its way: it is the capacity this thread gets.
             coming = [e for e in self.entries.values() if e.spare and e.state is S.STARTING]
-            if coming:
+            if coming and image is None:
                 return MustWait(coming[0].sandbox_id, "starting")
         evict = self._evict_for_one_more(busy)
-        if self.max_sandboxes is not None and len(self.entries) >= self.max_sandboxes:
+        if self.max_sandboxes is not None and self._held() >= self.max_sandboxes:
             return MustWait(sandbox_id, "capacity", evict)
         over_soft_cap = self._live() >= self.replicas
-        return MustCreate(self._new(sandbox_id, thread_id, S.STARTING), evict, over_soft_cap)
+        return MustCreate(self._new(sandbox_id, thread_id, S.STARTING, image=image), evict, over_soft_cap)
+
+    def _resume(self, entry: Entry, busy: Collection[str]) -> MustResume | MustWait:
+        """A hibernated sandbox comes back: it needs room like a new one."""
+        evict = self._evict_for_one_more(busy)
+        if self.max_sandboxes is not None and self._held() >= self.max_sandboxes:
+            return MustWait(entry.sandbox_id, "capacity", evict)
+        entry.move(S.RESUMING)
+        self._touch(entry)
+        self._mark(entry.sandbox_id)
+        return MustResume(entry, evict)
 
     def reclaim(self, sandbox_id: str, version: int) -> Acquired | None:
         """WARM -> ACTIVE for a :class:`MustCheck` whose actor confirmed the sandbox runs.
@@ -289,7 +335,7 @@ class PoolState:
         pending = [e for e in self.entries.values() if e.spare and e.state in (S.STARTING, S.SPARE)]
         if len(pending) >= self.prewarm or self._live() >= self.replicas:
             return None
-        if self.max_sandboxes is not None and len(self.entries) >= self.max_sandboxes:
+        if self.max_sandboxes is not None and self._held() >= self.max_sandboxes:
             return None
         return self._new(sandbox_id, None, S.STARTING, spare=True)
 
@@ -369,12 +415,12 @@ class PoolState:
         return entry
 
     def begin_destroy(self, sandbox_id: str) -> Entry | MustWait | None:
-        """SPARE/ACTIVE/WARM/DOOMED -> STOPPING and return the entry to stop; wait if it is starting
-        or already stopping; None if unknown."""
+        """SPARE/ACTIVE/WARM/DOOMED/HIBERNATED -> STOPPING and return the entry to stop; wait if it is
+        starting, stopping, hibernating or resuming; None if unknown."""
         entry = self.entries.get(sandbox_id)
         if entry is None:
             return None
-        if entry.state in (S.STARTING, S.STOPPING):
+        if entry.state in (S.STARTING, S.STOPPING, S.HIBERNATING, S.RESUMING):
             return MustWait(sandbox_id, entry.state.value)
         return self._begin_stop(entry, "destroyed")
 
@@ -451,6 +497,91 @@ class PoolState:
         """The sandbox is gone (stopped, lost with its node, or its container vanished)."""
         self._drop(sandbox_id)
 
+    # ── hibernation ────────────────────────────────────────────────────────
+
+    def begin_hibernate(self, sandbox_id: str) -> Entry | MustWait | None:
+        """ACTIVE/WARM -> HIBERNATING (on demand); wait while something else is under way; None if
+        it is not a sandbox that runs."""
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.state in (S.HIBERNATED, S.DOOMED, S.SPARE):
+            return None
+        if entry.state not in (S.ACTIVE, S.WARM):
+            return MustWait(sandbox_id, entry.state.value)
+        resume = entry.state
+        entry.move(S.HIBERNATING)
+        entry.resume_state = resume
+        self._mark(sandbox_id)
+        return entry
+
+    def stop_to_hibernate(self, sandbox_id: str) -> Entry | None:
+        """A committed idle stop hibernates instead (idle_action: hibernate)."""
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.state is not S.STOPPING:
+            return None
+        entry.move(S.HIBERNATING)
+        self._mark(sandbox_id)
+        return entry
+
+    def hibernated(self, sandbox_id: str) -> Entry | None:
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.state is not S.HIBERNATING:
+            return None
+        entry.move(S.HIBERNATED)
+        entry.actor, entry.hibernated_at, entry.resume_state, entry.stop = None, self.clock(), None, None
+        entry.released_at = None
+        self._mark(sandbox_id)
+        return entry
+
+    def hibernate_failed(self, sandbox_id: str) -> None:
+        """The engine did not stop the container: the sandbox serves on as it was."""
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.state is not S.HIBERNATING:
+            return
+        entry.move(entry.resume_state or S.WARM)
+        if entry.state is S.WARM and entry.released_at is None:
+            entry.released_at = self.clock()
+        entry.resume_state, entry.stop = None, None
+        self._mark(sandbox_id)
+
+    def resumed(self, sandbox_id: str, actor: Any, info: dict[str, Any]) -> Entry | None:
+        """RESUMING -> ACTIVE: its container answers again, under ``actor``."""
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.state is not S.RESUMING:
+            return None
+        entry.move(S.ACTIVE)
+        entry.actor, entry.info, entry.hibernated_at = actor, dict(info), None
+        self._touch(entry)
+        self._mark(sandbox_id)
+        return entry
+
+    def resume_failed(self, sandbox_id: str) -> None:
+        """RESUMING -> HIBERNATED: no room to start it now; it sleeps on."""
+        entry = self.entries.get(sandbox_id)
+        if entry is None or entry.state is not S.RESUMING:
+            return
+        entry.move(S.HIBERNATED)
+        entry.hibernated_at = entry.hibernated_at or self.clock()
+        self._mark(sandbox_id)
+
+    def hibernated_found(self, sandbox_id: str, thread_id: str | None, info: dict[str, Any], asleep_for: float) -> bool:
+        """A hibernated sandbox a previous pool left (Ray's KV says so). False when already known."""
+        if sandbox_id in self.entries or (thread_id is not None and thread_id in self.threads):
+            return False
+        entry = self._new(sandbox_id, thread_id, S.HIBERNATED, info=dict(info))
+        entry.hibernated_at = self.clock() - max(asleep_for, 0.0)
+        return True
+
+    def expired_hibernated(self, ttl: float, most: int | None) -> list[Entry]:
+        """HIBERNATED sandboxes past ``ttl`` seconds (0: none), and the oldest beyond ``most``:
+        moved to STOPPING, to be removed for good."""
+        now = self.clock()
+        asleep = sorted(self.in_state(S.HIBERNATED), key=lambda e: e.hibernated_at or 0.0)
+        expired = [e for e in asleep if ttl > 0 and now - (e.hibernated_at or now) > ttl]
+        keep = [e for e in asleep if e not in expired]
+        if most is not None and len(keep) > most:
+            expired += keep[:len(keep) - most]
+        return [self._begin_stop(entry, "expired") for entry in expired]
+
     # ── idle ───────────────────────────────────────────────────────────────
 
     def idle_candidates(self) -> list[tuple[Entry, int]]:
@@ -502,5 +633,7 @@ class PoolState:
         return True
 
     def begin_shutdown(self) -> list[Entry]:
-        """Every SPARE, ACTIVE, WARM and DOOMED sandbox moves to STOPPING; returned for the pool to stop."""
-        return [self._begin_stop(entry, "shutdown") for entry in self.in_state(S.SPARE, S.ACTIVE, S.WARM, S.DOOMED)]
+        """Every SPARE, ACTIVE, WARM, DOOMED and HIBERNATED sandbox moves to STOPPING; returned for
+        the pool to stop."""
+        return [self._begin_stop(entry, "shutdown")
+                for entry in self.in_state(S.SPARE, S.ACTIVE, S.WARM, S.DOOMED, S.HIBERNATED)]

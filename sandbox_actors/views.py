@@ -16,8 +16,9 @@ class Lease:
     """What acquire returns: the sandbox and the actor that serves it.
 
     ``path`` is how it was obtained: 'hot' (already active), 'warm'
-    (reclaimed), 'prewarmed' (a spare sandbox, started ahead of need),
-    'cold' (a new container) or 'adopted' (a live sandbox the pool took over).
+    (reclaimed), 'resumed' (its hibernated container started again),
+    'prewarmed' (a spare sandbox, started ahead of need), 'cold' (a new
+    container) or 'adopted' (a live sandbox the pool took over).
     """
 
     sandbox_id: str
@@ -66,3 +67,30 @@ class ContainerView:
     engine_id: str
     node_id: str
     thread_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A sandbox's filesystem saved as an image (not its processes, not the thread mounts).
+
+    Attributes:
+        name: what it is called in its pool (``acquire(thread, snapshot=name)``).
+        image: the engine's image (``sandbox-actors-snapshot-<pool tag>:<name>``).
+        size: the image's size in bytes; seconds: how long the commit took.
+        engine_id, node_id: where it was taken (other nodes fetch it from there on first use).
+        created: when (unix time); sandbox_id, thread_id: of what.
+    """
+
+    name: str
+    image: str
+    size: int | None = None
+    seconds: float | None = None
+    engine_id: str | None = None
+    node_id: str | None = None
+    created: float = 0.0
+    sandbox_id: str | None = None
+    thread_id: str | None = None
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Snapshot:
+        return cls(**{key: record.get(key) for key in cls.__dataclass_fields__ if key in record})

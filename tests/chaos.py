@@ -34,7 +34,7 @@ WORKSPACE = "/mnt/user-data/workspace"
 # What killing things underneath a driver may cause: a dead sandbox, a start cut short, an
 # engine away for a moment.
 EXPECTED_ERRORS = {"SandboxDied", "ActorGone", "SandboxExited", "SandboxStartError", "ReadinessTimeout",
-                   "BackendUnavailable"}
+                   "BackendUnavailable", "SandboxNotFound"}
 # How long before an acquire a fault may still explain its sandbox's first operation failing: the
 # engine's death event reaches the pool within milliseconds, but a fault is not a clean instant.
 NOTICE_SECONDS = 2.0
@@ -57,10 +57,13 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
     first: dict[str, tuple[float, str, str]] = {}  # thread -> (acquire began, sandbox id, actor): first op pending
     first_failed: list[tuple[float, float, str, str, str]] = []  # (acquire began, failed, sandbox, actor, error)
     ended: list[tuple[float, str, str]] = []  # sandboxes this driver released or destroyed: (when, what, which)
+    unexpected: list[str] = []  # what went wrong beyond the expected errors, with its message
+    tries = 0
     deadline = time.monotonic() + duration
     while time.monotonic() < deadline:
         thread = rng.choice(THREADS)
-        op = rng.choice(["acquire", "exec", "exec", "write", "write", "read", "release", "destroy"])
+        op = rng.choice(["acquire", "exec", "exec", "write", "write", "read", "release", "destroy", "hibernate",
+                         "snapshot"])
         began = time.time()
         pending = None
         try:
@@ -93,16 +96,36 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
                 doomed = held.pop(thread)
                 ended.append((time.time(), "destroy", doomed.sandbox_id))
                 pool.destroy(doomed)
+            elif op == "hibernate":  # its actor ends: the other driver's handle is spent too
+                sleeper = held.pop(thread)
+                ended.append((time.time(), "hibernate", sleeper.sandbox_id))
+                pool.hibernate(sleeper)
+            elif op == "snapshot":  # a snapshot, one fork from it, both removed again
+                tries += 1  # names never reused: a failed try may leave its snapshot for the shutdown
+                snap = box.snapshot(f"{name}-{tries}")
+                fork_thread = f"{name}-fork-{tries}"
+                try:
+                    for fork in pool.fork(snap, [fork_thread]):
+                        assert fork.exec("echo forked").output.strip() == "forked"
+                finally:
+                    pool.destroy(pool.sandbox_id(fork_thread))
+                    try:
+                        pool.remove_snapshot(snap)
+                    except sandbox_actors.InvalidRequest:
+                        ops["snapshot_kept"] += 1  # its fork's destroy is still owed: shutdown removes it
             ops[op] += 1
         except sandbox_actors.SandboxError as exc:
             errors[type(exc).__name__] += 1
+            if type(exc).__name__ not in EXPECTED_ERRORS:
+                unexpected.append(f"{op}: {type(exc).__name__}: {str(exc)[:300]}")
             held.pop(thread, None)
             if pending is not None and isinstance(exc, (sandbox_actors.SandboxDied, sandbox_actors.BackendUnavailable)):
-                first_failed.append((pending[0], time.time(), pending[1], pending[2], type(exc).__name__))
+                first_failed.append((pending[0], time.time(), pending[1], pending[2],
+                                     f"{type(exc).__name__} in {op}: {str(exc)[:300]}"))
         except AssertionError as exc:
             errors[f"AssertionError: {exc}"] += 1
     print(json.dumps({"ops": ops, "errors": errors, "written": written, "first_failed": first_failed,
-                      "ended": ended}))
+                      "ended": ended, "unexpected": unexpected}))
 
 
 def killer(address: str, pool_name: str, namespace: str, seed: int, duration: float) -> None:
@@ -116,14 +139,15 @@ def killer(address: str, pool_name: str, namespace: str, seed: int, duration: fl
     client = docker.from_env()
     rng = random.Random(seed)
     faults: collections.Counter[str] = collections.Counter()
-    when: list[tuple[float, str, str]] = []  # (time, fault, sandbox id or '*')
+    when: list[tuple] = []  # (time, fault, its sandbox id, actor name or "*"[, until when])
     next_engine_restart = time.monotonic() + rng.uniform(20, ENGINE_RESTART_EVERY)
     deadline = time.monotonic() + duration
     while time.monotonic() < deadline:
         time.sleep(rng.uniform(0.5, 2.0))
         if time.monotonic() > next_engine_restart and time.monotonic() < deadline - 20:
-            when.append((time.time(), "engine_restart", "*"))
+            began = time.time()
             client = restart_engine(client)
+            when.append((began, "engine_restart", "*", time.time()))  # it lasts until the engine answers again
             faults["engine_restart"] += 1
             next_engine_restart = time.monotonic() + ENGINE_RESTART_EVERY
             continue
@@ -209,12 +233,13 @@ def restart_engine(client):  # noqa: ANN001, ANN201
 
 def unexplained(first_failed: list, when: list) -> list:  # noqa: ANN001
     """First operations that failed with nothing (a fault, a destroy, a release) on their sandbox,
-    its actor or everything, from NOTICE_SECONDS before their acquire began until they failed."""
-    return [
-        failure for failure in first_failed
-        if not any(failure[0] - NOTICE_SECONDS <= at <= failure[1] and target in ("*", failure[2], failure[3])
-                   for at, _fault, target in when)
-    ]
+    its actor or everything, from NOTICE_SECONDS before their acquire began until they failed (an
+    engine restart lasts from its start until the engine answers again)."""
+    def overlaps(failure, fault) -> bool:  # noqa: ANN001 - a fault is (began, kind, target[, ended])
+        began, ended = fault[0], fault[3] if len(fault) > 3 else fault[0]
+        return began <= failure[1] and ended >= failure[0] - NOTICE_SECONDS and fault[2] in ("*", failure[2], failure[3])
+
+    return [failure for failure in first_failed if not any(overlaps(failure, fault) for fault in when)]
 
 
 def pool_containers(client, pool_name: str, all: bool = False) -> list[dict]:
@@ -229,12 +254,23 @@ def snapshot(pool, client, namespace: str, pool_name: str) -> dict[str, set[str]
     containers = {c["Labels"]["sandbox-actors.sandbox-id"] for c in pool_containers(client, pool_name, all=True)}
     running = {c["Labels"]["sandbox-actors.sandbox-id"] for c in pool_containers(client, pool_name)}
     live = sandboxes_served(pool_name, namespace)
-    records = {row["sandbox_id"] for row in pool.list()}
-    return {"containers": containers, "running": running, "actors": live, "records": records}
+    rows = pool.list()
+    records = {row["sandbox_id"] for row in rows}
+    asleep = {row["sandbox_id"] for row in rows if row["state"] == "hibernated"}
+    return {"containers": containers, "running": running, "actors": live, "records": records, "asleep": asleep}
 
 
 def consistent(view: dict[str, set[str]]) -> bool:
-    return view["containers"] == view["running"] == view["actors"] == view["records"]
+    """Every record has its container; a running one has its actor, a hibernated one a stopped
+    container and no actor."""
+    awake = view["records"] - view["asleep"]
+    return (view["containers"] == view["records"] and view["running"] == view["actors"] == awake
+            and view["containers"] - view["running"] == view["asleep"])
+
+
+def snapshot_images(client, pool_name: str) -> list[str]:
+    return [i["Id"] for i in client.api.images(filters={"label": [f"sandbox-actors.pool={pool_name}",
+                                                                   "sandbox-actors.snapshot"]})]
 
 
 def main() -> int:
@@ -305,8 +341,9 @@ def run(seed: int, duration: float) -> int:
             while not consistent(view) and time.monotonic() < deadline:
                 time.sleep(0.5)
                 view = snapshot(pool, client, config.namespace, config.pool_name)
-            leaks = len(view["containers"] ^ view["actors"]) + len(view["records"] ^ view["actors"])
-            leaks += len(view["containers"] - view["running"])
+            awake = view["records"] - view["asleep"]
+            leaks = len(view["containers"] ^ view["records"]) + len(awake ^ view["actors"])
+            leaks += len((view["containers"] - view["running"]) ^ view["asleep"])
             lost = [w for r in results[:2] for w in r.get("written", [])
                     if not (thread_dir(base_dir, w[0]) / "workspace" / w[1]).is_file()
                     or (thread_dir(base_dir, w[0]) / "workspace" / w[1]).read_text() != w[2]]
@@ -316,24 +353,33 @@ def run(seed: int, duration: float) -> int:
             left = pool_containers(client, config.pool_name, all=True)
             for container in left:
                 client.api.remove_container(container["Id"], force=True)
+            images_left = snapshot_images(client, config.pool_name)
+            for image in images_left:
+                client.api.remove_image(image, force=True)
+            networks_left = client.api.networks(filters={"label": f"sandbox-actors.pool={config.pool_name}"})
             client.close()
             ray.shutdown()
     print(f"chaos run: seed {seed}, {duration:.0f}s of chaos, {time.monotonic() - started:.0f}s in all")
     print(f"  operations: {sum(ops.values())} ({', '.join(f'{k} {v}' for k, v in sorted(ops.items()))})")
     print(f"  faults injected: {sum(faults.values())} ({', '.join(f'{k} {v}' for k, v in sorted(faults.items()))})")
     print(f"  errors by type: {dict(sorted(errors.items())) or 'none'}")
-    print(f"  after quiescence: {len(view['records'])} sandboxes, containers = actors = records: {consistent(view)}")
+    print(f"  after quiescence: {len(view['records'])} sandboxes ({len(view['asleep'])} hibernated), "
+          f"containers = actors = records: {consistent(view)}")
     print(f"  workspace files written {sum(len(r['written']) for r in results[:2])}, lost {len(lost)}")
     print(f"  acquires whose first operation failed: {len(first_failed)}, of which with no fault to explain it: "
           f"{len(unexplained_failures)}")
     for failure in unexplained_failures:
         print(f"    UNEXPLAINED: sandbox {failure[2]} (actor {failure[3]}) acquired at {failure[0]:.3f}, "
               f"{failure[4]} at {failure[1]:.3f}")
-    print(f"  shutdown destroyed {shut.get('destroyed', 0)}, containers left {len(left)}")
-    print(f"  leaks found = {leaks + len(left)}")
+    print(f"  shutdown destroyed {shut.get('destroyed', 0)}, containers left {len(left)}, snapshot images left "
+          f"{len(images_left)}, networks left {len(networks_left)}")
+    leaks += len(left) + len(images_left) + len(networks_left)
+    print(f"  leaks found = {leaks}")
     for line in crashed:
         print(f"  CRASHED: {line}")
-    ok = (leaks == 0 and not left and not lost and not unexpected and not crashed and sum(faults.values()) > 0
+    for line in (u for r in results[:2] for u in r.get("unexpected", [])):
+        print(f"  UNEXPECTED ERROR: {line}")
+    ok = (leaks == 0 and not lost and not unexpected and not crashed and sum(faults.values()) > 0
           and not unexplained_failures)
     print("chaos run " + ("passed" if ok else f"FAILED (unexpected errors: {unexpected})"))
     return 0 if ok else 1

@@ -105,6 +105,13 @@ def silent_image(image: str) -> str:
     return tag
 
 
+def snapshot_images_of(client: docker.DockerClient, pool: str) -> list[str]:
+    """Tags (or ids) of a pool's snapshot images."""
+    found = client.images.list(filters={"label": [PROJECT_FILTER, f"sandbox-actors.pool={pool}",
+                                                  "sandbox-actors.snapshot"]})
+    return [(image.tags or [image.id])[0] for image in found]
+
+
 def networks_of(client: docker.DockerClient, pool: str | None = None) -> list:
     labels = [PROJECT_FILTER] + ([f"sandbox-actors.pool={pool}"] if pool else [])
     return client.networks.list(filters={"label": labels})
@@ -118,11 +125,12 @@ def firewall_rules_of(pool: str | None = None) -> list[str]:
 
 
 def leftovers_of(client: docker.DockerClient, pool: str) -> dict[str, list[str]]:
-    """Everything of a pool that may still exist on this machine: containers, networks, firewall
-    rules, socket directories."""
+    """Everything of a pool that may still exist on this machine: containers, snapshot images,
+    networks, firewall rules, socket directories."""
     socket_root = Path(default_socket_dir()) / pool_tag(pool)
     return {
         "containers": [c.name for c in containers_of(client, pool)],
+        "snapshot_images": snapshot_images_of(client, pool),
         "networks": [n.name for n in networks_of(client, pool)],
         "rules": firewall_rules_of(pool),
         "socket_dirs": [str(p) for p in socket_root.iterdir()] + [str(socket_root)] if socket_root.exists() else [],
@@ -132,6 +140,8 @@ def leftovers_of(client: docker.DockerClient, pool: str) -> dict[str, list[str]]
 def remove_leftovers(client: docker.DockerClient, pool: str) -> None:
     for container in containers_of(client, pool):
         container.remove(force=True)
+    for image in snapshot_images_of(client, pool):
+        client.images.remove(image, force=True)
     for network in networks_of(client, pool):
         network.remove()
     Firewall(pool_tag(pool), f"sbx-{pool_tag(pool)}").remove()
@@ -166,11 +176,11 @@ def config(pool_name: str, image: str, tmp_path: Path) -> SandboxConfig:
     )
 
 
-def run(coro):  # noqa: ANN001, ANN201 - tiny helper for async code in sync tests
+def run(coro):
     return asyncio.run(coro)
 
 
-def wait_until(predicate, timeout: float = 15.0, interval: float = 0.1):  # noqa: ANN001, ANN201
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.1):
     """Poll ``predicate`` until it returns something true or ``timeout`` passes; return its last value."""
     import time
 

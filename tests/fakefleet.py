@@ -55,7 +55,9 @@ class FakeFleet:
     boxes: dict[str, FakeContainer] = field(default_factory=dict)  # container id -> container
     silent: set[str] = field(default_factory=set)  # actor names that do not answer describe
     engine_down: bool = False
+    engine_lost: bool = False  # gone with its node: no reaper reaches it
     creates: int = 0
+    resumes: int = 0
     starting: int = 0
     prepared: dict[str, Any] = field(default_factory=dict)
     _gates: dict[str, asyncio.Event] = field(default_factory=dict)
@@ -125,7 +127,8 @@ class FakeFleet:
     def give_up_spare(self, node_id: str | None) -> bool:
         return False
 
-    async def start(self, actor: FakeActor, sandbox_id: str, thread_id: str | None) -> dict[str, Any]:
+    async def start(self, actor: FakeActor, sandbox_id: str, thread_id: str | None, resume: bool = False,
+                    image: str | None = None, image_from: Any = None) -> dict[str, Any]:
         await self._pass("start")
         if self.engine_down:
             raise BackendUnavailable("engine down")
@@ -134,6 +137,10 @@ class FakeFleet:
         if owner is not None:
             raise SandboxOwned(f"owned by {owner.name}", owner=owner.name)
         existing = next((c for c in self.boxes.values() if c.sandbox_id == sandbox_id and c.running), None)
+        stopped = next((c for c in self.boxes.values() if c.sandbox_id == sandbox_id and not c.running), None)
+        if existing is None and resume and stopped is not None:
+            stopped.running, existing = True, stopped
+            self.resumes += 1
         if existing is None:
             self.creates += 1
             existing = FakeContainer(sandbox_id, f"c{self.creates}-{sandbox_id}", thread_id)
@@ -191,6 +198,19 @@ class FakeFleet:
         actor.alive = False
         return True
 
+    async def hibernate(self, actor: FakeActor, sandbox_id: str) -> dict[str, Any]:
+        await self._pass("hibernate")
+        if not actor.alive:
+            raise ActorGone("gone")
+        if self.engine_down:
+            raise BackendUnavailable("Docker engine did not answer")
+        self.boxes[actor.container_id or ""].running = False
+        actor.alive = False
+        return actor.describe()
+
+    async def snapshot_images(self, engines: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        return {ENGINE: []}
+
     async def _remove_container_of(self, actor: FakeActor) -> None:
         if actor.container_id is not None:
             self.boxes.pop(actor.container_id, None)
@@ -206,15 +226,18 @@ class FakeFleet:
         await self._pass("alive_nodes")
         return {NODE}
 
+    def reaper_on(self, node_id: str | None) -> Any:
+        return "reaper" if node_id == NODE else None
+
     async def engines(self) -> dict[str, tuple[Any, str]]:
         await self._pass("engines")
-        return {ENGINE: ("reaper", NODE)}
+        return {} if self.engine_lost else {ENGINE: ("reaper", NODE)}
 
     async def prepare(self, engines: dict[str, Any], strict: bool) -> None:
         pass
 
     async def containers(self, engines: dict[str, Any]) -> tuple[list[ContainerView], set[str]]:
-        if self.engine_down:
+        if self.engine_down or self.engine_lost:
             return [], set()
         return [c.view() for c in self.boxes.values()], {ENGINE}
 
@@ -228,7 +251,7 @@ class FakeFleet:
         return {} if found is not None and found.running else None
 
     async def remove_everywhere(self, sandbox_id: str, container_id: str | None, engine_id: str | None) -> bool:
-        if self.engine_down:
+        if self.engine_down or self.engine_lost:
             return False
         for cid in [c for c, found in self.boxes.items() if found.sandbox_id == sandbox_id]:
             del self.boxes[cid]

@@ -66,6 +66,20 @@ def main(image: str) -> dict:
     try:
         out["pool_node"] = ray.get(pool.pool.ping.remote())
 
+        # Snapshot and fork: a snapshot taken on one worker starts sandboxes on both (a node whose
+        # engine lacks the image fetches it from the snapshot's engine; here the nodes share one).
+        source = pool.acquire("snap-source")
+        source.exec("echo prepared > /tmp/env.txt")
+        snap = source.snapshot("multinode-env")
+        started = time.monotonic()
+        forks = list(pool.fork(snap, ["fork-1", "fork-2"]))
+        out["fork"] = {"seconds": time.monotonic() - started, "snapshot_node": snap.node_id,
+                       "nodes": sorted(f.info["node_id"] for f in forks),
+                       "env": [f.read_file("/tmp/env.txt").strip() for f in forks]}
+        for box in (source, *forks):
+            pool.destroy(box)
+        out["fork"]["removed"] = pool.remove_snapshot(snap)
+
         # Placement: 4 sandboxes fill both workers' 2 slots each; none lands on the head.
         boxes = {t: pool.acquire(t) for t in ("a", "b", "c", "d")}
         out["placement"] = {t: b.info["node_id"] for t, b in boxes.items()}
@@ -120,6 +134,9 @@ def main(image: str) -> dict:
             box = pool.acquire(thread)
             box.write_file(f"{WORKSPACE}/before-loss.txt", f"{thread} was here")
             box.exec("echo in-container > /tmp/state.txt")
+        # "a" sleeps through the loss: its stopped container is on an engine the surviving
+        # worker shares, so it resumes there (with an engine of its own, it would start afresh).
+        pool.hibernate("a")
         survivors_free = [r for r in pool.list() if r["node_id"] != victim_node]
         out["sandboxes_on_survivor_before"] = len(survivors_free)
         victim = next(w for w in workers if w.node_id == victim_node)
@@ -127,8 +144,8 @@ def main(image: str) -> dict:
         lost_at = time.monotonic()
 
         def moved():
-            rows = [r for r in pool.list() if r["thread_id"] in on_victim]
-            return len(rows) == len(on_victim) and all(r["node_id"] not in (None, victim_node) for r in rows)
+            rows = [r for r in pool.list() if r["thread_id"] in on_victim and r["thread_id"] != "a"]
+            return len(rows) == len(on_victim) - 1 and all(r["node_id"] not in (None, victim_node) for r in rows)
 
         wait_until(moved, timeout=4 * config.reconcile_interval + 30, interval=0.25)
         out["recovered_after"] = time.monotonic() - lost_at
@@ -136,6 +153,7 @@ def main(image: str) -> dict:
         for thread in on_victim:
             box = pool.acquire(thread)
             after[thread] = {
+                "path": box.path,
                 "node": box.info["node_id"],
                 "workspace": box.read_file(f"{WORKSPACE}/before-loss.txt"),
                 "exec": box.exec("echo alive").output.strip(),

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-TIME_KEYS = ["floor", "cold", "warm", "hot", "prewarmed", "cross_process", "exec_actor", "exec_direct"]
+TIME_KEYS = ["floor", "cold", "warm", "hot", "prewarmed", "cross_process", "exec_actor", "exec_direct", "hibernate",
+             "resume", "snapshot"]
 
 
 @pytest.mark.slow
@@ -22,9 +23,10 @@ def test_bench_tiny_writes_every_figure(image, tmp_path, docker_client):
     figures = json.loads(out.read_text())
     for key in TIME_KEYS:
         assert set(figures[key]) >= {"p50", "p95", "max", "n"} and figures[key]["n"] > 0, key
-    for key in ("burst", "floor_burst", "burst_default"):
+    for key in ("burst", "floor_burst", "burst_default", "fork_burst"):
         assert figures[key]["ok"] == figures[key]["n"] == 3, key
-    assert figures["actor_uss_mb"] > 0
+    assert figures["actor_uss_mb"] > 0 and figures["hibernate_frees_mb"] > figures["actor_uss_mb"] / 2
     assert "p50/floor" in result.stdout  # the table with ratios
     leftovers = docker_client.containers.list(all=True, filters={"label": "sandbox-actors.project=sandbox-actors"})
     assert leftovers == []
+    assert docker_client.images.list(filters={"label": "sandbox-actors.snapshot"}) == []  # snapshots went too

@@ -133,3 +133,15 @@ def test_skills_and_host_base_dir(tmp_path: Path):
     skills_mount = [m for m in mounts if m.container_path == "/mnt/skills"]
     assert skills_mount and skills_mount[0].read_only
     assert mounts[-1].container_path == "/mnt/data" and mounts[-1].read_only
+
+
+def test_lifecycle_keys_are_validated_and_hibernation_needs_the_docker_backend():
+    config = load_config({"idle_action": "hibernate", "hibernate_ttl": 60, "max_hibernated": 3, "snapshot_ttl": 600})
+    assert (config.idle_action, config.hibernate_ttl, config.max_hibernated) == ("hibernate", 60, 3)
+    assert SandboxConfig().idle_action == "destroy"  # as the original provider
+    with pytest.raises(ConfigError, match="idle_action"):
+        load_config({"idle_action": "sleep"})
+    with pytest.raises(ConfigError, match="max_hibernated"):
+        load_config({"max_hibernated": -1})
+    with pytest.raises(ConfigError, match="idle_action: hibernate"):
+        load_config({"idle_action": "hibernate", "provisioner_url": "http://127.0.0.1:9"})

@@ -65,6 +65,8 @@ def observed(image) -> dict:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     data = json.loads(result.stdout.strip().splitlines()[-1])
     data["raylets_left"] = sorted(raylets() - before)
+    print(f"multinode figures: node-loss recovery {data['recovered_after']:.1f}s; "
+          f"2 forks from a snapshot of another node {data['fork']['seconds']:.2f}s")
     return data
 
 
@@ -101,7 +103,17 @@ def test_node_loss_moves_threads_to_a_live_node_with_their_files(observed):
         assert after["tmp_state"] == "in-container"  # the shared engine's container was re-adopted
         assert after["containers"] == 1
     assert all(count == 1 for count in observed["containers_per_thread"].values())  # never two
-    assert observed["counters"]["readopted"] >= len(observed["threads_on_victim"])
+    assert observed["after_loss"]["a"]["path"] == "resumed"  # hibernated through the loss
+    assert observed["counters"]["readopted"] >= len(observed["threads_on_victim"]) - 1
+    assert observed["counters"]["resumed"] == 1
+
+
+@pytest.mark.slow
+def test_a_snapshot_forks_onto_both_workers(observed):
+    fork = observed["fork"]
+    assert fork["env"] == ["prepared", "prepared"]
+    assert len(set(fork["nodes"]) | {fork["snapshot_node"]}) == 2  # not all on the snapshot's node
+    assert fork["removed"] is True
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from backends.errors import (
     BackendError,
     BackendUnauthorized,
     BackendUnavailable,
+    NotSupported,
     ReadinessTimeout,
 )
 from backends.provisioner import ProvisionerBackend
@@ -349,3 +350,13 @@ def test_sandbox_api_sends_public_urls_through_the_proxy_and_local_ones_direct(m
     assert seen == [b"GET http://sandbox-7.sandboxes.example.com:8080/v1/sandbox HTTP/1.1",
                     b"GET /v1/sandbox HTTP/1.1"]
 
+
+
+def test_hibernate_and_snapshot_say_the_provisioner_cannot(ray_address, config, service_factory):
+    with provisioner_pool(config, service_factory()) as pool:
+        box = pool.acquire("lifecycle")
+        with pytest.raises(NotSupported, match="provisioner backend cannot hibernate"):
+            pool.hibernate(box)
+        with pytest.raises(NotSupported, match="provisioner backend cannot snapshot"):
+            box.snapshot("nope")
+        assert box.exec("echo still serving").output.strip() == "still serving"

@@ -60,8 +60,12 @@ ENV LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 SANDBOX_USER={COMMAND_USER}
 LABEL sandbox-actors.api-socket="{API_SOCKET}" sandbox-actors.command-users='{COMMAND_USERS}'
 WORKDIR /home/{COMMAND_USER}
 EXPOSE 8080
-CMD ["python3", "-u", "/opt/sandbox/server.py"]
+CMD ["/usr/bin/python3", "-I", "-S", "-u", "/opt/sandbox/server.py"]
 """
+# The server starts as root from a filesystem the agent wrote to (a resumed or forked sandbox's),
+# and the agent owns /usr/local: so an absolute interpreter (not a python3 it put first on PATH),
+# and neither site-packages (a .pth of its) nor PYTHON* variables (-I -S: the server needs the
+# standard library only).
 
 
 class ImageBuildError(SandboxError):

@@ -1,0 +1,104 @@
+"""Resume, expiry and rediscovery of hibernated sandboxes (hibernating itself is a kind of stop:
+:meth:`~sandbox_actors.lifecycle.Lifecycle.hibernate_later`).
+
+A hibernated sandbox's container is stopped with its filesystem kept and its
+actor ended; the same container starts again under a new actor on its node when
+its thread comes back. What is hibernated is recorded in Ray's KV, so a
+restarted pool keeps those stopped containers instead of reaping them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from .errors import PoolExhausted, SandboxError, SandboxNotFound
+from .lifecycle import Lifecycle, lease
+from .state import Entry
+from .views import Lease
+
+logger = logging.getLogger(__name__)
+
+
+def resume_later(life: Lifecycle, entry: Entry) -> asyncio.Task[Lease | None]:
+    """Start a RESUMING sandbox's container again under a new actor on its node (the 'resume'
+    operation). The task returns None when it could not be resumed: the sandbox is removed then
+    and the acquire starts a fresh one."""
+    return life.ops.start(entry.sandbox_id, "resume", resume(life, entry))
+
+
+async def resume(life: Lifecycle, entry: Entry) -> Lease | None:
+    sandbox_id, engine_id = entry.sandbox_id, entry.info.get("engine_id")
+    began = time.monotonic()
+    try:
+        node_id = await _node_with_engine(life, engine_id, entry.info.get("node_id"))
+        actor, info = await life.start_sandbox(sandbox_id, entry.thread_id, node_id=node_id, resume=True)
+    except PoolExhausted:
+        life.state.resume_failed(sandbox_id)  # no room on its node now: it stays hibernated
+        life.notify()
+        raise
+    except SandboxError as exc:
+        logger.warning("sandbox %s could not be resumed (%s); its thread gets a new sandbox", sandbox_id,
+                       exc.message)
+        await _remove_asleep(life, entry)
+        life.tally.count("resume_failed")
+        return None
+    await asyncio.to_thread(life.records.drop_hibernated, sandbox_id)
+    resumed = life.state.resumed(sandbox_id, actor, info)
+    life.notify()
+    if resumed is None:  # let go of meanwhile (shutting down)
+        life.fleet.later(life.fleet.discard(actor))
+        return None
+    life.tally.count("resumed")
+    logger.info("sandbox %s resumed in %.2fs", sandbox_id, time.monotonic() - began)
+    return lease(resumed, "resumed")
+
+
+async def _node_with_engine(life: Lifecycle, engine_id: str | None, was_on: str | None) -> str | None:
+    """A live node whose engine holds the stopped container: the one it slept on, else another
+    on the same engine (nodes may share one).
+
+    Raises:
+        SandboxNotFound: no live node reaches that engine (lost with its node).
+    """
+    engines = await life.fleet.engines()
+    if engine_id is None or engine_id not in engines:
+        raise SandboxNotFound(f"no live node reaches engine {str(engine_id)[:12]}, which held its container")
+    return was_on if was_on in await life.fleet.alive_nodes() else engines[engine_id][1]
+
+
+async def _remove_asleep(life: Lifecycle, entry: Entry) -> None:
+    """A hibernated sandbox is given up: its stopped container (where its engine still answers)
+    and its records go."""
+    with contextlib.suppress(SandboxError):
+        await life.fleet.remove_everywhere(entry.sandbox_id, entry.container_id, entry.info.get("engine_id"))
+    if life.state.entry(entry.sandbox_id) is not None:
+        life.state.removed(entry.sandbox_id)
+    await asyncio.to_thread(life.records.drop_hibernated, entry.sandbox_id)
+    life.notify()
+
+
+def expire(life: Lifecycle) -> None:
+    """Remove hibernated sandboxes past ``hibernate_ttl`` and the oldest beyond ``max_hibernated``."""
+    config = life.config
+    for entry in life.state.expired_hibernated(config.hibernate_ttl, config.max_hibernated):
+        if life.ops.get(entry.sandbox_id) is None:
+            logger.info("hibernated sandbox %s expired; removing it", entry.sandbox_id)
+            life.stop_later(entry)
+
+
+def load(life: Lifecycle, records: dict[str, dict[str, Any]], changed: set[str]) -> None:
+    """Hibernated sandboxes a previous pool recorded (``records``, from Ray's KV) become entries
+    again. Call after the last await of a reconcile pass: ``changed`` are ids the pool touched
+    since the records were read."""
+    now = time.time()
+    for sandbox_id, record in records.items():
+        if sandbox_id in changed or life.state.entry(sandbox_id) is not None:
+            continue
+        info = {key: record.get(key) for key in ("container_id", "engine_id", "node_id", "container_name")}
+        thread_id = record.get("thread_id")
+        since = float(record.get("since") or now)
+        life.state.hibernated_found(sandbox_id, str(thread_id) if thread_id else None, info, now - since)
