@@ -91,7 +91,8 @@ class SandboxSpec:
 
 @dataclass(frozen=True)
 class ContainerEvent:
-    """The engine saw a container of ours die ('die', 'oom') or go ('destroy')."""
+    """The engine saw a container of ours die ('die', 'oom') or go ('destroy'), or found it stopped when
+    following began ('exited')."""
 
     sandbox_id: str
     container_id: str

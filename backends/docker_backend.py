@@ -695,14 +695,22 @@ class DockerBackend(Backend):
 
     def container_events(self, pool: str) -> Iterator[ContainerEvent]:
         """Deaths of ``pool``'s containers, as the engine reports them (blocking: run it in a thread).
-        Ends when the engine's stream does (an engine restart): call again to follow on."""
-        filters = {"type": "container", "event": ["die", "oom", "destroy"],
-                   "label": [f"{LABEL_PROJECT}={PROJECT}", f"{LABEL_POOL}={pool}"]}
+        Ends when the engine's stream does (an engine restart): call again to follow on. Each call
+        first reports every container of the pool that is not running: deaths while nobody
+        followed (an engine restart stops them all, and a restarted engine keeps no event history)
+        are not lost."""
+        labels = [f"{LABEL_PROJECT}={PROJECT}", f"{LABEL_POOL}={pool}"]
+        filters = {"type": "container", "event": ["die", "oom", "destroy"], "label": labels}
         with engine_errors("follow container events"):
             # A client of its own: the stream holds its connection for as long as it runs.
             client = connect(self._base_url, self._timeout)
             try:
-                for event in client.events(decode=True, filters=filters):
+                stream = client.events(decode=True, filters=filters)  # following from here on...
+                for summary in client.api.containers(all=True, filters={"label": labels, "status": "exited"}):
+                    sandbox_id = (summary.get("Labels") or {}).get(LABEL_SANDBOX_ID)  # ...and what came before
+                    if sandbox_id:
+                        yield ContainerEvent(sandbox_id, str(summary.get("Id") or ""), "exited")
+                for event in stream:
                     attributes = (event.get("Actor") or {}).get("Attributes") or {}
                     sandbox_id = attributes.get(LABEL_SANDBOX_ID)
                     if sandbox_id:

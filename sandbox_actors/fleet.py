@@ -381,12 +381,19 @@ class Fleet:
         engines = await self.engines()
         if engine_id is not None and engine_id not in engines:
             return False  # that engine's reaper did not answer
-        containers, _seen = await self.containers(engines)
-        removed = True
-        for container in containers:
-            if container.sandbox_id == sandbox_id and container_id in (None, container.container_id):
-                removed &= await self.remove(engines, container)
-        return removed
+
+        def its(found: list[ContainerView]) -> list[ContainerView]:
+            return [c for c in found if c.sandbox_id == sandbox_id and container_id in (None, c.container_id)]
+
+        containers, seen = await self.containers(engines)
+        mine = its(containers)
+        if not mine:
+            return engine_id is None or engine_id in seen  # gone, if its engine could be asked
+        for container in mine:
+            await self.remove(engines, container)  # False: gone meanwhile (fine), or no longer ours
+        # Confirmed only by a look afterwards: a container removed under us is just as gone.
+        left, seen = await self.containers(engines)
+        return all(c.engine_id in seen for c in mine) and not its(left)
 
     async def sweep(self) -> dict[str, int]:
         """Remove whatever of the pool still exists: actors, containers, networks, then the reapers."""

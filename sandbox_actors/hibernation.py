@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from .errors import PoolExhausted, SandboxError, SandboxNotFound
+from .errors import BackendUnavailable, PoolExhausted, SandboxError, SandboxNotFound
 from .lifecycle import Lifecycle, lease
 from .state import Entry
 from .views import Lease
@@ -36,8 +36,8 @@ async def resume(life: Lifecycle, entry: Entry) -> Lease | None:
     try:
         node_id = await _node_with_engine(life, engine_id, entry.info.get("node_id"))
         actor, info = await life.start_sandbox(sandbox_id, entry.thread_id, node_id=node_id, resume=True)
-    except PoolExhausted:
-        life.state.resume_failed(sandbox_id)  # no room on its node now: it stays hibernated
+    except (PoolExhausted, BackendUnavailable):
+        life.state.resume_failed(sandbox_id)  # no room on its node, or its engine away: it sleeps on
         life.notify()
         raise
     except SandboxError as exc:
@@ -62,12 +62,17 @@ async def _node_with_engine(life: Lifecycle, engine_id: str | None, was_on: str 
     on the same engine (nodes may share one).
 
     Raises:
-        SandboxNotFound: no live node reaches that engine (lost with its node).
+        SandboxNotFound: its node is gone and no live node reaches its engine (lost with the node).
+        BackendUnavailable: its node lives but its engine does not answer now (retry later).
     """
     engines = await life.fleet.engines()
-    if engine_id is None or engine_id not in engines:
-        raise SandboxNotFound(f"no live node reaches engine {str(engine_id)[:12]}, which held its container")
-    return was_on if was_on in await life.fleet.alive_nodes() else engines[engine_id][1]
+    alive = await life.fleet.alive_nodes()
+    if engine_id is not None and engine_id in engines:
+        return was_on if was_on in alive else engines[engine_id][1]
+    if was_on in alive:
+        raise BackendUnavailable(f"the engine that holds the hibernated container (node {str(was_on)[:12]}) does "
+                                 "not answer; retry")
+    raise SandboxNotFound(f"its node {str(was_on)[:12]} is gone and no live node reaches its engine")
 
 
 async def _remove_asleep(life: Lifecycle, entry: Entry) -> None:

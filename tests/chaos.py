@@ -74,7 +74,11 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
                 first[thread] = (began, held[thread].sandbox_id, held[thread].info.get("actor_name", ""))
                 ops[op] += 1
                 continue
+            # A sandbox answers its first simple operation; a snapshot (it forks and destroys
+            # another sandbox) or a hibernation is not such a probe of it.
             pending = first.pop(thread, None)
+            if op not in ("exec", "write", "read"):
+                pending = None
             if op == "exec":
                 result = box.exec("echo $((6 * 7))", timeout=30)
                 assert result.output.strip() == "42", result

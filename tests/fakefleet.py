@@ -224,7 +224,7 @@ class FakeFleet:
 
     async def alive_nodes(self) -> set[str]:
         await self._pass("alive_nodes")
-        return {NODE}
+        return set() if self.engine_lost else {NODE}
 
     def reaper_on(self, node_id: str | None) -> Any:
         return "reaper" if node_id == NODE else None

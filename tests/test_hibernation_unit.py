@@ -181,3 +181,21 @@ def test_a_hibernated_sandbox_whose_engine_is_gone_gives_its_thread_a_new_sandbo
         assert pool._life.records.hibernated() == {}
 
     run(body)
+
+
+def test_a_resume_while_its_engine_is_away_fails_typed_and_the_sandbox_sleeps_on():
+    async def body():
+        pool, fleet = make(idle_action="hibernate")
+        await pool.ping()
+        box = await pool.acquire("t1")
+        await pool.hibernate(box.sandbox_id)
+        fleet.engine_down = True  # its node lives; its engine does not answer for a moment
+        with pytest.raises(BackendUnavailable):
+            await pool.acquire("t1")
+        assert pool._state.entry(box.sandbox_id).state is SandboxState.HIBERNATED
+        assert box.info["container_id"] in fleet.boxes  # nothing given up
+        fleet.engine_down = False
+        again = await pool.acquire("t1")
+        assert again.path == "resumed" and again.info["container_id"] == box.info["container_id"]
+
+    run(body)

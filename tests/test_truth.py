@@ -82,6 +82,33 @@ def _engine_answers(docker) -> bool:  # noqa: ANN001
 
 
 @pytest.mark.slow
+def test_deaths_while_the_engine_restarted_reach_the_pool_when_it_is_back(ray_address, config, docker_client,
+                                                                         tmp_path):
+    # No reconcile to save the day: the engine keeps no event history across its restart, so the
+    # reaper must look for what died while nobody could follow.
+    client = sandbox_actors.connect(config.model_copy(update={"reconcile_interval": 600}))
+    pid, command = _dockerd()
+    restarted = False
+    try:
+        box = client.acquire("restarted")
+        os.kill(pid, signal.SIGTERM)  # the engine goes, and its containers with it
+        assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=60, interval=0.2)
+        _restart_engine(command, tmp_path / "dockerd.log")
+        restarted = True
+        # Nobody uses the sandbox; the pool learns of its death and removes it.
+        assert wait_until(lambda: not any(r["thread_id"] == "restarted" for r in client.list()), timeout=30), \
+            client.list()
+        again = client.acquire("restarted")
+        assert again.path == "cold" and again.info["container_id"] != box.info["container_id"]
+        assert again.exec("echo answers").output.strip() == "answers"
+    finally:
+        if not restarted and not Path(f"/proc/{pid}").exists():
+            _restart_engine(command, tmp_path / "dockerd.log")
+        client.shutdown()
+    assert_no_actors_left(config.pool_name)
+
+
+@pytest.mark.slow
 def test_destroy_says_so_when_the_engine_did_not_answer_and_the_intent_survives_a_pool_restart(
     ray_address, config, docker_client, tmp_path
 ):
