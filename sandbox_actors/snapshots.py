@@ -118,13 +118,21 @@ async def remove(life: Lifecycle, name: str) -> bool:
 
 
 async def remove_all(life: Lifecycle) -> int:
-    """Remove every snapshot of the pool (its shutdown); returns how many."""
+    """Remove every snapshot of the pool (its shutdown), recorded or not (a commit whose record
+    was never written: its pool died in between); returns how many images went."""
     removed = 0
     for name in sorted(await refresh(life)):
         try:
             removed += await remove(life, name)
         except SandboxError as exc:
             logger.warning("could not remove snapshot %s: %s", name, exc.message)
+    engines = await life.fleet.engines()
+    for engine_id, listed in (await life.fleet.snapshot_images(engines)).items():
+        for image in listed:
+            try:
+                removed += await life.fleet.remove_image(engines, engine_id, str(image["image"]))
+            except SandboxError as exc:
+                logger.warning("could not remove snapshot image %s: %s", image["image"], exc.message)
     return removed
 
 
