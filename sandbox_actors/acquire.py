@@ -18,6 +18,7 @@ from .lifecycle import Lifecycle, lease
 from .state import (
     Acquired,
     Claimed,
+    Entry,
     MustCheck,
     MustCreate,
     MustResume,
@@ -115,20 +116,39 @@ async def _wait_for(life: Lifecycle, decision: MustWait, deadline: float) -> Non
         await life.changed.wait(min(0.05, max(0.0, remaining)))  # its operation is about to start
 
 
+async def _when_free(life: Lifecycle, sandbox_id: str, begin: Callable[[str], Entry | MustWait | None]
+                     ) -> Entry | None:
+    """Once no operation is under way on the sandbox, what ``begin`` makes of it (an entry to act
+    on, or None when there is nothing to do); asks again while it says wait."""
+    while True:
+        if life.ops.get(sandbox_id) is not None:
+            await life.ops.wait(sandbox_id)
+            continue
+        found = begin(sandbox_id)
+        if not isinstance(found, MustWait):
+            return found
+        await life.changed.wait(0.05)
+
+
 async def destroy(life: Lifecycle, sandbox_id: str) -> bool:
     """Stop and remove a sandbox once no other operation is under way on it; False when unknown.
 
     Raises:
         BackendUnavailable: its engine did not confirm the removal (the sandbox is DOOMED).
     """
-    while True:
-        if life.ops.get(sandbox_id) is not None:
-            await life.ops.wait(sandbox_id)
-            continue
-        found = life.state.begin_destroy(sandbox_id)
-        if found is None:
-            return False
-        if isinstance(found, MustWait):
-            await life.changed.wait(0.05)
-            continue
-        return await asyncio.shield(life.stop_later(found))
+    found = await _when_free(life, sandbox_id, life.state.begin_destroy)
+    return False if found is None else await asyncio.shield(life.stop_later(found))
+
+
+async def hibernate(life: Lifecycle, sandbox_id: str) -> bool:
+    """Hibernate a running sandbox once no other operation is under way on it; True when it is
+    hibernated (also already), False when it is not a sandbox that runs.
+
+    Raises:
+        BackendUnavailable: the engine did not stop it; it serves on.
+    """
+    found = await _when_free(life, sandbox_id, life.state.begin_hibernate)
+    if found is None:
+        entry = life.state.entry(sandbox_id)
+        return entry is not None and entry.state is SandboxState.HIBERNATED
+    return await asyncio.shield(life.hibernate_later(found))

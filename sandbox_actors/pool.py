@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import hibernation, snapshots
-from .acquire import acquire, destroy
+from .acquire import acquire, destroy, hibernate
 from .config import SandboxConfig
 from .errors import (
     ConfigError,
@@ -36,7 +36,7 @@ from .lifecycle import Lifecycle, lease
 from .metrics import PoolMetrics, Tally
 from .reconciler import Reconciler
 from .records import PoolRecords
-from .state import MustWait, PoolState, SandboxState
+from .state import PoolState, SandboxState
 from .threads import anonymous_sandbox_id, sandbox_id_for, validate_thread_id
 from .views import Lease
 
@@ -212,19 +212,7 @@ class SandboxPool:
         if self._config.backend.kind != "docker":
             raise NotSupported(f"the {self._config.backend.kind} backend cannot hibernate sandboxes",
                                feature="hibernate")
-        life = self._life
-        while True:
-            if life.ops.get(sandbox_id) is not None:
-                await life.ops.wait(sandbox_id)
-                continue
-            found = self._state.begin_hibernate(sandbox_id)
-            if found is None:
-                entry = self._state.entry(sandbox_id)
-                return entry is not None and entry.state is SandboxState.HIBERNATED
-            if isinstance(found, MustWait):
-                await life.changed.wait(0.05)
-                continue
-            return await asyncio.shield(life.hibernate_later(found))
+        return await hibernate(self._life, sandbox_id)
 
     async def snapshot(self, sandbox_id: str, name: str | None = None) -> dict[str, Any]:
         """Save a running sandbox's filesystem (not its processes, not the thread mounts) as a
