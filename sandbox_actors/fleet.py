@@ -40,6 +40,7 @@ class Fleet:
         self._spares: list[tuple[Any, str, str]] = []  # placed, idle SandboxActors: (handle, name, node id)
         self._launching: dict[str, Any] = {}  # name -> actor started but not yet serving a sandbox
         self._reapers: dict[str, Any] = {}  # node id -> reaper
+        self.engine_on: dict[str, str] = {}  # node id -> engine id, for reapers that answered last time
         self._refilling: asyncio.Task[None] | None = None
         self._spawning = 0  # spawns in flight in worker threads (they cannot be cancelled)
         self.starting = 0  # sandbox starts in flight (refills wait for them: they compete for CPU)
@@ -316,6 +317,7 @@ class Fleet:
             {n: self._reapers[n].identity.remote() for n in sorted(self._reapers)}, REAPER_TIMEOUT, "reaper"
         )
         engines: dict[str, tuple[Any, str]] = {}
+        self.engine_on = {}
         for node_id, identity in identities.items():
             if isinstance(identity, BaseException):
                 logger.warning("reaper on node %s did not answer: %s", node_id[:12], identity)
@@ -326,6 +328,7 @@ class Fleet:
             reaper = self._reapers.get(node_id)
             if reaper is not None:
                 engines.setdefault(identity[0], (reaper, node_id))
+                self.engine_on[node_id] = identity[0]
         return engines
 
     async def prepare(self, engines: dict[str, tuple[Any, str]], strict: bool) -> None:

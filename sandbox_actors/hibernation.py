@@ -68,7 +68,9 @@ async def _node_with_engine(life: Lifecycle, engine_id: str | None, was_on: str 
     engines = await life.fleet.engines()
     alive = await life.fleet.alive_nodes()
     if engine_id is not None and engine_id in engines:
-        return was_on if was_on in alive else engines[engine_id][1]
+        # Its own node only when that node's reaper answered: a node just lost may still be
+        # listed alive by Ray for a while, and an actor pinned to it would never be placed.
+        return was_on if life.fleet.engine_on.get(was_on) == engine_id else engines[engine_id][1]
     if was_on in alive:
         raise BackendUnavailable(f"the engine that holds the hibernated container (node {str(was_on)[:12]}) does "
                                  "not answer; retry")
