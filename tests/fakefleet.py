@@ -229,6 +229,10 @@ class FakeFleet:
     def reaper_on(self, node_id: str | None) -> Any:
         return "reaper" if node_id == NODE else None
 
+    @property
+    def engine_on(self) -> dict[str, str]:
+        return {} if self.engine_lost or self.engine_down else {NODE: ENGINE}
+
     async def engines(self) -> dict[str, tuple[Any, str]]:
         await self._pass("engines")
         return {} if self.engine_lost else {ENGINE: ("reaper", NODE)}

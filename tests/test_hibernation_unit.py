@@ -199,3 +199,28 @@ def test_a_resume_while_its_engine_is_away_fails_typed_and_the_sandbox_sleeps_on
         assert again.path == "resumed" and again.info["container_id"] == box.info["container_id"]
 
     run(body)
+
+
+def test_a_resume_goes_to_another_node_on_its_engine_while_ray_still_lists_its_lost_node():
+    """Right after a node is lost Ray still lists it alive, but its reaper no longer answers:
+    an actor pinned there would never be placed (the multinode run's PoolExhausted)."""
+    from types import SimpleNamespace
+
+    from sandbox_actors.hibernation import _node_with_engine
+
+    class Fleet:
+        def __init__(self, answering: dict[str, str]) -> None:
+            self.engine_on = {}
+            self._answering = answering
+
+        async def engines(self):
+            self.engine_on = dict(self._answering)
+            return {engine: ("reaper", node) for node, engine in sorted(self._answering.items())}
+
+        async def alive_nodes(self):
+            return {"lost", "survivor"}
+
+    both = SimpleNamespace(fleet=Fleet({"lost": "engine-1", "survivor": "engine-1"}))
+    only_survivor = SimpleNamespace(fleet=Fleet({"survivor": "engine-1"}))
+    assert asyncio.run(_node_with_engine(both, "engine-1", "lost")) == "lost"  # its own node while it answers
+    assert asyncio.run(_node_with_engine(only_survivor, "engine-1", "lost")) == "survivor"
