@@ -31,11 +31,10 @@ def resume_later(life: Lifecycle, entry: Entry) -> asyncio.Task[Lease | None]:
 
 
 async def resume(life: Lifecycle, entry: Entry) -> Lease | None:
-    sandbox_id, engine_id = entry.sandbox_id, entry.info.get("engine_id")
+    sandbox_id = entry.sandbox_id
     began = time.monotonic()
     try:
-        node_id = await _node_with_engine(life, engine_id, entry.info.get("node_id"))
-        actor, info = await life.start_sandbox(sandbox_id, entry.thread_id, node_id=node_id, resume=True)
+        actor, info = await _start_on_its_engine(life, entry)
     except (PoolExhausted, BackendUnavailable):
         life.state.resume_failed(sandbox_id)  # no room on its node, or its engine away: it sleeps on
         life.notify()
@@ -57,9 +56,26 @@ async def resume(life: Lifecycle, entry: Entry) -> Lease | None:
     return lease(resumed, "resumed")
 
 
-async def _node_with_engine(life: Lifecycle, engine_id: str | None, was_on: str | None) -> str | None:
-    """A live node whose engine holds the stopped container: the one it slept on, else another
-    on the same engine (nodes may share one).
+async def _start_on_its_engine(life: Lifecycle, entry: Entry) -> tuple[Any, dict[str, Any]]:
+    """The stopped container started again under a new actor on a node that reaches its engine:
+    the node it slept on first, then any other on the same engine (nodes may share one). A node
+    lost a moment ago can still answer and be listed alive, and an actor pinned there is never
+    placed: so no room on one node means trying the next."""
+    nodes = await _nodes_with_engine(life, entry.info.get("engine_id"), entry.info.get("node_id"))
+    for index, node_id in enumerate(nodes):
+        try:
+            return await life.start_sandbox(entry.sandbox_id, entry.thread_id, node_id=node_id, resume=True)
+        except PoolExhausted as exc:
+            if index == len(nodes) - 1:
+                raise
+            logger.info("sandbox %s: no room on node %s to resume it (%s); trying node %s", entry.sandbox_id,
+                        node_id[:12], exc.message, nodes[index + 1][:12])
+    raise AssertionError("unreachable: _nodes_with_engine returns at least one node")
+
+
+async def _nodes_with_engine(life: Lifecycle, engine_id: str | None, was_on: str | None) -> list[str]:
+    """The live nodes whose reapers reach the engine that holds the stopped container, the one
+    it slept on first.
 
     Raises:
         SandboxNotFound: its node is gone and no live node reaches its engine (lost with the node).
@@ -68,9 +84,8 @@ async def _node_with_engine(life: Lifecycle, engine_id: str | None, was_on: str 
     engines = await life.fleet.engines()
     alive = await life.fleet.alive_nodes()
     if engine_id is not None and engine_id in engines:
-        # Its own node only when that node's reaper answered: a node just lost may still be
-        # listed alive by Ray for a while, and an actor pinned to it would never be placed.
-        return was_on if life.fleet.engine_on.get(was_on) == engine_id else engines[engine_id][1]
+        nodes = sorted(node for node, engine in life.fleet.engine_on.items() if engine == engine_id)
+        return sorted(nodes, key=lambda node: node != was_on) or [engines[engine_id][1]]
     if was_on in alive:
         raise BackendUnavailable(f"the engine that holds the hibernated container (node {str(was_on)[:12]}) does "
                                  "not answer; retry")

@@ -231,7 +231,7 @@ class FakeFleet:
 
     @property
     def engine_on(self) -> dict[str, str]:
-        return {} if self.engine_lost or self.engine_down else {NODE: ENGINE}
+        return {} if self.engine_lost else {NODE: ENGINE}
 
     async def engines(self) -> dict[str, tuple[Any, str]]:
         await self._pass("engines")

@@ -201,16 +201,18 @@ def test_a_resume_while_its_engine_is_away_fails_typed_and_the_sandbox_sleeps_on
     run(body)
 
 
-def test_a_resume_goes_to_another_node_on_its_engine_while_ray_still_lists_its_lost_node():
-    """Right after a node is lost Ray still lists it alive, but its reaper no longer answers:
-    an actor pinned there would never be placed (the multinode run's PoolExhausted)."""
+def test_a_resume_tries_every_node_on_its_engine_its_own_first():
+    """Right after a node is lost, Ray still lists it alive (and its reaper may still answer):
+    an actor pinned there is never placed (the multinode run's PoolExhausted). A resume then
+    tries the next node on the same engine; a node whose reaper is gone is not tried at all."""
     from types import SimpleNamespace
 
-    from sandbox_actors.hibernation import _node_with_engine
+    from sandbox_actors.errors import PoolExhausted
+    from sandbox_actors.hibernation import _start_on_its_engine
 
     class Fleet:
         def __init__(self, answering: dict[str, str]) -> None:
-            self.engine_on = {}
+            self.engine_on: dict[str, str] = {}
             self._answering = answering
 
         async def engines(self):
@@ -218,9 +220,26 @@ def test_a_resume_goes_to_another_node_on_its_engine_while_ray_still_lists_its_l
             return {engine: ("reaper", node) for node, engine in sorted(self._answering.items())}
 
         async def alive_nodes(self):
-            return {"lost", "survivor"}
+            return {"lost", "survivor", "elsewhere"}
 
-    both = SimpleNamespace(fleet=Fleet({"lost": "engine-1", "survivor": "engine-1"}))
-    only_survivor = SimpleNamespace(fleet=Fleet({"survivor": "engine-1"}))
-    assert asyncio.run(_node_with_engine(both, "engine-1", "lost")) == "lost"  # its own node while it answers
-    assert asyncio.run(_node_with_engine(only_survivor, "engine-1", "lost")) == "survivor"
+    def life_with(answering: dict[str, str], full: set[str]):
+        tried: list[str] = []
+
+        async def start_sandbox(sandbox_id, thread_id, node_id=None, resume=False):
+            tried.append(node_id)
+            if node_id in full:
+                raise PoolExhausted(f"no room on {node_id}")
+            return "actor", {"node_id": node_id}
+
+        return SimpleNamespace(fleet=Fleet(answering), start_sandbox=start_sandbox), tried
+
+    entry = SimpleNamespace(sandbox_id="s1", thread_id="t1", info={"engine_id": "engine-1", "node_id": "lost"})
+    life, tried = life_with({"lost": "engine-1", "survivor": "engine-1", "elsewhere": "engine-2"}, full={"lost"})
+    assert asyncio.run(_start_on_its_engine(life, entry)) == ("actor", {"node_id": "survivor"})
+    assert tried == ["lost", "survivor"]  # its own node first; never a node of another engine
+    life, tried = life_with({"survivor": "engine-1"}, full=set())
+    asyncio.run(_start_on_its_engine(life, entry))
+    assert tried == ["survivor"]  # a node whose reaper did not answer is not tried
+    life, tried = life_with({"lost": "engine-1", "survivor": "engine-1"}, full={"lost", "survivor"})
+    with pytest.raises(PoolExhausted):
+        asyncio.run(_start_on_its_engine(life, entry))
