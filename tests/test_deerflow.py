@@ -24,7 +24,7 @@ out = {"sid": sid}
 if turn == "first":
     out["cwd"] = box.execute_command("cd /mnt/user-data/workspace && echo turn one > notes.txt && pwd")
     out["secret"] = box.execute_command("printf %s \"$TOKEN\" | wc -c", env={"TOKEN": "s3cret"})
-    out["failed"] = box.execute_command("echo on stderr >&2; exit 3")
+    out["failed"] = box.execute_command("echo on stderr >&2; (exit 3)")  # `exit` alone would end the shell
     box.write_file("/mnt/user-data/workspace/src/app.py", "def main():\n    return 'needle'\n")
     box.write_file("/mnt/user-data/workspace/notes.txt", "turn one, more\n", append=True)
     box.update_file("/mnt/user-data/outputs/blob.bin", bytes(range(256)))
