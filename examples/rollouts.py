@@ -25,6 +25,7 @@ from typing import Any
 import ray
 
 import sandbox_actors
+from sandbox_actors.console import filter_ray_warnings
 
 
 @ray.remote(num_cpus=0)
@@ -65,7 +66,9 @@ def _percentiles(samples: list[float]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    ray.init(address=args.address or "local", logging_level=logging.ERROR, namespace=args.namespace)
+    filter_ray_warnings()  # each sandbox's actor is a worker process: Ray warns of many starting at once
+    local = {"include_dashboard": False} if not args.address else {}  # the dashboard costs CPU we need
+    ray.init(address=args.address or "local", logging_level=logging.ERROR, namespace=args.namespace, **local)
     pool_name = args.pool or f"rollouts-{uuid.uuid4().hex[:8]}"
     base_dir = args.base_dir or tempfile.mkdtemp(prefix="sandbox-actors-rollouts-")
     pool = sandbox_actors.connect({"pool_name": pool_name, "namespace": args.namespace, "base_dir": base_dir,
