@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import json
 import ipaddress
 import logging
 import os
@@ -18,7 +19,7 @@ import ssl
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,6 +139,21 @@ class ShellResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class CommandView:
+    """A background command (started with ``start``): its status and output from an offset."""
+
+    session_id: str
+    status: str  # running, completed or terminated
+    exit_code: int | None
+    output: str = ""
+    next_offset: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
 
 
 @dataclass(frozen=True)
@@ -330,6 +346,132 @@ class SandboxAPI:
             raise CommandTimeout(f"command timed out after {timeout}s and was killed", output=result.output)
         return result
 
+    async def shell_stream(
+        self, command: str, *, timeout: float | None = None, exec_dir: str | None = None,
+    ) -> AsyncIterator[str | ShellResult]:
+        """``POST /v1/shell/exec`` with ``Accept: text/event-stream``: output chunks (str) as the
+        command prints them, then its ShellResult (output empty: it came in the chunks). A
+        server that answers with one JSON reply instead yields its output once. Leaving the
+        iteration early hangs up, which kills the command in the sandbox.
+
+        Raises:
+            CommandTimeout: the command outlived ``timeout`` and was killed.
+        """
+        payload = _drop_none({"command": command, "hard_timeout": timeout, "exec_dir": exec_dir, "truncate": False})
+        events = self._events("/v1/shell/exec", payload, timeout)
+        try:
+            async for event, data in events:
+                if event == "output":
+                    yield data.get("output") or ""
+                else:
+                    yield self._finished(data, timeout)
+        finally:
+            await events.aclose()  # at once, not when collected: closing hangs up, which stops the command
+
+    async def bash_stream(
+        self, command: str, *, env: Mapping[str, str] | None = None, timeout: float | None = None,
+        exec_dir: str | None = None,
+    ) -> AsyncIterator[tuple[str, str] | BashResult]:
+        """``POST /v1/bash/exec`` streamed: ("stdout" | "stderr", text) as the command prints,
+        then its BashResult (streams empty: they came in the chunks)."""
+        payload = _drop_none({"command": command, "env": dict(env) if env else None, "hard_timeout": timeout,
+                              "exec_dir": exec_dir})
+        events = self._events("/v1/bash/exec", payload, timeout)
+        try:
+            async for event, data in events:
+                if event == "output":
+                    yield (data.get("stream") or "stdout", data.get("output") or "")
+                    continue
+                result = BashResult(stdout="", stderr="", exit_code=data.get("exit_code"),
+                                    status=data.get("status") or "completed",
+                                    limits_hit=tuple(data.get("limits_hit") or ()))
+                _check_limits(result.limits_hit, result.exit_code, output="", stderr="")
+                if result.status in _TIMEOUT_STATUSES:
+                    raise CommandTimeout(f"command timed out after {timeout}s and was killed", output="", stderr="")
+                yield result
+        finally:
+            await events.aclose()
+
+    async def _events(
+        self, path: str, payload: dict[str, Any], timeout: float | None,
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """A command's server-sent events: ("output", data)..., then ("result", data). A server
+        that answers one JSON reply instead gives ("output", its data) for each stream it
+        filled, then ("result", its data)."""
+        read_timeout = (timeout + _HTTP_GRACE) if timeout else 3600.0
+        try:
+            async with self._http.stream(
+                "POST", path, json=payload, headers={"Accept": "text/event-stream"},
+                timeout=httpx.Timeout(self._timeout, read=read_timeout),
+            ) as response:
+                if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                    await response.aread()
+                    body = _json(response)
+                    if response.status_code >= 400 or body.get("success") is False:
+                        _raise_for(response.status_code, body, path)
+                    data = body.get("data") if isinstance(body.get("data"), dict) else {}
+                    for name in ("output", "stdout", "stderr"):
+                        if data.get(name):
+                            yield "output", {"stream": "stderr" if name == "stderr" else "stdout",
+                                             "output": data[name]}
+                    yield "result", data
+                    return
+                event = ""
+                async for line in response.aiter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data = json.loads(line[5:])
+                        if event == "error":
+                            raise SandboxOperationError(f"{path} failed: {data.get('message')}")
+                        yield event, data
+                        if event == "result":
+                            return
+        except httpx.TimeoutException as exc:
+            raise SandboxUnreachable(f"sandbox at {self.url} went silent during a streamed command") from exc
+        except httpx.TransportError as exc:
+            raise SandboxUnreachable(f"sandbox at {self.url} is not answering ({type(exc).__name__})") from exc
+        raise SandboxUnreachable(f"sandbox at {self.url} ended a streamed command without its result")
+
+    @staticmethod
+    def _finished(data: Mapping[str, Any], timeout: float | None, output: str = "") -> ShellResult:
+        result = ShellResult(output=output, exit_code=data.get("exit_code"), session_id=data.get("session_id") or "",
+                             status=data.get("status") or "completed", limits_hit=tuple(data.get("limits_hit") or ()))
+        _check_limits(result.limits_hit, result.exit_code, output=output)
+        if result.status in _TIMEOUT_STATUSES:
+            raise CommandTimeout(f"command timed out after {timeout}s and was killed", output=output)
+        return result
+
+    # ── background commands (async_mode, then view / wait / kill) ─────────
+
+    async def start(self, command: str, *, session_id: str | None = None, exec_dir: str | None = None) -> str:
+        """Start ``command`` in the background; returns the id to view, wait for or kill it."""
+        payload = _drop_none({"command": command, "id": session_id, "exec_dir": exec_dir, "async_mode": True})
+        data = await self._call("POST", "/v1/shell/exec", json=payload)
+        if data.get("status") != "running" or not data.get("session_id"):
+            raise SandboxOperationError("this sandbox's server does not run commands in the background (async_mode)")
+        return str(data["session_id"])
+
+    async def view(self, session_id: str, offset: int = 0, max_bytes: int | None = None) -> CommandView:
+        data = await self._job_call("/v1/shell/view", {"id": session_id, "offset": offset, "max_bytes": max_bytes})
+        return CommandView(session_id, data.get("status") or "completed", data.get("exit_code"),
+                           data.get("output") or "", int(data.get("next_offset") or offset))
+
+    async def wait(self, session_id: str, seconds: float) -> CommandView:
+        data = await self._job_call("/v1/shell/wait", {"id": session_id, "seconds": seconds},
+                                    timeout=seconds + _HTTP_GRACE)
+        return CommandView(session_id, data.get("status") or "completed", data.get("exit_code"))
+
+    async def kill(self, session_id: str) -> CommandView:
+        data = await self._job_call("/v1/shell/kill", {"id": session_id})
+        return CommandView(session_id, data.get("status") or "terminated", data.get("exit_code"))
+
+    async def _job_call(self, path: str, payload: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        try:
+            return await self._call("POST", path, json=_drop_none(payload), timeout=timeout)
+        except SandboxFileNotFound as exc:  # the server's 404: no such background command
+            raise InvalidRequest(f"{path}: {exc.message}") from None
+
     async def bash_exec(
         self,
         command: str,
@@ -402,6 +544,30 @@ class SandboxAPI:
             )
             for item in data.get("files") or []
         ]
+
+    async def upload_chunk(self, path: str, offset: int, data: bytes, final: bool) -> int:
+        """``PUT /v1/file/upload``: ``data`` at ``offset`` of the file being uploaded to ``path``
+        (it appears at ``path`` with the ``final`` chunk). Returns the size so far."""
+        response = await self._request(
+            "PUT", "/v1/file/upload", params={"path": path, "offset": offset, "final": int(final)}, content=data,
+            timeout=max(self._timeout, 120.0),
+        )
+        body = _json(response)
+        if response.status_code >= 400 or body.get("success") is False:
+            _raise_for(response.status_code, body, "/v1/file/upload")
+        return int((body.get("data") or {}).get("size") or 0)
+
+    async def download_chunk(self, path: str, offset: int, length: int) -> tuple[bytes, int]:
+        """Up to ``length`` bytes of a file from ``offset``, and the file's size."""
+        response = await self._request("GET", "/v1/file/download",
+                                       params={"path": path, "offset": offset, "length": length},
+                                       timeout=max(self._timeout, 120.0))
+        if response.status_code >= 400:
+            _raise_for(response.status_code, _json(response), "/v1/file/download")
+        total = response.headers.get("x-file-size")
+        if total is None:
+            raise SandboxOperationError("this sandbox's server does not serve files in ranges (no X-File-Size)")
+        return response.content, int(total)
 
     async def download(self, path: str) -> bytes:
         """``GET /v1/file/download``: the file's exact bytes."""

@@ -17,9 +17,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .console import run_all
 from .demo import summarize
 
 _CROSS_PROCESS = """
@@ -87,6 +87,15 @@ class Bench:
 
         async def body() -> None:
             backend = DockerBackend(prefix, policy=NetworkPolicy(egress="none") if runtime else None)
+            try:
+                await measure(backend)
+            finally:  # also when interrupted: nothing of the floor stays behind
+                for record in await backend.list(pool):
+                    await backend.destroy(record.sandbox_id)
+                await backend.teardown(pool)
+                await backend.close()
+
+        async def measure(backend: Any) -> None:
             warmup = self._spec(pool, image, runtime)  # the engine client's own start-up is not the floor
             await self._bare_start(backend, warmup)
             await backend.destroy(warmup.sandbox_id)
@@ -97,8 +106,6 @@ class Bench:
                 await backend.destroy(spec.sandbox_id)
             self.results[f"floor_{runtime}" if runtime else "floor"] = summarize(samples)
             if runtime:
-                await backend.teardown(pool)
-                await backend.close()
                 return
             rounds = []
             for _ in range(self.rounds):
@@ -111,8 +118,6 @@ class Bench:
                          f"in {rounds[-1][1]:.2f}s")
                 await asyncio.gather(*(backend.destroy(s.sandbox_id) for s in specs))
             self.results["floor_burst"] = self._burst_row(rounds)
-            await backend.teardown(pool)
-            await backend.close()
 
         asyncio.run(body())
 
@@ -223,8 +228,7 @@ class Bench:
             self._wait_spares(pool, actors=pool.config.spare_actors, timeout=600)
             threads = [f"{key}-{r}-{i}" for i in range(self.burst_n)]
             started = time.perf_counter()
-            with ThreadPoolExecutor(self.burst_n) as workers:
-                outcomes = list(workers.map(lambda t: _try(lambda: pool.acquire(t).exec("true")), threads))
+            outcomes = run_all(lambda t: _try(lambda: pool.acquire(t).exec("true")), threads, self.burst_n)
             measured.append((sum(1 for o in outcomes if o is True), time.perf_counter() - started))
             self.say(f"round {r + 1}/{rounds}: {measured[-1][0]}/{self.burst_n} ok in {measured[-1][1]:.2f}s")
             if r < rounds - 1:
@@ -320,9 +324,7 @@ class Bench:
 
     def scale_run(self, pool: Any) -> None:
         started = time.perf_counter()
-        with ThreadPoolExecutor(8) as workers:
-            outcomes = list(workers.map(lambda i: _try(lambda: pool.acquire(f"scale-{i}").exec("true")),
-                                        range(self.scale)))
+        outcomes = run_all(lambda i: _try(lambda: pool.acquire(f"scale-{i}").exec("true")), range(self.scale), 8)
         ok = sum(1 for o in outcomes if o is True)
         held = [_try(lambda: pool.acquire(f"scale-{i}").exec("echo still").output.strip() == "still")
                 for i in range(self.scale)]

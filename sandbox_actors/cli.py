@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
 from typing import Any
 
 from .config import DEFAULT_IMAGE
+from .console import filter_ray_warnings
 from .errors import (
     CommandTimeout,
     ConfigError,
@@ -174,13 +176,20 @@ def cmd_exec(args: argparse.Namespace) -> int:
     try:
         client = _client(args, create=True)
         box = client.acquire(args.thread)
+        # Output is printed as it comes; Ctrl-C ends the stream, which kills the command in
+        # the sandbox (main() then exits 130).
         if args.shell:
-            result = box.exec(text, timeout=args.timeout)
-            sys.stdout.write(result.output)
+            for item in box.stream(text, timeout=args.timeout):
+                if isinstance(item, str):
+                    _write(sys.stdout, item)
+                else:
+                    result = item
         else:
-            result = box.bash(text, env=env or None, timeout=args.timeout)
-            sys.stdout.write(result.stdout)
-            sys.stderr.write(result.stderr)
+            for item in box.bash_stream(text, env=env or None, timeout=args.timeout):
+                if isinstance(item, tuple):
+                    _write(sys.stdout if item[0] == "stdout" else sys.stderr, item[1])
+                else:
+                    result = item
     except CommandTimeout as exc:
         sys.stdout.write(getattr(exc, "output", ""))
         print(f"\nerror: {exc}", file=sys.stderr)
@@ -191,6 +200,37 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return EXIT_CANNOT_RUN if code == EXIT_ERROR else code
     sys.stdout.flush()
     return result.exit_code if result.exit_code is not None else EXIT_ERROR
+
+
+def _write(stream: Any, text: str) -> None:
+    stream.write(text)
+    stream.flush()
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    """Copy a file in or out of a thread's sandbox: `cp LOCAL THREAD:PATH` or `cp THREAD:PATH LOCAL`."""
+    source, target = args.source, args.target
+    inbound = ":" in target and not os.path.exists(target)
+    outbound = ":" in source and not os.path.exists(source)
+    if inbound == outbound:
+        print("error: give one side as THREAD:PATH (a path in that thread's sandbox) and the other as a "
+              "local file; e.g. `sandbox-actors cp data.csv t1:/mnt/user-data/workspace/data.csv`", file=sys.stderr)
+        return EXIT_USAGE
+    thread, _, path = (target if inbound else source).partition(":")
+    if not path:
+        print("error: the sandbox side needs a path after THREAD:", file=sys.stderr)
+        return EXIT_USAGE
+    if inbound and not os.path.isfile(source):
+        print(f"error: {source} is not a local file", file=sys.stderr)
+        return EXIT_USAGE
+    box = _client(args, create=True).acquire(thread)
+    started = time.monotonic()
+    size = box.upload(source, path) if inbound else box.download(path, target)
+    seconds = time.monotonic() - started
+    where = f"{thread}:{path}"
+    print(f"copied {size} bytes {source if inbound else where} -> {where if inbound else target} "
+          f"in {seconds:.1f}s ({size / max(seconds, 1e-6) / 1e6:.0f} MB/s)")
+    return 0
 
 
 def cmd_release(args: argparse.Namespace) -> int:
@@ -378,6 +418,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, help="seconds before the command is killed")
     run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment")
     run.add_argument("--shell", action="store_true", help="use the persistent shell (stderr merged)")
+    cp = add("cp", cmd_cp, "copy a file into or out of a thread's sandbox, in chunks (any size)", common)
+    cp.add_argument("source", help="a local file, or THREAD:PATH")
+    cp.add_argument("target", help="THREAD:PATH, or a local file")
     release = add("release", cmd_release, "park a thread's sandbox in the warm pool", common)
     release.add_argument("thread", help="thread id")
     destroy = add("destroy", cmd_destroy, "destroy a sandbox by id or by thread", common)
@@ -430,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             parser().error("'--' is only for `exec THREAD -- CMD...`")
         args.cmd = [*args.cmd, *command]
     started = time.monotonic()
+    filter_ray_warnings()
     try:
         return args.run(args)
     except SandboxError as exc:

@@ -14,14 +14,15 @@ pool restarts), or call the actor directly: ``await box.actor.exec.remote("ls")`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
-from backends.sandbox_api import BashResult, FileInfo, ShellResult
+from backends.sandbox_api import BashResult, CommandView, FileInfo, ShellResult
 
 from . import raycalls
 from .config import SandboxConfig, load_config
@@ -58,6 +59,10 @@ def pool_actor(config: SandboxConfig) -> Any:
     from .pool import PoolActor
 
     return raycalls.remote_class(PoolActor).options(**pool_options(config)).remote(config)
+
+
+FILE_CHUNK = 2 * 1024 * 1024  # bytes per upload/download call (8 MiB ones made the actor hold 100+ MB)
+STREAM_BACKLOG = 64  # output chunks a stream may run ahead of its reader (then the sandbox waits)
 
 
 class SandboxHandle:
@@ -98,6 +103,63 @@ class SandboxHandle:
              exec_dir: str | None = None) -> BashResult:
         """Run ``command`` in a fresh session with extra ``env`` (for secrets); stdout and stderr apart."""
         return self._wait(self.actor.bash.remote(command, dict(env) if env else None, timeout, exec_dir))
+
+    def stream(self, command: str, timeout: float | None = None, exec_dir: str | None = None
+               ) -> Iterator[str | ShellResult]:
+        """Run ``command`` in the persistent shell, yielding its output (str chunks) as it
+        comes, then its :class:`ShellResult` (output empty: it came in the chunks). Leaving
+        the loop early or Ctrl-C kills the command's process group; the shell stays usable.
+
+        Raises:
+            CommandTimeout, SandboxDied, BackendUnavailable: as :meth:`exec`.
+        """
+        return self._streamed(self.actor.stream, command, timeout, exec_dir)
+
+    def bash_stream(self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
+                    exec_dir: str | None = None) -> Iterator[tuple[str, str] | BashResult]:
+        """:meth:`bash`, streamed: ("stdout" | "stderr", text) as the command prints, then its
+        :class:`BashResult` (streams empty). Leaving early or Ctrl-C kills the command."""
+        return self._streamed(self.actor.bash_stream, command, dict(env) if env else None, timeout, exec_dir)
+
+    def _streamed(self, method: Any, *args: Any) -> Iterator[Any]:
+        generator = method.options(_generator_backpressure_num_objects=STREAM_BACKLOG).remote(*args)
+        finished = False
+        try:
+            for ref in generator:
+                item = self._wait(ref)
+                finished = isinstance(item, (ShellResult, BashResult))
+                yield item
+        finally:
+            if not finished:
+                raycalls.cancel(generator)
+
+    def start(self, command: str, session_id: str | None = None, exec_dir: str | None = None) -> BackgroundCommand:
+        """Start ``command`` in the background (its own process group; output kept in the
+        sandbox); view, wait for or kill it through the returned handle."""
+        return BackgroundCommand(self, self._wait(self.actor.start_command.remote(command, session_id, exec_dir)))
+
+    def upload(self, source: str | os.PathLike[str] | BinaryIO, path: str, chunk_size: int = FILE_CHUNK) -> int:
+        """Copy a local file (or a binary stream) to ``path`` in the sandbox, ``chunk_size``
+        bytes at a time (memory stays at about one chunk; no size cap). The file appears at
+        ``path`` whole, at the end. Returns the bytes copied."""
+        with _local(source, "rb") as f:
+            offset = 0
+            while chunk := f.read(chunk_size):
+                offset = self._wait(self.actor.upload_chunk.remote(path, offset, chunk, False))
+            return self._wait(self.actor.upload_chunk.remote(path, offset, b"", True))
+
+    def download(self, path: str, target: str | os.PathLike[str] | BinaryIO, chunk_size: int = FILE_CHUNK) -> int:
+        """Copy ``path`` from the sandbox to a local file (written beside it, then renamed) or
+        a binary stream, ``chunk_size`` bytes at a time. Returns the bytes copied."""
+        with _local(target, "wb") as f:
+            offset, total = 0, None
+            while total is None or offset < total:
+                data, total = self._wait(self.actor.download_chunk.remote(path, offset, chunk_size))
+                if not data:
+                    break  # the file shrank under us
+                f.write(data)
+                offset += len(data)
+            return offset
 
     def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> str:
         """A text file's content (invalid UTF-8 replaced). Raises SandboxFileNotFound."""
@@ -149,6 +211,54 @@ class SandboxHandle:
             return raycalls.value(ref)
         except ActorGone as exc:
             raise self._died(exc) from None
+        except KeyboardInterrupt:
+            raycalls.cancel(ref)  # Ctrl-C: the command stops in the sandbox too
+            raise
+
+
+class BackgroundCommand:
+    """A command started with :meth:`SandboxHandle.start`."""
+
+    def __init__(self, box: SandboxHandle, session_id: str) -> None:
+        self.box, self.session_id = box, session_id
+        self._offset = 0
+
+    def __repr__(self) -> str:
+        return f"BackgroundCommand(session_id={self.session_id!r}, sandbox_id={self.box.sandbox_id!r})"
+
+    def view(self) -> CommandView:
+        """Its status, and the output printed since the last view."""
+        seen = self.box._wait(self.box.actor.view_command.remote(self.session_id, self._offset, None))
+        self._offset = seen.next_offset
+        return seen
+
+    def wait(self, seconds: float = 60.0) -> CommandView:
+        """Wait up to ``seconds`` for it to end; its status then."""
+        return self.box._wait(self.box.actor.wait_command.remote(self.session_id, seconds))
+
+    def kill(self) -> CommandView:
+        """Kill its process group."""
+        return self.box._wait(self.box.actor.kill_command.remote(self.session_id))
+
+
+@contextlib.contextmanager
+def _local(place: str | os.PathLike[str] | BinaryIO, mode: str) -> Iterator[BinaryIO]:
+    """A local file to read, or one to write beside its name and rename once whole; a stream as is."""
+    if not isinstance(place, (str, os.PathLike)):
+        yield place
+        return
+    if mode == "rb":
+        with open(place, "rb") as f:
+            yield f
+        return
+    part = f"{os.fspath(place)}.part"
+    try:
+        with open(part, "wb") as f:
+            yield f
+        os.replace(part, place)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(part)
 
 
 class AsyncSandboxHandle:
@@ -162,6 +272,33 @@ class AsyncSandboxHandle:
             return await raycalls.call(ref)
         except ActorGone as exc:
             raise self._handle._died(exc) from None
+        except asyncio.CancelledError:
+            raycalls.cancel(ref)  # a cancelled call stops the command in the sandbox too
+            raise
+
+    async def stream(self, command: str, timeout: float | None = None, exec_dir: str | None = None
+                     ) -> AsyncIterator[str | ShellResult]:
+        """:meth:`SandboxHandle.stream`, awaitable; cancelling the consumer kills the command."""
+        async for item in self._streamed(self._handle.actor.stream, command, timeout, exec_dir):
+            yield item
+
+    async def bash_stream(self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
+                          exec_dir: str | None = None) -> AsyncIterator[tuple[str, str] | BashResult]:
+        async for item in self._streamed(self._handle.actor.bash_stream, command, dict(env) if env else None,
+                                         timeout, exec_dir):
+            yield item
+
+    async def _streamed(self, method: Any, *args: Any) -> AsyncIterator[Any]:
+        generator = method.options(_generator_backpressure_num_objects=STREAM_BACKLOG).remote(*args)
+        finished = False
+        try:
+            async for ref in generator:
+                item = await self._await(ref)
+                finished = isinstance(item, (ShellResult, BashResult))
+                yield item
+        finally:
+            if not finished:
+                raycalls.cancel(generator)
 
     async def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None) -> ShellResult:
         return await self._await(self._handle.actor.exec.remote(command, timeout, exec_dir))

@@ -20,8 +20,9 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from .console import run_all
 
 WORKSPACE = "/mnt/user-data/workspace"
 PROGRAM = (
@@ -114,11 +115,9 @@ class Demo:
     def _phases(self, pool: Any, address: str) -> None:
         names = [f"agent-{i + 1}" for i in range(self.threads)]
         self.say(f"phase 1: {self.threads} threads, {self.turns} turns each, concurrently")
-        with ThreadPoolExecutor(self.threads) as workers:
-            list(workers.map(lambda name: self._agent(pool, name, range(1, self.turns + 1)), names))
+        run_all(lambda name: self._agent(pool, name, range(1, self.turns + 1)), names, self.threads)
         self.say("phase 2: every thread comes back for another turn (warm reclaim, files kept)")
-        with ThreadPoolExecutor(self.threads) as workers:
-            list(workers.map(lambda name: self._agent(pool, name, [self.turns + 1]), names))
+        run_all(lambda name: self._agent(pool, name, [self.turns + 1]), names, self.threads)
         self._second_process(pool, address, names[0])
 
     def _acquire(self, pool: Any, thread: str) -> Any:

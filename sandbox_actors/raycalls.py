@@ -86,6 +86,15 @@ def value(ref: Any) -> Any:
         raise unwrap(exc) from None
 
 
+def cancel(ref: Any) -> None:
+    """Cancel an actor call in flight (an async actor's coroutine gets CancelledError there);
+    nothing happens to one that has ended."""
+    try:
+        ray.cancel(ref)
+    except (ValueError, TypeError, *RAY_CALL_ERRORS) as exc:  # ended already, or its actor is gone
+        logger.debug("nothing to cancel: %s", exc)
+
+
 @functools.cache
 def remote_class(cls: type) -> Any:
     """One Ray actor class per Python class, so its definition is exported once."""

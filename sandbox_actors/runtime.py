@@ -37,7 +37,7 @@ from backends.errors import (
     SandboxUnreachable,
 )
 from backends.provisioner import ProvisionerBackend
-from backends.sandbox_api import BashResult, FileInfo, ShellResult
+from backends.sandbox_api import BashResult, CommandView, FileInfo, ShellResult
 
 from .config import ENV_NAME, ProvisionerBackendConfig, SandboxConfig
 from .threads import sandbox_mounts
@@ -432,14 +432,63 @@ class SandboxRuntime:
         async with self._operation() as api, self._shell_lock:
             return await api.shell_exec(command, timeout=timeout or self.config.exec_timeout, exec_dir=exec_dir)
 
+    async def stream(
+        self, command: str, timeout: float | None = None, exec_dir: str | None = None,
+    ) -> AsyncIterator[str | ShellResult]:
+        """Run ``command`` in the persistent shell, yielding its output as it comes, then its
+        ShellResult. Closing the iteration early kills the command (and keeps the shell)."""
+        async with self._operation() as api, self._shell_lock:
+            stream = api.shell_stream(command, timeout=timeout or self.config.exec_timeout, exec_dir=exec_dir)
+            try:
+                async for item in stream:
+                    yield item
+            finally:
+                await stream.aclose()
+
+    async def bash_stream(
+        self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
+        exec_dir: str | None = None,
+    ) -> AsyncIterator[tuple[str, str] | BashResult]:
+        """Like :meth:`bash`, yielding ("stdout" | "stderr", text) as it comes, then its BashResult."""
+        _check_env(env)
+        async with self._operation() as api:
+            stream = api.bash_stream(command, env=env, timeout=timeout or self.config.exec_timeout, exec_dir=exec_dir)
+            try:
+                async for item in stream:
+                    yield item
+            finally:
+                await stream.aclose()
+
+    async def start_command(self, command: str, session_id: str | None = None, exec_dir: str | None = None) -> str:
+        async with self._operation() as api:
+            return await api.start(command, session_id=session_id, exec_dir=exec_dir)
+
+    async def view_command(self, session_id: str, offset: int = 0, max_bytes: int | None = None) -> CommandView:
+        async with self._operation() as api:
+            return await api.view(session_id, offset, max_bytes)
+
+    async def wait_command(self, session_id: str, seconds: float) -> CommandView:
+        async with self._operation() as api:
+            return await api.wait(session_id, seconds)
+
+    async def kill_command(self, session_id: str) -> CommandView:
+        async with self._operation() as api:
+            return await api.kill(session_id)
+
+    async def upload_chunk(self, path: str, offset: int, data: bytes, final: bool) -> int:
+        async with self._operation() as api:
+            return await api.upload_chunk(path, offset, data, final)
+
+    async def download_chunk(self, path: str, offset: int, length: int) -> tuple[bytes, int]:
+        async with self._operation() as api:
+            return await api.download_chunk(path, offset, length)
+
     async def bash(
         self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
         exec_dir: str | None = None,
     ) -> BashResult:
         """Run ``command`` in a fresh session with extra ``env`` (for secrets)."""
-        for name in env or {}:
-            if not ENV_NAME.match(str(name)):
-                raise InvalidRequest(f"invalid environment variable name {name!r}")
+        _check_env(env)
         async with self._operation() as api:
             return await api.bash_exec(command, env=env, timeout=timeout or self.config.exec_timeout, exec_dir=exec_dir)
 
@@ -458,6 +507,12 @@ class SandboxRuntime:
     async def list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> list[FileInfo]:
         async with self._operation() as api:
             return await api.list_files(path, recursive=recursive, show_hidden=show_hidden)
+
+
+def _check_env(env: Mapping[str, str] | None) -> None:
+    for name in env or {}:
+        if not ENV_NAME.match(str(name)):
+            raise InvalidRequest(f"invalid environment variable name {name!r}")
 
 
 def _process_start(pid: int) -> str | None:

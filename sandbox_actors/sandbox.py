@@ -15,10 +15,10 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from backends.sandbox_api import BashResult, FileInfo, ShellResult, warm_http_stack
+from backends.sandbox_api import BashResult, CommandView, FileInfo, ShellResult, warm_http_stack
 
 from . import raycalls
 from .config import SandboxConfig
@@ -187,6 +187,55 @@ class SandboxActor:
         finally:
             self._metrics.executed("bash", time.monotonic() - started)
 
+    async def stream(
+        self, command: str, timeout: float | None = None, exec_dir: str | None = None,
+    ) -> AsyncIterator[str | ShellResult]:
+        """Like :meth:`exec`, as a Ray streaming generator: output chunks as the command prints
+        them, then its ShellResult. Cancelling the call (or closing the generator) kills the
+        command's process group in the sandbox; the shell stays usable."""
+        async for item in self._streamed("stream", self._runtime_or_raise().stream(command, timeout, exec_dir)):
+            yield item
+
+    async def bash_stream(
+        self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
+        exec_dir: str | None = None,
+    ) -> AsyncIterator[tuple[str, str] | BashResult]:
+        """Like :meth:`bash`, streamed: ("stdout" | "stderr", text) chunks, then its BashResult."""
+        items = self._runtime_or_raise().bash_stream(command, env, timeout, exec_dir)
+        async for item in self._streamed("bash_stream", items):
+            yield item
+
+    async def _streamed(self, op: str, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        started = time.monotonic()
+        try:
+            async for item in items:
+                yield item
+        except SandboxDied:
+            await self._tell_pool_of_death()
+            raise
+        finally:
+            await items.aclose()  # type: ignore[attr-defined]  # an early end hangs up: the command is killed
+            self._metrics.executed(op, time.monotonic() - started)
+
+    async def start_command(self, command: str, session_id: str | None = None, exec_dir: str | None = None) -> str:
+        """Start a command in the background; returns its id (see view_command, wait_command, kill_command)."""
+        return await self._guard(self._runtime_or_raise().start_command(command, session_id, exec_dir))
+
+    async def view_command(self, session_id: str, offset: int = 0, max_bytes: int | None = None) -> CommandView:
+        return await self._guard(self._runtime_or_raise().view_command(session_id, offset, max_bytes))
+
+    async def wait_command(self, session_id: str, seconds: float) -> CommandView:
+        return await self._guard(self._runtime_or_raise().wait_command(session_id, seconds))
+
+    async def kill_command(self, session_id: str) -> CommandView:
+        return await self._guard(self._runtime_or_raise().kill_command(session_id))
+
+    async def upload_chunk(self, path: str, offset: int, data: bytes, final: bool) -> int:
+        return await self._guard(self._runtime_or_raise().upload_chunk(path, offset, data, final))
+
+    async def download_chunk(self, path: str, offset: int, length: int) -> tuple[bytes, int]:
+        return await self._guard(self._runtime_or_raise().download_chunk(path, offset, length))
+
     async def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> str:
         return await self._guard(self._runtime_or_raise().read_file(path, start_line, end_line))
 
@@ -203,12 +252,15 @@ class SandboxActor:
         try:
             return await operation
         except SandboxDied:
-            # Tell the pool before the caller hears of it, so the caller's next acquire
-            # already finds the repair under way (and gets a new sandbox).
-            if not self._reported_dead:
-                self._reported_dead = True
-                await self._report_dead()
+            await self._tell_pool_of_death()
             raise
+
+    async def _tell_pool_of_death(self) -> None:
+        # Before the caller hears of it, so the caller's next acquire already finds the
+        # repair under way (and gets a new sandbox).
+        if not self._reported_dead:
+            self._reported_dead = True
+            await self._report_dead()
 
     async def _report_dead(self) -> None:
         config, sandbox_id = self._config, self._runtime_or_raise().sandbox_id

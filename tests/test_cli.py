@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -141,3 +143,37 @@ def test_demo_runs_to_a_passing_summary(image):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "checks:" in result.stdout and "FAILED" not in result.stdout
     assert "leak check: 0 container(s), 0 actor(s) left ok" in result.stdout
+    assert "worker processes have been started" not in result.stdout + result.stderr  # Ray's noise, filtered
+
+
+def _raylets() -> int:
+    found = subprocess.run(["pgrep", "-fc", "raylet/raylet"], capture_output=True, text=True).stdout.strip()
+    return int(found or 0)
+
+
+@pytest.mark.parametrize("command, pools", [
+    (["demo", "--threads", "2", "--turns", "200"], "sandbox-demo"),
+    (["bench", "--tiny"], "bench-"),
+], ids=["demo", "bench"])
+def test_ctrl_c_stops_the_demo_and_the_bench_and_cleans_up(image, docker_client, command, pools):
+    from tests.conftest import wait_until
+
+    def ours() -> list:
+        found = docker_client.containers.list(all=True, filters={"label": "sandbox-actors.project=sandbox-actors"})
+        return [c for c in found if c.labels.get("sandbox-actors.pool", "").startswith(pools)
+                or c.name.startswith(pools)]
+
+    raylets = _raylets()
+    proc = subprocess.Popen([*CLI, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_until(ours, timeout=240, interval=0.2), "it never started a sandbox"
+        time.sleep(1.0)  # well inside its work
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out
+    assert ours() == [], [c.name for c in ours()]
+    assert wait_until(lambda: _raylets() == raylets, timeout=30), "its Ray cluster outlived it"

@@ -145,3 +145,20 @@ def test_lifecycle_keys_are_validated_and_hibernation_needs_the_docker_backend()
         load_config({"max_hibernated": -1})
     with pytest.raises(ConfigError, match="idle_action: hibernate"):
         load_config({"idle_action": "hibernate", "provisioner_url": "http://127.0.0.1:9"})
+
+
+def test_ray_worker_start_warnings_are_replaced_by_one_line_of_ours():
+    import io
+
+    from sandbox_actors.console import EXPLANATION, FilteredStream
+
+    out = io.StringIO()
+    stream = FilteredStream(out)
+    warning = ("(raylet) WARNING: 8 PYTHON worker processes have been started on node: abc with address: "
+               "10.0.0.1, which is 4x the maximum expected startup concurrency (2).")
+    print("before", file=stream)
+    print(warning, file=stream)
+    print(warning.replace("8 PYTHON", "16 PYTHON"), file=stream)
+    print("after", file=stream)
+    stream.write("a line\n" + warning + "\nanother\n")
+    assert out.getvalue() == f"before\n{EXPLANATION}\nafter\na line\nanother\n"

@@ -5,6 +5,8 @@ and a temporary home directory. Nothing here needs Docker or Ray.
 """
 
 import ast
+import asyncio
+import contextlib
 import base64
 import importlib.util
 import os
@@ -499,3 +501,99 @@ def test_sigterm_exits_promptly_and_kills_children(tmp_path):
         running.join(5)
     finally:
         srv.stop()
+
+
+# ── streaming, hang-ups, background commands, chunked files ────────────────
+
+def _api(server):
+    from backends.sandbox_api import SandboxAPI
+
+    return SandboxAPI(server.url, TOKEN)
+
+
+def test_shell_output_streams_as_events_before_the_command_ends(server, tmp_path):
+    marker = tmp_path / "reached"
+
+    async def body():
+        api = _api(server)
+        items, seen_before_end = [], None
+        async for item in api.shell_stream(f"echo one; sleep 1; touch {marker}; echo two"):
+            if seen_before_end is None:
+                seen_before_end = not marker.exists()
+            items.append(item)
+        await api.aclose()
+        return items, seen_before_end
+
+    items, seen_before_end = asyncio.run(body())
+    assert seen_before_end is True
+    assert "".join(i for i in items if isinstance(i, str)) == "one\ntwo\n"
+    assert items[-1].exit_code == 0 and items[-1].status == "completed"
+
+
+def test_a_client_hang_up_kills_its_command_and_the_session_lives_on(server):
+    tag = uuid.uuid4().hex[:8]
+
+    def pids(pattern):
+        out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        return [int(p) for p in out]
+
+    async def hang_up_during(path, command, pattern):
+        api = _api(server)
+        task = asyncio.create_task(api._call("POST", path, json={"command": command}, timeout=60))
+        deadline = time.monotonic() + 10
+        while not pids(pattern) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert pids(pattern), "the command never started"
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await api.aclose()
+
+    for path, n in (("/v1/shell/exec", 401), ("/v1/bash/exec", 402)):
+        pattern = f"sleep {n}.{tag}"
+        asyncio.run(hang_up_during(path, f"bash -c \"exec -a '{pattern}' sleep 300\"", pattern))
+        deadline = time.monotonic() + 5
+        while pids(pattern) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pids(pattern), f"{path}: the command outlived its client"
+    assert server.shell("echo alive")["output"] == "alive\n"
+
+
+def test_background_commands_over_http(server):
+    started = server.shell("echo a; sleep 0.5; echo b; exit 2", async_mode=True)
+    assert started["status"] == "running"
+    job = started["session_id"]
+    waited = server.post("/v1/shell/wait", {"id": job, "seconds": 10}).json()["data"]
+    assert waited == {"status": "completed", "exit_code": 2}
+    view = server.post("/v1/shell/view", {"id": job}).json()["data"]
+    assert view["output"] == "a\nb\n" and view["next_offset"] == 4
+    assert server.post("/v1/shell/view", {"id": job, "offset": 2}).json()["data"]["output"] == "b\n"
+    long = server.shell("sleep 300", async_mode=True, id="long-one")["session_id"]
+    assert long == "long-one"
+    assert server.post("/v1/shell/exec", {"command": "true", "id": long, "async_mode": True}).status_code == 400
+    killed = server.post("/v1/shell/kill", {"id": long}).json()["data"]
+    assert killed["status"] == "terminated"
+    assert server.post("/v1/shell/view", {"id": "nope"}).status_code == 404
+
+
+def test_files_move_in_chunks_and_appear_whole(server):
+    path = str(server.home / "chunked.bin")
+    data = os.urandom(3 * 1024 * 1024 + 17)
+
+    async def body():
+        api = _api(server)
+        offset = 0
+        for start in range(0, len(data), 1024 * 1024):
+            offset = await api.upload_chunk(path, offset, data[start:start + 1024 * 1024], False)
+            assert not os.path.exists(path)  # not there until whole
+        assert await api.upload_chunk(path, offset, b"", True) == len(data)
+        with pytest.raises(Exception, match="not 5"):
+            await api.upload_chunk(path + ".x", 5, b"late", False)  # no upload under way at 5
+        got, total = b"", None
+        while total is None or len(got) < total:
+            chunk, total = await api.download_chunk(path, len(got), 1000_000)
+            got += chunk
+        await api.aclose()
+        return got
+
+    assert asyncio.run(body()) == data

@@ -6,9 +6,15 @@ the subset of the AIO sandbox API that sandbox_actors and the ``agent-sandbox`` 
 
   GET  /v1/sandbox          readiness probe + environment info (SandboxResponse)
   GET  /health              liveness
-  POST /v1/shell/exec       command in a persistent bash session (ShellCommandResult)
+  POST /v1/shell/exec       command in a persistent bash session (ShellCommandResult);
+                            ``async_mode`` starts it in the background (then POST
+                            /v1/shell/view, /v1/shell/wait, /v1/shell/kill)
   POST /v1/bash/exec        command in a fresh ``bash -c`` process (BashExecResult)
-  POST /v1/file/read|write|list, GET /v1/file/download
+  POST /v1/file/read|write|list, GET /v1/file/download (``offset``/``length`` for a range)
+  PUT  /v1/file/upload      a raw chunk of a file at ``offset`` (the file appears with ``final``)
+
+Both exec endpoints stream their output as server-sent events when the request accepts
+``text/event-stream``, and kill their command when the client hangs up.
 
 Every JSON reply is the envelope {"success": bool, "message": str, "data": ...}.
 Configuration comes from SANDBOX_* environment variables, which are removed from the
@@ -25,6 +31,7 @@ environment after reading so that commands run in the sandbox never see them:
 
 import base64
 import binascii
+import codecs
 import collections
 import contextlib
 import datetime
@@ -44,6 +51,7 @@ import socketserver
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -57,6 +65,7 @@ READ_SIZE = 65536
 MAX_BODY_BYTES = 256 * 1024 * 1024    # request bodies (base64 file uploads are the big ones)
 MAX_READ_FILE_BYTES = 256 * 1024 * 1024
 MAX_LIST_ENTRIES = 100000
+HOLD_BACK_SECONDS = 0.02              # a streamed tail that might begin the sentinel waits this long
 SESSION_KILL_GRACE = 1.0              # wait this long for the sentinel after killing a command
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -358,6 +367,17 @@ def write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
+def hung_up(sock):
+    """Whether the client on ``sock`` closed its side. A client sends nothing while it waits
+    for a reply, so anything readable is its hang-up (or bytes we do not expect: treated alike)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 class ChildRegistry:
     """Every process group we started, so that shutdown can kill all of them."""
 
@@ -404,12 +424,13 @@ def build_script(command, exec_dir, token):
     at the start of the next line. stdin is /dev/null so the command cannot read our next
     lines; the sentinel goes to fd 3 (a copy of the original stdout, hidden from the
     command) so `exec >/dev/null` cannot hide it. The token is printed in two halves so
-    `set -x`/`set -v` traces never contain it verbatim.
+    `set -x`/`set -v` traces never contain it verbatim. Nothing is printed before the token,
+    so a streamed line's newline need not wait to be told apart from the sentinel's.
     """
     line = "eval " + bash_quote(command) + " </dev/null 3>&-"
     if exec_dir is not None:
         line = "cd -- " + bash_quote(exec_dir) + " && " + line
-    return (f"{line}; printf '\\n%s%s:%s\\n' {token[:16]} {token[16:]} \"$?\" >&3\n").encode()
+    return (f"{line}; printf '%s%s:%s\\n' {token[:16]} {token[16:]} \"$?\" >&3\n").encode()
 
 
 class ShellSession:
@@ -442,7 +463,10 @@ class ShellSession:
             with contextlib.suppress(OSError):
                 pipe.close()
 
-    def run(self, command, exec_dir, hard_timeout, idle_timeout):
+    def run(self, command, exec_dir, hard_timeout, idle_timeout, on_output=None, client=None):
+        """Run one command; ``on_output`` gets its output as it comes; a hang-up of the
+        ``client`` socket (or a failing ``on_output``) kills it (status 'terminated') and
+        leaves the shell usable."""
         with self.lock:
             self._ensure_started()
             token = uuid.uuid4().hex
@@ -457,15 +481,28 @@ class ShellSession:
                 self._ensure_started()
                 known = set()
                 write_all(self.proc.stdin.fileno(), script)
-            return self._collect(token, hard_timeout, idle_timeout, known)
+            return self._collect(token, hard_timeout, idle_timeout, known, on_output, client)
 
-    def _collect(self, token, hard_timeout, idle_timeout, known):
+    def _collect(self, token, hard_timeout, idle_timeout, known, on_output=None, client=None):
         proc = self.proc
-        marker = b"\n" + token.encode() + b":"
+        marker = token.encode() + b":"   # no newline of ours before it: output keeps its own
         buf, pending = BoundedBuffer(self.cfg.max_output), b""
+        listener = {"call": on_output, "gone": False}
+
+        def emit(data):
+            buf.feed(data)
+            if listener["call"] is not None and data:
+                try:
+                    listener["call"](data)
+                except OSError:   # the client of a stream went away
+                    listener["call"], listener["gone"] = None, True
+
         fd = proc.stdout.fileno()
         poller = select.poll()
         poller.register(fd, select.POLLIN)
+        client_fd = client.fileno() if client is not None else None
+        if client_fd is not None:
+            poller.register(client_fd, select.POLLIN)
         start = last_output = time.monotonic()
         status, exit_code, reset, kill_deadline = "completed", None, False, None
         while True:
@@ -475,6 +512,8 @@ class ShellSession:
                     status = "hard_timeout"
                 elif idle_timeout and now - last_output >= idle_timeout:
                     status = "no_change_timeout"
+                elif listener["gone"]:
+                    status = "terminated"
                 if status != "completed":
                     kill_descendants(proc.pid, spare=known, spare_pgids={proc.pid})
                     kill_deadline = now + SESSION_KILL_GRACE
@@ -487,7 +526,19 @@ class ShellSession:
                 start + hard_timeout if hard_timeout else None,
                 last_output + idle_timeout if idle_timeout else None]
             waits = [d - now for d in deadlines if d is not None]
-            if not poller.poll(None if not waits else max(0, min(waits)) * 1000):
+            held = pending and marker not in pending
+            if held:   # see below: a held-back tail goes out once nothing follows it at once
+                waits.append(HOLD_BACK_SECONDS)
+            ready = {f for f, _ in poller.poll(None if not waits else max(0, min(waits)) * 1000)}
+            if client_fd in ready:
+                poller.unregister(client_fd)
+                client_fd = None
+                listener["gone"] = hung_up(client)
+                continue
+            if held and not ready:
+                emit(pending)
+                pending = b""
+            if fd not in ready:
                 continue
             chunk = os.read(fd, READ_SIZE)
             if not chunk:   # bash exited (`exit`, `set -e`, killed): next call starts a new one
@@ -499,13 +550,15 @@ class ShellSession:
             pending += chunk
             idx = pending.find(marker)
             if idx < 0:
-                # Hold back a marker-length suffix: the sentinel may straddle two reads.
-                keep = len(marker) - 1
-                if len(pending) > keep:
-                    buf.feed(pending[:-keep])
-                    pending = pending[-keep:]
+                # Hold back a tail that could begin the sentinel: it may straddle two reads.
+                # The sentinel is one small write, so when it straddles, its rest is in the
+                # pipe already; a tail nothing follows within HOLD_BACK_SECONDS is output.
+                keep = next((k for k in range(min(len(marker) - 1, len(pending)), 0, -1)
+                             if pending.endswith(marker[:k])), 0)
+                emit(pending[:len(pending) - keep])
+                pending = pending[len(pending) - keep:]
                 continue
-            buf.feed(pending[:idx])
+            emit(pending[:idx])
             pending = pending[idx:]
             end = pending.find(b"\n", len(marker))
             if end >= 0:
@@ -513,7 +566,7 @@ class ShellSession:
                     exit_code = int(pending[len(marker):end])
                 pending = b""
                 break
-        buf.feed(pending)
+        emit(pending)
         if status != "completed":
             exit_code = None
         return {"status": status, "output": buf.text(), "exit_code": exit_code, "reset": reset}
@@ -539,6 +592,87 @@ class SessionManager:
                 session.discard()
 
 
+# --------------------------------------------------------------------------- background jobs
+
+class Job:
+    """A command started with ``async_mode``: its own process group, its output spooled to a
+    file only the server can read (memory stays flat however much it prints)."""
+
+    def __init__(self, job_id, command, proc, spool):
+        self.id, self.command, self.proc, self.spool = job_id, command, proc, spool
+        self.killed = False
+
+    def status(self):
+        code = self.proc.poll()
+        if code is None:
+            return "running", None
+        return ("terminated" if self.killed else "completed"), exit_code_of(code)
+
+    def output(self, offset, limit):
+        """(text, next offset) of the spooled output from byte ``offset``, at most ``limit``
+        bytes; a character cut at the end is left for the next read."""
+        running = self.proc.poll() is None
+        with open(self.spool, "rb") as f:
+            f.seek(offset)
+            data = f.read(limit)
+        if running or len(data) == limit:
+            data = data[:utf8_complete(data)]
+        return decode(data), offset + len(data)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.killed = True
+            kill_descendants(self.proc.pid)
+            kill_quietly(os.killpg, self.proc.pid)
+            self.proc.wait()
+
+
+def utf8_complete(data):
+    """The length of ``data`` without a UTF-8 character cut off at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:   # ASCII or the first byte of a character
+            need = 1 if byte < 0xC0 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) if back >= need else len(data) - back
+    return len(data)
+
+
+class JobTable:
+    def __init__(self, cfg, registry):
+        self.cfg, self.registry = cfg, registry
+        self.lock = threading.Lock()
+        self.jobs = {}
+        self.spool_dir = None
+
+    def start(self, job_id, command, cwd):
+        with self.lock:
+            if job_id in self.jobs and self.jobs[job_id].proc.poll() is None:
+                raise ApiError(400, f"session {job_id} still runs a command; wait for it or kill it")
+            if self.spool_dir is None:
+                self.spool_dir = tempfile.mkdtemp(prefix="sandbox-jobs-")   # 0700, the server's
+            spool = os.path.join(self.spool_dir, job_id.replace("/", "_") + ".out")
+            with open(spool, "wb") as out:
+                proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT, cwd=cwd, env=command_env(self.cfg),
+                                        start_new_session=True, **self.cfg.run_as.popen_kwargs())
+            self.registry.add(proc.pid)
+            self.jobs[job_id] = Job(job_id, command, proc, spool)
+            return self.jobs[job_id]
+
+    def get(self, job_id):
+        with self.lock:
+            job = self.jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, f"no background command in session {job_id}")
+        return job
+
+    def kill_all(self):
+        with self.lock:
+            jobs = list(self.jobs.values())
+        for job in jobs:
+            job.kill()
+
+
 # --------------------------------------------------------------------------- bash -c
 
 def command_env(cfg, extra=None):
@@ -550,19 +684,25 @@ def command_env(cfg, extra=None):
     return env
 
 
-def run_bash(command, env, cwd, hard_timeout, cap, registry, run_as):
-    """Run `bash -c command` in its own process group; capture stdout/stderr separately."""
+def run_bash(command, env, cwd, hard_timeout, cap, registry, run_as, client=None, on_output=None):
+    """Run `bash -c command` in its own process group; capture stdout/stderr separately.
+    ``on_output(name, data)`` gets each stream's output as it comes. A hang-up of the
+    ``client`` socket (or a failing ``on_output``) kills the group (status 'terminated')."""
     proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
                             start_new_session=True, **run_as.popen_kwargs())
     registry.add(proc.pid)
     bufs = {proc.stdout.fileno(): BoundedBuffer(cap), proc.stderr.fileno(): BoundedBuffer(cap)}
     out_buf, err_buf = bufs.values()
+    names = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
     poller = select.poll()
     for fd in bufs:
         poller.register(fd, select.POLLIN)
+    client_fd = client.fileno() if client is not None else None
+    if client_fd is not None:
+        poller.register(client_fd, select.POLLIN)
     deadline = time.monotonic() + hard_timeout if hard_timeout else None
-    timed_out, exited_at = False, None
+    timed_out, exited_at, terminated = False, None, False
     try:
         while bufs:
             now = time.monotonic()
@@ -583,9 +723,26 @@ def run_bash(command, env, cwd, hard_timeout, cap, registry, run_as):
             if exited_at is not None and now - exited_at > 1.0:
                 break
             for fd, _ in events:
+                if fd == client_fd:
+                    poller.unregister(client_fd)
+                    client_fd = None
+                    if hung_up(client) and not timed_out:
+                        timed_out = terminated = True
+                        kill_descendants(proc.pid)
+                        kill_quietly(os.killpg, proc.pid)
+                    continue
                 chunk = os.read(fd, READ_SIZE)
                 if chunk:
                     bufs[fd].feed(chunk)
+                    if on_output is not None:
+                        try:
+                            on_output(names[fd], chunk)
+                        except OSError:   # the client of a stream went away
+                            on_output = None
+                            if not timed_out:
+                                timed_out = terminated = True
+                                kill_descendants(proc.pid)
+                                kill_quietly(os.killpg, proc.pid)
                 else:
                     poller.unregister(fd)
                     del bufs[fd]
@@ -605,7 +762,8 @@ def run_bash(command, env, cwd, hard_timeout, cap, registry, run_as):
         proc.stdout.close()
         proc.stderr.close()
     exit_code = None if timed_out else exit_code_of(returncode)
-    return ("timed_out" if timed_out else "completed"), out_buf.text(), err_buf.text(), exit_code
+    status = "terminated" if terminated else "timed_out" if timed_out else "completed"
+    return status, out_buf.text(), err_buf.text(), exit_code
 
 
 # --------------------------------------------------------------------------- files
@@ -690,6 +848,7 @@ class App:
         self.cfg = cfg
         self.registry = ChildRegistry()
         self.sessions = SessionManager(cfg, self.registry)
+        self.jobs = JobTable(cfg, self.registry)
         self.info = self._build_info()
 
     def _build_info(self):
@@ -723,21 +882,37 @@ class App:
     def health(self, body):
         return ok({"status": "ok"})
 
-    def shell_exec(self, body):
+    def shell_exec(self, body, request=None):
+        """The command in a persistent session; with ``async_mode`` in the background (then
+        view, wait, kill); with ``Accept: text/event-stream`` its output as it comes (events
+        'output' {"output"}, then 'result' {the reply's data without output}). A client that
+        hangs up kills the command."""
         command = get_field(body, "command", "str", required=True)
         reject_nul(command, "command")
-        session_id = get_field(body, "id", "str") or "default"
         exec_dir = get_field(body, "exec_dir", "str")
         if exec_dir is not None:
             exec_dir = self.resolve(exec_dir, "exec_dir")
             if not os.path.isdir(exec_dir):
                 raise ApiError(400, f"exec_dir does not exist or is not a directory: {exec_dir}")
+        if get_field(body, "async_mode", "bool", default=False):
+            job_id = get_field(body, "id", "str") or uuid.uuid4().hex
+            try:
+                self.jobs.start(job_id, command, exec_dir or self.cfg.home)
+            except OSError as exc:
+                raise spawn_failed(exc) from exc
+            return ok({"session_id": job_id, "command": command, "status": "running", "output": None,
+                       "exit_code": None, "console": []}, "command started in the background")
+        session_id = get_field(body, "id", "str") or "default"
         hard, timeout = get_timeout(body, "hard_timeout"), get_timeout(body, "timeout")
         idle = get_timeout(body, "no_change_timeout")
         truncate = get_field(body, "truncate", "bool", default=True)
         before = limit_counters()
+        session = self.sessions.get(session_id)
+        client = request.connection if request is not None else None
+        if request is not None and "text/event-stream" in request.headers.get("Accept", ""):
+            return self._shell_stream(session, command, exec_dir, hard or timeout, idle, request, before)
         try:
-            result = self.sessions.get(session_id).run(command, exec_dir, hard or timeout, idle)
+            result = session.run(command, exec_dir, hard or timeout, idle, client=client)
         except OSError as exc:
             raise spawn_failed(exc) from exc
         output = result["output"]
@@ -752,7 +927,61 @@ class App:
                    "output": output, "exit_code": result["exit_code"], "limits_hit": limits_hit(before),
                    "console": [{"ps1": "$ ", "command": command, "output": output}]}, message)
 
-    def bash_exec(self, body):
+    def _shell_stream(self, session, command, exec_dir, hard, idle, request, before):
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        request.start_events()
+
+        def on_output(data):
+            text = decoder.decode(data)
+            if text:
+                request.send_event("output", {"output": text})
+
+        try:
+            result = session.run(command, exec_dir, hard, idle, on_output=on_output, client=request.connection)
+        except OSError as exc:
+            request.send_event("error", {"message": spawn_failed(exc).message})
+            return STREAMED
+        with contextlib.suppress(OSError):
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                request.send_event("output", {"output": tail})
+            request.send_event("result", {"session_id": session.id, "command": command, "status": result["status"],
+                                          "exit_code": result["exit_code"], "reset": result["reset"],
+                                          "limits_hit": limits_hit(before)})
+        return STREAMED
+
+    def shell_view(self, body):
+        """A background command's status and output (from byte ``offset``, at most ``max_bytes``;
+        ``next_offset`` continues)."""
+        job = self.jobs.get(get_field(body, "id", "str", required=True))
+        offset = get_field(body, "offset", "int", default=0)
+        limit = get_field(body, "max_bytes", "int", default=self.cfg.max_output)
+        if offset < 0 or limit <= 0:
+            raise ApiError(422, "offset must be >= 0 and max_bytes > 0")
+        status, code = job.status()
+        output, next_offset = job.output(offset, limit)
+        return ok({"session_id": job.id, "command": job.command, "status": status, "exit_code": code,
+                   "output": output, "next_offset": next_offset, "console": []})
+
+    def shell_wait(self, body):
+        """Wait up to ``seconds`` for a background command to end."""
+        job = self.jobs.get(get_field(body, "id", "str", required=True))
+        seconds = get_timeout(body, "seconds")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            job.proc.wait(timeout=seconds)
+        status, code = job.status()
+        return ok({"status": status, "exit_code": code})
+
+    def shell_kill(self, body):
+        """Kill a background command's process group."""
+        job = self.jobs.get(get_field(body, "id", "str", required=True))
+        before, code = job.status()
+        job.kill()
+        status, after = job.status()
+        return ok({"status": status, "exit_code": after if before == "running" else code,
+                   "returncode": after if before == "running" else code})
+
+    def bash_exec(self, body, request=None):
         command = get_field(body, "command", "str", required=True)
         reject_nul(command, "command")
         env = command_env(self.cfg)
@@ -776,11 +1005,35 @@ class App:
         max_len = get_field(body, "max_output_length", "int", default=0)
         session_id = get_field(body, "session_id", "str") or uuid.uuid4().hex
         before = limit_counters()
+        client = request.connection if request is not None else None
+        streaming = request is not None and "text/event-stream" in request.headers.get("Accept", "")
+        on_output = None
+        if streaming:   # events 'output' {"stream": "stdout"|"stderr", "output"}, then 'result'
+            decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")}
+            request.start_events()
+
+            def on_output(name, data):
+                text = decoders[name].decode(data)
+                if text:
+                    request.send_event("output", {"stream": name, "output": text})
         try:
             status, out, err, code = run_bash(command, env, cwd, hard or timeout,
-                                              self.cfg.max_output, self.registry, self.cfg.run_as)
+                                              self.cfg.max_output, self.registry, self.cfg.run_as,
+                                              client=client, on_output=on_output)
         except OSError as exc:
-            raise spawn_failed(exc) from exc
+            if not streaming:
+                raise spawn_failed(exc) from exc
+            request.send_event("error", {"message": spawn_failed(exc).message})
+            return STREAMED
+        if streaming:
+            with contextlib.suppress(OSError):
+                for name, decoder in decoders.items():
+                    tail = decoder.decode(b"", final=True)
+                    if tail:
+                        request.send_event("output", {"stream": name, "output": tail})
+                request.send_event("result", {"session_id": session_id, "command": command, "status": status,
+                                              "exit_code": code, "limits_hit": limits_hit(before)})
+            return STREAMED
         out, err = middle_truncate(out, max_len), middle_truncate(err, max_len)
         return ok({"session_id": session_id, "command_id": uuid.uuid4().hex, "command": command,
                    "status": status, "stdout": out, "stderr": err, "exit_code": code,
@@ -882,6 +1135,7 @@ class App:
                    "directory_count": dirs, "file_count": len(files) - dirs})
 
     def shutdown(self):
+        self.jobs.kill_all()
         self.sessions.kill_all()
         self.registry.kill_all()
 
@@ -892,12 +1146,20 @@ ROUTES = {
     "/v1/sandbox": {"GET": "sandbox_info"},
     "/health": {"GET": "health"},
     "/v1/shell/exec": {"POST": "shell_exec"},
+    "/v1/shell/view": {"POST": "shell_view"},
+    "/v1/shell/wait": {"POST": "shell_wait"},
+    "/v1/shell/kill": {"POST": "shell_kill"},
+    "/v1/file/upload": {"PUT": "upload"},
     "/v1/bash/exec": {"POST": "bash_exec"},
     "/v1/file/read": {"POST": "file_read"},
     "/v1/file/write": {"POST": "file_write"},
     "/v1/file/list": {"POST": "file_list"},
     "/v1/file/download": {"GET": "download"},
 }
+
+
+TAKES_REQUEST = {"shell_exec", "bash_exec"}   # these watch the client: a hang-up kills the command
+STREAMED = object()                             # the reply went out as events already
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -942,11 +1204,18 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(404, f"Not found: {path}")
             if method not in methods:
                 raise ApiError(405, f"Method {method} not allowed for {path}")
-            if methods[method] == "download":
+            name = methods[method]
+            if name == "download":
                 self._download(app, parse_qs(url.query))
                 return
+            if name == "upload":
+                self._send_json(200, self._upload(app, parse_qs(url.query)))
+                return
             body = self._read_json() if method == "POST" else {}
-            self._send_json(200, getattr(app, methods[method])(body))
+            extra = {"request": self} if name in TAKES_REQUEST else {}
+            reply = getattr(app, name)(body, **extra)
+            if reply is not STREAMED:
+                self._send_json(200, reply)
         except ApiError as exc:
             self._send_error(exc.status, exc.message, exc.data)
         except (BrokenPipeError, ConnectionResetError):
@@ -1011,6 +1280,62 @@ class Handler(BaseHTTPRequestHandler):
         self._headers_done = True
         self.wfile.write(data)
 
+    def start_events(self):
+        """Begin a text/event-stream reply (the connection closes at its end)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self._headers_done = True
+        self.close_connection = True
+
+    def send_event(self, event, data):
+        self.wfile.write(f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+                         .encode("utf-8", "replace"))
+
+    def _upload(self, app, query):
+        """``PUT /v1/file/upload?path=&offset=&final=``: the raw body is written at ``offset``
+        of a part file beside ``path`` (offset 0 starts it anew; any other offset must be its
+        size so far), read 1 MiB at a time; ``final=1`` renames it to ``path``."""
+        raw = (query.get("path") or [""])[0]
+        if not raw:
+            raise ApiError(422, "query parameter 'path' is required")
+        path = app.resolve(raw, "path")
+        try:
+            offset = int((query.get("offset") or ["0"])[0])
+            length = int(self.headers.get("Content-Length") or "-1")
+        except ValueError:
+            raise ApiError(422, "offset and Content-Length must be integers") from None
+        if offset < 0 or length < 0 or length > MAX_BODY_BYTES:
+            raise ApiError(411 if length < 0 else 413 if length > MAX_BODY_BYTES else 422,
+                           f"bad upload chunk (offset {offset}, length {length})")
+        final = (query.get("final") or ["0"])[0] in ("1", "true")
+        if os.path.isdir(path):
+            raise ApiError(400, f"Is a directory: {path}")
+        part = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.part")
+        with fs_errors(path, not_dir_status=400):
+            app.makedirs(os.path.dirname(path))
+            if offset == 0:
+                with open(part, "wb"):
+                    pass
+                app.cfg.run_as.own(part)
+            size = os.path.getsize(part) if os.path.exists(part) else -1
+            if size != offset:
+                raise ApiError(409, f"upload of {path} is at byte {max(size, 0)}, not {offset}; start again at 0")
+            with open(part, "ab") as f:
+                left = length
+                while left:
+                    chunk = self.rfile.read(min(left, 1024 * 1024))
+                    if not chunk:
+                        raise ApiError(400, "request body ended early")
+                    f.write(chunk)
+                    left -= len(chunk)
+            self._body_consumed = True
+            if final:
+                os.replace(part, path)
+        return ok({"path": path, "size": offset + length, "final": final})
+
     def _send_error(self, status, message, data=None):
         if self._headers_done:   # a streamed download failed half-way: just drop the connection
             self.close_connection = True
@@ -1025,11 +1350,21 @@ class Handler(BaseHTTPRequestHandler):
         path = app.resolve(raw, "path")
         if os.path.isdir(path):
             raise ApiError(400, f"Is a directory: {path}")
+        try:   # a range of the file: offset and length (our extension, for chunked downloads)
+            offset = int((query.get("offset") or ["0"])[0])
+            length = int((query.get("length") or ["-1"])[0])
+        except ValueError:
+            raise ApiError(422, "offset and length must be integers") from None
+        if offset < 0:
+            raise ApiError(422, "offset must be >= 0")
         with fs_errors(path), open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            total = os.fstat(f.fileno()).st_size
+            f.seek(min(offset, total))
+            size = max(0, total - offset) if length < 0 else max(0, min(length, total - offset))
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(size))
+            self.send_header("X-File-Size", str(total))
             self.send_header("Content-Disposition", content_disposition(os.path.basename(path)))
             self.end_headers()
             self._headers_done = True

@@ -1,0 +1,162 @@
+"""Agentic-RL rollouts on sandbox-actors, as a Ray job.
+
+    python examples/rollouts.py --rollouts 64 --concurrency 16
+    ray job submit -- python examples/rollouts.py --rollouts 64   # on a cluster
+
+The driver prepares an environment once (a sandbox set up, then snapshotted), and runs N
+rollouts as Ray tasks spread over the cluster. Each rollout starts its own sandbox from the
+snapshot (``--cold``: from the plain image), makes a few tool calls (writes a program, runs it,
+reads its result) and hands its sandbox handle to a scoring task, which checks the answer and
+destroys the sandbox. At the end it prints rollouts per second, the acquire and exec latency, the
+mean score, and a leak check (no sandbox, container or snapshot of the run's pool is left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any
+
+import ray
+
+import sandbox_actors
+from sandbox_actors.console import filter_ray_warnings
+
+
+@ray.remote(num_cpus=0)
+def rollout(pool_name: str, namespace: str, index: int, snapshot: str | None) -> dict[str, Any]:
+    """One episode: a sandbox of its own, three tool calls; returns its handle for the scorer."""
+    pool = sandbox_actors.connect(pool_name=pool_name, namespace=namespace)
+    started = time.perf_counter()
+    box = pool.acquire(f"rollout-{index}", snapshot=snapshot)
+    acquired = time.perf_counter() - started
+    calls = []
+    for command in (
+        f"printf 'n = {index} + 10\\nprint(sum(range(n)))\\n' > /tmp/task.py",
+        "python3 /tmp/task.py > /tmp/answer.txt",
+        "cat /usr/local/share/rollout-env/ready 2>/dev/null || echo cold",
+    ):
+        began = time.perf_counter()
+        result = box.exec(command)
+        calls.append(time.perf_counter() - began)
+        if result.exit_code != 0:
+            raise RuntimeError(f"rollout {index}: {command!r} exited {result.exit_code}: {result.output}")
+    return {"index": index, "box": box, "acquire_s": acquired, "exec_s": calls, "env": result.output.strip()}
+
+
+@ray.remote(num_cpus=0)
+def score(episode: dict[str, Any]) -> dict[str, Any]:
+    """Check a rollout's answer in its sandbox (the handle came from another task), then end it."""
+    box = episode.pop("box")
+    answer = box.read_file("/tmp/answer.txt").strip()
+    expected = sum(range(episode["index"] + 10))
+    box.destroy()
+    return {**episode, "score": 1.0 if answer == str(expected) else 0.0}
+
+
+def _percentiles(samples: list[float]) -> str:
+    ordered = sorted(samples)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+    return f"p50 {pick(0.5):7.1f} ms  p95 {pick(0.95):7.1f} ms  max {ordered[-1] * 1000:7.1f} ms"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    filter_ray_warnings()  # each sandbox's actor is a worker process: Ray warns of many starting at once
+    local = {"include_dashboard": False} if not args.address else {}  # the dashboard costs CPU we need
+    ray.init(address=args.address or "local", logging_level=logging.ERROR, namespace=args.namespace, **local)
+    pool_name = args.pool or f"rollouts-{uuid.uuid4().hex[:8]}"
+    base_dir = args.base_dir or tempfile.mkdtemp(prefix="sandbox-actors-rollouts-")
+    pool = sandbox_actors.connect({"pool_name": pool_name, "namespace": args.namespace, "base_dir": base_dir,
+                                   "replicas": args.concurrency + 2, "container_prefix": pool_name,
+                                   "spare_actors": args.concurrency, "thread_mounts": False})
+    report: dict[str, Any] = {"pool": pool_name, "rollouts": args.rollouts, "concurrency": args.concurrency}
+    try:
+        snapshot = None
+        if not args.cold:
+            began = time.perf_counter()
+            base = pool.acquire("prepare")  # the environment every rollout starts from
+            base.exec("mkdir -p /usr/local/share/rollout-env && echo prepared > /usr/local/share/rollout-env/ready")
+            snapshot = base.snapshot("rollout-env").name
+            base.destroy()
+            report["prepare_s"] = round(time.perf_counter() - began, 3)
+            print(f"prepared the environment and snapshotted it in {report['prepare_s']:.2f}s", flush=True)
+        started = time.perf_counter()
+        pending: list[Any] = []
+        results: list[dict[str, Any]] = []
+        next_index = 0
+        while next_index < args.rollouts or pending:
+            while next_index < args.rollouts and len(pending) < args.concurrency:
+                pending.append(score.remote(rollout.remote(pool_name, args.namespace, next_index, snapshot)))
+                next_index += 1
+            done, pending = ray.wait(pending, num_returns=1)
+            results.append(ray.get(done[0]))
+            if len(results) % max(1, args.rollouts // 8) == 0 or len(results) == args.rollouts:
+                print(f"  {len(results)}/{args.rollouts} rollouts scored", flush=True)
+        wall = time.perf_counter() - started
+        report.update(
+            wall_s=round(wall, 3), rollouts_per_s=round(args.rollouts / wall, 2),
+            mean_score=sum(r["score"] for r in results) / len(results),
+            from_snapshot=sum(1 for r in results if r["env"] == "prepared"),
+        )
+        print(f"\n{args.rollouts} rollouts, {args.concurrency} at a time, in {wall:.2f}s: "
+              f"{report['rollouts_per_s']} rollouts/s; mean score {report['mean_score']:.2f}; "
+              f"{report['from_snapshot']} started from the snapshot")
+        print(f"acquire  {_percentiles([r['acquire_s'] for r in results])}")
+        print(f"exec     {_percentiles([s for r in results for s in r['exec_s']])}")
+        if snapshot is not None:
+            pool.remove_snapshot(snapshot)
+    finally:
+        left = pool.list()
+        shut = pool.shutdown()
+        ray.shutdown()
+    leaks = _leaks(pool_name) if args.check_engine else {}
+    report.update(left_in_pool=len(left), shutdown=shut, leaks=leaks)
+    print(f"leak check: {len(left)} sandbox(es) left in the pool before shutdown; "
+          + (f"after it: {leaks}" if leaks else "nothing of the pool left on this machine's engine"))
+    return report
+
+
+def _leaks(pool_name: str) -> dict[str, int]:
+    """What of the pool is left on this machine's Docker engine (containers, snapshot images)."""
+    import docker
+
+    client = docker.from_env()
+    try:
+        labels = [f"sandbox-actors.pool={pool_name}"]
+        found = {"containers": len(client.containers.list(all=True, filters={"label": labels})),
+                 "images": len(client.images.list(filters={"label": labels + ["sandbox-actors.snapshot"]}))}
+    finally:
+        client.close()
+    return {k: v for k, v in found.items() if v}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rollouts", type=int, default=64, help="episodes to run (default 64)")
+    parser.add_argument("--concurrency", type=int, default=8, help="episodes at once (default 8)")
+    parser.add_argument("--cold", action="store_true", help="start each rollout from the plain image, no snapshot")
+    parser.add_argument("--address", help="Ray cluster (default: a local one)")
+    parser.add_argument("--pool", help="pool name (default: a new one for this run)")
+    parser.add_argument("--namespace", default="sandbox_actors_rollouts")
+    parser.add_argument("--base-dir", help="pool base_dir (default: a temporary directory)")
+    parser.add_argument("--no-engine-check", dest="check_engine", action="store_false",
+                        help="skip the leak check on this machine's Docker engine (a remote cluster)")
+    parser.add_argument("--json", help="write the report here")
+    args = parser.parse_args()
+    if args.rollouts < 1 or args.concurrency < 1:
+        parser.error("--rollouts and --concurrency must be at least 1")
+    report = run(args)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+    ok = report["mean_score"] == 1.0 and not report["leaks"] and report["left_in_pool"] == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
