@@ -25,6 +25,7 @@ from .errors import (
     InvalidRequest,
     PoolExhausted,
     SandboxError,
+    SandboxFileNotFound,
     SandboxNotFound,
 )
 
@@ -40,7 +41,7 @@ def exit_code(exc: SandboxError) -> int:
     """The documented exit code for an error of ours."""
     if isinstance(exc, (ConfigError, InvalidRequest)):
         return EXIT_USAGE
-    if isinstance(exc, SandboxNotFound):
+    if isinstance(exc, (SandboxNotFound, SandboxFileNotFound)):
         return EXIT_NOT_FOUND
     if isinstance(exc, PoolExhausted):
         return EXIT_CAPACITY

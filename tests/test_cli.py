@@ -45,6 +45,14 @@ def test_every_command_against_a_running_pool(ray_address, config_file, config, 
         assert env.stdout == "hi\n"
         timed_out = cli("exec", "t1", *opts, "--timeout", "1", "--", "sleep", "30")
         assert timed_out.returncode == 124 and "timed out" in timed_out.stderr
+        local, back = Path(config.base_dir).parent / "in.bin", Path(config.base_dir).parent / "out.bin"
+        local.write_bytes(os.urandom(5 * 1024 * 1024 + 3))  # more than one chunk
+        copied_in = cli("cp", str(local), "t1:/tmp/copied.bin", *opts)
+        assert copied_in.returncode == 0 and "copied 5242883 bytes" in copied_in.stdout, copied_in.stderr
+        assert cli("cp", "t1:/tmp/copied.bin", str(back), *opts).returncode == 0
+        assert back.read_bytes() == local.read_bytes()
+        assert cli("cp", str(local), str(back), *opts).returncode == 2  # no THREAD:PATH side
+        assert cli("cp", "t1:/tmp/missing.bin", str(back), *opts).returncode == 3
 
         status = cli("status", *opts, "--json")
         assert status.returncode == 0, status.stderr

@@ -463,6 +463,16 @@ def test_agent_sandbox_sdk_contract(server):
     # Our 422 envelope must still parse as the SDK's HttpValidationError.
     with pytest.raises(UnprocessableEntityError):
         sdk.bash.exec(command="true", env={"not-valid": "x"})
+    # Background commands: async_mode, then view, wait and kill, as the SDK calls them.
+    started = sdk.shell.exec_command(command="echo bg; sleep 0.3; exit 4", async_mode=True)
+    assert started.data.status == "running"
+    waited = sdk.shell.wait_for_process(id=started.data.session_id, seconds=10)
+    assert waited.data.status == "completed"
+    viewed = sdk.shell.view(id=started.data.session_id)
+    assert (viewed.data.output, viewed.data.status, viewed.data.exit_code) == ("bg\n", "completed", 4)
+    long = sdk.shell.exec_command(command="sleep 300", async_mode=True).data.session_id
+    killed = sdk.shell.kill_process(id=long)
+    assert killed.data.status == "terminated"
 
 
 # --------------------------------------------------------------------------- shutdown

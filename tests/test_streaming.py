@@ -234,3 +234,34 @@ def test_a_200mb_file_round_trip_is_exact_with_memory_bounded(pool, tmp_path, do
           f"MiB; actor VmHWM growth incl. object-store pages {(peak_rss(actor) - hwm) / MiB:.1f} MiB")
     # Bounded: not in proportion to the 200 MB moved (2 MiB chunks; figures in the closing note).
     assert actor_mem.growth < 96 * MiB and server_mem.growth < 16 * MiB
+
+
+SYNC_EXEC = r"""
+import sys
+import ray, sandbox_actors
+ray.init(address=sys.argv[1], namespace=sys.argv[3])
+box = sandbox_actors.connect(pool_name=sys.argv[2], namespace=sys.argv[3]).acquire("sync-ctrl-c")
+print("running", flush=True)
+try:
+    box.exec("sleep 307")
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_on_a_sync_exec_stops_the_command(pool, ray_address, config):
+    box = pool.acquire("sync-ctrl-c")
+    script = subprocess.Popen([sys.executable, "-c", SYNC_EXEC, ray_address, config.pool_name, config.namespace],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert script.stdout.readline() == "running\n"
+        assert wait_until(lambda: running(box, "sleep 307"), timeout=30)
+        script.send_signal(signal.SIGINT)
+        out, err = script.communicate(timeout=30)
+    finally:
+        if script.poll() is None:
+            script.kill()
+    assert script.returncode == 130 and "interrupted" in out, err[-2000:]
+    assert wait_until(lambda: not running(box, "sleep 307"), timeout=10), running(box, "sleep 307")
+    assert box.exec("echo usable").output == "usable\n"
