@@ -256,3 +256,13 @@ def assert_no_actors_left(pool_name: str, wait: float = 10.0) -> None:
             break
         time.sleep(0.1)
     assert not left, f"actors left after shutdown: {left}"
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` for a child that a test interrupts as a user's Ctrl-C would. A run started
+    in the background by a non-interactive shell (as CI may start the suite) has SIGINT ignored,
+    children inherit that, and Python then never raises KeyboardInterrupt; a terminal's Ctrl-C
+    reaches a process whose SIGINT is the default."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -164,7 +164,7 @@ def _raylets() -> int:
     (["bench", "--tiny"], "bench-"),
 ], ids=["demo", "bench"])
 def test_ctrl_c_stops_the_demo_and_the_bench_and_cleans_up(image, docker_client, command, pools):
-    from tests.conftest import wait_until
+    from tests.conftest import sigint_default, wait_until
 
     def ours() -> list:
         found = docker_client.containers.list(all=True, filters={"label": "sandbox-actors.project=sandbox-actors"})
@@ -172,7 +172,8 @@ def test_ctrl_c_stops_the_demo_and_the_bench_and_cleans_up(image, docker_client,
                 or c.name.startswith(pools)]
 
     raylets = _raylets()
-    proc = subprocess.Popen([*CLI, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([*CLI, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=sigint_default)
     try:
         assert wait_until(ours, timeout=240, interval=0.2), "it never started a sandbox"
         time.sleep(1.0)  # well inside its work

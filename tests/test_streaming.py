@@ -24,7 +24,7 @@ import yaml
 from backends.sandbox_api import BashResult, ShellResult
 from sandbox_actors.client import BackgroundCommand
 from sandbox_actors.errors import InvalidRequest
-from tests.conftest import wait_until
+from tests.conftest import sigint_default, wait_until
 
 MiB = 1024 * 1024
 
@@ -151,7 +151,7 @@ def test_ctrl_c_on_cli_exec_stops_the_command_in_the_sandbox(ray_address, config
             cli = subprocess.Popen(
                 [sys.executable, "-m", "sandbox_actors.cli", "exec", "ctl", *opts, *extra, "--",
                  "sh", "-c", f"echo go; {pattern}; echo done"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default,
             )
             assert cli.stdout.readline() == "go\n"  # printed live, while the command runs
             box = pool.acquire("ctl")
@@ -253,7 +253,7 @@ except KeyboardInterrupt:
 def test_ctrl_c_on_a_sync_exec_stops_the_command(pool, ray_address, config):
     box = pool.acquire("sync-ctrl-c")
     script = subprocess.Popen([sys.executable, "-c", SYNC_EXEC, ray_address, config.pool_name, config.namespace],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     try:
         assert script.stdout.readline() == "running\n"
         assert wait_until(lambda: running(box, "sleep 307"), timeout=30)
