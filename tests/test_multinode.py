@@ -104,7 +104,7 @@ def test_node_loss_moves_threads_to_a_live_node_with_their_files(observed):
         assert after["containers"] == 1
     assert all(count == 1 for count in observed["containers_per_thread"].values())  # never two
     assert observed["after_loss"]["a"]["path"] == "resumed"  # hibernated through the loss
-    assert observed["counters"]["readopted"] >= len(observed["threads_on_victim"]) - 1
+    assert observed["counters"].get("readopted", 0) >= len(observed["threads_on_victim"]) - 1  # 0 when "a" was alone there
     assert observed["counters"]["resumed"] == 1
 
 
