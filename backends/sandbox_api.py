@@ -197,7 +197,8 @@ class SandboxAPI:
         if url.startswith(UNIX_SCHEME):
             self._http = httpx.AsyncClient(
                 base_url="http://sandbox", headers=headers, timeout=timeout, trust_env=False,
-                transport=httpx.AsyncHTTPTransport(uds=url[len(UNIX_SCHEME):]),
+                # A transport builds a TLS context of its own unless given one, even for a unix socket.
+                transport=httpx.AsyncHTTPTransport(uds=url[len(UNIX_SCHEME):], verify=tls_context()),
             )
             return
         self._http = httpx.AsyncClient(
