@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from typing import Any
 
 from . import raycalls, spawn
@@ -26,6 +28,64 @@ STOP_TIMEOUT = 60.0
 REAPER_TIMEOUT = 30.0
 IMAGE_TIMEOUT = 600.0  # committing, saving or loading an image of a few GB
 CLAIM_TIMEOUT = 10.0
+BURST_WINDOW = 2.0  # new sandboxes asked for within this many seconds count as one burst
+REFILL_YIELD = 2  # more starts in flight than this is a burst: spares are refilled after it
+REFILL_BATCH = 2  # spare actors started at once (each start is ~1 s of a core)
+SPARE_BYTES = 60 * 2**20  # what an idle SandboxActor holds (USS), for the memory bound
+SPARE_MEMORY_SHARE = 0.25  # learned spares take at most this share of the free memory
+
+
+class Demand:
+    """How many new sandboxes were asked for at once lately: the spare actors worth keeping.
+
+    A burst is the number of starts within ``BURST_WINDOW`` seconds; :meth:`peak` is the
+    largest burst of the last ``decay`` seconds (a sliding-window maximum: a newer, larger
+    burst replaces older ones, a smaller one waits behind them for its turn).
+    """
+
+    def __init__(self, window: float = BURST_WINDOW) -> None:
+        self._window = window
+        self._recent: deque[float] = deque()  # start times within the window
+        self._peaks: deque[tuple[float, int]] = deque()  # (time, burst): bursts decrease front to back
+
+    def note(self, now: float) -> int:
+        """A start asked for at ``now``; returns the burst it belongs to so far."""
+        self._recent.append(now)
+        while self._recent[0] < now - self._window:
+            self._recent.popleft()
+        burst = len(self._recent)
+        while self._peaks and self._peaks[-1][1] <= burst:
+            self._peaks.pop()
+        self._peaks.append((now, burst))
+        return burst
+
+    def peak(self, now: float, decay: float) -> int:
+        """The largest burst that began less than ``decay`` seconds before ``now`` (0: none)."""
+        while self._peaks and self._peaks[0][0] < now - decay:
+            self._peaks.popleft()
+        return self._peaks[0][1] if self._peaks else 0
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available on this node (Linux's MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def spare_target(config: SandboxConfig, peak: int, spares: int, free_bytes: int | None) -> int:
+    """Spare actors to keep: ``spare_actors``, or the recent ``peak`` of new sandboxes asked for
+    at once when larger, bounded by ``spare_actors_max``, ``max_sandboxes`` and a share of the
+    free memory (the ``spares`` there now count as free: they would be what is kept)."""
+    learned = min(peak, config.spare_actors_max, config.max_sandboxes or peak)
+    if free_bytes is not None:
+        learned = min(learned, int((free_bytes + spares * SPARE_BYTES) * SPARE_MEMORY_SHARE) // SPARE_BYTES)
+    return max(config.spare_actors, learned)
 
 
 class Fleet:
@@ -43,6 +103,9 @@ class Fleet:
         self.engine_on: dict[str, str] = {}  # node id -> engine id, for reapers that answered last time
         self._refilling: asyncio.Task[None] | None = None
         self._spawning = 0  # spawns in flight in worker threads (they cannot be cancelled)
+        self.demand = Demand()
+        self._waiting: deque[asyncio.Future[tuple[Any, str, str]]] = deque()  # starts waiting for a spare
+        self._adding: set[asyncio.Task[bool]] = set()  # spares being started
         self.starting = 0  # sandbox starts in flight (refills wait for them: they compete for CPU)
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget work, kept referenced
@@ -52,6 +115,11 @@ class Fleet:
     @property
     def spare_count(self) -> int:
         return len(self._spares)
+
+    def spare_target(self) -> int:
+        """How many spare actors to keep now (see :func:`spare_target`)."""
+        peak = self.demand.peak(time.monotonic(), self._config.spare_decay)
+        return spare_target(self._config, peak, len(self._spares), available_memory())
 
     @property
     def keep_names(self) -> set[str]:
@@ -69,15 +137,45 @@ class Fleet:
 
     async def actor_for(self, node_id: str | None) -> tuple[Any, str, bool]:
         """An actor to start a sandbox on: a ready spare when one is (and no node is required),
+        else the next spare to become ready (when any node can host it: no ``ray.resources``),
         else a new one. Returns (handle, name, is_spare); a spare is placed already. The actor
-        counts as launching (kept by reconcile) until :meth:`launched`."""
+        counts as launching (kept by reconcile) until :meth:`launched`. Each call counts as
+        demand: the spares kept grow to the largest recent burst."""
+        self.demand.note(time.monotonic())
         actor, name = self.take_spare(node_id)
         spare = actor is not None
+        if not spare and node_id is None and not self._config.ray.resources and self._config.spare_actors_max:
+            # Ray starts worker processes a few at a time: waiting for whichever spare is ready
+            # first beats queueing a worker start of one's own behind the spares'.
+            with contextlib.suppress(SandboxError):
+                actor, name, _node = await self._next_spare()
+                spare = True
         if not spare:
             actor, name = await self._spawn_actor(node_id)
         self._launching[name] = actor
         self.refill()
         return actor, name, spare
+
+    async def _next_spare(self) -> tuple[Any, str, str]:
+        """The next spare actor to become ready (one is started for this wait).
+
+        Raises:
+            SandboxError: the spare started for it failed (the caller starts an actor of its own).
+        """
+        waiter: asyncio.Future[tuple[Any, str, str]] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        self.refill()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                actor, name, node = waiter.result()  # handed over as we were cancelled: a spare again
+                self._launching.pop(name, None)
+                self._spares.append((actor, name, node))
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(waiter)
 
     def launched(self, name: str) -> None:
         """The actor now serves a sandbox (or was given up)."""
@@ -222,47 +320,114 @@ class Fleet:
     # ── spare actors ──────────────────────────────────────────────────────
 
     def refill(self) -> None:
-        """Top the spare actors up to ``spare_actors``, in the background."""
-        if not self._closed and (self._refilling is None or self._refilling.done()):
+        """Start a spare for every start waiting for one, at once; then, in the background, top
+        the spares up to :meth:`spare_target` or end the learned ones past it."""
+        if self._closed:
+            return
+        waiting = sum(1 for waiter in self._waiting if not waiter.done())
+        for _ in range(waiting - len(self._adding)):
+            self._launch_spare()
+        if self._refilling is None or self._refilling.done():
             self._refilling = self.later(self._refill())
 
     async def _refill(self) -> None:
+        while not self._closed:
+            # A burst first: a spare's start-up would slow its sandboxes' (they compete for CPU).
+            while self.starting > REFILL_YIELD and not self._closed:
+                await asyncio.sleep(0.1)
+            target = self.spare_target()
+            if len(self._spares) > target:
+                if not self.starting and not self._adding:
+                    self._trim(target)
+                return
+            coming = len(self._adding) - sum(1 for waiter in self._waiting if not waiter.done())
+            missing = target - len(self._spares) - max(0, coming)
+            if self._closed or missing <= 0:
+                return
+            added = await asyncio.gather(*(self._launch_spare() for _ in range(min(missing, REFILL_BATCH))))
+            if not all(added):
+                return  # no room or a crash: the next refill (idle pass, next start) tries again
+
+    def _trim(self, target: int) -> None:
+        """End the spares past ``target`` (no burst that large came for ``spare_decay`` seconds)."""
+        extra = self._spares[target:]
+        del self._spares[target:]
+        logger.info("ending %d learned spare actors: no burst of %d new sandboxes in the last %.0fs",
+                    len(extra), target + len(extra), self._config.spare_decay)
+        for actor, _name, _node in extra:
+            raycalls.kill(actor)
+
+    def _launch_spare(self) -> asyncio.Task[bool]:
+        task = self.later(self._add_spare())
+        self._adding.add(task)
+        task.add_done_callback(self._adding.discard)
+        return task
+
+    def _hand_over(self, actor: Any, name: str, node: str) -> None:
+        """A ready spare goes to the first start waiting for one, else joins the spares."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                self._launching[name] = actor  # the waiter's, from now on: never unaccounted for
+                waiter.set_result((actor, name, node))
+                return
+        self._spares.append((actor, name, node))
+
+    def _fail_a_waiter(self, error: SandboxError) -> None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+                return
+
+    async def _add_spare(self) -> bool:
+        """Start one spare actor and connect it to its engine; False when that failed (a start
+        waiting for it is told, and starts an actor of its own)."""
         config = self._config
-        while not self._closed and len(self._spares) < config.spare_actors:
-            while self.starting and not self._closed:
-                await asyncio.sleep(0.1)  # new threads first: a spare's start-up would slow theirs
-            if self._closed:
-                return
-            try:
-                actor, name = await self._spawn_actor(None)
-            except SandboxError as exc:
-                logger.warning("could not create a spare SandboxActor (%s); will retry", exc.message)
-                return
-            if self._closed:
-                raycalls.kill(actor)
-                return
-            self._launching[name] = actor
-            try:
-                node = await raycalls.call(actor.ping.remote(), config.capacity_timeout, "starting a spare actor")
-                # Connect it to its engine now, so a new thread does not wait for that either.
-                await raycalls.call(actor.warm_up.remote(), REAPER_TIMEOUT, "warming up a spare actor")
-            except SandboxError as exc:
-                # No room (spares need a slot like any sandbox) or a crash: try again later.
-                raycalls.kill(actor)
-                logger.info("could not start a spare SandboxActor (%s); will retry", exc.message)
-                return
-            finally:
-                self._launching.pop(name, None)
-            self._spares.append((actor, name, node))
+        try:
+            actor, name = await self._spawn_actor(None)
+        except SandboxError as exc:
+            logger.warning("could not create a spare SandboxActor (%s); will retry", exc.message)
+            self._fail_a_waiter(exc)
+            return False
+        if self._closed:
+            raycalls.kill(actor)
+            return False
+        self._launching[name] = actor
+        try:
+            node = await raycalls.call(actor.ping.remote(), config.capacity_timeout, "starting a spare actor")
+            # Connect it to its engine now, so a new thread does not wait for that either.
+            await raycalls.call(actor.warm_up.remote(), REAPER_TIMEOUT, "warming up a spare actor")
+        except SandboxError as exc:
+            # No room (spares need a slot like any sandbox) or a crash: try again later.
+            self._launching.pop(name, None)
+            raycalls.kill(actor)
+            logger.info("could not start a spare SandboxActor (%s); will retry", exc.message)
+            self._fail_a_waiter(exc)
+            return False
+        except asyncio.CancelledError:
+            self._launching.pop(name, None)
+            raycalls.kill(actor)  # shutting down
+            raise
+        self._launching.pop(name, None)
+        if self._closed:
+            raycalls.kill(actor)
+            return False
+        self._hand_over(actor, name, node)
+        return True
 
     async def close(self) -> None:
         """Stop refilling and end the spare actors (for shutdown)."""
         self._closed = True
         while self._spawning:  # a spawn in a worker thread finishes, then sees _closed
             await asyncio.sleep(0.01)
-        if self._refilling is not None:
-            self._refilling.cancel()
-            await asyncio.gather(self._refilling, return_exceptions=True)
+        for task in [self._refilling, *self._adding]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in [self._refilling, *self._adding] if t is not None), return_exceptions=True)
+        for waiter in self._waiting:
+            if not waiter.done():
+                waiter.set_exception(SandboxError("the pool is shutting down"))
         for actor in [*(a for a, _, _ in self._spares), *self._launching.values()]:
             raycalls.kill(actor)
         self._spares.clear()

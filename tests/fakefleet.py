@@ -104,6 +104,9 @@ class FakeFleet:
     def spare_count(self) -> int:
         return 0
 
+    def spare_target(self) -> int:
+        return 0
+
     def later(self, work: Any) -> asyncio.Task[Any]:
         return asyncio.get_running_loop().create_task(work)
 
