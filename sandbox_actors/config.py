@@ -38,7 +38,7 @@ _PROVISIONER_ID = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 
 
 class _Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class MountConfig(_Closed):

@@ -144,7 +144,7 @@ class Fleet:
         self.demand.note(time.monotonic())
         actor, name = self.take_spare(node_id)
         spare = actor is not None
-        if not spare and node_id is None and not self._config.ray.resources and self._config.spare_actors_max:
+        if not spare and node_id is None and not self._config.ray.resources and not self._closed:
             # Ray starts worker processes a few at a time: waiting for whichever spare is ready
             # first beats queueing a worker start of one's own behind the spares'.
             with contextlib.suppress(SandboxError):
@@ -296,16 +296,33 @@ class Fleet:
     async def cancel_stop(self, actor: Any) -> None:
         await raycalls.call(actor.cancel_stop.remote(), DESCRIBE_TIMEOUT, "cancel stop")
 
-    async def stop(self, actor: Any, sandbox_id: str) -> bool:
-        """Have the actor remove its container (then end it).
+    async def stop(self, actor: Any, sandbox_id: str, recycle_as: tuple[str, str] | None = None) -> bool:
+        """Have the actor remove its container, then end it; or, given its (name, node) in
+        ``recycle_as`` while a spare is wanted, keep it as a spare (its process is reused: no
+        Ray worker start for the next new sandbox).
 
         Raises:
             ActorGone: the actor is gone (its container may still exist).
             BackendUnavailable: the engine did not answer; nothing was removed.
         """
-        stopped = await raycalls.call(actor.stop.remote(), STOP_TIMEOUT, f"stop {sandbox_id}")
+        recycle = recycle_as is not None and not self._closed and self._wants_spare()
+        if recycle and recycle_as is not None:
+            self._launching[recycle_as[0]] = actor  # serving nothing for a moment: reconcile must keep it
+        try:
+            stopped = await raycalls.call(actor.stop.remote(sandbox_id, recycle), STOP_TIMEOUT, f"stop {sandbox_id}")
+        finally:
+            if recycle and recycle_as is not None:
+                self._launching.pop(recycle_as[0], None)
+        if recycle and stopped and recycle_as is not None and not self._closed:
+            self._hand_over(actor, *recycle_as)
+            return True
         raycalls.kill(actor)
         return bool(stopped)
+
+    def _wants_spare(self) -> bool:
+        """Whether a start waits for a spare, or the spares (with those coming) are short of the target."""
+        waiting = sum(1 for waiter in self._waiting if not waiter.done())
+        return waiting > 0 or len(self._spares) + max(0, len(self._adding) - waiting) < self.spare_target()
 
     @staticmethod
     def kill(actor: Any) -> None:
@@ -323,6 +340,7 @@ class Fleet:
         """Start a spare for every start waiting for one, at once; then, in the background, top
         the spares up to :meth:`spare_target` or end the learned ones past it."""
         if self._closed:
+            self._fail_waiters()
             return
         waiting = sum(1 for waiter in self._waiting if not waiter.done())
         for _ in range(waiting - len(self._adding)):
@@ -425,9 +443,14 @@ class Fleet:
             if task is not None:
                 task.cancel()
         await asyncio.gather(*(t for t in [self._refilling, *self._adding] if t is not None), return_exceptions=True)
-        for waiter in self._waiting:
+        self._fail_waiters()
+
+    def _fail_waiters(self) -> None:
+        """Starts waiting for a spare start an actor of their own (no spare comes any more)."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
             if not waiter.done():
-                waiter.set_exception(SandboxError("the pool is shutting down"))
+                waiter.set_exception(SandboxError("no spare actor comes: the pool is shutting down"))
         for actor in [*(a for a, _, _ in self._spares), *self._launching.values()]:
             raycalls.kill(actor)
         self._spares.clear()

@@ -339,7 +339,9 @@ class Lifecycle:
     async def _remove(self, entry: Entry) -> bool:
         if entry.actor is not None:
             try:
-                return await self.fleet.stop(entry.actor, entry.sandbox_id)
+                name, node = entry.info.get("actor_name"), entry.info.get("node_id")
+                return await self.fleet.stop(entry.actor, entry.sandbox_id,
+                                             (name, node) if name and node else None)
             except ActorGone:
                 pass  # its container may outlive it: remove that directly
         return await self.fleet.remove_everywhere(entry.sandbox_id, entry.container_id, entry.info.get("engine_id"))

@@ -191,7 +191,7 @@ class FakeFleet:
     async def cancel_stop(self, actor: FakeActor) -> None:
         actor.stopping = False
 
-    async def stop(self, actor: FakeActor, sandbox_id: str) -> bool:
+    async def stop(self, actor: FakeActor, sandbox_id: str, recycle_as: tuple[str, str] | None = None) -> bool:
         await self._pass("stop")
         if not actor.alive:
             raise ActorGone("gone")
