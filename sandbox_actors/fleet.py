@@ -17,7 +17,7 @@ from typing import Any
 
 from . import raycalls, spawn
 from .config import SandboxConfig
-from .errors import IsolationUnavailable, NotSupported, SandboxError, SandboxOwned
+from .errors import IsolationUnavailable, NotSupported, PoolShutDown, SandboxError, SandboxOwned
 from .raycalls import ActorGone
 from .views import ActorView, ContainerView
 
@@ -141,15 +141,23 @@ class Fleet:
         else a new one. Returns (handle, name, is_spare); a spare is placed already. The actor
         counts as launching (kept by reconcile) until :meth:`launched`. Each call counts as
         demand: the spares kept grow to the largest recent burst."""
+        if self._closed:
+            # A start still under way when the pool shuts down: a container made now could
+            # outlive the shutdown's sweep.
+            raise PoolShutDown(f"pool {self._config.pool_name} is shutting down")
         self.demand.note(time.monotonic())
         actor, name = self.take_spare(node_id)
         spare = actor is not None
-        if not spare and node_id is None and not self._config.ray.resources and not self._closed:
+        if not spare and node_id is None and not self._config.ray.resources:
             # Ray starts worker processes a few at a time: waiting for whichever spare is ready
             # first beats queueing a worker start of one's own behind the spares'.
-            with contextlib.suppress(SandboxError):
+            try:
                 actor, name, _node = await self._next_spare()
                 spare = True
+            except PoolShutDown:
+                raise
+            except SandboxError as exc:
+                logger.info("no spare actor came (%s); starting one for this sandbox", exc.message)
         if not spare:
             actor, name = await self._spawn_actor(node_id)
         self._launching[name] = actor
@@ -450,7 +458,7 @@ class Fleet:
         while self._waiting:
             waiter = self._waiting.popleft()
             if not waiter.done():
-                waiter.set_exception(SandboxError("no spare actor comes: the pool is shutting down"))
+                waiter.set_exception(PoolShutDown(f"pool {self._config.pool_name} is shutting down"))
         for actor in [*(a for a, _, _ in self._spares), *self._launching.values()]:
             raycalls.kill(actor)
         self._spares.clear()
