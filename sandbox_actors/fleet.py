@@ -306,14 +306,15 @@ class Fleet:
 
     async def stop(self, actor: Any, sandbox_id: str, recycle_as: tuple[str, str] | None = None) -> bool:
         """Have the actor remove its container, then end it; or, given its (name, node) in
-        ``recycle_as`` while a spare is wanted, keep it as a spare (its process is reused: no
-        Ray worker start for the next new sandbox).
+        ``recycle_as`` while a spare is wanted (and no node slots are configured), keep it as a
+        spare (its process is reused: no Ray worker start for the next new sandbox).
 
         Raises:
             ActorGone: the actor is gone (its container may still exist).
             BackendUnavailable: the engine did not answer; nothing was removed.
         """
-        recycle = recycle_as is not None and not self._closed and self._wants_spare()
+        # Not with node slots (ray.resources): a stop may be what frees a slot another sandbox waits for.
+        recycle = recycle_as is not None and not self._config.ray.resources and not self._closed and self._wants_spare()
         if recycle and recycle_as is not None:
             self._launching[recycle_as[0]] = actor  # serving nothing for a moment: reconcile must keep it
         try:
@@ -358,8 +359,9 @@ class Fleet:
 
     async def _refill(self) -> None:
         while not self._closed:
-            # A burst first: a spare's start-up would slow its sandboxes' (they compete for CPU).
-            while self.starting > REFILL_YIELD and not self._closed:
+            # A burst first: a spare's start-up would slow its sandboxes' (they compete for CPU);
+            # with node slots, any start first: a spare could take the slot it waits for.
+            while self.starting > (0 if self._config.ray.resources else REFILL_YIELD) and not self._closed:
                 await asyncio.sleep(0.1)
             target = self.spare_target()
             if len(self._spares) > target:
