@@ -29,7 +29,6 @@ REAPER_TIMEOUT = 30.0
 IMAGE_TIMEOUT = 600.0  # committing, saving or loading an image of a few GB
 CLAIM_TIMEOUT = 10.0
 BURST_WINDOW = 2.0  # new sandboxes asked for within this many seconds count as one burst
-REFILL_YIELD = 2  # more starts in flight than this is a burst: spares are refilled after it
 REFILL_BATCH = 2  # spare actors started at once (each start is ~1 s of a core)
 SPARE_BYTES = 60 * 2**20  # what an idle SandboxActor holds (USS), for the memory bound
 SPARE_MEMORY_SHARE = 0.25  # learned spares take at most this share of the free memory
@@ -359,9 +358,10 @@ class Fleet:
 
     async def _refill(self) -> None:
         while not self._closed:
-            # A burst first: a spare's start-up would slow its sandboxes' (they compete for CPU);
-            # with node slots, any start first: a spare could take the slot it waits for.
-            while self.starting > (0 if self._config.ray.resources else REFILL_YIELD) and not self._closed:
+            # Starts first: a spare's start-up would slow theirs (they compete for CPU), and with
+            # node slots a spare could take the slot one waits for. Starts waiting for a spare get
+            # theirs at once (refill), not from here.
+            while self.starting and not self._closed:
                 await asyncio.sleep(0.1)
             target = self.spare_target()
             if len(self._spares) > target:
