@@ -16,8 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from .console import run_all
 from .demo import summarize
@@ -35,6 +35,8 @@ for _ in range(int(sys.argv[5])):
 print(json.dumps(samples))
 """
 
+T = TypeVar("T")
+
 
 class Bench:
     """One benchmark run; :meth:`run` returns the JSON-able results."""
@@ -50,6 +52,7 @@ class Bench:
         self.runtime = runtime
         self.out = out
         self.results: dict[str, Any] = {}
+        self._engine_calls: set[asyncio.Future[Any]] = set()  # the floor's engine calls under way
 
     def say(self, text: str) -> None:
         self.out(f"  {text}")
@@ -62,13 +65,22 @@ class Bench:
         return SandboxSpec(sandbox_id=secrets.token_hex(12), pool=pool, image=image, token=secrets.token_urlsafe(16),
                            limits=Limits(), runtime=runtime)
 
+    async def _engine(self, call: Awaitable[T]) -> T:
+        """A floor call to the engine, shielded and kept: an interrupt cancels the caller, never the
+        call in the engine's thread, and the floor's cleanup waits for every one before it removes
+        what exists (a create it missed, or a removal half done, would keep the network)."""
+        task = asyncio.ensure_future(call)
+        self._engine_calls.add(task)
+        task.add_done_callback(self._engine_calls.discard)
+        return await asyncio.shield(task)
+
     async def _bare_start(self, backend: Any, spec: Any, first_command: bool = False) -> float:
         """create + start + readiness of one container through the engine, polled from 10 ms on;
         with ``first_command``, also run ``true`` in it (what each thread of a burst does)."""
         from backends import SandboxAPI
 
         started = time.perf_counter()
-        record = await backend.create(spec)
+        record = await self._engine(backend.create(spec))
         api = SandboxAPI(record.url, record.token)
         try:
             await api.wait_ready(60, lambda: backend.is_running(spec.sandbox_id),
@@ -90,6 +102,7 @@ class Bench:
             try:
                 await measure(backend)
             finally:  # also when interrupted: nothing of the floor stays behind
+                await asyncio.gather(*self._engine_calls, return_exceptions=True)
                 for record in await backend.list(pool):
                     await backend.destroy(record.sandbox_id)
                 await backend.teardown(pool)
@@ -98,12 +111,12 @@ class Bench:
         async def measure(backend: Any) -> None:
             warmup = self._spec(pool, image, runtime)  # the engine client's own start-up is not the floor
             await self._bare_start(backend, warmup)
-            await backend.destroy(warmup.sandbox_id)
+            await self._engine(backend.destroy(warmup.sandbox_id))
             samples = []
             for _ in range(self.n):
                 spec = self._spec(pool, image, runtime)
                 samples.append(await self._bare_start(backend, spec))
-                await backend.destroy(spec.sandbox_id)
+                await self._engine(backend.destroy(spec.sandbox_id))
             self.results[f"floor_{runtime}" if runtime else "floor"] = summarize(samples)
             if runtime:
                 return
@@ -116,7 +129,7 @@ class Bench:
                 rounds.append((sum(1 for d in done if not isinstance(d, BaseException)), time.perf_counter() - started))
                 self.say(f"burst round {len(rounds)}/{self.rounds}: {rounds[-1][0]}/{self.burst_n} ok "
                          f"in {rounds[-1][1]:.2f}s")
-                await asyncio.gather(*(backend.destroy(s.sandbox_id) for s in specs))
+                await asyncio.gather(*(self._engine(backend.destroy(s.sandbox_id)) for s in specs))
             self.results["floor_burst"] = self._burst_row(rounds)
 
         asyncio.run(body())

@@ -122,7 +122,9 @@ class SandboxPool:
             while self._shutdown is None:
                 await asyncio.sleep(interval)
                 try:
-                    await work()
+                    # Shielded: shutdown cancels the loop, never a pass half done (its remote calls
+                    # would go on unwatched); shutdown waits for the pass instead.
+                    await asyncio.shield(work())
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # a pass that fails is logged and the next one runs: the loop cannot die
@@ -315,6 +317,7 @@ class SandboxPool:
             loop.cancel()
         life.closed = True  # acquires from here on are refused, nothing is topped up or repaired
         await life.fleet.close()
+        await self._reconciler.finish()
         await life.ops.drain()
         stops = [life.stop_later(entry) for entry in self._state.begin_shutdown()]
         results = await asyncio.gather(*stops, return_exceptions=True)

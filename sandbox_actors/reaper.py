@@ -10,6 +10,7 @@ pool's state stays true between its own looks.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from typing import Any
@@ -19,6 +20,7 @@ from backends.errors import BackendUnavailable, SandboxError
 
 from . import raycalls
 from .config import SandboxConfig
+from .errors import PoolShutDown
 from .runtime import make_backend, read_owner
 
 _PROBE_TIMEOUT = 3.0
@@ -37,6 +39,7 @@ class NodeReaper:
         self._node_id = raycalls.current_node_id()
         self._watcher: threading.Thread | None = None
         self._closing = threading.Event()
+        self._preparing = asyncio.Lock()  # a teardown waits for a prepare under way, never races it
 
     async def identity(self) -> tuple[str, str]:
         """(engine id, Ray node id)."""
@@ -51,11 +54,14 @@ class NodeReaper:
             IsolationUnavailable, NotSupported: this node cannot isolate sandboxes as configured.
         """
         config = self._config
-        found = await self._backend.prepare(
-            self._pool, image=config.image, runtime=config.runtime, limits=config.limits,
-            extra_blocked=cluster_addresses,
-        )
-        await self._backend.sweep_rules()
+        async with self._preparing:
+            if self._closing.is_set():
+                raise PoolShutDown(f"pool {self._pool} is being torn down on node {self._node_id[:12]}")
+            found = await self._backend.prepare(
+                self._pool, image=config.image, runtime=config.runtime, limits=config.limits,
+                extra_blocked=cluster_addresses,
+            )
+            await self._backend.sweep_rules()
         self._watch()
         return {**found, "node_id": self._node_id}
 
@@ -94,7 +100,8 @@ class NodeReaper:
     async def teardown(self) -> dict[str, int]:
         """Remove the pool's network, rules and socket directories here (once its containers are gone)."""
         self._closing.set()
-        return await self._backend.teardown(self._pool)
+        async with self._preparing:
+            return await self._backend.teardown(self._pool)
 
     async def containers(self) -> list[dict[str, Any]]:
         """This pool's containers on this engine."""

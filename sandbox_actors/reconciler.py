@@ -36,7 +36,15 @@ class Reconciler:
         """One pass; returns what it did (counts per action). With ``strict``, a node that cannot
         isolate sandboxes as configured raises (IsolationUnavailable, NotSupported)."""
         async with self._lock:
+            if self._life.closed:
+                return {}  # shutting down: the sweep removes what exists
             return await self._pass(strict)
+
+    async def finish(self) -> None:
+        """Until a pass under way has ended (for shutdown: no pass may remake what the sweep
+        removes, such as an engine's network). Passes after :attr:`Lifecycle.closed` do nothing."""
+        async with self._lock:
+            return
 
     async def _pass(self, strict: bool) -> dict[str, int]:
         life = self._life

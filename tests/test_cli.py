@@ -166,10 +166,11 @@ def _raylets() -> int:
 def test_ctrl_c_stops_the_demo_and_the_bench_and_cleans_up(image, docker_client, command, pools):
     from tests.conftest import sigint_default, wait_until
 
-    def ours() -> list:
-        found = docker_client.containers.list(all=True, filters={"label": "sandbox-actors.project=sandbox-actors"})
-        return [c for c in found if c.labels.get("sandbox-actors.pool", "").startswith(pools)
-                or c.name.startswith(pools)]
+    def ours() -> list[str]:  # names; the low-level list, which no removal under way can fail
+        found = docker_client.api.containers(all=True, filters={"label": "sandbox-actors.project=sandbox-actors"})
+        return [c["Names"][0].lstrip("/") for c in found
+                if (c.get("Labels") or {}).get("sandbox-actors.pool", "").startswith(pools)
+                or c["Names"][0].lstrip("/").startswith(pools)]
 
     raylets = _raylets()
     proc = subprocess.Popen([*CLI, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -184,5 +185,8 @@ def test_ctrl_c_stops_the_demo_and_the_bench_and_cleans_up(image, docker_client,
             proc.kill()
     assert proc.returncode == 130, out[-3000:]
     assert "interrupted" in out
-    assert ours() == [], [c.name for c in ours()]
+    assert ours() == []
+    networks = [n["Name"] for n in docker_client.api.networks(filters={"label": "sandbox-actors.project=sandbox-actors"})
+                if (n.get("Labels") or {}).get("sandbox-actors.pool", "").startswith(pools)]
+    assert networks == [], out[-3000:]
     assert wait_until(lambda: _raylets() == raylets, timeout=30), "its Ray cluster outlived it"
