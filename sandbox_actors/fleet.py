@@ -321,6 +321,8 @@ class Fleet:
         finally:
             if recycle and recycle_as is not None:
                 self._launching.pop(recycle_as[0], None)
+        if stopped is None:
+            return True  # it serves another sandbox now (kept for it after this one's stop): leave it be
         if recycle and stopped and recycle_as is not None and not self._closed:
             self._hand_over(actor, *recycle_as)
             return True

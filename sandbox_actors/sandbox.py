@@ -139,19 +139,24 @@ class SandboxActor:
         if self._runtime is not None:
             self._runtime.cancel_stop()
 
-    async def stop(self, sandbox_id: str | None = None, recycle: bool = False) -> bool:
-        """Remove the container (of ``sandbox_id``, when given: a stop meant for a sandbox this
-        actor no longer serves does nothing). The pool then ends the actor, or, with ``recycle``,
-        keeps it as a spare for another sandbox: its process, engine connection and loaded
-        modules are reused, nothing of the removed sandbox is kept, and calls naming the removed
-        sandbox are refused from now on.
+    async def stop(self, sandbox_id: str | None = None, recycle: bool = False) -> bool | None:
+        """Remove the container (of ``sandbox_id``, when given). The pool then ends the actor, or,
+        with ``recycle``, keeps it as a spare for another sandbox: its process, engine connection
+        and loaded modules are reused, nothing of the removed sandbox is kept, and calls naming the
+        removed sandbox are refused from now on.
+
+        Returns True (removed, or it served nothing), or None: it serves another sandbox now
+        (``sandbox_id``'s container went when it was kept for that one); nothing was done, and the
+        actor must not be ended.
 
         Raises:
             BackendUnavailable: the engine did not answer; nothing was removed.
         """
         runtime = self._runtime
-        if runtime is None or (sandbox_id is not None and runtime.sandbox_id != sandbox_id):
+        if runtime is None:
             return True
+        if sandbox_id is not None and runtime.sandbox_id != sandbox_id:
+            return None
         await runtime.stop()
         if recycle:
             self._runtime, self._reported_dead, self._fetched = None, False, None
@@ -230,12 +235,13 @@ class SandboxActor:
             yield item
 
     async def _streamed(self, op: str, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        started = time.monotonic()
+        started, runtime = time.monotonic(), self._runtime
         try:
             async for item in items:
                 yield item
         except SandboxDied:
-            await self._tell_pool_of_death()
+            if runtime is not None and runtime is self._runtime:  # as in :meth:`_guard`
+                await self._tell_pool_of_death()
             raise
         finally:
             await items.aclose()  # type: ignore[attr-defined]  # an early end hangs up: the command is killed
@@ -281,10 +287,12 @@ class SandboxActor:
         return await self._guard(self._serving(sandbox_id).list_files(path, recursive, show_hidden))
 
     async def _guard(self, operation: Any) -> Any:
+        runtime = self._runtime  # the sandbox ``operation`` is for (this actor may serve another after it)
         try:
             return await operation
         except SandboxDied:
-            await self._tell_pool_of_death()
+            if runtime is not None and runtime is self._runtime:  # not a sandbox stopped on purpose meanwhile
+                await self._tell_pool_of_death()
             raise
 
     async def _tell_pool_of_death(self) -> None:
