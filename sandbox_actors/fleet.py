@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from typing import Any
@@ -30,6 +31,11 @@ IMAGE_TIMEOUT = 600.0  # committing, saving or loading an image of a few GB
 CLAIM_TIMEOUT = 10.0
 BURST_WINDOW = 2.0  # new sandboxes asked for within this many seconds count as one burst
 REFILL_BATCH = 2  # spare actors started at once (each start is ~1 s of a core)
+# Spare actors started at once for starts waiting for one while destroyed sandboxes' actors are
+# being kept as spares (one did within RECYCLE_WINDOW s): those serve waiting starts sooner than a
+# new worker process, whose start is ~1 s of a core. Otherwise (a burst) one for each waiting start.
+WAITER_SPAWNS = 4
+RECYCLE_WINDOW = 10.0
 SPARE_BYTES = 60 * 2**20  # what an idle SandboxActor holds (USS), for the memory bound
 SPARE_MEMORY_SHARE = 0.25  # learned spares take at most this share of the free memory
 
@@ -77,6 +83,15 @@ def available_memory() -> int | None:
     return None
 
 
+def waiter_spawns(waiting: int, starting: int, since_recycle: float) -> int:
+    """How many more spare actors to start for ``waiting`` starts waiting for one, with
+    ``starting`` under way: one each, but at most ``WAITER_SPAWNS`` under way while destroyed
+    sandboxes' actors are being kept as spares (one was ``since_recycle`` seconds ago)."""
+    if since_recycle < RECYCLE_WINDOW:
+        waiting = min(waiting, WAITER_SPAWNS)
+    return max(0, waiting - starting)
+
+
 def spare_target(config: SandboxConfig, peak: int, spares: int, free_bytes: int | None) -> int:
     """Spare actors to keep: ``spare_actors``, or the recent ``peak`` of new sandboxes asked for
     at once when larger, bounded by ``spare_actors_max``, ``max_sandboxes`` and a share of the
@@ -103,6 +118,7 @@ class Fleet:
         self._refilling: asyncio.Task[None] | None = None
         self._spawning = 0  # spawns in flight in worker threads (they cannot be cancelled)
         self.demand = Demand()
+        self._recycled_at = -math.inf  # when a destroyed sandbox's actor was last kept as a spare
         self._waiting: deque[asyncio.Future[tuple[Any, str, str]]] = deque()  # starts waiting for a spare
         self._adding: set[asyncio.Task[bool]] = set()  # spares being started
         self.starting = 0  # sandbox starts in flight (refills wait for them: they compete for CPU)
@@ -324,6 +340,7 @@ class Fleet:
         if stopped is None:
             return True  # it serves another sandbox now (kept for it after this one's stop): leave it be
         if recycle and stopped and recycle_as is not None and not self._closed:
+            self._recycled_at = time.monotonic()
             self._hand_over(actor, *recycle_as)
             return True
         raycalls.kill(actor)
@@ -347,13 +364,15 @@ class Fleet:
     # ── spare actors ──────────────────────────────────────────────────────
 
     def refill(self) -> None:
-        """Start a spare for every start waiting for one, at once; then, in the background, top
-        the spares up to :meth:`spare_target` or end the learned ones past it."""
+        """Start a spare for each start waiting for one, at once (while destroyed sandboxes' actors
+        are being kept as spares, up to ``WAITER_SPAWNS`` under way: the next waiting start gets
+        whichever spare is ready first); then, in the background, top the spares up to
+        :meth:`spare_target` or end the learned ones past it."""
         if self._closed:
             self._fail_waiters()
             return
         waiting = sum(1 for waiter in self._waiting if not waiter.done())
-        for _ in range(waiting - len(self._adding)):
+        for _ in range(waiter_spawns(waiting, len(self._adding), time.monotonic() - self._recycled_at)):
             self._launch_spare()
         if self._refilling is None or self._refilling.done():
             self._refilling = self.later(self._refill())

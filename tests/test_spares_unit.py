@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from sandbox_actors.config import SandboxConfig
-from sandbox_actors.fleet import SPARE_BYTES, Demand, spare_target
+from sandbox_actors.fleet import (
+    RECYCLE_WINDOW,
+    SPARE_BYTES,
+    WAITER_SPAWNS,
+    Demand,
+    spare_target,
+    waiter_spawns,
+)
 
 
 def burst(demand: Demand, at: float, size: int, spread: float = 0.5) -> None:
@@ -61,3 +68,16 @@ def test_the_target_is_bounded_by_the_max_the_hard_cap_and_memory():
     assert spare_target(config(spare_actors=4), peak=32, spares=0, free_bytes=0) == 4
     assert spare_target(config(spare_actors=4, spare_actors_max=0), peak=32, spares=0, free_bytes=plenty) == 4
     assert spare_target(config(), peak=32, spares=0, free_bytes=None) == 32  # memory unknown: not bounded by it
+
+
+def test_starts_waiting_for_a_spare_get_one_each_unless_destroyed_sandboxes_feed_them():
+    never = float("inf")
+    # A burst (no sandbox destroyed lately): a spare for each waiting start, minus those coming.
+    assert waiter_spawns(waiting=30, starting=0, since_recycle=never) == 30
+    assert waiter_spawns(waiting=30, starting=12, since_recycle=never) == 18
+    # Sandboxes destroyed meanwhile hand their actors over: only a few new workers under way.
+    assert waiter_spawns(waiting=30, starting=0, since_recycle=1.0) == WAITER_SPAWNS
+    assert waiter_spawns(waiting=30, starting=WAITER_SPAWNS, since_recycle=1.0) == 0
+    assert waiter_spawns(waiting=2, starting=0, since_recycle=1.0) == 2
+    assert waiter_spawns(waiting=30, starting=0, since_recycle=RECYCLE_WINDOW + 1) == 30
+    assert waiter_spawns(waiting=0, starting=3, since_recycle=never) == 0
