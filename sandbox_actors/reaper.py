@@ -20,7 +20,6 @@ from backends.errors import BackendUnavailable, SandboxError
 
 from . import raycalls
 from .config import SandboxConfig
-from .errors import PoolShutDown
 from .runtime import make_backend, read_owner
 
 _PROBE_TIMEOUT = 3.0
@@ -55,8 +54,6 @@ class NodeReaper:
         """
         config = self._config
         async with self._preparing:
-            if self._closing.is_set():
-                raise PoolShutDown(f"pool {self._pool} is being torn down on node {self._node_id[:12]}")
             found = await self._backend.prepare(
                 self._pool, image=config.image, runtime=config.runtime, limits=config.limits,
                 extra_blocked=cluster_addresses,
