@@ -233,21 +233,122 @@ class Bench:
         return {"n": self.burst_n, "ok": min(ok for ok, _ in rounds), "wall_s": round(walls[len(walls) // 2], 3),
                 "rounds_wall_s": [round(wall, 3) for _, wall in rounds]}
 
-    def burst(self, pool: Any, key: str, rounds: int) -> None:
-        """``rounds`` bursts of new threads, each thread acquiring and running ``true``. The last
-        round's sandboxes are kept (the memory figures read them)."""
-        measured = []
-        for r in range(rounds):
-            self._wait_spares(pool, actors=pool.config.spare_actors, timeout=600)
-            threads = [f"{key}-{r}-{i}" for i in range(self.burst_n)]
+    def _burst_round(self, pool: Any, threads: list[str]) -> tuple[int, float, list[float]]:
+        """One burst: every thread acquires and runs ``true`` at once. Returns (ok, wall seconds,
+        each thread's acquire + first command in seconds)."""
+        def one(thread: str) -> float | None:
             started = time.perf_counter()
-            outcomes = run_all(lambda t: _try(lambda: pool.acquire(t).exec("true")), threads, self.burst_n)
-            measured.append((sum(1 for o in outcomes if o is True), time.perf_counter() - started))
-            self.say(f"round {r + 1}/{rounds}: {measured[-1][0]}/{self.burst_n} ok in {measured[-1][1]:.2f}s")
-            if r < rounds - 1:
+            return time.perf_counter() - started if _try(lambda: pool.acquire(thread).exec("true")) is True else None
+
+        started = time.perf_counter()
+        outcomes = run_all(one, threads, len(threads))
+        wall = time.perf_counter() - started
+        latencies = [o for o in outcomes if isinstance(o, float)]
+        return len(latencies), wall, latencies
+
+    def burst(self, pool: Any, key: str, rounds: int, wait_spares: int | None = None, keep_last: bool = True) -> None:
+        """``rounds`` bursts of new threads, each thread acquiring and running ``true``; before
+        each, the spare actors are awaited (``wait_spares``, else the config's). The last round's
+        sandboxes are kept with ``keep_last`` (the memory figures read them)."""
+        measured, per_round = [], []
+        for r in range(rounds):
+            self._wait_spares(pool, actors=pool.config.spare_actors if wait_spares is None else wait_spares,
+                              timeout=600)
+            spares = pool.stats()["spare_actors"]
+            ok, wall, latencies = self._burst_round(pool, [f"{key}-{r}-{i}" for i in range(self.burst_n)])
+            measured.append((ok, wall))
+            per_round.append({"wall_s": round(wall, 3), "ok": ok, "spare_actors": spares,
+                              **{k: v for k, v in summarize(latencies).items() if k in ("p50", "p95")}})
+            self.say(f"round {r + 1}/{rounds}: {ok}/{self.burst_n} ok in {wall:.2f}s (spare actors {spares}, "
+                     f"per thread p50 {per_round[-1]['p50']:.0f} ms, p95 {per_round[-1]['p95']:.0f} ms)")
+            if r < rounds - 1 or not keep_last:
                 for row in pool.list():
                     pool.destroy(row["sandbox_id"])
-        self.results[key] = {**self._burst_row(measured), "spare_actors": pool.config.spare_actors}
+        self.results[key] = {**self._burst_row(measured), "spare_actors": per_round[-1]["spare_actors"],
+                             "rounds": per_round}
+
+    def default_bursts(self, pool: Any) -> None:
+        """On the default config: a first burst (nothing learned: ``burst_default``), then, once its
+        sandboxes are gone and the pool has grown its spares to that burst, ``burst_repeat``."""
+        self.burst(pool, "burst_default", 1, keep_last=False)
+        self.say("waiting for the pool to grow its spare actors to the burst")
+        self._wait_spares(pool, actors=self.burst_n, timeout=600)
+        time.sleep(2)  # let the last spare's start-up settle: measure the steady state
+        self.results["spares_idle"] = self._spares_idle(pool)
+        self.burst(pool, "burst_repeat", self.rounds, wait_spares=self.burst_n)
+        self.memory(pool)
+
+    def _spares_idle(self, pool: Any) -> dict[str, Any]:
+        """What the idle spare actors hold: their count, USS and CPU (measured over 5 s)."""
+        import psutil
+        import ray
+
+        from .spawn import sandbox_actors
+
+        pids = []
+        for handle in sandbox_actors(pool.config).values():
+            info = ray.get(handle.describe.remote(), timeout=10)
+            if info.get("sandbox_id") is None:
+                pids.append(info["pid"])
+        procs = [psutil.Process(pid) for pid in pids]
+        before = [sum(p.cpu_times()[:2]) for p in procs]
+        time.sleep(5)
+        cpu = sum(sum(p.cpu_times()[:2]) - b for p, b in zip(procs, before)) / 5
+        uss = sum(p.memory_full_info().uss for p in procs) / 2**20
+        return {"n": len(procs), "uss_mb": round(uss, 1), "cpu_cores": round(cpu, 3)}
+
+    def arrivals(self, pool: Any, phases: tuple[tuple[float, int], ...] = ((2.0, 64), (8.0, 64))) -> None:
+        """New threads arriving at a steady rate (per phase: rate per second, threads), each
+        acquiring and running ``true``, then destroying its sandbox. p50/p95 per phase."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._wait_spares(pool, actors=pool.config.spare_actors)
+        rows = []
+        with ThreadPoolExecutor(max(n for _, n in phases)) as threads:
+            for p, (rate, count) in enumerate(phases):
+                def one(thread: str) -> float | None:
+                    started = time.perf_counter()
+                    try:
+                        box = pool.acquire(thread)
+                        box.exec("true")
+                    except Exception:  # noqa: BLE001 - counted as a failure and reported
+                        return None
+                    seconds = time.perf_counter() - started
+                    _try(lambda: pool.destroy(box))
+                    return seconds
+
+                begun = time.perf_counter()
+                futures = []
+                for i in range(count):
+                    time.sleep(max(0.0, begun + i / rate - time.perf_counter()))
+                    futures.append(threads.submit(one, f"arrive-{p}-{i}"))
+                done = [f.result() for f in futures]
+                latencies = [d for d in done if d is not None]
+                row = {"rate": rate, "count": count, "ok": len(latencies), "wall_s": round(time.perf_counter() - begun, 1),
+                       "spare_actors": pool.stats()["spare_actors"], **summarize(latencies)}
+                rows.append(row)
+                self.say(f"{rate:g}/s: {row['ok']}/{count} ok, p50 {row['p50']:.0f} ms, p95 {row['p95']:.0f} ms, "
+                         f"max {row['max']:.0f} ms")
+        self.results["arrivals"] = rows
+
+    def ray_floor(self) -> None:
+        """Ray's own cost here: ``burst_n`` trivial actors (num_cpus=0, nothing imported) created at
+        once, until all answer; the median of ``rounds``."""
+        import ray
+
+        trivial = _trivial_actor()
+        measured = []
+        for r in range(self.rounds):
+            started = time.perf_counter()
+            actors = [trivial.remote() for _ in range(self.burst_n)]
+            answered = ray.get([a.ping.remote() for a in actors], timeout=600)
+            measured.append((len(answered), time.perf_counter() - started))
+            self.say(f"round {r + 1}/{self.rounds}: {self.burst_n} trivial actors answering in {measured[-1][1]:.2f}s")
+            pids = set(answered)
+            for actor in actors:
+                ray.kill(actor)
+            _wait_gone(pids)
+        self.results["ray_floor_burst"] = self._burst_row(measured)
 
     def memory(self, pool: Any) -> None:
         import psutil
@@ -373,14 +474,19 @@ class Bench:
             ray.init(address="local", logging_level=logging.ERROR, include_dashboard=False)
             try:
                 address = ray.get_runtime_context().gcs_address
+                self.out(f"Ray's own floor: {self.burst_n} trivial actors at once, {self.rounds} rounds")
+                self.ray_floor()
                 stages = [
                     ("acquire paths, exec", config("bench-paths"), lambda p: self.paths(p, address)),
                     ("pre-warmed new threads", config("bench-prewarm", prewarm=2, thread_mounts=False),
                      self.prewarmed),
                     (f"burst of {self.burst_n} new threads, {self.burst_n} spare actors, {self.rounds} rounds",
                      config("bench-burst", spare_actors=self.burst_n), lambda p: self.burst(p, "burst", self.rounds)),
-                    (f"burst of {self.burst_n} new threads, default 2 spare actors",
-                     config("bench-burst2"), lambda p: (self.burst(p, "burst_default", 1), self.memory(p))),
+                    (f"burst of {self.burst_n} new threads on the default config, then {self.rounds} more once the pool "
+                     f"has learned it", config("bench-burst2"), self.default_bursts),
+                    (f"new threads arriving at 2/s, then 8/s ({self.burst_n * 2} each), default config",
+                     config("bench-arrive"), lambda p: self.arrivals(p, ((2.0, self.burst_n * 2),
+                                                                         (8.0, self.burst_n * 2)))),
                 ]
                 stages.append(("hibernate and resume, snapshot (default spare actors)",
                                config("bench-life", idle_action="hibernate"), self.lifecycle))
@@ -403,6 +509,29 @@ class Bench:
             finally:
                 ray.shutdown()
         return self.results
+
+
+def _trivial_actor() -> Any:
+    """A remote class that imports nothing of ours (defined here, it travels by value)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Trivial:
+        def ping(self) -> int:
+            import os
+
+            return os.getpid()
+
+    return Trivial
+
+
+def _wait_gone(pids: set[int], timeout: float = 30.0) -> None:
+    """Until the processes have exited (a killed actor's worker takes a moment)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(psutil.pid_exists(pid) for pid in pids):
+        time.sleep(0.1)
 
 
 def _try(call: Callable[[], Any]) -> Any:
@@ -431,16 +560,34 @@ def table(results: dict[str, Any]) -> str:
             continue
         ratio = f"{row['p50'] / floor:.2f}x" if floor else "-"
         lines.append(f"{key:<16}{row['n']:>5}{row['p50']:>10.1f}{row['p95']:>10.1f}{row['max']:>10.1f}{ratio:>11}")
-    floor_burst = results.get("floor_burst", {})
-    for key in ("floor_burst", "burst", "burst_default", "fork_burst"):
+    floor_burst = results.get("floor_burst", {}).get("wall_s")
+    ray_floor = results.get("ray_floor_burst", {}).get("wall_s")
+    for key in ("floor_burst", "ray_floor_burst", "burst", "burst_default", "burst_repeat", "fork_burst"):
         row = results.get(key)
-        if row:
-            ratio = f"{row['wall_s'] / floor_burst['wall_s']:.2f}x" if floor_burst.get("wall_s") else "-"
-            spares = f", spare actors {row['spare_actors']}" if "spare_actors" in row else ""
-            walls = row.get("rounds_wall_s", [])
-            over = f"median of {' '.join(f'{w:.2f}' for w in walls)}" if len(walls) > 1 else "1 round"
-            lines.append(f"{key:<16}{row['n']:>5}  ok {row['ok']}/{row['n']}  wall {row['wall_s']:.2f}s  "
-                         f"{ratio} of floor burst ({over}{spares})")
+        if not row:
+            continue
+        if key == "burst_default" and floor_burst and ray_floor:
+            ratio = f"{row['wall_s'] / (floor_burst + ray_floor):.2f}x of floor_burst + ray_floor_burst"
+        else:
+            ratio = f"{row['wall_s'] / floor_burst:.2f}x of floor burst" if floor_burst else "-"
+        spares = f", spare actors {row['spare_actors']}" if "spare_actors" in row else ""
+        walls = row.get("rounds_wall_s", [])
+        over = f"median of {' '.join(f'{w:.2f}' for w in walls)}" if len(walls) > 1 else "1 round"
+        lines.append(f"{key:<16}{row['n']:>5}  ok {row['ok']}/{row['n']}  wall {row['wall_s']:.2f}s  {ratio} "
+                     f"({over}{spares})")
+        for r, each in enumerate(row.get("rounds", [])):
+            lines.append(f"{'':<16}{'':>5}  round {r + 1}: {each['ok']}/{row['n']} ok in {each['wall_s']:.2f}s, "
+                         f"per thread p50 {each['p50']:.0f} ms, p95 {each['p95']:.0f} ms, "
+                         f"spare actors {each['spare_actors']}")
+    for row in results.get("arrivals", []):
+        ratio = f"p95 {row['p95'] / floor:.2f}x floor p50" if floor else ""
+        lines.append(f"{'arrivals ' + format(row['rate'], 'g') + '/s':<16}{row['count']:>5}  ok {row['ok']}/{row['count']}  "
+                     f"p50 {row['p50']:.0f} ms  p95 {row['p95']:.0f} ms  max {row['max']:.0f} ms  {ratio} "
+                     f"({row['wall_s']}s, spare actors {row['spare_actors']} at the end)")
+    idle = results.get("spares_idle")
+    if idle:
+        lines.append(f"learned spares while idle: {idle['n']} actors, {idle['uss_mb']} MB USS in all, "
+                     f"{idle['cpu_cores']} of a core")
     memory = [f"{k} {results[k]}" for k in ("actor_uss_mb", "actor_uss_mb_max", "container_mb", "pool_uss_mb",
                                             "pool_sandboxes", "hibernate_frees_mb", "snapshot_image_mb")
               if results.get(k) is not None]

@@ -8,7 +8,8 @@
 
 Every method is synchronous; in async code use ``pool.aio`` and ``box.aio``
 (the same methods, awaitable, except ``shutdown``; they do not retry while a
-pool restarts), or call the actor directly: ``await box.actor.exec.remote("ls")``.
+pool restarts), or call the actor directly, naming the sandbox:
+``await box.actor.exec.remote(box.sandbox_id, "ls")``.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ class SandboxHandle:
     Attributes:
         sandbox_id: the sandbox's id (same for a thread in every process).
         thread_id: the thread it serves (None when anonymous).
-        actor: the SandboxActor handle, for ``actor.exec.remote(...)`` style calls.
+        actor: the SandboxActor handle, for ``actor.exec.remote(sandbox_id, ...)`` style calls (an
+            actor may serve another sandbox after this one is destroyed: it refuses calls naming
+            this one then).
         path: how the acquire got it: 'hot', 'warm', 'prewarmed', 'cold' or 'adopted'.
         info: what its actor said about it (node, container, ...).
         aio: the same operations, awaitable.
@@ -97,12 +100,12 @@ class SandboxHandle:
             SandboxDied: the sandbox is gone; acquire the thread again.
             BackendUnavailable: the engine did not answer (nothing was destroyed).
         """
-        return self._wait(self.actor.exec.remote(command, timeout, exec_dir))
+        return self._wait(self.actor.exec.remote(self.sandbox_id, command, timeout, exec_dir))
 
     def bash(self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
              exec_dir: str | None = None) -> BashResult:
         """Run ``command`` in a fresh session with extra ``env`` (for secrets); stdout and stderr apart."""
-        return self._wait(self.actor.bash.remote(command, dict(env) if env else None, timeout, exec_dir))
+        return self._wait(self.actor.bash.remote(self.sandbox_id, command, dict(env) if env else None, timeout, exec_dir))
 
     def stream(self, command: str, timeout: float | None = None, exec_dir: str | None = None
                ) -> Iterator[str | ShellResult]:
@@ -113,13 +116,13 @@ class SandboxHandle:
         Raises:
             CommandTimeout, SandboxDied, BackendUnavailable: as :meth:`exec`.
         """
-        return self._streamed(self.actor.stream, command, timeout, exec_dir)
+        return self._streamed(self.actor.stream, self.sandbox_id, command, timeout, exec_dir)
 
     def bash_stream(self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
                     exec_dir: str | None = None) -> Iterator[tuple[str, str] | BashResult]:
         """:meth:`bash`, streamed: ("stdout" | "stderr", text) as the command prints, then its
         :class:`BashResult` (streams empty). Leaving early or Ctrl-C kills the command."""
-        return self._streamed(self.actor.bash_stream, command, dict(env) if env else None, timeout, exec_dir)
+        return self._streamed(self.actor.bash_stream, self.sandbox_id, command, dict(env) if env else None, timeout, exec_dir)
 
     def _streamed(self, method: Any, *args: Any) -> Iterator[Any]:
         generator = method.options(_generator_backpressure_num_objects=STREAM_BACKLOG).remote(*args)
@@ -136,7 +139,7 @@ class SandboxHandle:
     def start(self, command: str, session_id: str | None = None, exec_dir: str | None = None) -> BackgroundCommand:
         """Start ``command`` in the background (its own process group; output kept in the
         sandbox); view, wait for or kill it through the returned handle."""
-        return BackgroundCommand(self, self._wait(self.actor.start_command.remote(command, session_id, exec_dir)))
+        return BackgroundCommand(self, self._wait(self.actor.start_command.remote(self.sandbox_id, command, session_id, exec_dir)))
 
     def upload(self, source: str | os.PathLike[str] | BinaryIO, path: str, chunk_size: int = FILE_CHUNK) -> int:
         """Copy a local file (or a binary stream) to ``path`` in the sandbox, ``chunk_size``
@@ -145,8 +148,8 @@ class SandboxHandle:
         with _local(source, "rb") as f:
             offset = 0
             while chunk := f.read(chunk_size):
-                offset = self._wait(self.actor.upload_chunk.remote(path, offset, chunk, False))
-            return self._wait(self.actor.upload_chunk.remote(path, offset, b"", True))
+                offset = self._wait(self.actor.upload_chunk.remote(self.sandbox_id, path, offset, chunk, False))
+            return self._wait(self.actor.upload_chunk.remote(self.sandbox_id, path, offset, b"", True))
 
     def download(self, path: str, target: str | os.PathLike[str] | BinaryIO, chunk_size: int = FILE_CHUNK) -> int:
         """Copy ``path`` from the sandbox to a local file (written beside it, then renamed) or
@@ -154,7 +157,7 @@ class SandboxHandle:
         with _local(target, "wb") as f:
             offset, total = 0, None
             while total is None or offset < total:
-                data, total = self._wait(self.actor.download_chunk.remote(path, offset, chunk_size))
+                data, total = self._wait(self.actor.download_chunk.remote(self.sandbox_id, path, offset, chunk_size))
                 if not data:
                     break  # the file shrank under us
                 f.write(data)
@@ -163,19 +166,19 @@ class SandboxHandle:
 
     def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> str:
         """A text file's content (invalid UTF-8 replaced). Raises SandboxFileNotFound."""
-        return self._wait(self.actor.read_file.remote(path, start_line, end_line))
+        return self._wait(self.actor.read_file.remote(self.sandbox_id, path, start_line, end_line))
 
     def read_bytes(self, path: str) -> bytes:
         """A file's exact bytes."""
-        return self._wait(self.actor.read_bytes.remote(path))
+        return self._wait(self.actor.read_bytes.remote(self.sandbox_id, path))
 
     def write_file(self, path: str, content: str | bytes, append: bool = False) -> int:
         """Write text or bytes (parents created). Returns bytes written."""
-        return self._wait(self.actor.write_file.remote(path, content, append))
+        return self._wait(self.actor.write_file.remote(self.sandbox_id, path, content, append))
 
     def list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> list[FileInfo]:
         """Entries of a directory (name, path, is_directory, size, modified_time)."""
-        return self._wait(self.actor.list_files.remote(path, recursive, show_hidden))
+        return self._wait(self.actor.list_files.remote(self.sandbox_id, path, recursive, show_hidden))
 
     def release(self) -> bool:
         """Give the sandbox back to the pool's warm pool."""
@@ -228,17 +231,17 @@ class BackgroundCommand:
 
     def view(self) -> CommandView:
         """Its status, and the output printed since the last view."""
-        seen = self.box._wait(self.box.actor.view_command.remote(self.session_id, self._offset, None))
+        seen = self.box._wait(self.box.actor.view_command.remote(self.box.sandbox_id, self.session_id, self._offset, None))
         self._offset = seen.next_offset
         return seen
 
     def wait(self, seconds: float = 60.0) -> CommandView:
         """Wait up to ``seconds`` for it to end; its status then."""
-        return self.box._wait(self.box.actor.wait_command.remote(self.session_id, seconds))
+        return self.box._wait(self.box.actor.wait_command.remote(self.box.sandbox_id, self.session_id, seconds))
 
     def kill(self) -> CommandView:
         """Kill its process group."""
-        return self.box._wait(self.box.actor.kill_command.remote(self.session_id))
+        return self.box._wait(self.box.actor.kill_command.remote(self.box.sandbox_id, self.session_id))
 
 
 @contextlib.contextmanager
@@ -279,13 +282,15 @@ class AsyncSandboxHandle:
     async def stream(self, command: str, timeout: float | None = None, exec_dir: str | None = None
                      ) -> AsyncIterator[str | ShellResult]:
         """:meth:`SandboxHandle.stream`, awaitable; cancelling the consumer kills the command."""
-        async for item in self._streamed(self._handle.actor.stream, command, timeout, exec_dir):
+        handle = self._handle
+        async for item in self._streamed(handle.actor.stream, handle.sandbox_id, command, timeout, exec_dir):
             yield item
 
     async def bash_stream(self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
                           exec_dir: str | None = None) -> AsyncIterator[tuple[str, str] | BashResult]:
-        async for item in self._streamed(self._handle.actor.bash_stream, command, dict(env) if env else None,
-                                         timeout, exec_dir):
+        handle = self._handle
+        async for item in self._streamed(handle.actor.bash_stream, handle.sandbox_id, command,
+                                         dict(env) if env else None, timeout, exec_dir):
             yield item
 
     async def _streamed(self, method: Any, *args: Any) -> AsyncIterator[Any]:
@@ -301,24 +306,24 @@ class AsyncSandboxHandle:
                 raycalls.cancel(generator)
 
     async def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None) -> ShellResult:
-        return await self._await(self._handle.actor.exec.remote(command, timeout, exec_dir))
+        return await self._await(self._handle.actor.exec.remote(self._handle.sandbox_id, command, timeout, exec_dir))
 
     async def bash(self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
                    exec_dir: str | None = None) -> BashResult:
-        return await self._await(self._handle.actor.bash.remote(command, dict(env) if env else None, timeout,
+        return await self._await(self._handle.actor.bash.remote(self._handle.sandbox_id, command, dict(env) if env else None, timeout,
                                                                 exec_dir))
 
     async def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> str:
-        return await self._await(self._handle.actor.read_file.remote(path, start_line, end_line))
+        return await self._await(self._handle.actor.read_file.remote(self._handle.sandbox_id, path, start_line, end_line))
 
     async def read_bytes(self, path: str) -> bytes:
-        return await self._await(self._handle.actor.read_bytes.remote(path))
+        return await self._await(self._handle.actor.read_bytes.remote(self._handle.sandbox_id, path))
 
     async def write_file(self, path: str, content: str | bytes, append: bool = False) -> int:
-        return await self._await(self._handle.actor.write_file.remote(path, content, append))
+        return await self._await(self._handle.actor.write_file.remote(self._handle.sandbox_id, path, content, append))
 
     async def list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> list[FileInfo]:
-        return await self._await(self._handle.actor.list_files.remote(path, recursive, show_hidden))
+        return await self._await(self._handle.actor.list_files.remote(self._handle.sandbox_id, path, recursive, show_hidden))
 
     async def release(self) -> bool:
         return await self._handle._require_pool().aio.release(self._handle)

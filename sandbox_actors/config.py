@@ -38,7 +38,7 @@ _PROVISIONER_ID = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 
 
 class _Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class MountConfig(_Closed):
@@ -208,6 +208,14 @@ class SandboxConfig(_Closed):
     )
     spare_actors: int = Field(
         default=2, ge=0, description="Started SandboxActors kept waiting, so a cold start skips Ray worker start-up."
+    )
+    spare_actors_max: int = Field(
+        default=64, ge=0,
+        description="Spares grow past spare_actors to the most new sandboxes asked for at once lately, up to this "
+        "many (and a quarter of the pool node's free memory); spare_actors or less turns learning off.",
+    )
+    spare_decay: float = Field(
+        default=600, gt=0, description="Seconds a burst is remembered: learned spares end when none that large came."
     )
     idle_action: Literal["destroy", "hibernate"] = Field(
         default="destroy",

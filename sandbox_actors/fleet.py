@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
+from collections import deque
 from typing import Any
 
 from . import raycalls, spawn
 from .config import SandboxConfig
-from .errors import IsolationUnavailable, NotSupported, SandboxError, SandboxOwned
+from .errors import IsolationUnavailable, NotSupported, PoolShutDown, SandboxError, SandboxOwned
 from .raycalls import ActorGone
 from .views import ActorView, ContainerView
 
@@ -26,6 +29,77 @@ STOP_TIMEOUT = 60.0
 REAPER_TIMEOUT = 30.0
 IMAGE_TIMEOUT = 600.0  # committing, saving or loading an image of a few GB
 CLAIM_TIMEOUT = 10.0
+BURST_WINDOW = 2.0  # new sandboxes asked for within this many seconds count as one burst
+REFILL_BATCH = 2  # spare actors started at once (each start is ~1 s of a core)
+# Spare actors started at once for starts waiting for one while destroyed sandboxes' actors are
+# being kept as spares (one did within RECYCLE_WINDOW s): those serve waiting starts sooner than a
+# new worker process, whose start is ~1 s of a core. Otherwise (a burst) one for each waiting start.
+WAITER_SPAWNS = 4
+RECYCLE_WINDOW = 10.0
+SPARE_BYTES = 60 * 2**20  # what an idle SandboxActor holds (USS), for the memory bound
+SPARE_MEMORY_SHARE = 0.25  # learned spares take at most this share of the free memory
+
+
+class Demand:
+    """How many new sandboxes were asked for at once lately: the spare actors worth keeping.
+
+    A burst is the number of starts within ``BURST_WINDOW`` seconds; :meth:`peak` is the
+    largest burst of the last ``decay`` seconds (a sliding-window maximum: a newer, larger
+    burst replaces older ones, a smaller one waits behind them for its turn).
+    """
+
+    def __init__(self, window: float = BURST_WINDOW) -> None:
+        self._window = window
+        self._recent: deque[float] = deque()  # start times within the window
+        self._peaks: deque[tuple[float, int]] = deque()  # (time, burst): bursts decrease front to back
+
+    def note(self, now: float) -> int:
+        """A start asked for at ``now``; returns the burst it belongs to so far."""
+        self._recent.append(now)
+        while self._recent[0] < now - self._window:
+            self._recent.popleft()
+        burst = len(self._recent)
+        while self._peaks and self._peaks[-1][1] <= burst:
+            self._peaks.pop()
+        self._peaks.append((now, burst))
+        return burst
+
+    def peak(self, now: float, decay: float) -> int:
+        """The largest burst that began less than ``decay`` seconds before ``now`` (0: none)."""
+        while self._peaks and self._peaks[0][0] < now - decay:
+            self._peaks.popleft()
+        return self._peaks[0][1] if self._peaks else 0
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available on this node (Linux's MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def waiter_spawns(waiting: int, starting: int, since_recycle: float) -> int:
+    """How many more spare actors to start for ``waiting`` starts waiting for one, with
+    ``starting`` under way: one each, but at most ``WAITER_SPAWNS`` under way while destroyed
+    sandboxes' actors are being kept as spares (one was ``since_recycle`` seconds ago)."""
+    if since_recycle < RECYCLE_WINDOW:
+        waiting = min(waiting, WAITER_SPAWNS)
+    return max(0, waiting - starting)
+
+
+def spare_target(config: SandboxConfig, peak: int, spares: int, free_bytes: int | None) -> int:
+    """Spare actors to keep: ``spare_actors``, or the recent ``peak`` of new sandboxes asked for
+    at once when larger, bounded by ``spare_actors_max``, ``max_sandboxes`` and a share of the
+    free memory (the ``spares`` there now count as free: they would be what is kept)."""
+    learned = min(peak, config.spare_actors_max, config.max_sandboxes or peak)
+    if free_bytes is not None:
+        learned = min(learned, int((free_bytes + spares * SPARE_BYTES) * SPARE_MEMORY_SHARE) // SPARE_BYTES)
+    return max(config.spare_actors, learned)
 
 
 class Fleet:
@@ -43,6 +117,10 @@ class Fleet:
         self.engine_on: dict[str, str] = {}  # node id -> engine id, for reapers that answered last time
         self._refilling: asyncio.Task[None] | None = None
         self._spawning = 0  # spawns in flight in worker threads (they cannot be cancelled)
+        self.demand = Demand()
+        self._recycled_at = -math.inf  # when a destroyed sandbox's actor was last kept as a spare
+        self._waiting: deque[asyncio.Future[tuple[Any, str, str]]] = deque()  # starts waiting for a spare
+        self._adding: set[asyncio.Task[bool]] = set()  # spares being started
         self.starting = 0  # sandbox starts in flight (refills wait for them: they compete for CPU)
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget work, kept referenced
@@ -52,6 +130,11 @@ class Fleet:
     @property
     def spare_count(self) -> int:
         return len(self._spares)
+
+    def spare_target(self) -> int:
+        """How many spare actors to keep now (see :func:`spare_target`)."""
+        peak = self.demand.peak(time.monotonic(), self._config.spare_decay)
+        return spare_target(self._config, peak, len(self._spares), available_memory())
 
     @property
     def keep_names(self) -> set[str]:
@@ -69,15 +152,53 @@ class Fleet:
 
     async def actor_for(self, node_id: str | None) -> tuple[Any, str, bool]:
         """An actor to start a sandbox on: a ready spare when one is (and no node is required),
+        else the next spare to become ready (when any node can host it: no ``ray.resources``),
         else a new one. Returns (handle, name, is_spare); a spare is placed already. The actor
-        counts as launching (kept by reconcile) until :meth:`launched`."""
+        counts as launching (kept by reconcile) until :meth:`launched`. Each call counts as
+        demand: the spares kept grow to the largest recent burst."""
+        if self._closed:
+            # A start still under way when the pool shuts down: a container made now could
+            # outlive the shutdown's sweep.
+            raise PoolShutDown(f"pool {self._config.pool_name} is shutting down")
+        self.demand.note(time.monotonic())
         actor, name = self.take_spare(node_id)
         spare = actor is not None
+        if not spare and node_id is None and not self._config.ray.resources:
+            # Ray starts worker processes a few at a time: waiting for whichever spare is ready
+            # first beats queueing a worker start of one's own behind the spares'.
+            try:
+                actor, name, _node = await self._next_spare()
+                spare = True
+            except PoolShutDown:
+                raise
+            except SandboxError as exc:
+                logger.info("no spare actor came (%s); starting one for this sandbox", exc.message)
         if not spare:
             actor, name = await self._spawn_actor(node_id)
         self._launching[name] = actor
         self.refill()
         return actor, name, spare
+
+    async def _next_spare(self) -> tuple[Any, str, str]:
+        """The next spare actor to become ready (one is started for this wait).
+
+        Raises:
+            SandboxError: the spare started for it failed (the caller starts an actor of its own).
+        """
+        waiter: asyncio.Future[tuple[Any, str, str]] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        self.refill()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                actor, name, node = waiter.result()  # handed over as we were cancelled: a spare again
+                self._launching.pop(name, None)
+                self._spares.append((actor, name, node))
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(waiter)
 
     def launched(self, name: str) -> None:
         """The actor now serves a sandbox (or was given up)."""
@@ -198,16 +319,37 @@ class Fleet:
     async def cancel_stop(self, actor: Any) -> None:
         await raycalls.call(actor.cancel_stop.remote(), DESCRIBE_TIMEOUT, "cancel stop")
 
-    async def stop(self, actor: Any, sandbox_id: str) -> bool:
-        """Have the actor remove its container (then end it).
+    async def stop(self, actor: Any, sandbox_id: str, recycle_as: tuple[str, str] | None = None) -> bool:
+        """Have the actor remove its container, then end it; or, given its (name, node) in
+        ``recycle_as`` while a spare is wanted (and no node slots are configured), keep it as a
+        spare (its process is reused: no Ray worker start for the next new sandbox).
 
         Raises:
             ActorGone: the actor is gone (its container may still exist).
             BackendUnavailable: the engine did not answer; nothing was removed.
         """
-        stopped = await raycalls.call(actor.stop.remote(), STOP_TIMEOUT, f"stop {sandbox_id}")
+        # Not with node slots (ray.resources): a stop may be what frees a slot another sandbox waits for.
+        recycle = recycle_as is not None and not self._config.ray.resources and not self._closed and self._wants_spare()
+        if recycle and recycle_as is not None:
+            self._launching[recycle_as[0]] = actor  # serving nothing for a moment: reconcile must keep it
+        try:
+            stopped = await raycalls.call(actor.stop.remote(sandbox_id, recycle), STOP_TIMEOUT, f"stop {sandbox_id}")
+        finally:
+            if recycle and recycle_as is not None:
+                self._launching.pop(recycle_as[0], None)
+        if stopped is None:
+            return True  # it serves another sandbox now (kept for it after this one's stop): leave it be
+        if recycle and stopped and recycle_as is not None and not self._closed:
+            self._recycled_at = time.monotonic()
+            self._hand_over(actor, *recycle_as)
+            return True
         raycalls.kill(actor)
         return bool(stopped)
+
+    def _wants_spare(self) -> bool:
+        """Whether a start waits for a spare, or the spares (with those coming) are short of the target."""
+        waiting = sum(1 for waiter in self._waiting if not waiter.done())
+        return waiting > 0 or len(self._spares) + max(0, len(self._adding) - waiting) < self.spare_target()
 
     @staticmethod
     def kill(actor: Any) -> None:
@@ -222,47 +364,124 @@ class Fleet:
     # ── spare actors ──────────────────────────────────────────────────────
 
     def refill(self) -> None:
-        """Top the spare actors up to ``spare_actors``, in the background."""
-        if not self._closed and (self._refilling is None or self._refilling.done()):
+        """Start a spare for each start waiting for one, at once (while destroyed sandboxes' actors
+        are being kept as spares, up to ``WAITER_SPAWNS`` under way: the next waiting start gets
+        whichever spare is ready first); then, in the background, top the spares up to
+        :meth:`spare_target` or end the learned ones past it."""
+        if self._closed:
+            self._fail_waiters()
+            return
+        waiting = sum(1 for waiter in self._waiting if not waiter.done())
+        for _ in range(waiter_spawns(waiting, len(self._adding), time.monotonic() - self._recycled_at)):
+            self._launch_spare()
+        if self._refilling is None or self._refilling.done():
             self._refilling = self.later(self._refill())
 
     async def _refill(self) -> None:
-        config = self._config
-        while not self._closed and len(self._spares) < config.spare_actors:
+        while not self._closed:
+            # Starts first: a spare's start-up would slow theirs (they compete for CPU), and with
+            # node slots a spare could take the slot one waits for. Starts waiting for a spare get
+            # theirs at once (refill), not from here.
             while self.starting and not self._closed:
-                await asyncio.sleep(0.1)  # new threads first: a spare's start-up would slow theirs
-            if self._closed:
+                await asyncio.sleep(0.1)
+            target = self.spare_target()
+            if len(self._spares) > target:
+                if not self.starting and not self._adding:
+                    self._trim(target)
                 return
-            try:
-                actor, name = await self._spawn_actor(None)
-            except SandboxError as exc:
-                logger.warning("could not create a spare SandboxActor (%s); will retry", exc.message)
+            coming = len(self._adding) - sum(1 for waiter in self._waiting if not waiter.done())
+            missing = target - len(self._spares) - max(0, coming)
+            if self._closed or missing <= 0:
                 return
-            if self._closed:
-                raycalls.kill(actor)
+            added = await asyncio.gather(*(self._launch_spare() for _ in range(min(missing, REFILL_BATCH))))
+            if not all(added):
+                return  # no room or a crash: the next refill (idle pass, next start) tries again
+
+    def _trim(self, target: int) -> None:
+        """End the spares past ``target`` (no burst that large came for ``spare_decay`` seconds)."""
+        extra = self._spares[target:]
+        del self._spares[target:]
+        logger.info("ending %d learned spare actors: no burst of %d new sandboxes in the last %.0fs",
+                    len(extra), target + len(extra), self._config.spare_decay)
+        for actor, _name, _node in extra:
+            raycalls.kill(actor)
+
+    def _launch_spare(self) -> asyncio.Task[bool]:
+        task = self.later(self._add_spare())
+        self._adding.add(task)
+        task.add_done_callback(self._adding.discard)
+        return task
+
+    def _hand_over(self, actor: Any, name: str, node: str) -> None:
+        """A ready spare goes to the first start waiting for one, else joins the spares."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                self._launching[name] = actor  # the waiter's, from now on: never unaccounted for
+                waiter.set_result((actor, name, node))
                 return
-            self._launching[name] = actor
-            try:
-                node = await raycalls.call(actor.ping.remote(), config.capacity_timeout, "starting a spare actor")
-                # Connect it to its engine now, so a new thread does not wait for that either.
-                await raycalls.call(actor.warm_up.remote(), REAPER_TIMEOUT, "warming up a spare actor")
-            except SandboxError as exc:
-                # No room (spares need a slot like any sandbox) or a crash: try again later.
-                raycalls.kill(actor)
-                logger.info("could not start a spare SandboxActor (%s); will retry", exc.message)
+        self._spares.append((actor, name, node))
+
+    def _fail_a_waiter(self, error: SandboxError) -> None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
                 return
-            finally:
-                self._launching.pop(name, None)
-            self._spares.append((actor, name, node))
+
+    async def _add_spare(self) -> bool:
+        """Start one spare actor and connect it to its engine; False when that failed (a start
+        waiting for it is told, and starts an actor of its own)."""
+        config = self._config
+        try:
+            actor, name = await self._spawn_actor(None)
+        except SandboxError as exc:
+            logger.warning("could not create a spare SandboxActor (%s); will retry", exc.message)
+            self._fail_a_waiter(exc)
+            return False
+        if self._closed:
+            raycalls.kill(actor)
+            return False
+        self._launching[name] = actor
+        try:
+            node = await raycalls.call(actor.ping.remote(), config.capacity_timeout, "starting a spare actor")
+            # Connect it to its engine now, so a new thread does not wait for that either.
+            await raycalls.call(actor.warm_up.remote(), REAPER_TIMEOUT, "warming up a spare actor")
+        except SandboxError as exc:
+            # No room (spares need a slot like any sandbox) or a crash: try again later.
+            self._launching.pop(name, None)
+            raycalls.kill(actor)
+            logger.info("could not start a spare SandboxActor (%s); will retry", exc.message)
+            self._fail_a_waiter(exc)
+            return False
+        except asyncio.CancelledError:
+            self._launching.pop(name, None)
+            raycalls.kill(actor)  # shutting down
+            raise
+        self._launching.pop(name, None)
+        if self._closed:
+            raycalls.kill(actor)
+            return False
+        self._hand_over(actor, name, node)
+        return True
 
     async def close(self) -> None:
         """Stop refilling and end the spare actors (for shutdown)."""
         self._closed = True
         while self._spawning:  # a spawn in a worker thread finishes, then sees _closed
             await asyncio.sleep(0.01)
-        if self._refilling is not None:
-            self._refilling.cancel()
-            await asyncio.gather(self._refilling, return_exceptions=True)
+        for task in [self._refilling, *self._adding]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in [self._refilling, *self._adding] if t is not None), return_exceptions=True)
+        self._fail_waiters()
+
+    def _fail_waiters(self) -> None:
+        """Starts waiting for a spare start an actor of their own (no spare comes any more)."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(PoolShutDown(f"pool {self._config.pool_name} is shutting down"))
         for actor in [*(a for a, _, _ in self._spares), *self._launching.values()]:
             raycalls.kill(actor)
         self._spares.clear()

@@ -82,11 +82,10 @@ async def _nodes_with_engine(life: Lifecycle, engine_id: str | None, was_on: str
         BackendUnavailable: its node lives but its engine does not answer now (retry later).
     """
     engines = await life.fleet.engines()
-    alive = await life.fleet.alive_nodes()
     if engine_id is not None and engine_id in engines:
         nodes = sorted(node for node, engine in life.fleet.engine_on.items() if engine == engine_id)
         return sorted(nodes, key=lambda node: node != was_on) or [engines[engine_id][1]]
-    if was_on in alive:
+    if was_on in await life.fleet.alive_nodes():
         raise BackendUnavailable(f"the engine that holds the hibernated container (node {str(was_on)[:12]}) does "
                                  "not answer; retry")
     raise SandboxNotFound(f"its node {str(was_on)[:12]} is gone and no live node reaches its engine")

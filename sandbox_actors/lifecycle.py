@@ -339,7 +339,9 @@ class Lifecycle:
     async def _remove(self, entry: Entry) -> bool:
         if entry.actor is not None:
             try:
-                return await self.fleet.stop(entry.actor, entry.sandbox_id)
+                name, node = entry.info.get("actor_name"), entry.info.get("node_id")
+                return await self.fleet.stop(entry.actor, entry.sandbox_id,
+                                             (name, node) if name and node else None)
             except ActorGone:
                 pass  # its container may outlive it: remove that directly
         return await self.fleet.remove_everywhere(entry.sandbox_id, entry.container_id, entry.info.get("engine_id"))
@@ -406,6 +408,10 @@ class Lifecycle:
                 # Dead, or unreachable with its node: end it now so its slot frees up at once.
                 self.fleet.kill(handle)
                 handle = None
+            if view is not None and view.sandbox_id != sandbox_id:
+                # It served this sandbox when it was looked up; it has been kept for another since
+                # (a stopped sandbox's actor is reused): not this sandbox's actor, not ours to end.
+                view, handle = None, None
         engines = await self.fleet.engines()
         containers, _seen = await self.fleet.containers(engines)
         found = tuple(c for c in containers if c.sandbox_id == sandbox_id)

@@ -143,7 +143,9 @@ class SandboxRuntime:
             if self._stopping:
                 raise SandboxDied(f"sandbox {self.sandbox_id} was destroyed")
             started = time.monotonic()
-            existing = await self.backend.discover(self.sandbox_id)
+            # Only a resume needs to look first: a create finds a container of this sandbox that
+            # already exists by its name (and adopts or replaces it, as below).
+            existing = await self.backend.discover(self.sandbox_id) if resume else None
             if existing is not None and existing.running:
                 await self._refuse_if_owned(existing)
             if existing is not None and existing.running and await self._try_adopt(existing):
@@ -246,11 +248,17 @@ class SandboxRuntime:
         )
         record = await self.backend.create(spec)
         if record.labels.get(LABEL_ACTOR, "") != self.owner:
-            # The name was taken meanwhile (the engine handed back the existing container).
+            # The sandbox's container exists already (the engine handed it back): adopt it when it
+            # answers and no live actor owns it, else replace it once.
             await self._refuse_if_owned(record)
-            if not await self._try_adopt(record):
+            if await self._try_adopt(record):
+                logger.info("sandbox %s: adopted running container %s", self.sandbox_id, record.container_name)
+                return
+            logger.info("sandbox %s: removing unusable container %s", self.sandbox_id, record.container_name)
+            await self.backend.destroy(self.sandbox_id, record.container_id)
+            record = await self.backend.create(spec)
+            if record.labels.get(LABEL_ACTOR, "") != self.owner:
                 raise SandboxStartError(f"container {record.container_name} appeared meanwhile and does not answer")
-            return
         api = SandboxAPI(record.url, record.token)
         try:
             await api.wait_ready(

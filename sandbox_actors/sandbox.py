@@ -139,22 +139,49 @@ class SandboxActor:
         if self._runtime is not None:
             self._runtime.cancel_stop()
 
-    async def stop(self) -> bool:
-        """Remove the container. The pool then ends the actor.
+    async def stop(self, sandbox_id: str | None = None, recycle: bool = False) -> bool | None:
+        """Remove the container (of ``sandbox_id``, when given). The pool then ends the actor, or,
+        with ``recycle``, keeps it as a spare for another sandbox: its process, engine connection
+        and loaded modules are reused, nothing of the removed sandbox is kept, and calls naming the
+        removed sandbox are refused from now on.
+
+        Returns True (removed, or it served nothing), or None: it serves another sandbox now
+        (``sandbox_id``'s container went when it was kept for that one); nothing was done, and the
+        actor must not be ended.
 
         Raises:
             BackendUnavailable: the engine did not answer; nothing was removed.
         """
-        if self._runtime is None:
+        runtime = self._runtime
+        if runtime is None:
             return True
-        await self._runtime.stop()
-        await self._runtime.close()
+        if sandbox_id is not None and runtime.sandbox_id != sandbox_id:
+            return None
+        await runtime.stop()
+        if recycle:
+            self._runtime, self._reported_dead, self._fetched = None, False, None
+            logger.info("actor %s: sandbox %s removed; waiting for another", self._name, runtime.sandbox_id)
+        else:
+            await runtime.close()
         return True
 
     def _runtime_or_raise(self) -> SandboxRuntime:
         if self._runtime is None:
             raise SandboxNotFound(f"actor {self._name} serves no sandbox yet")
         return self._runtime
+
+    def _serving(self, sandbox_id: str) -> SandboxRuntime:
+        """The runtime of ``sandbox_id``, which a caller names: an actor serves one sandbox at a
+        time but may serve another after it (see :meth:`stop`), and a handle kept from before must
+        never reach the new one.
+
+        Raises:
+            SandboxDied: this actor does not serve ``sandbox_id`` (it was destroyed).
+        """
+        runtime = self._runtime
+        if runtime is None or runtime.sandbox_id != sandbox_id:
+            raise SandboxDied(f"sandbox {sandbox_id} is gone (destroyed); acquire the thread again")
+        return runtime
 
     async def _owner_alive(self, name: str) -> bool:
         handle = await asyncio.to_thread(raycalls.get_actor, name, self._config.namespace)
@@ -168,91 +195,104 @@ class SandboxActor:
 
     # ── operations ─────────────────────────────────────────────────────────
 
-    async def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None) -> ShellResult:
+    async def exec(
+        self, sandbox_id: str, command: str, timeout: float | None = None, exec_dir: str | None = None,
+    ) -> ShellResult:
         """Run a command in the sandbox's persistent shell (stderr merged)."""
         started = time.monotonic()
         try:
-            return await self._guard(self._runtime_or_raise().exec(command, timeout, exec_dir))
+            return await self._guard(self._serving(sandbox_id).exec(command, timeout, exec_dir))
         finally:
             self._metrics.executed("exec", time.monotonic() - started)
 
     async def bash(
-        self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
+        self, sandbox_id: str, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
         exec_dir: str | None = None,
     ) -> BashResult:
         """Run a command in a fresh session with extra env; stdout and stderr apart."""
         started = time.monotonic()
         try:
-            return await self._guard(self._runtime_or_raise().bash(command, env, timeout, exec_dir))
+            return await self._guard(self._serving(sandbox_id).bash(command, env, timeout, exec_dir))
         finally:
             self._metrics.executed("bash", time.monotonic() - started)
 
     async def stream(
-        self, command: str, timeout: float | None = None, exec_dir: str | None = None,
+        self, sandbox_id: str, command: str, timeout: float | None = None, exec_dir: str | None = None,
     ) -> AsyncIterator[str | ShellResult]:
         """Like :meth:`exec`, as a Ray streaming generator: output chunks as the command prints
         them, then its ShellResult. Cancelling the call (or closing the generator) kills the
         command's process group in the sandbox; the shell stays usable."""
-        async for item in self._streamed("stream", self._runtime_or_raise().stream(command, timeout, exec_dir)):
+        async for item in self._streamed("stream", self._serving(sandbox_id).stream(command, timeout, exec_dir)):
             yield item
 
     async def bash_stream(
-        self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
+        self, sandbox_id: str, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
         exec_dir: str | None = None,
     ) -> AsyncIterator[tuple[str, str] | BashResult]:
         """Like :meth:`bash`, streamed: ("stdout" | "stderr", text) chunks, then its BashResult."""
-        items = self._runtime_or_raise().bash_stream(command, env, timeout, exec_dir)
+        items = self._serving(sandbox_id).bash_stream(command, env, timeout, exec_dir)
         async for item in self._streamed("bash_stream", items):
             yield item
 
     async def _streamed(self, op: str, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        started = time.monotonic()
+        started, runtime = time.monotonic(), self._runtime
         try:
             async for item in items:
                 yield item
         except SandboxDied:
-            await self._tell_pool_of_death()
+            if runtime is not None and runtime is self._runtime:  # as in :meth:`_guard`
+                await self._tell_pool_of_death()
             raise
         finally:
             await items.aclose()  # type: ignore[attr-defined]  # an early end hangs up: the command is killed
             self._metrics.executed(op, time.monotonic() - started)
 
-    async def start_command(self, command: str, session_id: str | None = None, exec_dir: str | None = None) -> str:
+    async def start_command(
+        self, sandbox_id: str, command: str, session_id: str | None = None, exec_dir: str | None = None,
+    ) -> str:
         """Start a command in the background; returns its id (see view_command, wait_command, kill_command)."""
-        return await self._guard(self._runtime_or_raise().start_command(command, session_id, exec_dir))
+        return await self._guard(self._serving(sandbox_id).start_command(command, session_id, exec_dir))
 
-    async def view_command(self, session_id: str, offset: int = 0, max_bytes: int | None = None) -> CommandView:
-        return await self._guard(self._runtime_or_raise().view_command(session_id, offset, max_bytes))
+    async def view_command(
+        self, sandbox_id: str, session_id: str, offset: int = 0, max_bytes: int | None = None,
+    ) -> CommandView:
+        return await self._guard(self._serving(sandbox_id).view_command(session_id, offset, max_bytes))
 
-    async def wait_command(self, session_id: str, seconds: float) -> CommandView:
-        return await self._guard(self._runtime_or_raise().wait_command(session_id, seconds))
+    async def wait_command(self, sandbox_id: str, session_id: str, seconds: float) -> CommandView:
+        return await self._guard(self._serving(sandbox_id).wait_command(session_id, seconds))
 
-    async def kill_command(self, session_id: str) -> CommandView:
-        return await self._guard(self._runtime_or_raise().kill_command(session_id))
+    async def kill_command(self, sandbox_id: str, session_id: str) -> CommandView:
+        return await self._guard(self._serving(sandbox_id).kill_command(session_id))
 
-    async def upload_chunk(self, path: str, offset: int, data: bytes, final: bool) -> int:
-        return await self._guard(self._runtime_or_raise().upload_chunk(path, offset, data, final))
+    async def upload_chunk(self, sandbox_id: str, path: str, offset: int, data: bytes, final: bool) -> int:
+        return await self._guard(self._serving(sandbox_id).upload_chunk(path, offset, data, final))
 
-    async def download_chunk(self, path: str, offset: int, length: int) -> tuple[bytes, int]:
-        return await self._guard(self._runtime_or_raise().download_chunk(path, offset, length))
+    async def download_chunk(self, sandbox_id: str, path: str, offset: int, length: int) -> tuple[bytes, int]:
+        return await self._guard(self._serving(sandbox_id).download_chunk(path, offset, length))
 
-    async def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> str:
-        return await self._guard(self._runtime_or_raise().read_file(path, start_line, end_line))
+    async def read_file(
+        self, sandbox_id: str, path: str, start_line: int | None = None, end_line: int | None = None,
+    ) -> str:
+        return await self._guard(self._serving(sandbox_id).read_file(path, start_line, end_line))
 
-    async def read_bytes(self, path: str) -> bytes:
-        return await self._guard(self._runtime_or_raise().read_bytes(path))
+    async def read_bytes(self, sandbox_id: str, path: str) -> bytes:
+        return await self._guard(self._serving(sandbox_id).read_bytes(path))
 
-    async def write_file(self, path: str, content: str | bytes, append: bool = False) -> int:
-        return await self._guard(self._runtime_or_raise().write_file(path, content, append))
+    async def write_file(self, sandbox_id: str, path: str, content: str | bytes, append: bool = False) -> int:
+        return await self._guard(self._serving(sandbox_id).write_file(path, content, append))
 
-    async def list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> list[FileInfo]:
-        return await self._guard(self._runtime_or_raise().list_files(path, recursive, show_hidden))
+    async def list_files(
+        self, sandbox_id: str, path: str, recursive: bool = False, show_hidden: bool = False,
+    ) -> list[FileInfo]:
+        return await self._guard(self._serving(sandbox_id).list_files(path, recursive, show_hidden))
 
     async def _guard(self, operation: Any) -> Any:
+        runtime = self._runtime  # the sandbox ``operation`` is for (this actor may serve another after it)
         try:
             return await operation
         except SandboxDied:
-            await self._tell_pool_of_death()
+            if runtime is not None and runtime is self._runtime:  # not a sandbox stopped on purpose meanwhile
+                await self._tell_pool_of_death()
             raise
 
     async def _tell_pool_of_death(self) -> None:

@@ -173,6 +173,7 @@ def config(pool_name: str, image: str, tmp_path: Path) -> SandboxConfig:
         reconcile_interval=2,
         capacity_timeout=20,
         limits={"memory": "256m", "cpus": 0.5, "pids": 128},
+        spare_actors_max=4,  # tests start a few sandboxes at once: learn a little, not a burst's worth
     )
 
 

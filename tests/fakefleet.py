@@ -104,6 +104,9 @@ class FakeFleet:
     def spare_count(self) -> int:
         return 0
 
+    def spare_target(self) -> int:
+        return 0
+
     def later(self, work: Any) -> asyncio.Task[Any]:
         return asyncio.get_running_loop().create_task(work)
 
@@ -188,7 +191,7 @@ class FakeFleet:
     async def cancel_stop(self, actor: FakeActor) -> None:
         actor.stopping = False
 
-    async def stop(self, actor: FakeActor, sandbox_id: str) -> bool:
+    async def stop(self, actor: FakeActor, sandbox_id: str, recycle_as: tuple[str, str] | None = None) -> bool:
         await self._pass("stop")
         if not actor.alive:
             raise ActorGone("gone")

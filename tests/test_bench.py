@@ -23,8 +23,12 @@ def test_bench_tiny_writes_every_figure(image, tmp_path, docker_client):
     figures = json.loads(out.read_text())
     for key in TIME_KEYS:
         assert set(figures[key]) >= {"p50", "p95", "max", "n"} and figures[key]["n"] > 0, key
-    for key in ("burst", "floor_burst", "burst_default", "fork_burst"):
+    for key in ("burst", "floor_burst", "ray_floor_burst", "burst_default", "burst_repeat", "fork_burst"):
         assert figures[key]["ok"] == figures[key]["n"] == 3, key
+    assert [len(figures[key]["rounds"]) for key in ("burst", "burst_default", "burst_repeat")] == [1, 1, 1]
+    assert figures["burst_repeat"]["spare_actors"] >= 3  # learned from the first burst
+    assert figures["spares_idle"]["n"] >= 3 and figures["spares_idle"]["uss_mb"] > 0
+    assert [(row["rate"], row["ok"], row["count"]) for row in figures["arrivals"]] == [(2.0, 6, 6), (8.0, 6, 6)]
     assert figures["actor_uss_mb"] > 0 and figures["hibernate_frees_mb"] > figures["actor_uss_mb"] / 2
     assert "p50/floor" in result.stdout  # the table with ratios
     leftovers = docker_client.containers.list(all=True, filters={"label": "sandbox-actors.project=sandbox-actors"})

@@ -79,7 +79,7 @@ def test_async_conveniences(pool):
         box = await pool.aio.acquire("async-thread")
         result = await box.aio.exec("echo async")
         await box.aio.write_file("/home/sandbox/a.txt", "x")
-        direct = await box.actor.read_file.remote("/home/sandbox/a.txt")
+        direct = await box.actor.read_file.remote(box.sandbox_id, "/home/sandbox/a.txt")
         return box, result, direct
 
     box, result, direct = asyncio.run(body())

@@ -176,6 +176,23 @@ def test_a_reported_death_is_repaired_at_once():
     run(body)
 
 
+def test_a_repair_leaves_alone_an_actor_that_serves_another_sandbox_now():
+    # Reconcile looks owners up, then repairs: meanwhile a destroyed sandbox's actor may have been
+    # kept as a spare and given to a new sandbox. Its view now names that one: not the repaired
+    # sandbox's actor, never to be stopped or ended for it.
+    async def body():
+        pool, fleet = make()
+        await pool.ping()
+        box = await pool.acquire("t1")
+        actor = fleet.actor_of(box.sandbox_id)
+        outcome = await pool._life.repair(sandbox_id_for("unit", "gone"), actor)
+        assert outcome == "removed" and actor.alive
+        assert pool._state.entry(box.sandbox_id).state is SandboxState.ACTIVE
+        assert (await pool.acquire("t1")).path == "hot"
+
+    run(body)
+
+
 def test_a_report_of_an_older_container_is_ignored():
     async def body():
         pool, fleet = make()

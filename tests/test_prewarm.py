@@ -86,3 +86,42 @@ def test_a_claimed_spare_survives_pool_restart_and_actor_death(prewarmed, docker
 def test_prewarm_needs_thread_mounts_off():
     with pytest.raises(sandbox_actors.ConfigError, match="thread_mounts"):
         sandbox_actors.load_config({"prewarm": 1})
+
+
+def test_spare_actors_grow_to_a_burst_then_decay(ray_address, config):
+    """A burst of new threads teaches the pool to keep that many spare actors; the next burst
+    takes them (no new Ray worker on its path); a quiet spell of spare_decay ends them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sandbox_actors.options import sandbox_actor_prefix
+    from tests.conftest import named_actors
+
+    client = sandbox_actors.connect(config.model_copy(update={
+        "spare_actors": 1, "spare_actors_max": 5, "spare_decay": 30, "replicas": 8, "idle_check_interval": 0.5,
+    }))
+    try:
+        assert wait_until(lambda: client.stats()["spare_actors"] == 1, timeout=60)
+
+        def burst(prefix: str) -> list:
+            with ThreadPoolExecutor(5) as threads:
+                return list(threads.map(lambda i: client.acquire(f"{prefix}-{i}"), range(5)))
+
+        for box in burst("first"):
+            assert box.exec("true").ok
+            client.destroy(box)
+        assert client.stats()["spare_target"] == 5
+        assert wait_until(lambda: client.stats()["spare_actors"] == 5, timeout=90), client.stats()
+
+        waiting = set(named_actors(sandbox_actor_prefix(config)))
+        second = burst("second")
+        names = {ray.get(box.actor.describe.remote())["actor_name"] for box in second}
+        assert names <= waiting, f"new actors on the burst's path: {names - waiting}"
+        for box in second:
+            client.destroy(box)
+
+        # No burst of 5 for spare_decay seconds: back to spare_actors.
+        assert wait_until(lambda: client.stats()["spare_target"] == 1 and client.stats()["spare_actors"] == 1,
+                          timeout=60), client.stats()
+    finally:
+        client.shutdown()
+    assert_no_actors_left(config.pool_name)
