@@ -193,6 +193,35 @@ def test_a_repair_leaves_alone_an_actor_that_serves_another_sandbox_now():
     run(body)
 
 
+def test_shutdown_waits_for_a_reconcile_pass_under_way_before_it_sweeps():
+    # A pass cut short would leave its calls to the node reapers running unwatched: one could make
+    # the pool's network again after the sweep removed it.
+    async def body():
+        pool, fleet = make()
+        await pool.ping()
+        swept = []
+        sweep = fleet.sweep
+
+        async def recorded_sweep() -> dict[str, int]:
+            swept.append("alive_nodes" in fleet._gates)  # still gated: the pass not done
+            return await sweep()
+
+        fleet.sweep = recorded_sweep
+        fleet.gate("alive_nodes")
+        passing = asyncio.create_task(pool.reconcile())
+        await fleet.entered("alive_nodes")
+        closing = asyncio.create_task(pool.shutdown())
+        await asyncio.sleep(0.05)
+        assert not closing.done() and swept == []
+        fleet.open("alive_nodes")
+        await passing
+        await closing
+        assert swept == [False]  # swept once, after the pass
+        assert await pool._reconciler.run() == {}  # and a pass after shutdown does nothing
+
+    run(body)
+
+
 def test_a_report_of_an_older_container_is_ignored():
     async def body():
         pool, fleet = make()
