@@ -35,6 +35,7 @@ REFILL_BATCH = 2  # spare actors started at once (each start is ~1 s of a core)
 # being kept as spares (one did within RECYCLE_WINDOW s): those serve waiting starts sooner than a
 # new worker process, whose start is ~1 s of a core. Otherwise (a burst) one for each waiting start.
 WAITER_SPAWNS = 4
+OWNER_GRACE = 30.0  # seconds past readiness_timeout to wait for another actor's start of a sandbox
 RECYCLE_WINDOW = 10.0
 SPARE_BYTES = 60 * 2**20  # what an idle SandboxActor holds (USS), for the memory bound
 SPARE_MEMORY_SHARE = 0.25  # learned spares take at most this share of the free memory
@@ -259,14 +260,25 @@ class Fleet:
         return await raycalls.call(engines[engine_id][0].remove_image.remote(image), REAPER_TIMEOUT, "remove image")
 
     async def owner_of(self, sandbox_id: str, owned: SandboxOwned) -> tuple[Any, dict[str, Any]]:
-        """The live actor that owns ``sandbox_id`` (it refused to let another start it)."""
+        """The live actor that owns ``sandbox_id`` (it refused to let another start it), once its
+        own start of it is done (a start cut short by a pool restart may still be under way there).
+
+        Raises:
+            SandboxOwned: it is gone, serves another sandbox, or did not finish starting this one in time.
+        """
         handle = await asyncio.to_thread(raycalls.get_actor, owned.owner, self._config.namespace)
         if handle is None:
             raise owned
-        info = await raycalls.call(handle.describe.remote(), DESCRIBE_TIMEOUT, f"describe {owned.owner}")
-        if info.get("sandbox_id") != sandbox_id or not info.get("started"):
-            raise owned
-        return handle, {**info, "adopted": True}
+        deadline = time.monotonic() + self._config.readiness_timeout + OWNER_GRACE
+        while True:
+            info = await raycalls.call(handle.describe.remote(), DESCRIBE_TIMEOUT, f"describe {owned.owner}")
+            if info.get("sandbox_id") != sandbox_id:
+                raise owned
+            if info.get("started"):
+                return handle, {**info, "adopted": True}
+            if time.monotonic() > deadline:
+                raise owned
+            await asyncio.sleep(0.2)
 
     def take_spare(self, node_id: str | None) -> tuple[Any, str]:
         """A ready spare actor (on ``node_id``, when given), or (None, '')."""

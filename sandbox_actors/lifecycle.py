@@ -145,7 +145,12 @@ class Lifecycle:
                     raise
                 except SandboxOwned as exc:
                     fleet.kill(actor)
-                    return await fleet.owner_of(sandbox_id, exc)
+                    try:
+                        return await fleet.owner_of(sandbox_id, exc)
+                    except ActorGone:
+                        if attempt == _START_ATTEMPTS:
+                            raise
+                        continue  # the owner died while its start was waited for: start it again
                 except SandboxDied:
                     fleet.kill(actor)  # the actor died under us (e.g. a spare): try another
                     if attempt == _START_ATTEMPTS:

@@ -80,7 +80,7 @@ class SandboxActor:
                 self._backend,
                 extra_labels={LABEL_RAY_NODE: self._node_id},
                 owner=self._name,
-                owner_alive=self._owner_alive,
+                owner_alive=lambda name: self._still_serves(name, sandbox_id),
             )
         elif self._runtime.sandbox_id != sandbox_id:
             raise InvalidRequest(f"actor {self._name} already serves sandbox {self._runtime.sandbox_id}")
@@ -183,15 +183,18 @@ class SandboxActor:
             raise SandboxDied(f"sandbox {sandbox_id} is gone (destroyed); acquire the thread again")
         return runtime
 
-    async def _owner_alive(self, name: str) -> bool:
+    async def _still_serves(self, name: str, sandbox_id: str) -> bool:
+        """Whether the actor ``name`` (named in a container of ``sandbox_id`` as its maker or owner)
+        lives and still serves that sandbox: an actor whose sandbox was destroyed may have been
+        kept for another since, and owns nothing of the old one."""
         handle = await asyncio.to_thread(raycalls.get_actor, name, self._config.namespace)
         if handle is None:
             return False
         try:
-            await raycalls.call(handle.ping.remote(), _REPORT_TIMEOUT, f"ping {name}")
+            info = await raycalls.call(handle.describe.remote(), _REPORT_TIMEOUT, f"describe {name}")
         except SandboxError:
             return False
-        return True
+        return bool(info.get("sandbox_id") == sandbox_id)
 
     # ── operations ─────────────────────────────────────────────────────────
 
