@@ -368,6 +368,8 @@ class Lifecycle:
         if not candidates:
             return
         reports = await self.fleet.activity({entry.sandbox_id: entry.actor for entry, _ in candidates})
+        if self.closed:
+            return  # shut down meanwhile (a pass is never cut short): the shutdown stops everything
         for entry, version in candidates:
             report = reports[entry.sandbox_id]
             if isinstance(report, ActorGone):

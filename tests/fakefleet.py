@@ -114,7 +114,7 @@ class FakeFleet:
         pass
 
     async def close(self) -> None:
-        pass
+        await self._pass("close")
 
     async def actor_for(self, node_id: str | None) -> tuple[FakeActor, str, bool]:
         actor = FakeActor(f"sbx-{next(self._names)}")
@@ -177,6 +177,7 @@ class FakeFleet:
         return actor.describe()
 
     async def activity(self, actors: dict[str, FakeActor]) -> dict[str, Any]:
+        await self._pass("activity")
         return {sid: (a.idle_for, a.inflight, None) if a.alive else ActorGone("gone") for sid, a in actors.items()}
 
     async def begin_stop(self, actor: FakeActor, if_idle_for: float) -> bool:

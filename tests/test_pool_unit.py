@@ -222,6 +222,40 @@ def test_shutdown_waits_for_a_reconcile_pass_under_way_before_it_sweeps():
     run(body)
 
 
+def test_an_idle_pass_under_way_at_shutdown_starts_no_stop_of_its_own():
+    # Shutdown lets a pass finish rather than cut it short; an idle pass that resumes after the
+    # shutdown has begun must leave the stopping to it (an idle stop could hibernate a container
+    # after the sweep looked).
+    async def body():
+        pool, fleet = make(idle_action="hibernate")
+        await pool.ping()
+        box = await pool.acquire("t1")
+        await pool.release(box.sandbox_id)
+        pool._state.clock.now += 11
+        fleet.actor_of(box.sandbox_id).idle_for = 11
+        reasons = []
+        stop_later = pool._life.stop_later
+
+        def recorded(entry):  # noqa: ANN001, ANN202
+            reasons.append(entry.stop)
+            return stop_later(entry)
+
+        pool._life.stop_later = recorded
+        fleet.gate("activity")
+        idle = asyncio.create_task(pool._life.idle_pass())
+        await fleet.entered("activity")
+        fleet.gate("close")
+        closing = asyncio.create_task(pool.shutdown())
+        await fleet.entered("close")  # the shutdown has begun (the pool is closed), nothing stopped yet
+        fleet.open("activity")
+        await idle
+        fleet.open("close")
+        await closing
+        assert reasons == ["shutdown"] and fleet.boxes == {}
+
+    run(body)
+
+
 def test_a_report_of_an_older_container_is_ignored():
     async def body():
         pool, fleet = make()
