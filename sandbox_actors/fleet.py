@@ -29,6 +29,7 @@ STOP_TIMEOUT = 60.0
 REAPER_TIMEOUT = 30.0
 IMAGE_TIMEOUT = 600.0  # committing, saving or loading an image of a few GB
 CLAIM_TIMEOUT = 10.0
+WATCH_SECONDS = 300.0  # how long one watch call on an actor lasts (the pool calls again while it needs the actor)
 BURST_WINDOW = 2.0  # new sandboxes asked for within this many seconds count as one burst
 REFILL_BATCH = 2  # spare actors started at once (each start is ~1 s of a core)
 # Spare actors started at once for starts waiting for one while destroyed sandboxes' actors are
@@ -315,6 +316,22 @@ class Fleet:
             return bool(await raycalls.call(actor.alive.remote(), DESCRIBE_TIMEOUT, "alive"))
         except SandboxError:
             return False
+
+    @staticmethod
+    def actor_key(actor: Any) -> str:
+        """The same key for every handle of one actor (a handle looked up again is another object)."""
+        return str(actor._actor_id.hex())
+
+    async def outlives(self, actor: Any, seconds: float) -> bool:
+        """False as soon as Ray reports the actor dead; True once ``seconds`` have passed (or the
+        call went unanswered: a slow or unreachable node is the reconcile's to judge)."""
+        try:
+            await raycalls.call(actor.watched.remote(seconds), seconds + DESCRIBE_TIMEOUT, "watch")
+        except ActorGone:
+            return False
+        except SandboxError as exc:
+            logger.debug("watch of an actor ended without an answer: %s", exc)
+        return True
 
     async def describe(self, actor: Any) -> dict[str, Any]:
         return await raycalls.call(actor.describe.remote(), DESCRIBE_TIMEOUT, "describe")

@@ -24,7 +24,7 @@ from .errors import (
     SandboxOwned,
     SandboxStartError,
 )
-from .fleet import Fleet
+from .fleet import WATCH_SECONDS, Fleet
 from .metrics import Tally
 from .operations import Operations
 from .raycalls import ActorGone
@@ -81,10 +81,63 @@ class Lifecycle:
         self.changed = Changed()
         self.closed = False
         self.snapshot_records: dict[str, dict[str, Any]] = {}  # snapshot name -> its record (as in Ray's KV)
+        self._watches: dict[str, asyncio.Task[None]] = {}  # actor key -> the watch on it
 
     def notify(self) -> None:
+        """The state changed: wake whoever waits on it, and watch any actor newly serving a sandbox."""
         self.changed.notify()
         self.tally.states(self.state.counts())
+        self._watch_actors()
+
+    # ── hearing of an actor's death ────────────────────────────────────────
+
+    def _watch_actors(self) -> None:
+        """One watch per actor serving a sandbox. An acquire of an active sandbox hands its actor
+        out unchecked (that is what makes it fast), so a dead actor must leave the table the moment
+        it dies: the reconcile pass would find it only ``reconcile_interval`` later."""
+        if self.closed:
+            return
+        for entry in self.state.entries.values():
+            if entry.actor is not None:
+                key = self.fleet.actor_key(entry.actor)
+                if key not in self._watches:
+                    self._watches[key] = self.fleet.later(self._watch(entry.actor, key))
+
+    async def _watch(self, actor: Any, key: str) -> None:
+        try:
+            while not self.closed and self._served_by(key):
+                began = time.monotonic()
+                if not await self.fleet.outlives(actor, WATCH_SECONDS):
+                    await self._actor_died(key)
+                    return
+                await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - began)))  # never a busy loop
+        finally:
+            del self._watches[key]
+
+    def _served_by(self, key: str) -> list[str]:
+        return [e.sandbox_id for e in self.state.entries.values()
+                if e.actor is not None and self.fleet.actor_key(e.actor) == key]
+
+    async def _actor_died(self, key: str) -> None:
+        """Repair what the dead actor served (a repair re-adopts a running container with a new
+        actor), once any operation under way on it has ended (that operation may settle it)."""
+        for sandbox_id in self._served_by(key):
+            while not self.closed:
+                entry = self.state.entry(sandbox_id)
+                if (entry is None or entry.actor is None or self.fleet.actor_key(entry.actor) != key
+                        or entry.state not in (SandboxState.SPARE, SandboxState.ACTIVE, SandboxState.WARM)):
+                    break
+                repair = self.repair(sandbox_id)
+                if repair is not None:
+                    logger.info("sandbox %s: its actor died; repairing it now", sandbox_id)
+                    await asyncio.shield(repair)
+                    break
+                await self.ops.wait(sandbox_id)
+
+    def stop_watching(self) -> None:
+        """At shutdown: the watches end (the actors are ended by the shutdown itself)."""
+        for watch in self._watches.values():
+            watch.cancel()
 
     # ── starting ───────────────────────────────────────────────────────────
 

@@ -316,6 +316,7 @@ class SandboxPool:
         for loop in self._loops:
             loop.cancel()
         life.closed = True  # acquires from here on are refused, nothing is topped up or repaired
+        life.stop_watching()
         await life.fleet.close()
         await self._reconciler.finish()
         await life.ops.drain()

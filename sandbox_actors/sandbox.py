@@ -126,6 +126,12 @@ class SandboxActor:
         runtime = self._runtime_or_raise()
         return runtime.idle_for(), runtime.inflight, runtime.dead_reason
 
+    async def watched(self, seconds: float) -> None:
+        """Returns after ``seconds``. The pool keeps one such call outstanding on every actor that
+        serves a sandbox: Ray fails it the moment this actor's process dies, so the pool hears of
+        the death then, not at its next reconcile pass."""
+        await asyncio.sleep(seconds)
+
     async def alive(self) -> bool:
         """A cheap check that the sandbox can serve (the pool asks before reclaiming a warm one)."""
         return self._runtime is not None and await self._runtime.alive()

@@ -246,6 +246,16 @@ def unexplained(first_failed: list, when: list) -> list:  # noqa: ANN001
     return [failure for failure in first_failed if not any(overlaps(failure, fault) for fault in when)]
 
 
+def last_fault_on(failure: list, when: list) -> str:
+    """The last fault (or end) on a failure's sandbox, actor or everything before it failed: what a
+    reader of an unexplained failure looks at first."""
+    before = [f for f in when if f[0] <= failure[1] and f[2] in ("*", failure[2], failure[3])]
+    if not before:
+        return "nothing"
+    last = max(before, key=lambda f: f[0])
+    return f"{last[1]} of {last[2]} at the acquire {last[0] - failure[0]:+.2f}s"
+
+
 def pool_containers(client, pool_name: str, all: bool = False) -> list[dict]:
     """The engine's list summaries (one call: a container removed meanwhile cannot fail it,
     as the per-container inspect of ``containers.list`` can)."""
@@ -338,7 +348,8 @@ def run(seed: int, duration: float) -> int:
             # What ended a sandbox on purpose explains a failure too: the other driver destroyed the
             # thread, or released it (parked warm for both) and the pool evicted it.
             ends = [e for r in results[:2] for e in r.get("ended", [])]
-            unexplained_failures = unexplained(first_failed, results[-1].get("when", []) + ends)
+            faults_and_ends = results[-1].get("when", []) + ends
+            unexplained_failures = unexplained(first_failed, faults_and_ends)
 
             deadline = time.monotonic() + 4 * config.reconcile_interval + 30
             view = snapshot(pool, client, config.namespace, config.pool_name)
@@ -374,7 +385,7 @@ def run(seed: int, duration: float) -> int:
           f"{len(unexplained_failures)}")
     for failure in unexplained_failures:
         print(f"    UNEXPLAINED: sandbox {failure[2]} (actor {failure[3]}) acquired at {failure[0]:.3f}, "
-              f"{failure[4]} at {failure[1]:.3f}")
+              f"{failure[4]} at {failure[1]:.3f}; before it: {last_fault_on(failure, faults_and_ends)}")
     print(f"  shutdown destroyed {shut.get('destroyed', 0)}, containers left {len(left)}, snapshot images left "
           f"{len(images_left)}, networks left {len(networks_left)}")
     leaks += len(left) + len(images_left) + len(networks_left)

@@ -171,6 +171,17 @@ class FakeFleet:
         container = self.boxes.get(actor.container_id or "")
         return actor.alive and container is not None and container.running
 
+    @staticmethod
+    def actor_key(actor: FakeActor) -> str:
+        return actor.name
+
+    async def outlives(self, actor: FakeActor, seconds: float) -> bool:
+        """As Ray fails a call on an actor that dies: False soon after ``alive`` goes False."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        while actor.alive and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.005)
+        return actor.alive
+
     async def describe(self, actor: FakeActor) -> dict[str, Any]:
         if not actor.alive:
             raise ActorGone("gone")

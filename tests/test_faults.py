@@ -15,7 +15,12 @@ import ray
 
 import sandbox_actors
 from sandbox_actors import BackendUnavailable, ResourceLimitExceeded, SandboxDied
-from tests.conftest import assert_no_actors_left, containers_of, wait_until
+from tests.conftest import (
+    assert_no_actors_left,
+    containers_of,
+    named_actors,
+    wait_until,
+)
 from tests.invariant import wait_for_invariant
 
 QUIESCE = 3.0  # reconcile interval of the test config (2 s) plus slack
@@ -38,6 +43,27 @@ def test_sigkill_actor_with_a_frozen_container_gets_a_fresh_sandbox(pool, config
     with pytest.raises(sandbox_actors.SandboxFileNotFound):
         fresh.read_file("/tmp/scratch.txt")
     wait_for_invariant(pool, docker_client, QUIESCE)
+
+
+def test_a_sigkilled_actor_is_replaced_before_anyone_calls_it(ray_address, config, docker_client):
+    """No reconcile pass runs (10 minutes apart) and no call on the dead actor reports it: the pool
+    hears of the death from Ray and re-adopts the container, so the next acquire is whole."""
+    client = sandbox_actors.connect(config.model_copy(update={"reconcile_interval": 600}))
+    try:
+        box = client.acquire("watched")
+        box.write_file("/tmp/left.txt", "in the container")
+        dead = ray.get(box.actor.describe.remote())
+        os.kill(dead["pid"], signal.SIGKILL)
+        assert wait_until(lambda: client.stats()["counters"].get("readopted") == 1, timeout=15), \
+            "the pool did not replace the dead actor on its own"
+        again = client.acquire("watched")  # an active sandbox: handed out without a check
+        assert again.sandbox_id == box.sandbox_id and again.info["actor_name"] != dead["actor_name"]
+        assert dead["actor_name"] not in named_actors()
+        assert again.info["container_id"] == box.info["container_id"]  # the same container, re-adopted
+        assert again.read_file("/tmp/left.txt") == "in the container"
+    finally:
+        client.shutdown()
+    assert_no_actors_left(config.pool_name)
 
 
 def test_docker_kill_is_a_typed_death_and_the_next_acquire_recreates(pool, config, docker_client):

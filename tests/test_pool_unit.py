@@ -300,3 +300,23 @@ def _no_ray():
     before = ray.is_initialized()  # a session of the Ray tests may run already
     yield
     assert ray.is_initialized() == before, "a unit test started Ray"
+
+
+def test_an_actor_that_dies_is_replaced_at_once_without_waiting_for_a_reconcile():
+    async def body():
+        pool, fleet = make()  # reconcile_interval=3600: no pass runs during the test
+        await pool.ping()
+        box = await pool.acquire("t1")
+        dead = fleet.actor_of(box.sandbox_id)
+        dead.alive = False  # SIGKILLed: nobody calls it, nothing reports it
+        for _ in range(200):
+            if pool._state.entry(box.sandbox_id).actor is not dead:
+                break
+            await asyncio.sleep(0.01)
+        again = await pool.acquire("t1")  # an active sandbox is handed out unchecked: it must be whole
+        assert again.sandbox_id == box.sandbox_id
+        assert again.actor is not dead and again.actor.alive
+        assert again.info["container_id"] == box.info["container_id"]  # its container re-adopted, not remade
+        assert pool._life.tally.counters["readopted"] == 1
+
+    run(body)
