@@ -323,12 +323,15 @@ class Fleet:
         return str(actor._actor_id.hex())
 
     async def outlives(self, actor: Any, seconds: float) -> bool:
-        """False as soon as Ray reports the actor dead; True once ``seconds`` have passed (or the
-        call went unanswered: a slow or unreachable node is the reconcile's to judge)."""
+        """False as soon as Ray reports the actor dead; True once ``seconds`` have passed, or when
+        the call went unanswered or Ray calls the actor unreachable for now (a slow or cut-off node
+        is the reconcile's to judge)."""
         try:
             await raycalls.call(actor.watched.remote(seconds), seconds + DESCRIBE_TIMEOUT, "watch")
-        except ActorGone:
-            return False
+        except ActorGone as exc:
+            if not raycalls.only_unreachable(exc):
+                return False
+            logger.debug("watched actor unreachable for now: %s", exc)
         except SandboxError as exc:
             logger.debug("watch of an actor ended without an answer: %s", exc)
         return True

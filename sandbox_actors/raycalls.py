@@ -53,6 +53,11 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def only_unreachable(exc: BaseException) -> bool:
+    """Whether an :class:`ActorGone` means unreachable for now (its node's link, say), not dead."""
+    return isinstance(exc.__cause__, ray.exceptions.ActorUnavailableError)
+
+
 async def call(ref: Awaitable[Any], timeout: float | None = None, what: str = "actor call") -> Any:
     """Await an ObjectRef with an optional deadline, raising our error types.
 
