@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -143,10 +144,12 @@ class SandboxPool:
     # ── acquire ────────────────────────────────────────────────────────────
 
     async def acquire(self, thread_id: str | None = None, request_id: str | None = None,
-                      snapshot: str | None = None) -> Lease:
+                      snapshot: str | None = None, known_actor: str | None = None) -> Lease:
         """The thread's sandbox: active, else reclaimed warm, else resumed, else a spare, else
         adopted or created. Anonymous (``thread_id`` None): a new sandbox, the same one again for
-        the same ``request_id``. With ``snapshot`` (a name): a new sandbox started from it.
+        the same ``request_id``. With ``snapshot`` (a name): a new sandbox started from it. When
+        its actor is ``known_actor`` (the caller holds that actor's handle already), the lease
+        comes without the handle: receiving one costs a caller ~2 ms, the rest of a hot acquire ~3.
 
         Raises:
             InvalidThreadId, PoolExhausted (retryable), PoolShutDown, BackendUnavailable (a destroy
@@ -162,6 +165,8 @@ class SandboxPool:
         got = await acquire(self._life, lambda: anonymous or self._sandbox_id(str(thread_id)), thread_id,
                             started + self._config.capacity_timeout, snapshot)
         self._life.tally.acquired(got.path, time.monotonic() - started)
+        if known_actor is not None and got.info.get("actor_name") == known_actor:
+            return dataclasses.replace(got, actor=None)
         return got
 
     async def resolve(self, thread_id: str) -> str:

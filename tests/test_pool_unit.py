@@ -320,3 +320,38 @@ def test_an_actor_that_dies_is_replaced_at_once_without_waiting_for_a_reconcile(
         assert pool._life.tally.counters["readopted"] == 1
 
     run(body)
+
+
+def test_an_acquire_naming_the_actor_it_holds_gets_no_handle_and_any_other_gets_one():
+    async def body():
+        pool, fleet = make()
+        await pool.ping()
+        first = await pool.acquire("t1")
+        name = first.info["actor_name"]
+        again = await pool.acquire("t1", None, None, name)  # the caller holds that handle already
+        assert again.actor is None and again.info["actor_name"] == name and again.path == "hot"
+        assert (await pool.acquire("t1", None, None, "sbx-some-other")).actor is first.actor
+        fleet.actor_of(first.sandbox_id).alive = False  # replaced: the name no longer matches
+        for _ in range(200):
+            if pool._state.entry(first.sandbox_id).actor is not first.actor:
+                break
+            await asyncio.sleep(0.01)
+        replaced = await pool.acquire("t1", None, None, name)
+        assert replaced.actor is not None and replaced.actor is not first.actor
+
+    run(body)
+
+
+def test_a_client_fills_in_the_handle_it_keeps_and_forgets_the_oldest():
+    from sandbox_actors.client import _KnownActors
+    from sandbox_actors.views import Lease
+
+    known = _KnownActors(size=2)
+    for thread in ("a", "b", "c"):
+        known.complete(thread, Lease(f"s-{thread}", thread, f"handle-{thread}", "cold", {"actor_name": f"n-{thread}"}),
+                       None)
+    assert known.get("a") is None and known.get("c") == ("n-c", "handle-c")  # at most 2 kept
+    held = known.get("b")
+    filled = known.complete("b", Lease("s-b", "b", None, "hot", {"actor_name": "n-b"}), held)
+    assert filled.actor == "handle-b"
+    assert known.get(None) is None  # anonymous sandboxes are never kept
