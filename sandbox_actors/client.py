@@ -366,6 +366,12 @@ class _KnownActors:
         self._size = size
         self._lock = threading.Lock()  # a client is used from many threads
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"size": self._size}  # a client that travels (in a handle, to a task) starts with none
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._handles, self._size, self._lock = OrderedDict(), state["size"], threading.Lock()
+
     def get(self, thread_id: str | None) -> tuple[str, Any] | None:
         if thread_id is None:
             return None

@@ -355,3 +355,7 @@ def test_a_client_fills_in_the_handle_it_keeps_and_forgets_the_oldest():
     filled = known.complete("b", Lease("s-b", "b", None, "hot", {"actor_name": "n-b"}), held)
     assert filled.actor == "handle-b"
     assert known.get(None) is None  # anonymous sandboxes are never kept
+    import pickle
+
+    travelled = pickle.loads(pickle.dumps(known))  # a handle sent to another task carries its client
+    assert travelled.get("b") is None and travelled._size == 2
