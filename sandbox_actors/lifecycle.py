@@ -366,8 +366,7 @@ class Lifecycle:
         await asyncio.to_thread(self.records.put_hibernated, sandbox_id, record)
         self.state.hibernated(sandbox_id)
         self.tally.count("hibernated")
-        logger.info("sandbox %s hibernated (container %s stopped, its actor ended or kept as a spare)", sandbox_id,
-                    record["container_name"])
+        logger.info("sandbox %s hibernated (container %s stopped, its actor ended or kept as a spare)", sandbox_id, record["container_name"])
         self.notify()
         self.top_up()
         return True
