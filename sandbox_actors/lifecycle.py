@@ -349,8 +349,7 @@ class Lifecycle:
         return self.ops.start(entry.sandbox_id, "hibernate", self._hibernate(entry))
 
     async def _hibernate(self, entry: Entry) -> bool:
-        """Stop the container (its filesystem stays), end the actor (or keep it as a wanted spare),
-        record the sandbox as hibernated."""
+        """Stop the container (its filesystem stays), end the actor, record the sandbox as hibernated."""
         sandbox_id = entry.sandbox_id
         try:
             await self.fleet.hibernate(entry.actor, sandbox_id, self._recycle_as(entry))
@@ -366,7 +365,7 @@ class Lifecycle:
         await asyncio.to_thread(self.records.put_hibernated, sandbox_id, record)
         self.state.hibernated(sandbox_id)
         self.tally.count("hibernated")
-        logger.info("sandbox %s hibernated (container %s stopped, its actor ended or kept as a spare)", sandbox_id, record["container_name"])
+        logger.info("sandbox %s hibernated (container %s stopped, actor ended)", sandbox_id, record["container_name"])
         self.notify()
         self.top_up()
         return True
