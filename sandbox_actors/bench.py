@@ -396,25 +396,21 @@ class Bench:
             finally:
                 await backend.close()
 
-        sleep, wake, freed, kept = [], [], [], 0
+        sleep, wake, freed = [], [], []
         for i in range(self.n):
             box = pool.acquire(f"sleeper-{i}")
             box.exec("echo kept > /tmp/kept.txt")
             pid = ray.get(box.actor.describe.remote())["pid"]
             in_container = asyncio.run(container_mb(box.sandbox_id)) or 0.0
-            actor_mb = psutil.Process(pid).memory_full_info().uss / 2**20
+            held = psutil.Process(pid).memory_full_info().uss / 2**20 + in_container
             sleep.append(self._timed(lambda: pool.hibernate(box))[1])
-            # An actor kept as a wanted spare frees nothing of its own (a new spare would take as much).
-            recycled = _serves_nothing(box.actor)
-            kept += recycled
-            freed.append(in_container + (0.0 if recycled else actor_mb))
+            freed.append(held)
             again, seconds = self._timed(lambda: pool.acquire(f"sleeper-{i}"))
             assert again.path == "resumed" and again.read_file("/tmp/kept.txt").strip() == "kept", again.path
             wake.append(seconds)
             pool.destroy(again)
         self.results["hibernate"], self.results["resume"] = summarize(sleep), summarize(wake)
         self.results["hibernate_frees_mb"] = round(sorted(freed)[len(freed) // 2], 1)
-        self.results["hibernate_actors_kept"] = kept
 
         source = pool.acquire("snapshot-source")
         source.exec("echo prepared > /tmp/env.txt")
@@ -515,16 +511,6 @@ class Bench:
         return self.results
 
 
-def _serves_nothing(actor: Any) -> bool:
-    """Whether a sandbox's actor, just hibernated, lives on as a spare (False: it ended)."""
-    import ray
-
-    try:
-        return ray.get(actor.describe.remote(), timeout=10)["sandbox_id"] is None
-    except ray.exceptions.RayActorError:
-        return False
-
-
 def _trivial_actor() -> Any:
     """A remote class that imports nothing of ours (defined here, it travels by value)."""
     import ray
@@ -606,9 +592,7 @@ def table(results: dict[str, Any]) -> str:
                                             "pool_sandboxes", "hibernate_frees_mb", "snapshot_image_mb")
               if results.get(k) is not None]
     if memory:
-        lines.append("memory (MB): " + ", ".join(memory)
-                     + (f" ({results['hibernate_actors_kept']} hibernated sandboxes' actors kept as wanted spares)"
-                        if results.get("hibernate_actors_kept") else ""))
+        lines.append("memory (MB): " + ", ".join(memory))
     if results.get("scale"):
         s = results["scale"]
         lines.append(f"scale: {s['ok']}/{s['n']} sandboxes started, {s['still_ok']}/{s['n']} answering "
