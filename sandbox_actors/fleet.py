@@ -14,7 +14,6 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import raycalls, spawn
@@ -230,20 +229,14 @@ class Fleet:
             self._config.readiness_timeout + 120 + (IMAGE_TIMEOUT if image else 0), f"starting sandbox {sandbox_id}",
         )
 
-    async def hibernate(self, actor: Any, sandbox_id: str, recycle_as: tuple[str, str] | None = None
-                        ) -> dict[str, Any]:
-        """Have the actor stop its container, keeping the filesystem; then end the actor or, as
-        :meth:`stop` does, keep it as a spare (a resume on its node then starts no worker).
+    async def hibernate(self, actor: Any, sandbox_id: str) -> dict[str, Any]:
+        """Have the actor stop its container, keeping the filesystem (then end the actor).
 
         Raises:
             ActorGone: the actor is gone; BackendUnavailable: the engine did not stop it.
         """
-        info, recycle = await self._end_or_keep(
-            actor, recycle_as,
-            lambda keep: raycalls.call(actor.hibernate.remote(keep), STOP_TIMEOUT, f"hibernate {sandbox_id}"),
-        )
-        if not (recycle and recycle_as is not None and self._keep(actor, recycle_as)):
-            raycalls.kill(actor)
+        info = await raycalls.call(actor.hibernate.remote(), STOP_TIMEOUT, f"hibernate {sandbox_id}")
+        raycalls.kill(actor)
         return info
 
     async def snapshot(self, actor: Any, sandbox_id: str, image: str, labels: dict[str, str]) -> dict[str, Any]:
@@ -367,38 +360,23 @@ class Fleet:
             ActorGone: the actor is gone (its container may still exist).
             BackendUnavailable: the engine did not answer; nothing was removed.
         """
-        stopped, recycle = await self._end_or_keep(
-            actor, recycle_as,
-            lambda keep: raycalls.call(actor.stop.remote(sandbox_id, keep), STOP_TIMEOUT, f"stop {sandbox_id}"),
-        )
+        # Not with node slots (ray.resources): a stop may be what frees a slot another sandbox waits for.
+        recycle = recycle_as is not None and not self._config.ray.resources and not self._closed and self._wants_spare()
+        if recycle and recycle_as is not None:
+            self._launching[recycle_as[0]] = actor  # serving nothing for a moment: reconcile must keep it
+        try:
+            stopped = await raycalls.call(actor.stop.remote(sandbox_id, recycle), STOP_TIMEOUT, f"stop {sandbox_id}")
+        finally:
+            if recycle and recycle_as is not None:
+                self._launching.pop(recycle_as[0], None)
         if stopped is None:
             return True  # it serves another sandbox now (kept for it after this one's stop): leave it be
-        if recycle and stopped and recycle_as is not None and self._keep(actor, recycle_as):
+        if recycle and stopped and recycle_as is not None and not self._closed:
+            self._recycled_at = time.monotonic()
+            self._hand_over(actor, *recycle_as)
             return True
         raycalls.kill(actor)
         return bool(stopped)
-
-    async def _end_or_keep(self, actor: Any, recycle_as: tuple[str, str] | None,
-                           call: Callable[[bool], Awaitable[Any]]) -> tuple[Any, bool]:
-        """``call(keep)``, the actor's last act for its sandbox, with ``keep`` True when the actor
-        is to stay as a spare afterwards; returns (its answer, keep)."""
-        # Not with node slots (ray.resources): a stop may be what frees a slot another sandbox waits for.
-        keep = recycle_as is not None and not self._config.ray.resources and not self._closed and self._wants_spare()
-        if keep and recycle_as is not None:
-            self._launching[recycle_as[0]] = actor  # serving nothing for a moment: reconcile must keep it
-        try:
-            return await call(keep), keep
-        finally:
-            if keep and recycle_as is not None:
-                self._launching.pop(recycle_as[0], None)
-
-    def _keep(self, actor: Any, recycle_as: tuple[str, str]) -> bool:
-        """Make an actor that serves nothing now a spare; False when the pool is closing."""
-        if self._closed:
-            return False
-        self._recycled_at = time.monotonic()
-        self._hand_over(actor, *recycle_as)
-        return True
 
     def _wants_spare(self) -> bool:
         """Whether a start waits for a spare, or the spares (with those coming) are short of the target."""

@@ -352,7 +352,7 @@ class Lifecycle:
         """Stop the container (its filesystem stays), end the actor, record the sandbox as hibernated."""
         sandbox_id = entry.sandbox_id
         try:
-            await self.fleet.hibernate(entry.actor, sandbox_id, self._recycle_as(entry))
+            await self.fleet.hibernate(entry.actor, sandbox_id)
         except SandboxError as exc:
             self.state.hibernate_failed(sandbox_id)
             self.notify()
@@ -397,16 +397,12 @@ class Lifecycle:
     async def _remove(self, entry: Entry) -> bool:
         if entry.actor is not None:
             try:
-                return await self.fleet.stop(entry.actor, entry.sandbox_id, self._recycle_as(entry))
+                name, node = entry.info.get("actor_name"), entry.info.get("node_id")
+                return await self.fleet.stop(entry.actor, entry.sandbox_id,
+                                             (name, node) if name and node else None)
             except ActorGone:
                 pass  # its container may outlive it: remove that directly
         return await self.fleet.remove_everywhere(entry.sandbox_id, entry.container_id, entry.info.get("engine_id"))
-
-    @staticmethod
-    def _recycle_as(entry: Entry) -> tuple[str, str] | None:
-        """What the fleet needs to keep a sandbox's actor as a spare after it: (name, node)."""
-        name, node = entry.info.get("actor_name"), entry.info.get("node_id")
-        return (name, node) if name and node else None
 
     def _forget_records(self, sandbox_id: str, spare: bool) -> None:
         self.records.clear_doomed(sandbox_id)

@@ -101,16 +101,9 @@ class SandboxActor:
         logger.info("image %s fetched from another node's engine: %d bytes in %.1fs", image, len(archive),
                     time.monotonic() - began)
 
-    async def hibernate(self, recycle: bool = False) -> dict[str, Any]:
-        """Stop the container, keeping its filesystem. The pool then ends this actor, or, with
-        ``recycle``, keeps it as a spare (as :meth:`stop` does): calls naming the hibernated
-        sandbox are refused from now on; a new actor resumes it."""
-        runtime = self._runtime_or_raise()
-        info = await runtime.hibernate()
-        if recycle:
-            self._runtime, self._reported_dead, self._fetched = None, False, None
-            logger.info("actor %s: sandbox %s hibernated; waiting for another", self._name, runtime.sandbox_id)
-        return info
+    async def hibernate(self) -> dict[str, Any]:
+        """Stop the container, keeping its filesystem; the pool then ends this actor."""
+        return await self._runtime_or_raise().hibernate()
 
     async def snapshot(self, image: str, labels: Mapping[str, str]) -> dict[str, Any]:
         """Save the container's filesystem as ``image`` (a snapshot); returns its id and size."""
@@ -189,12 +182,11 @@ class SandboxActor:
         never reach the new one.
 
         Raises:
-            SandboxDied: this actor does not serve ``sandbox_id`` (it was destroyed or hibernated).
+            SandboxDied: this actor does not serve ``sandbox_id`` (it was destroyed).
         """
         runtime = self._runtime
         if runtime is None or runtime.sandbox_id != sandbox_id:
-            raise SandboxDied(f"sandbox {sandbox_id} is no longer served here (destroyed or hibernated); acquire "
-                              "the thread again")
+            raise SandboxDied(f"sandbox {sandbox_id} is gone (destroyed); acquire the thread again")
         return runtime
 
     async def _still_serves(self, name: str, sandbox_id: str) -> bool:

@@ -213,8 +213,7 @@ class FakeFleet:
         actor.alive = False
         return True
 
-    async def hibernate(self, actor: FakeActor, sandbox_id: str, recycle_as: tuple[str, str] | None = None
-                        ) -> dict[str, Any]:
+    async def hibernate(self, actor: FakeActor, sandbox_id: str) -> dict[str, Any]:
         await self._pass("hibernate")
         if not actor.alive:
             raise ActorGone("gone")

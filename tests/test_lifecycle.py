@@ -41,13 +41,6 @@ def _state_of(client, thread: str) -> dict | None:
     return next((r for r in client.list() if r["thread_id"] == thread), None)
 
 
-def _serves_nothing(actor) -> bool:
-    try:
-        return ray.get(actor.describe.remote(), timeout=10)["sandbox_id"] is None
-    except ray.exceptions.RayActorError:
-        return True  # ended
-
-
 def test_a_hibernated_sandbox_resumes_with_everything_the_agent_left(ray_address, config, docker_client):
     client = sandbox_actors.connect(config.model_copy(update={"idle_action": "hibernate"}))
     try:
@@ -59,17 +52,15 @@ def test_a_hibernated_sandbox_resumes_with_everything_the_agent_left(ray_address
         assert client.hibernate("sleeper")
         container = docker_client.containers.get(box.info["container_id"])
         assert container.status == "exited"  # stopped, filesystem kept: it holds no memory
-        # Its actor ended (its memory came back), or, when the pool wanted a spare actor, it serves
-        # nothing now and waits as one (the memory a new spare would have taken).
-        assert wait_until(lambda: _serves_nothing(box.actor), timeout=10)
-        if actor_name not in named_actors("sbx-"):
-            assert wait_until(lambda: not Path(f"/proc/{actor_pid}").exists(), timeout=10)
+        assert wait_until(lambda: actor_name not in named_actors("sbx-"), timeout=10)
+        assert wait_until(lambda: not Path(f"/proc/{actor_pid}").exists(), timeout=10)  # its memory came back
         row = _state_of(client, "sleeper")
         assert row["state"] == "hibernated" and row["hibernated_s"] is not None
         with pytest.raises(sandbox_actors.SandboxDied):
             box.exec("true")  # the old handle is spent
         again = client.acquire("sleeper")
         assert again.path == "resumed" and again.info["container_id"] == box.info["container_id"]
+        assert again.info["actor_name"] != actor_name
         assert again.exec(CHECK).output.strip() == LEFT
         assert again.read_file(f"{WORKSPACE}/mounted.txt") == "on the host"
         counters = client.stats()["counters"]
