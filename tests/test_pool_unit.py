@@ -38,6 +38,14 @@ def run(test):  # noqa: ANN001, ANN201
     return asyncio.run(asyncio.wait_for(test(), 10))
 
 
+async def _until_replaced(pool: SandboxPool, sandbox_id: str, dead: object) -> None:
+    """Until the pool has given the sandbox another actor than ``dead`` (2 s at most)."""
+    for _ in range(200):
+        if pool._state.entry(sandbox_id).actor is not dead:
+            return
+        await asyncio.sleep(0.01)
+
+
 def test_building_a_pool_starts_nothing():
     pool, fleet = make()  # no event loop here: a constructor with side effects would fail or schedule work
     assert pool._started is None and fleet.actors == {}
@@ -309,10 +317,7 @@ def test_an_actor_that_dies_is_replaced_at_once_without_waiting_for_a_reconcile(
         box = await pool.acquire("t1")
         dead = fleet.actor_of(box.sandbox_id)
         dead.alive = False  # SIGKILLed: nobody calls it, nothing reports it
-        for _ in range(200):
-            if pool._state.entry(box.sandbox_id).actor is not dead:
-                break
-            await asyncio.sleep(0.01)
+        await _until_replaced(pool, box.sandbox_id, dead)
         again = await pool.acquire("t1")  # an active sandbox is handed out unchecked: it must be whole
         assert again.sandbox_id == box.sandbox_id
         assert again.actor is not dead and again.actor.alive
@@ -332,10 +337,7 @@ def test_an_acquire_naming_the_actor_it_holds_gets_no_handle_and_any_other_gets_
         assert again.actor is None and again.info["actor_name"] == name and again.path == "hot"
         assert (await pool.acquire("t1", None, None, "sbx-some-other")).actor is first.actor
         fleet.actor_of(first.sandbox_id).alive = False  # replaced: the name no longer matches
-        for _ in range(200):
-            if pool._state.entry(first.sandbox_id).actor is not first.actor:
-                break
-            await asyncio.sleep(0.01)
+        await _until_replaced(pool, first.sandbox_id, first.actor)
         replaced = await pool.acquire("t1", None, None, name)
         assert replaced.actor is not None and replaced.actor is not first.actor
 
