@@ -53,6 +53,11 @@ async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id:
             state.want_back(sandbox_id)  # an idle stop under way is called off, if it still can be
             await life.ops.wait(sandbox_id)
             continue
+        if sandbox_id in life.deaths:  # reported dead while an operation was under way: repaired first
+            repair = life.repair(sandbox_id)
+            if repair is not None:
+                await asyncio.shield(repair)
+            continue
         decision = state.acquire(sandbox_id, thread_id, busy=life.ops.busy(), image=snapshot)
         if isinstance(decision, Acquired):
             life.tally.count("acquired_hot")

@@ -82,6 +82,7 @@ class Lifecycle:
         self.closed = False
         self.snapshot_records: dict[str, dict[str, Any]] = {}  # snapshot name -> its record (as in Ray's KV)
         self._watches: dict[str, asyncio.Task[None]] = {}  # actor key -> the watch on it
+        self.deaths: set[str] = set()  # sandboxes reported dead whose repair has not begun yet
 
     def notify(self) -> None:
         """The state changed: wake whoever waits on it, and watch any actor newly serving a sandbox."""
@@ -119,20 +120,28 @@ class Lifecycle:
                 if e.actor is not None and self.fleet.actor_key(e.actor) == key]
 
     async def _actor_died(self, key: str) -> None:
-        """Repair what the dead actor served (a repair re-adopts a running container with a new
-        actor), once any operation under way on it has ended (that operation may settle it)."""
+        """Repair what the dead actor served (a repair re-adopts a running container with a new actor)."""
         for sandbox_id in self._served_by(key):
-            while not self.closed:
-                entry = self.state.entry(sandbox_id)
-                if (entry is None or entry.actor is None or self.fleet.actor_key(entry.actor) != key
-                        or entry.state not in (SandboxState.SPARE, SandboxState.ACTIVE, SandboxState.WARM)):
-                    break
-                repair = self.repair(sandbox_id)
-                if repair is not None:
-                    logger.info("sandbox %s: its actor died; repairing it now", sandbox_id)
-                    await asyncio.shield(repair)
-                    break
-                await self.ops.wait(sandbox_id)
+            logger.info("sandbox %s: its actor died; repairing it", sandbox_id)
+            self.died(sandbox_id)
+
+    def died(self, sandbox_id: str) -> None:
+        """Its actor, a client or the engine says the sandbox died: repair it now, or, when another
+        operation is under way on it, as soon as that ends. Never dropped: an operation that looked
+        before the death may end believing it whole, and an active sandbox is handed out unchecked."""
+        entry = self.state.entry(sandbox_id)
+        if entry is None or entry.state not in (SandboxState.SPARE, SandboxState.ACTIVE, SandboxState.WARM):
+            return  # starting (its start settles it), being stopped, doomed, or unknown
+        if self.repair(sandbox_id) is None and not self.closed and sandbox_id not in self.deaths:
+            self.deaths.add(sandbox_id)  # an acquire repairs it before handing it out (see acquire)
+            self.fleet.later(self._repair_after(sandbox_id))
+
+    async def _repair_after(self, sandbox_id: str) -> None:
+        while sandbox_id in self.deaths and not self.closed:
+            await self.ops.wait(sandbox_id)
+            if self.ops.get(sandbox_id) is None:
+                self.deaths.discard(sandbox_id)
+                self.died(sandbox_id)  # if still one to act on
 
     def stop_watching(self) -> None:
         """At shutdown: the watches end (the actors are ended by the shutdown itself)."""
@@ -426,7 +435,7 @@ class Lifecycle:
         for entry, version in candidates:
             report = reports[entry.sandbox_id]
             if isinstance(report, ActorGone):
-                self.repair(entry.sandbox_id)
+                self.died(entry.sandbox_id)
                 continue
             if isinstance(report, BaseException):
                 logger.warning("sandbox %s did not report activity: %s", entry.sandbox_id, report)
@@ -445,6 +454,7 @@ class Lifecycle:
         None when another operation is under way on it (it will be looked at again after)."""
         if self.ops.get(sandbox_id) is not None or self.closed:
             return None
+        self.deaths.discard(sandbox_id)  # whatever was reported, this repair looks afresh
         return self.ops.start(sandbox_id, "repair", self._repair(sandbox_id, handle))
 
     async def _repair(self, sandbox_id: str, handle: Any) -> str:

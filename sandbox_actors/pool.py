@@ -252,11 +252,9 @@ class SandboxPool:
     async def report_dead(self, sandbox_id: str, container_id: str | None = None) -> None:
         """A SandboxActor, a client or the engine's events say this sandbox died: repair it now."""
         entry = self._state.entry(sandbox_id)
-        if entry is None or entry.state not in (SandboxState.SPARE, SandboxState.ACTIVE, SandboxState.WARM):
-            return  # starting, being stopped, doomed, or unknown: not a death to act on
-        if container_id and entry.container_id and container_id != entry.container_id:
+        if entry is not None and container_id and entry.container_id and container_id != entry.container_id:
             return  # an older container of the same sandbox
-        self._life.repair(sandbox_id)
+        self._life.died(sandbox_id)
 
     # ── views ──────────────────────────────────────────────────────────────
 

@@ -258,7 +258,9 @@ class FakeFleet:
     async def containers(self, engines: dict[str, Any]) -> tuple[list[ContainerView], set[str]]:
         if self.engine_down or self.engine_lost:
             return [], set()
-        return [c.view() for c in self.boxes.values()], {ENGINE}
+        seen = [c.view() for c in self.boxes.values()]
+        await self._pass("containers")  # a gate here holds what was seen before anything changed
+        return seen, {ENGINE}
 
     async def remove(self, engines: dict[str, Any], container: ContainerView) -> bool:
         if self.engine_down:

@@ -327,6 +327,26 @@ def test_an_actor_that_dies_is_replaced_at_once_without_waiting_for_a_reconcile(
     run(body)
 
 
+def test_a_death_reported_while_another_operation_is_under_way_is_repaired_after_it():
+    async def body():
+        pool, fleet = make()  # reconcile_interval=3600: no pass would find the death later
+        await pool.ping()
+        box = await pool.acquire("t1")
+        fleet.gate("containers")
+        looking = pool._life.repair(box.sandbox_id)  # has seen the container running, not yet decided
+        await fleet.entered("containers")
+        fleet.kill_container(box.sandbox_id)
+        await pool.report_dead(box.sandbox_id, box.info["container_id"])  # the engine's death event
+        fleet.open("containers")
+        assert await looking == "healthy"  # what it saw was whole
+        again = await pool.acquire("t1")  # an active sandbox is handed out unchecked: it must run
+        assert again.info["container_id"] != box.info["container_id"]
+        assert fleet.boxes[again.info["container_id"]].running
+        assert box.info["container_id"] not in fleet.boxes  # the dead one was removed
+
+    run(body)
+
+
 def test_an_acquire_naming_the_actor_it_holds_gets_no_handle_and_any_other_gets_one():
     async def body():
         pool, fleet = make()
