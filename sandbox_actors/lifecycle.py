@@ -133,6 +133,8 @@ class Lifecycle:
         if entry is None or entry.state not in (SandboxState.SPARE, SandboxState.ACTIVE, SandboxState.WARM):
             return  # starting (its start settles it), being stopped, doomed, or unknown
         if self.repair(sandbox_id) is None and not self.closed and sandbox_id not in self.deaths:
+            logger.info("sandbox %s reported dead during its %s; repairing it when that ends", sandbox_id,
+                        self.ops.kind(sandbox_id))
             self.deaths.add(sandbox_id)  # an acquire repairs it before handing it out (see acquire)
             self.fleet.later(self._repair_after(sandbox_id))
 
