@@ -32,12 +32,15 @@ CLAIM_TIMEOUT = 10.0
 WATCH_SECONDS = 300.0  # how long one watch call on an actor lasts (the pool calls again while it needs the actor)
 BURST_WINDOW = 2.0  # new sandboxes asked for within this many seconds count as one burst
 REFILL_BATCH = 2  # spare actors started at once (each start is ~1 s of a core)
-# Spare actors started at once for starts waiting for one while destroyed sandboxes' actors are
-# being kept as spares (one did within RECYCLE_WINDOW s): those serve waiting starts sooner than a
-# new worker process, whose start is ~1 s of a core. Otherwise (a burst) one for each waiting start.
-WAITER_SPAWNS = 4
+# While destroyed sandboxes' actors are being kept as spares (the last one within RECYCLE_WINDOW
+# s), a start waiting for a spare waits for the next of them and none is started for it: that one
+# usually comes sooner than a new worker process, whose start is ~1 s of a core (on a busy node, a
+# worker start per waiting start costs more CPU than the sandboxes themselves, and the queue grows
+# without end). Otherwise (a burst, or the flow stopped) one is started for each waiting start, at
+# once or at the next WAITER_RECHECK.
+WAITER_RECHECK = 0.5
 OWNER_GRACE = 30.0  # seconds past readiness_timeout to wait for another actor's start of a sandbox
-RECYCLE_WINDOW = 10.0
+RECYCLE_WINDOW = 2.0
 SPARE_BYTES = 60 * 2**20  # what an idle SandboxActor holds (USS), for the memory bound
 SPARE_MEMORY_SHARE = 0.25  # learned spares take at most this share of the free memory
 
@@ -87,10 +90,10 @@ def available_memory() -> int | None:
 
 def waiter_spawns(waiting: int, starting: int, since_recycle: float) -> int:
     """How many more spare actors to start for ``waiting`` starts waiting for one, with
-    ``starting`` under way: one each, but at most ``WAITER_SPAWNS`` under way while destroyed
-    sandboxes' actors are being kept as spares (one was ``since_recycle`` seconds ago)."""
+    ``starting`` under way: one each, but none while destroyed sandboxes' actors are being kept
+    as spares (the last ``since_recycle`` seconds ago): the waiting starts get those."""
     if since_recycle < RECYCLE_WINDOW:
-        waiting = min(waiting, WAITER_SPAWNS)
+        return 0
     return max(0, waiting - starting)
 
 
@@ -191,7 +194,9 @@ class Fleet:
         self._waiting.append(waiter)
         self.refill()
         try:
-            return await waiter
+            while not (await asyncio.wait([waiter], timeout=WAITER_RECHECK))[0]:
+                self.refill()  # the destroyed sandboxes' actors may have stopped coming
+            return waiter.result()
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 actor, name, node = waiter.result()  # handed over as we were cancelled: a spare again
@@ -396,9 +401,8 @@ class Fleet:
     # ── spare actors ──────────────────────────────────────────────────────
 
     def refill(self) -> None:
-        """Start a spare for each start waiting for one, at once (while destroyed sandboxes' actors
-        are being kept as spares, up to ``WAITER_SPAWNS`` under way: the next waiting start gets
-        whichever spare is ready first); then, in the background, top the spares up to
+        """Start a spare for each start waiting for one, at once (unless destroyed sandboxes' actors
+        are being kept as spares: the waiting starts get those); then, in the background, top the spares up to
         :meth:`spare_target` or end the learned ones past it."""
         if self._closed:
             self._fail_waiters()

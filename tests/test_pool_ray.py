@@ -117,6 +117,30 @@ def test_different_threads_start_in_parallel(ray_address, config, docker_client,
     assert_no_actors_left(config.pool_name)
 
 
+def test_new_threads_right_after_a_destroy_are_not_left_waiting_for_its_actor(ray_address, config):
+    # While destroyed sandboxes' actors are being handed to waiting starts, the pool starts no
+    # worker for them. When no more are destroyed, the waiting starts must get workers of their
+    # own (no idle or reconcile pass here to start any: both come once an hour).
+    client = sandbox_actors.connect(config.model_copy(update={
+        "spare_actors": 0, "spare_actors_max": 0, "replicas": 10, "idle_check_interval": 3600,
+        "reconcile_interval": 3600}))
+    workers = ThreadPoolExecutor(4)
+    try:
+        first = client.acquire("fed-0")
+        waiting = workers.submit(client.acquire, "fed-1")  # waits for an actor: one is started
+        time.sleep(0.3)
+        client.destroy(first)  # its actor goes to the waiting start
+        waiting.result(timeout=60)
+        later = [workers.submit(client.acquire, f"fed-{i}") for i in (2, 3, 4)]  # nothing destroyed now
+        boxes = [f.result(timeout=30) for f in later]
+        assert client.stats()["counters"]["created"] == 5
+        assert [box.exec("echo ok").output.strip() for box in boxes] == ["ok"] * 3
+    finally:
+        client.shutdown()  # ends any acquire still waiting
+        workers.shutdown()
+    assert_no_actors_left(config.pool_name)
+
+
 @pytest.fixture
 def small_pool(ray_address, config):
     client = sandbox_actors.connect(config.model_copy(update={"replicas": 2}))
