@@ -32,15 +32,18 @@ CLAIM_TIMEOUT = 10.0
 WATCH_SECONDS = 300.0  # how long one watch call on an actor lasts (the pool calls again while it needs the actor)
 BURST_WINDOW = 2.0  # new sandboxes asked for within this many seconds count as one burst
 REFILL_BATCH = 2  # spare actors started at once (each start is ~1 s of a core)
-# While destroyed sandboxes' actors are being kept as spares (the last one within RECYCLE_WINDOW
-# s), a start waiting for a spare waits for the next of them and none is started for it: that one
+# While destroyed sandboxes' actors are being kept as spares (the last one within RECYCLE_GAP s), a
+# start waiting for a spare waits for the next of them and none is started for it: that one
 # usually comes sooner than a new worker process, whose start is ~1 s of a core (on a busy node, a
 # worker start per waiting start costs more CPU than the sandboxes themselves, and the queue grows
-# without end). Otherwise (a burst, or the flow stopped) one is started for each waiting start, at
-# once or at the next WAITER_RECHECK.
+# without end). When they pause (the last within RECYCLE_WINDOW s), at most WAITER_SPAWNS are
+# started at once for the waiting starts; otherwise (a burst, or nothing destroyed lately) one for
+# each. A waiting start asks again every WAITER_RECHECK s.
+RECYCLE_GAP = 2.0
+RECYCLE_WINDOW = 10.0
+WAITER_SPAWNS = 2
 WAITER_RECHECK = 0.5
 OWNER_GRACE = 30.0  # seconds past readiness_timeout to wait for another actor's start of a sandbox
-RECYCLE_WINDOW = 2.0
 SPARE_BYTES = 60 * 2**20  # what an idle SandboxActor holds (USS), for the memory bound
 SPARE_MEMORY_SHARE = 0.25  # learned spares take at most this share of the free memory
 
@@ -90,10 +93,13 @@ def available_memory() -> int | None:
 
 def waiter_spawns(waiting: int, starting: int, since_recycle: float) -> int:
     """How many more spare actors to start for ``waiting`` starts waiting for one, with
-    ``starting`` under way: one each, but none while destroyed sandboxes' actors are being kept
-    as spares (the last ``since_recycle`` seconds ago): the waiting starts get those."""
-    if since_recycle < RECYCLE_WINDOW:
+    ``starting`` under way: one each; but none while destroyed sandboxes' actors are being kept
+    as spares (the last ``since_recycle`` seconds ago: the waiting starts get those), and at most
+    ``WAITER_SPAWNS`` under way when they paused only lately."""
+    if since_recycle < RECYCLE_GAP:
         return 0
+    if since_recycle < RECYCLE_WINDOW:
+        waiting = min(waiting, WAITER_SPAWNS)
     return max(0, waiting - starting)
 
 
@@ -185,7 +191,8 @@ class Fleet:
         return actor, name, spare
 
     async def _next_spare(self) -> tuple[Any, str, str]:
-        """The next spare actor to become ready (one is started for this wait).
+        """The next spare actor to become ready (one is started for this wait, unless destroyed
+        sandboxes' actors are coming: see :func:`waiter_spawns`).
 
         Raises:
             SandboxError: the spare started for it failed (the caller starts an actor of its own).
@@ -204,6 +211,7 @@ class Fleet:
                 self._spares.append((actor, name, node))
             raise
         finally:
+            waiter.cancel()  # a no-op once it has its actor; else nobody may hand it one now
             with contextlib.suppress(ValueError):
                 self._waiting.remove(waiter)
 

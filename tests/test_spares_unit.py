@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from sandbox_actors.config import SandboxConfig
 from sandbox_actors.fleet import (
+    RECYCLE_GAP,
     RECYCLE_WINDOW,
     SPARE_BYTES,
+    WAITER_SPAWNS,
     Demand,
     spare_target,
     waiter_spawns,
@@ -74,9 +76,13 @@ def test_starts_waiting_for_a_spare_get_one_each_unless_destroyed_sandboxes_feed
     # A burst (no sandbox destroyed lately): a spare for each waiting start, minus those coming.
     assert waiter_spawns(waiting=30, starting=0, since_recycle=never) == 30
     assert waiter_spawns(waiting=30, starting=12, since_recycle=never) == 18
-    # Sandboxes destroyed meanwhile hand their actors over: no new worker while they do.
+    # Sandboxes destroyed meanwhile hand their actors over: no new worker while they do,
     assert waiter_spawns(waiting=30, starting=0, since_recycle=0.1) == 0
-    assert waiter_spawns(waiting=2, starting=0, since_recycle=RECYCLE_WINDOW - 0.1) == 0
-    # ... and once they stop coming, one for each again.
+    assert waiter_spawns(waiting=2, starting=0, since_recycle=RECYCLE_GAP - 0.1) == 0
+    # a few when they paused only lately,
+    assert waiter_spawns(waiting=30, starting=0, since_recycle=RECYCLE_GAP + 0.1) == WAITER_SPAWNS
+    assert waiter_spawns(waiting=30, starting=WAITER_SPAWNS, since_recycle=RECYCLE_GAP + 0.1) == 0
+    assert waiter_spawns(waiting=1, starting=0, since_recycle=RECYCLE_WINDOW - 0.1) == 1
+    # and once they stopped, one for each again.
     assert waiter_spawns(waiting=30, starting=0, since_recycle=RECYCLE_WINDOW + 0.1) == 30
     assert waiter_spawns(waiting=0, starting=3, since_recycle=never) == 0
