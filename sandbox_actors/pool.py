@@ -37,7 +37,7 @@ from .lifecycle import Lifecycle, lease
 from .metrics import PoolMetrics, Tally
 from .reconciler import Reconciler
 from .records import PoolRecords
-from .state import PoolState, SandboxState
+from .state import PoolState
 from .threads import anonymous_sandbox_id, sandbox_id_for, validate_thread_id
 from .views import Lease
 
