@@ -121,9 +121,13 @@ class Lifecycle:
 
     async def _actor_died(self, key: str) -> None:
         """Repair what the dead actor served (a repair re-adopts a running container with a new actor)."""
-        for sandbox_id in self._served_by(key):
+        served = self._served_by(key)
+        for sandbox_id in served:
             logger.info("sandbox %s: its actor died; repairing it", sandbox_id)
             self.died(sandbox_id)
+        for sandbox_id in served:
+            # Until then this watch stays registered, so no second one starts on the dead actor.
+            await self.ops.wait(sandbox_id)
 
     def died(self, sandbox_id: str) -> None:
         """Its actor, a client or the engine says the sandbox died: repair it now, or, when another
