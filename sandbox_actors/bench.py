@@ -103,9 +103,16 @@ class Bench:
                 await measure(backend)
             finally:  # also when interrupted: nothing of the floor stays behind
                 await asyncio.gather(*self._engine_calls, return_exceptions=True)
-                for record in await backend.list(pool):
-                    await backend.destroy(record.sandbox_id)
-                await backend.teardown(pool)
+                # The engine may still count a container just removed as on the network ("active
+                # endpoints") for a moment: ask again until the network is gone (10 s at most).
+                for _ in range(50):
+                    for record in await backend.list(pool):
+                        await backend.destroy(record.sandbox_id)
+                    await backend.teardown(pool)
+                    network = backend.network(pool)
+                    if not network.policy.networked or not await asyncio.to_thread(network.exists):
+                        break
+                    await asyncio.sleep(0.2)
                 await backend.close()
 
         async def measure(backend: Any) -> None:
