@@ -49,7 +49,10 @@ async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id:
         operation = life.ops.get(sandbox_id)
         if operation is not None:
             if operation.kind == "start":  # a start of this very sandbox: share its outcome
-                return await asyncio.shield(operation.task)
+                started = await asyncio.shield(operation.task)
+                if _untouched(life, sandbox_id):
+                    return started
+                continue  # e.g. its container died as it started: repaired (replaced) first
             state.want_back(sandbox_id)  # an idle stop under way is called off, if it still can be
             await life.ops.wait(sandbox_id)
             continue
@@ -91,8 +94,16 @@ async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id:
             if decision.over_soft_cap:
                 logger.warning("all %d replica slots are in use; creating sandbox %s beyond the soft limit",
                                config.replicas, sandbox_id)
-            return await asyncio.shield(life.create(decision.entry))
+            started = await asyncio.shield(life.create(decision.entry))
+            if _untouched(life, decision.entry.sandbox_id):
+                return started
+            continue  # e.g. its container died as it started: repaired (replaced) first
         await _wait_for(life, decision, deadline)
+
+
+def _untouched(life: Lifecycle, sandbox_id: str) -> bool:
+    """Nothing came after a start just ended: no death reported meanwhile, no repair begun for one."""
+    return sandbox_id not in life.deaths and life.ops.get(sandbox_id) is None
 
 
 async def _wait_for(life: Lifecycle, decision: MustWait, deadline: float) -> None:

@@ -134,8 +134,9 @@ class Lifecycle:
         operation is under way on it, as soon as that ends. Never dropped: an operation that looked
         before the death may end believing it whole, and an active sandbox is handed out unchecked."""
         entry = self.state.entry(sandbox_id)
-        if entry is None or entry.state not in (SandboxState.SPARE, SandboxState.ACTIVE, SandboxState.WARM):
-            return  # starting (its start settles it), being stopped, doomed, or unknown
+        if entry is None or entry.state not in (SandboxState.STARTING, SandboxState.SPARE, SandboxState.ACTIVE,
+                                                SandboxState.WARM):
+            return  # being stopped, hibernated or resumed (its resume settles it), doomed, or unknown
         if self.repair(sandbox_id) is None and not self.closed and sandbox_id not in self.deaths:
             logger.info("sandbox %s reported dead during its %s; repairing it when that ends", sandbox_id,
                         self.ops.kind(sandbox_id))

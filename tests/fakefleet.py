@@ -150,6 +150,7 @@ class FakeFleet:
             self.boxes[existing.container_id] = existing
         actor.sandbox_id, actor.thread_id, actor.container_id = sandbox_id, thread_id, existing.container_id
         actor.idle_for = 0.0
+        await self._pass("started")  # a gate here holds a start whose container answered, not yet settled
         return actor.describe()
 
     async def owner_of(self, sandbox_id: str, owned: SandboxOwned) -> tuple[FakeActor, dict[str, Any]]:

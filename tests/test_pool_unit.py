@@ -347,6 +347,27 @@ def test_a_death_reported_while_another_operation_is_under_way_is_repaired_after
     run(body)
 
 
+def test_a_container_that_dies_as_its_start_ends_is_replaced_before_it_is_handed_out():
+    async def body():
+        pool, fleet = make()  # reconcile_interval=3600: no pass would find the death later
+        await pool.ping()
+        fleet.gate("started")
+        first = asyncio.ensure_future(pool.acquire("t1"))
+        await fleet.entered("started")  # its container answered; the pool has not marked it started yet
+        (dead,) = fleet.boxes.values()
+        fleet.kill_container(dead.sandbox_id)
+        await pool.report_dead(dead.sandbox_id, dead.container_id)  # the engine's death event, during the start
+        joined = asyncio.ensure_future(pool.acquire("t1"))  # a second caller shares that start's outcome
+        await asyncio.sleep(0)
+        fleet.open("started")
+        for box in (await first, await joined):
+            assert box.info["container_id"] != dead.container_id
+            assert fleet.boxes[box.info["container_id"]].running
+        assert dead.container_id not in fleet.boxes  # the dead one was removed
+
+    run(body)
+
+
 def test_an_acquire_naming_the_actor_it_holds_gets_no_handle_and_any_other_gets_one():
     async def body():
         pool, fleet = make()
