@@ -250,7 +250,8 @@ class SandboxPool:
         return await snapshots.remove(self._life, snapshots.validate_name(name))
 
     async def report_dead(self, sandbox_id: str, container_id: str | None = None) -> None:
-        """A SandboxActor, a client or the engine's events say this sandbox died: repair it now."""
+        """A SandboxActor, a client or the engine's events say this sandbox died: repair it now, or
+        as soon as the operation under way on it (a start, a snapshot, ...) ends."""
         entry = self._state.entry(sandbox_id)
         if entry is not None and container_id and entry.container_id and container_id != entry.container_id:
             return  # an older container of the same sandbox
