@@ -35,8 +35,9 @@ WORKSPACE = "/mnt/user-data/workspace"
 # engine away for a moment.
 EXPECTED_ERRORS = {"SandboxDied", "ActorGone", "SandboxExited", "SandboxStartError", "ReadinessTimeout",
                    "BackendUnavailable", "SandboxNotFound"}
-# How long before an acquire a fault may still explain its sandbox's first operation failing: the
-# engine's death event reaches the pool within milliseconds, but a fault is not a clean instant.
+# How long before an acquire a fault may still explain its sandbox's first operation failing. Under
+# this run's load a `docker kill` reached the pool as a death report 0.14 s after it began at the
+# median and 1.2 s at the most (97 kills, seed 11); a kill is not a clean instant either.
 NOTICE_SECONDS = 2.0
 ENGINE_RESTART_EVERY = 90.0  # seconds between engine restarts, at most
 
