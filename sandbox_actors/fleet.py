@@ -32,10 +32,6 @@ CLAIM_TIMEOUT = 10.0
 WATCH_SECONDS = 300.0  # how long one watch call on an actor lasts (the pool calls again while it needs the actor)
 BURST_WINDOW = 2.0  # new sandboxes asked for within this many seconds count as one burst
 REFILL_BATCH = 2  # spare actors started at once (each start is ~1 s of a core)
-# Spares taken are replaced once no start has been under way for REFILL_SETTLE s: a sandbox destroyed
-# meanwhile gives its actor back instead (no worker start at all), and a worker start, ~1 s of a core,
-# does not slow the starts that come right after.
-REFILL_SETTLE = 1.0
 # While destroyed sandboxes' actors are being kept as spares (the last one within RECYCLE_GAP s), a
 # start waiting for a spare waits for the next of them and none is started for it: that one
 # usually comes sooner than a new worker process, whose start is ~1 s of a core (on a busy node, a
@@ -137,7 +133,6 @@ class Fleet:
         self._waiting: deque[asyncio.Future[tuple[Any, str, str]]] = deque()  # starts waiting for a spare
         self._adding: set[asyncio.Task[bool]] = set()  # spares being started
         self.starting = 0  # sandbox starts in flight (refills wait for them: they compete for CPU)
-        self._start_ended = -math.inf  # when the last of them ended
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget work, kept referenced
         self._named: dict[str, Any] = {}  # the pool's named actors at the last look: name -> handle
@@ -219,13 +214,6 @@ class Fleet:
             waiter.cancel()  # a no-op once it has its actor; else nobody may hand it one now
             with contextlib.suppress(ValueError):
                 self._waiting.remove(waiter)
-
-    def start_began(self) -> None:
-        self.starting += 1
-
-    def start_ended(self) -> None:
-        self.starting -= 1
-        self._start_ended = time.monotonic()
 
     def launched(self, name: str) -> None:
         """The actor now serves a sandbox (or was given up)."""
@@ -438,7 +426,7 @@ class Fleet:
             # Starts first: a spare's start-up would slow theirs (they compete for CPU), and with
             # node slots a spare could take the slot one waits for. Starts waiting for a spare get
             # theirs at once (refill), not from here.
-            while (self.starting or time.monotonic() - self._start_ended < REFILL_SETTLE) and not self._closed:
+            while self.starting and not self._closed:
                 await asyncio.sleep(0.1)
             target = self.spare_target()
             if len(self._spares) > target:

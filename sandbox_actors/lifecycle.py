@@ -201,7 +201,7 @@ class Lifecycle:
             ImageNotFound, ReadinessTimeout, SandboxStartError, ...: the container did not start.
         """
         fleet = self.fleet
-        fleet.start_began()
+        fleet.starting += 1
         try:
             for attempt in range(1, _START_ATTEMPTS + 1):
                 actor, name, spare = await fleet.actor_for(node_id)
@@ -231,7 +231,7 @@ class Lifecycle:
                     fleet.launched(name)
             raise AssertionError("unreachable")
         finally:
-            fleet.start_ended()
+            fleet.starting -= 1
 
     async def _place(self, actor: Any, sandbox_id: str, node_id: str | None) -> None:
         """Wait until Ray places the actor. Ray leaves an actor no node can host pending forever,

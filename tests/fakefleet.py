@@ -121,12 +121,6 @@ class FakeFleet:
         self.actors[actor.name] = actor
         return actor, actor.name, False
 
-    def start_began(self) -> None:
-        self.starting += 1
-
-    def start_ended(self) -> None:
-        self.starting -= 1
-
     def launched(self, name: str) -> None:
         pass
 
