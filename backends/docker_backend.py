@@ -775,7 +775,9 @@ class DockerBackend(Backend):
         return {"containers": containers, "networks": found}
 
     def remove_orphans(self, orphans: dict[str, list[dict[str, str]]]) -> dict[str, int]:
-        """Remove what :meth:`orphans` listed: containers by id, then networks with their rules."""
+        """Remove what :meth:`orphans` listed: containers by id, then networks with their rules and
+        the pool's socket directories that no container of it uses (also those of containers
+        removed by other hands)."""
         removed = {"containers": 0, "networks": 0, "rules": 0}
         for item in orphans.get("containers", []):
             with engine_errors(f"remove container {item['container']}"):
@@ -789,7 +791,7 @@ class DockerBackend(Backend):
             with contextlib.suppress(OSError):  # not empty: the pool still has a sandbox here
                 os.rmdir(self._pool_socket_dir(pool))
         for item in orphans.get("networks", []):
-            done = self.network(item["pool"]).remove()
+            done = self._teardown(item["pool"])
             removed["networks"] += done["networks"]
             removed["rules"] += done["rules"]
         return removed
