@@ -56,8 +56,8 @@ async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id:
             state.want_back(sandbox_id)  # an idle stop under way is called off, if it still can be
             await life.ops.wait(sandbox_id)
             continue
-        if sandbox_id in life.deaths:  # reported dead while an operation was under way: repaired first
-            repair = life.repair(sandbox_id)
+        if sandbox_id in life.deaths:  # reported dead while an operation was under way: settled first
+            repair = life.settle(sandbox_id)
             if repair is not None:
                 await asyncio.shield(repair)
             continue

@@ -55,6 +55,12 @@ class Changed:
             await asyncio.wait_for(self._event.wait(), max(0.0, timeout))
 
 
+# What a death report acts on: sandboxes that serve, repaired at once; and those in passing, always
+# under an operation (a start, a stop, a hibernation, a resume), settled when it ends.
+_SERVING = (SandboxState.SPARE, SandboxState.ACTIVE, SandboxState.WARM)
+_IN_PASSING = (SandboxState.STARTING, SandboxState.STOPPING, SandboxState.HIBERNATING, SandboxState.RESUMING)
+
+
 def lease(entry: Entry, path: str) -> Lease:
     return Lease(entry.sandbox_id, entry.thread_id, entry.actor, path, dict(entry.info))
 
@@ -130,25 +136,36 @@ class Lifecycle:
             await self.ops.wait(sandbox_id)
 
     def died(self, sandbox_id: str) -> None:
-        """Its actor, a client or the engine says the sandbox died: repair it now, or, when another
-        operation is under way on it, as soon as that ends. Never dropped: an operation that looked
-        before the death may end believing it whole, and an active sandbox is handed out unchecked."""
+        """Its actor, a client or the engine says the sandbox died: repair it now, or, when an
+        operation is under way on it (a start, a stop, a hibernation, a resume, a snapshot, ...),
+        as soon as that ends. Never dropped: an operation that looked before the death may end
+        believing it whole, and an active sandbox is handed out unchecked."""
         entry = self.state.entry(sandbox_id)
-        if entry is None or entry.state not in (SandboxState.STARTING, SandboxState.SPARE, SandboxState.ACTIVE,
-                                                SandboxState.WARM):
-            return  # being stopped, hibernated or resumed (its resume settles it), doomed, or unknown
-        if self.repair(sandbox_id) is None and not self.closed and sandbox_id not in self.deaths:
-            logger.info("sandbox %s reported dead during its %s; repairing it when that ends", sandbox_id,
-                        self.ops.kind(sandbox_id))
-            self.deaths.add(sandbox_id)  # an acquire repairs it before handing it out (see acquire)
+        if entry is None or self.closed or entry.state not in _SERVING + _IN_PASSING:
+            return  # unknown, doomed, or hibernated (its container is stopped on purpose)
+        if entry.state in _SERVING and self.repair(sandbox_id) is not None:
+            return
+        if self.ops.get(sandbox_id) is not None and sandbox_id not in self.deaths:
+            # (A stop's or a hibernation's own container stopping is reported too: settled as nothing.)
+            logger.debug("sandbox %s reported dead during its %s", sandbox_id, self.ops.kind(sandbox_id))
+            self.deaths.add(sandbox_id)  # an acquire settles it before handing it out (see acquire)
             self.fleet.later(self._repair_after(sandbox_id))
+
+    def settle(self, sandbox_id: str) -> asyncio.Task[str] | None:
+        """A death reported during an operation that has ended: the repair it calls for, None when
+        there is none to make (the sandbox is gone, doomed or hibernated since)."""
+        self.deaths.discard(sandbox_id)
+        entry = self.state.entry(sandbox_id)
+        if entry is None or entry.state not in _SERVING:
+            return None
+        logger.info("sandbox %s was reported dead during an operation now ended; repairing it", sandbox_id)
+        return self.repair(sandbox_id)
 
     async def _repair_after(self, sandbox_id: str) -> None:
         while sandbox_id in self.deaths and not self.closed:
             await self.ops.wait(sandbox_id)
             if self.ops.get(sandbox_id) is None:
-                self.deaths.discard(sandbox_id)
-                self.died(sandbox_id)  # if still one to act on
+                self.settle(sandbox_id)
 
     def stop_watching(self) -> None:
         """At shutdown: the watches end (the actors are ended by the shutdown itself)."""

@@ -368,6 +368,28 @@ def test_a_container_that_dies_as_its_start_ends_is_replaced_before_it_is_handed
     run(body)
 
 
+def test_a_death_during_a_resume_is_repaired_and_the_hibernation_s_own_stop_is_not_a_death():
+    async def body():
+        pool, fleet = make(idle_action="hibernate")
+        await pool.ping()
+        box = await pool.acquire("t1")
+        assert await pool.hibernate(box.sandbox_id)
+        asleep = box.info["container_id"]
+        await pool.report_dead(box.sandbox_id, asleep)  # the hibernation's stop, reported late: nothing to repair
+        fleet.gate("started")
+        resuming = asyncio.ensure_future(pool.acquire("t1"))
+        await fleet.entered("started")  # the same container runs again; the pool has not marked it active yet
+        assert fleet.resumes == 1 and fleet.creates == 1
+        fleet.kill_container(box.sandbox_id)
+        await pool.report_dead(box.sandbox_id, asleep)  # a real death, during the resume
+        fleet.open("started")
+        assert (await resuming).path == "resumed"  # its acquire began before the death: it may get the dead one
+        again = await pool.acquire("t1")  # an active sandbox is handed out unchecked: it must run
+        assert again.info["container_id"] != asleep and fleet.boxes[again.info["container_id"]].running
+
+    run(body)
+
+
 def test_an_acquire_naming_the_actor_it_holds_gets_no_handle_and_any_other_gets_one():
     async def body():
         pool, fleet = make()
