@@ -42,6 +42,7 @@ async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id:
         start errors of a new sandbox.
     """
     config, state = life.config, life.state
+    started_here = False  # a start this acquire made or joined ended, and it asks again (see _untouched)
     while True:
         if life.closed:
             raise PoolShutDown(f"pool {config.pool_name} is shutting down")
@@ -52,6 +53,7 @@ async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id:
                 started = await asyncio.shield(operation.task)
                 if _untouched(life, sandbox_id):
                     return started
+                started_here = True
                 continue  # e.g. its container died as it started: repaired (replaced) first
             state.want_back(sandbox_id)  # an idle stop under way is called off, if it still can be
             await life.ops.wait(sandbox_id)
@@ -61,7 +63,9 @@ async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id:
             if repair is not None:
                 await asyncio.shield(repair)
             continue
-        decision = state.acquire(sandbox_id, thread_id, busy=life.ops.busy(), image=snapshot)
+        # A snapshot starts new sandboxes only; but the one this acquire started from it is its own.
+        image = None if started_here and state.entry(sandbox_id) is not None else snapshot
+        decision = state.acquire(sandbox_id, thread_id, busy=life.ops.busy(), image=image)
         if isinstance(decision, Acquired):
             life.tally.count("acquired_hot")
             return lease(decision.entry, decision.path)
@@ -97,6 +101,7 @@ async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id:
             started = await asyncio.shield(life.create(decision.entry))
             if _untouched(life, decision.entry.sandbox_id):
                 return started
+            started_here = True
             continue  # e.g. its container died as it started: repaired (replaced) first
         await _wait_for(life, decision, deadline)
 

@@ -167,6 +167,23 @@ def test_a_snapshot_only_starts_new_sandboxes():
     run(body)
 
 
+def test_a_fork_whose_actor_died_as_it_started_gets_its_sandbox_back_not_an_error():
+    async def body():
+        pool, fleet = make()
+        await pool.ping()
+        pool._life.snapshot_records["base"] = {"name": "base", "image": "img:base", "engine_id": "engine-1"}
+        fleet.gate("started")
+        fork = asyncio.ensure_future(pool.acquire("fork-1", snapshot="base"))
+        await fleet.entered("started")
+        (box,) = fleet.boxes.values()
+        await pool.report_dead(box.sandbox_id)  # its actor's death, reported during the start
+        fleet.open("started")
+        got = await fork  # the repair finds the container whole: it is the fork's, not "exists already"
+        assert got.sandbox_id == box.sandbox_id and fleet.boxes[got.info["container_id"]].running
+
+    run(body)
+
+
 def test_a_hibernated_sandbox_whose_engine_is_gone_gives_its_thread_a_new_sandbox():
     async def body():
         pool, fleet = make(idle_action="hibernate")
