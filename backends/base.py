@@ -153,6 +153,12 @@ class Backend(abc.ABC):
     async def engine_id(self) -> str:
         """The id of the engine this backend drives."""
 
+    async def warm(self, pool: str, image: str) -> str:
+        """Look up ahead of need what the first create of ``pool``'s sandboxes of ``image`` would
+        (a spare actor does this while it waits); returns the engine id. A missing image is no
+        error here: the create reports it."""
+        return await self.engine_id()
+
     @abc.abstractmethod
     async def create(self, spec: SandboxSpec) -> SandboxRecord:
         """Start a container for ``spec``.

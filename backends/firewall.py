@@ -26,6 +26,7 @@ import fcntl
 import ipaddress
 import os
 import re
+import shlex
 import subprocess
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -216,11 +217,13 @@ class Firewall:
         finally:
             os.close(fd)
 
-    def _jumps(self) -> list[tuple[str, list[str]]]:
-        """Our jump rules: (chain they sit in, the rule's match and target)."""
+    def _jumps(self, forward: str | None = None) -> list[tuple[str, list[str]]]:
+        """Our jump rules: (chain they sit in, the rule's match and target). The forward jump sits
+        in DOCKER-USER where the engine made it (``forward`` when the caller knows), else FORWARD."""
         chain_in, chain_fw = chains(self.tag)
         comment = ["-m", "comment", "--comment", f"{COMMENT_PREFIX}{self.tag}"]
-        forward = "DOCKER-USER" if self._has_chain("DOCKER-USER") else "FORWARD"
+        if forward is None:
+            forward = "DOCKER-USER" if self._has_chain("DOCKER-USER") else "FORWARD"
         return [
             ("INPUT", ["-i", self.bridge, *comment, "-j", chain_in]),
             (forward, ["-i", self.bridge, *comment, "-j", chain_fw]),
@@ -236,10 +239,20 @@ class Firewall:
         self._iptables("-S", "INPUT")
 
     def installed(self) -> bool:
-        """Whether our chains and both jumps are in place."""
-        if not all(self._has_chain(chain) for chain in chains(self.tag)):
+        """Whether our chains and both jumps are in place: one read of the filter table (every
+        SandboxActor asks before its first sandbox, so a burst of new ones asks many times at once,
+        beside the engine's own iptables calls for the containers starting)."""
+        listed = self._iptables("-S", check=False)
+        if listed.returncode != 0:
             return False
-        return all(self._iptables("-C", chain, *rule, check=False).returncode == 0 for chain, rule in self._jumps())
+        rules = set()
+        for line in listed.stdout.splitlines():
+            with contextlib.suppress(ValueError):  # a comment we cannot split is not one of ours
+                rules.add(tuple(shlex.split(line)))
+        if not all(("-N", chain) in rules for chain in chains(self.tag)):
+            return False
+        forward = "DOCKER-USER" if ("-N", "DOCKER-USER") in rules else "FORWARD"
+        return all(("-A", chain, *rule) in rules for chain, rule in self._jumps(forward))
 
     def install(self, policy: NetworkPolicy, extra_blocked: Iterable[str] = (), replace: bool = True) -> bool:
         """Put our rules in place (idempotent). With ``replace`` False, rules already installed are

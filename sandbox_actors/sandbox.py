@@ -58,10 +58,10 @@ class SandboxActor:
         return self._node_id
 
     async def warm_up(self) -> str:
-        """Connect to the engine and load the HTTP client ahead of need (a spare does this while
-        it waits); returns the engine id."""
+        """Connect to the engine, look up the pool's image and network there, and load the HTTP
+        client, ahead of need (a spare does this while it waits); returns the engine id."""
         await warm_http_stack()
-        return await self._backend.engine_id()
+        return await self._backend.warm(self._config.pool_name, self._config.image)
 
     async def start(self, sandbox_id: str, thread_id: str | None, resume: bool = False, image: str | None = None,
                     image_from: Any = None) -> dict[str, Any]:

@@ -3,6 +3,7 @@ idempotent and removal leaves nothing (on this host's real iptables, for a bridg
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import uuid
 
@@ -98,3 +99,21 @@ def test_install_is_idempotent_and_remove_leaves_nothing():
         assert firewall.remove()
     assert _ours(tag) == [] and not firewall.installed()
     assert not firewall.remove()  # nothing left to remove
+
+
+def test_a_missing_jump_is_noticed_and_put_back_by_a_check():
+    """What a SandboxActor's check before its first sandbox relies on: a jump removed by other
+    hands (a firewall reload, say) reads as not installed, and the check installs it again."""
+    tag = uuid.uuid4().hex[:10]
+    firewall = Firewall(tag, f"sbx-{tag}")
+    try:
+        firewall.install(NetworkPolicy())
+        forward = [line for line in _ours(tag) if line.startswith(("-A DOCKER-USER", "-A FORWARD"))]
+        assert len(forward) == 1
+        subprocess.run(["iptables", "-w", "10", "-D", *shlex.split(forward[0])[1:]], check=True)
+        assert not firewall.installed()
+        assert firewall.install(NetworkPolicy(), replace=False)
+        assert firewall.installed() and len([line for line in _ours(tag) if line == forward[0]]) == 1
+    finally:
+        firewall.remove()
+    assert _ours(tag) == []
