@@ -263,7 +263,7 @@ class SandboxAPI:
         timeout: float,
         is_running: Callable[[], Awaitable[bool]],
         log_tail: Callable[[], Awaitable[str]],
-        interval: float = 0.02,
+        interval: float = 0.01,
         liveness_every: float = 0.5,
     ) -> float:
         """Poll readiness until it answers, the container exits, or ``timeout``.
