@@ -7,9 +7,23 @@ first use, so an actor process does not pay for what only drivers need.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
 
-from . import errors as _errors
+
+def _skip_httpx_cli() -> None:
+    """In a Ray worker process (every SandboxActor is one), keep httpx from loading its
+    command-line tool. httpx's package init imports it when it can (click and pygments, which Ray
+    and pytest install: ~1.6 MB of every sandbox's process) and falls back to a stub when that
+    import fails. Nothing in a worker runs httpx's CLI; a driver's httpx is left as it is."""
+    if "httpx" not in sys.modules and sys.argv and os.path.basename(sys.argv[0]) == "default_worker.py":
+        sys.modules.setdefault("httpx._main", None)  # None: importing it raises ImportError
+
+
+_skip_httpx_cli()
+
+from . import errors as _errors  # noqa: E402  (it imports httpx, through backends)
 
 __version__ = "0.1.0"
 

@@ -356,6 +356,20 @@ def test_handles_travel_to_other_ray_tasks_and_aio_covers_the_pool(pool):
     assert sandbox_id == box.sandbox_id and released is True
 
 
+def test_a_ray_worker_with_our_package_leaves_out_httpx_s_command_line_tool(pool):
+    """Every sandbox's actor is a Ray worker process: httpx's CLI (click and pygments, ~1.6 MB)
+    stays out of such a process, and httpx works there; a driver's import of it is left alone."""
+    box = pool.acquire("lean")
+
+    @ray.remote(num_cpus=0)
+    def in_a_worker(handle):
+        loaded = sorted(m for m in ("click", "pygments", "httpx._main") if sys.modules.get(m) is not None)
+        return loaded, handle.exec("echo fine").output.strip()
+
+    assert ray.get(in_a_worker.remote(box)) == ([], "fine")
+    assert sys.modules.get("httpx._main", "not blocked") is not None  # this driver's is httpx's own affair
+
+
 def test_a_pool_shut_down_elsewhere_stays_down(ray_address, config):
     from sandbox_actors import PoolShutDown
     from tests.conftest import named_actors
