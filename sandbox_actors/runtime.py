@@ -112,6 +112,7 @@ class SandboxRuntime:
         self.record: SandboxRecord | None = None
         self.adopted = False
         self.inflight = 0
+        self._background: set[str] = set()  # background commands started here, maybe still running
         self.last_activity = clock()
         self.dead_reason: str | None = None
         self._api: SandboxAPI | None = None
@@ -322,13 +323,35 @@ class SandboxRuntime:
             raise SandboxDied(f"sandbox {self.sandbox_id} is not running; acquire it first")
         return await self.backend.commit(self.sandbox_id, self.record.container_id, image, labels)
 
-    def begin_stop(self, if_idle_for: float) -> bool:
-        """Stop serving if idle that long with nothing in flight (the pool then removes the
-        container, or calls the stop off). False: busy, keep serving."""
+    async def begin_stop(self, if_idle_for: float) -> bool:
+        """Stop serving if idle that long with nothing in flight and no background command of its
+        own still running (the pool then removes the container, or calls the stop off). False:
+        busy, keep serving."""
         if self.inflight > 0 or self.idle_for() <= if_idle_for:
+            return False
+        if await self._background_running():
+            self.last_activity = self._clock()  # a running background command is activity
+            return False
+        if self.inflight > 0 or self.idle_for() <= if_idle_for:  # an operation came while we asked
             return False
         self._stopping = True  # new operations are refused from here on
         return True
+
+    async def _background_running(self) -> bool:
+        """Whether a background command started through this runtime still runs (asked of the
+        sandbox; ended and unknown ones are forgotten)."""
+        for session_id in list(self._background):
+            if self._api is None:
+                return False
+            try:
+                view = await self._api.view(session_id, 0, 1)
+            except SandboxError as exc:  # the sandbox no longer knows it (or is gone): nothing of it runs
+                logger.info("sandbox %s: background command %s: %s", self.sandbox_id, session_id, type(exc).__name__)
+                view = None
+            if view is not None and view.running:
+                return True
+            self._background.discard(session_id)
+        return False
 
     def cancel_stop(self) -> None:
         """Serve again after :meth:`begin_stop` (the sandbox's thread came back in time)."""
@@ -469,7 +492,9 @@ class SandboxRuntime:
 
     async def start_command(self, command: str, session_id: str | None = None, exec_dir: str | None = None) -> str:
         async with self._operation() as api:
-            return await api.start(command, session_id=session_id, exec_dir=exec_dir)
+            session_id = await api.start(command, session_id=session_id, exec_dir=exec_dir)
+        self._background.add(session_id)
+        return session_id
 
     async def view_command(self, session_id: str, offset: int = 0, max_bytes: int | None = None) -> CommandView:
         async with self._operation() as api:

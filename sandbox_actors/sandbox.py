@@ -139,7 +139,7 @@ class SandboxActor:
     async def begin_stop(self, if_idle_for: float) -> bool:
         """Stop serving if idle that long with nothing in flight; False: busy. The pool then
         calls :meth:`stop` or :meth:`cancel_stop`."""
-        return self._runtime is None or self._runtime.begin_stop(if_idle_for)
+        return self._runtime is None or await self._runtime.begin_stop(if_idle_for)
 
     async def cancel_stop(self) -> None:
         if self._runtime is not None:

@@ -213,6 +213,27 @@ def test_idle_timeout_reaps_idle_but_not_a_long_command(ray_address, config, doc
     assert_no_actors_left(config.pool_name)
 
 
+def test_a_running_background_command_keeps_its_sandbox_from_the_idle_timeout(ray_address, config):
+    """A thread that starts a long job and comes back for its result later finds it: the idle
+    timer counts a background command that still runs as activity, and reaps the sandbox once
+    the command has ended and the sandbox sat idle."""
+    client = sandbox_actors.connect(config.model_copy(update={"idle_timeout": 2.0, "idle_check_interval": 0.5}))
+    try:
+        box = client.acquire("trainer")
+        job = box.start("sleep 6; echo trained > /tmp/result.txt")
+        began = time.monotonic()
+        while time.monotonic() - began < 5.0:  # well past the idle timeout, no call to the sandbox
+            assert [r["thread_id"] for r in client.list()] == ["trainer"]
+            time.sleep(0.25)
+        assert job.wait(10).status == "completed"
+        assert box.read_file("/tmp/result.txt").strip() == "trained"
+        assert wait_until(lambda: client.list() == [], timeout=15), client.list()
+        assert client.stats()["counters"]["reaped"] == 1
+    finally:
+        client.shutdown()
+    assert_no_actors_left(config.pool_name)
+
+
 def test_destroy_active_and_warm_and_shutdown_twice(ray_address, config, docker_client):
     client = sandbox_actors.connect(config)
     active, warm = client.acquire("d-active"), client.acquire("d-warm")
