@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 _ADOPT_READY_TIMEOUT = 5.0
 # How long an engine may take to report a killed container as stopped.
 _DEATH_NOTICE_SECONDS = 2.0
+_BACKGROUND_TRACKED = 64  # background commands a sandbox's idle timer asks about (the latest)
+_BACKGROUND_CHECK_SECONDS = 1.0  # the pool waits 3 s for begin_stop; a slow answer keeps the sandbox
 # Inside the container: which actor adopted it last (a label names the creator, so only an
 # adopter writes this). It outlives the actor, so a new actor can tell whether a live actor still
 # owns a running container. The sandbox's own code can write there too: it is only a hint of
@@ -112,7 +114,7 @@ class SandboxRuntime:
         self.record: SandboxRecord | None = None
         self.adopted = False
         self.inflight = 0
-        self._background: set[str] = set()  # background commands started here, maybe still running
+        self._background: dict[str, None] = {}  # background commands started here (oldest first), maybe running
         self.last_activity = clock()
         self.dead_reason: str | None = None
         self._api: SandboxAPI | None = None
@@ -338,9 +340,17 @@ class SandboxRuntime:
         return True
 
     async def _background_running(self) -> bool:
-        """Whether a background command started through this runtime still runs (asked of the
-        sandbox; ended and unknown ones are forgotten)."""
-        for session_id in list(self._background):
+        """Whether a background command started through this runtime still runs. Asked of the
+        sandbox, newest first; ended and unknown ones are forgotten. No answer within
+        ``_BACKGROUND_CHECK_SECONDS`` counts as running: the sandbox is kept and asked again later."""
+        try:
+            return await asyncio.wait_for(self._ask_background(), _BACKGROUND_CHECK_SECONDS)
+        except asyncio.TimeoutError:
+            logger.info("sandbox %s: its background commands did not answer in time; keeping it", self.sandbox_id)
+            return True
+
+    async def _ask_background(self) -> bool:
+        for session_id in reversed(list(self._background)):
             if self._api is None:
                 return False
             try:
@@ -350,7 +360,7 @@ class SandboxRuntime:
                 view = None
             if view is not None and view.running:
                 return True
-            self._background.discard(session_id)
+            self._background.pop(session_id, None)
         return False
 
     def cancel_stop(self) -> None:
@@ -493,7 +503,9 @@ class SandboxRuntime:
     async def start_command(self, command: str, session_id: str | None = None, exec_dir: str | None = None) -> str:
         async with self._operation() as api:
             session_id = await api.start(command, session_id=session_id, exec_dir=exec_dir)
-        self._background.add(session_id)
+        self._background[session_id] = None
+        while len(self._background) > _BACKGROUND_TRACKED:  # the oldest are forgotten
+            del self._background[next(iter(self._background))]
         return session_id
 
     async def view_command(self, session_id: str, offset: int = 0, max_bytes: int | None = None) -> CommandView:
