@@ -738,8 +738,17 @@ class DockerBackend(Backend):
                 for event in stream:
                     attributes = (event.get("Actor") or {}).get("Attributes") or {}
                     sandbox_id = attributes.get(LABEL_SANDBOX_ID)
-                    if sandbox_id:
-                        yield ContainerEvent(sandbox_id, str(event.get("id") or ""), str(event.get("status") or ""))
+                    if not sandbox_id:
+                        continue
+                    container_id, status = str(event.get("id") or ""), str(event.get("status") or "")
+                    if status == "die" and container_id:
+                        # The engine sends "die" before it is done with the exit (the network's and
+                        # mounts' cleanup, then its container list, which says "running" until then):
+                        # an inspect waits for that, so whoever lists containers on hearing of this
+                        # death sees it stopped.
+                        with contextlib.suppress(docker.errors.NotFound):
+                            client.api.inspect_container(container_id)
+                    yield ContainerEvent(sandbox_id, container_id, status)
             finally:
                 client.close()
 
