@@ -15,8 +15,8 @@ import json
 import ipaddress
 import logging
 import os
+import secrets
 import ssl
-import tempfile
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -114,16 +114,17 @@ async def warm_http_stack() -> None:
         await writer.drain()
         writer.close()
 
-    with tempfile.TemporaryDirectory(prefix="sa-warm-") as directory:
-        path = os.path.join(directory, "s")
-        server = await asyncio.start_unix_server(answer, path)
-        api = SandboxAPI(f"{UNIX_SCHEME}{path}")
-        try:
-            await api._http.get("/", timeout=5.0)
-        finally:
-            await api.aclose()
-            server.close()
-            await server.wait_closed()
+    # An abstract socket (Linux): nothing on disk, so a spare killed in the middle (a pool's
+    # shutdown ends its spares with ray.kill) leaves no directory behind.
+    path = f"\0sandbox-actors-warm-{os.getpid()}-{secrets.token_hex(6)}"
+    server = await asyncio.start_unix_server(answer, path)
+    api = SandboxAPI(f"{UNIX_SCHEME}{path}")
+    try:
+        await api._http.get("/", timeout=5.0)
+    finally:
+        await api.aclose()
+        server.close()
+        await server.wait_closed()
 
 
 @dataclass(frozen=True)

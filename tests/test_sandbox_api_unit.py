@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socketserver
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler
 
@@ -57,3 +61,28 @@ def test_a_reply_without_a_data_object_is_a_typed_error(odd_server, call):
             await api.aclose()
 
     asyncio.run(body())
+
+
+_KILLED_IN_WARM_UP = """
+import asyncio, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from backends import sandbox_api
+
+serve = asyncio.start_unix_server
+
+async def serve_then_die(*args, **kwargs):  # what a pool's ray.kill does to a spare warming up
+    server = await serve(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+    return server
+
+asyncio.start_unix_server = serve_then_die
+asyncio.run(sandbox_api.warm_http_stack())
+"""
+
+
+def test_a_spare_killed_while_it_warms_up_leaves_nothing_on_disk(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.run([sys.executable, "-c", _KILLED_IN_WARM_UP, repo], env={**os.environ, "TMPDIR": str(tmp_path)},
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert os.listdir(tmp_path) == []
