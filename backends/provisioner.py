@@ -41,7 +41,7 @@ from .errors import (
     BackendUnavailable,
     SandboxStartError,
 )
-from .sandbox_api import tls_context
+from .sandbox_api import context_for
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class ProvisionerBackend(Backend):
         self._timeouts = {"create": create_timeout, "delete": delete_timeout, "request": request_timeout}
         headers = {"X-API-Key": api_key} if api_key else {}
         # The provisioner is ours to reach as configured: no proxy from the environment.
-        self._http = httpx.AsyncClient(base_url=self.url, headers=headers, trust_env=False, verify=tls_context())
+        self._http = httpx.AsyncClient(base_url=self.url, headers=headers, trust_env=False, verify=context_for(self.url))
         self._engine_id = "provisioner-" + hashlib.sha256(self.url.encode()).hexdigest()[:16]
 
     def container_name(self, sandbox_id: str) -> str:

@@ -100,6 +100,21 @@ def tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+@functools.cache
+def _no_tls_context() -> ssl.SSLContext:
+    """For clients that never speak TLS (unix sockets, ``http://``): httpx builds a context for
+    every transport, and loading the trusted certificates is most of a new SandboxActor's first
+    request (~19 ms of CPU). It trusts no certificate, so it cannot make a TLS connection."""
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+def context_for(url: str, proxy: str | None = None) -> ssl.SSLContext:
+    """The TLS context a client of ``url`` (through ``proxy``) needs: the trusted one for https."""
+    if any(u and urllib.parse.urlsplit(u).scheme == "https" for u in (url, proxy)):
+        return tls_context()
+    return _no_tls_context()
+
+
 async def warm_http_stack() -> None:
     """Load what the HTTP client imports on first use (httpcore, anyio's backend, h11), by one
     request to a throwaway server on a unix socket inside this process (as sandboxes are reached).
@@ -200,12 +215,13 @@ class SandboxAPI:
             self._http = httpx.AsyncClient(
                 base_url="http://sandbox", headers=headers, timeout=timeout, trust_env=False,
                 # A transport builds a TLS context of its own unless given one, even for a unix socket.
-                transport=httpx.AsyncHTTPTransport(uds=url[len(UNIX_SCHEME):], verify=tls_context()),
+                transport=httpx.AsyncHTTPTransport(uds=url[len(UNIX_SCHEME):], verify=_no_tls_context()),
             )
             return
+        proxy = proxy_for(url)
         self._http = httpx.AsyncClient(
-            base_url=url, headers=headers, timeout=timeout, trust_env=False, verify=tls_context(),
-            proxy=proxy_for(url),
+            base_url=url, headers=headers, timeout=timeout, trust_env=False, verify=context_for(url, proxy),
+            proxy=proxy,
         )
 
     async def aclose(self) -> None:

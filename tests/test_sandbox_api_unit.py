@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socketserver
+import ssl
 import subprocess
 import sys
 import threading
@@ -86,3 +87,34 @@ def test_a_spare_killed_while_it_warms_up_leaves_nothing_on_disk(tmp_path):
                            capture_output=True, text=True, timeout=60)
     assert child.returncode == -signal.SIGKILL, child.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_only_https_clients_load_the_trusted_certificates():
+    from backends.sandbox_api import context_for
+
+    trusted = context_for("https://sandbox.example:8443")
+    assert trusted.cert_store_stats()["x509_ca"] > 0 and trusted.verify_mode == ssl.CERT_REQUIRED
+    assert context_for("http://sandbox.example", proxy="https://proxy.example:3128") is trusted
+    plain = context_for("http://127.0.0.1:8080")
+    # Never an insecure context: it verifies, and trusts nothing, so TLS through it cannot succeed.
+    assert plain.cert_store_stats()["x509_ca"] == 0
+    assert plain.verify_mode == ssl.CERT_REQUIRED and plain.check_hostname
+
+
+_NO_CERTIFICATES = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+import httpx
+def refuse(*args, **kwargs):
+    raise AssertionError("the trusted certificates were loaded")
+httpx.create_ssl_context = refuse
+from backends import sandbox_api
+asyncio.run(sandbox_api.warm_http_stack())  # a request over a unix socket, as every SandboxActor makes
+print("ok")
+"""
+
+
+def test_a_request_over_a_unix_socket_loads_no_certificates():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.run([sys.executable, "-c", _NO_CERTIFICATES, repo], capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0 and child.stdout.strip() == "ok", child.stderr
