@@ -28,10 +28,10 @@ from pydantic import (
 from backends.firewall import AllowRule, NetworkPolicy, parse_ipv4_network
 from backends.network import MAX_SOCKET_DIR
 
+from .actorconfig import ENV_NAME, resolve, resolve_environment
 from .errors import ConfigError
 
 DEFAULT_IMAGE = "sandbox-actors-minimal:latest"
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONTAINER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
 _MEMORY = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
 _PROVISIONER_ID = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
@@ -143,11 +143,7 @@ class ProvisionerBackendConfig(_Closed):
 
     def resolved_api_key(self, source: Mapping[str, str] | None = None) -> str:
         """``api_key`` with a ``$NAME`` value read from ``source`` (default: os.environ)."""
-        return _resolve(self.api_key or "", os.environ if source is None else source)
-
-
-def _resolve(value: str, source: Mapping[str, str]) -> str:
-    return source.get(value[1:], "") if value.startswith("$") else value
+        return resolve(self.api_key or "", source)
 
 
 BackendConfig = DockerBackendConfig | ProvisionerBackendConfig
@@ -360,8 +356,7 @@ class SandboxConfig(_Closed):
 
     def resolved_environment(self, source: Mapping[str, str] | None = None) -> dict[str, str]:
         """``environment`` with ``$NAME`` values read from ``source`` (default: os.environ)."""
-        source = os.environ if source is None else source
-        return {key: _resolve(value, source) for key, value in self.environment.items()}
+        return resolve_environment(self.environment, source)
 
     @property
     def host_dir(self) -> str:

@@ -19,6 +19,7 @@ from backends import SandboxAPI
 from backends.errors import BackendUnavailable, SandboxError
 
 from . import raycalls
+from .actorconfig import ActorConfig
 from .config import SandboxConfig
 from .runtime import make_backend, read_owner
 
@@ -34,7 +35,7 @@ class NodeReaper:
     def __init__(self, config: SandboxConfig) -> None:
         self._config = config
         self._pool = config.pool_name
-        self._backend = make_backend(config, cluster=raycalls.session_name())
+        self._backend = make_backend(ActorConfig.of(config), cluster=raycalls.session_name())
         self._node_id = raycalls.current_node_id()
         self._watcher: threading.Thread | None = None
         self._closing = threading.Event()

@@ -20,7 +20,6 @@ from typing import Any
 from backends import (
     Backend,
     DockerBackend,
-    Limits,
     SandboxAPI,
     SandboxRecord,
     SandboxSpec,
@@ -39,7 +38,7 @@ from backends.errors import (
 from backends.provisioner import ProvisionerBackend
 from backends.sandbox_api import BashResult, CommandView, FileInfo, ShellResult
 
-from .config import ENV_NAME, ProvisionerBackendConfig, SandboxConfig
+from .actorconfig import ENV_NAME, ActorConfig
 from .threads import sandbox_mounts
 
 logger = logging.getLogger(__name__)
@@ -58,11 +57,11 @@ _BACKGROUND_CHECK_SECONDS = 1.0  # the pool waits 3 s for begin_stop; a slow ans
 OWNER_FILE = "/run/sandbox-actors/owner.json"
 
 
-def make_backend(config: SandboxConfig, cluster: str | None = None) -> Backend:
+def make_backend(config: ActorConfig, cluster: str | None = None) -> Backend:
     """The backend ``config`` asks for: the local Docker engine, or a remote provisioner.
     ``cluster`` (the Ray session) labels what it creates."""
-    backend = config.backend
-    if isinstance(backend, ProvisionerBackendConfig):
+    backend = config.provisioner
+    if backend is not None:
         return ProvisionerBackend(
             backend.url,
             api_key=backend.resolved_api_key(),
@@ -73,7 +72,7 @@ def make_backend(config: SandboxConfig, cluster: str | None = None) -> Backend:
             request_timeout=backend.request_timeout,
         )
     return DockerBackend(
-        config.container_prefix, policy=config.network.policy(), socket_dir=config.socket_dir,
+        config.container_prefix, policy=config.network_policy, socket_dir=config.socket_dir,
         host_socket_dir=config.host_socket_dir, labels={LABEL_CLUSTER: cluster} if cluster else None,
     )
 
@@ -94,7 +93,7 @@ class SandboxRuntime:
 
     def __init__(
         self,
-        config: SandboxConfig,
+        config: ActorConfig,
         sandbox_id: str,
         thread_id: str | None,
         backend: Backend,
@@ -224,7 +223,7 @@ class SandboxRuntime:
             # Mounts are the Docker backend's: a provisioner decides what its sandboxes get.
             mounts = (
                 await asyncio.to_thread(sandbox_mounts, config, self.thread_id)
-                if config.backend.kind == "docker" else ()
+                if config.provisioner is None else ()
             )
         except OSError as exc:
             raise SandboxStartError(
@@ -239,9 +238,7 @@ class SandboxRuntime:
             mounts=mounts,
             environment=_resolve_env(config),
             token=secrets.token_urlsafe(32),
-            limits=Limits(
-                memory=config.limits.memory, cpus=config.limits.cpus, pids=config.limits.pids, disk=config.limits.disk
-            ),
+            limits=config.limits,
             capabilities=tuple(config.capabilities),
             bind_host=config.bind_host,
             extra_labels={**self._extra_labels, LABEL_ACTOR: self.owner},
@@ -581,7 +578,7 @@ async def read_owner(api: SandboxAPI) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _resolve_env(config: SandboxConfig) -> dict[str, str]:
+def _resolve_env(config: ActorConfig) -> dict[str, str]:
     env = config.resolved_environment()
     for key, value in config.environment.items():
         if value.startswith("$") and not env[key]:

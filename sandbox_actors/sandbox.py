@@ -12,8 +12,10 @@ the caller hears of it, so the caller's next acquire gets a new sandbox.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 from backends.sandbox_api import BashResult, CommandView, FileInfo, ShellResult, warm_http_stack
 
 from . import raycalls
-from .config import SandboxConfig
+from .actorconfig import ActorConfig
 from .errors import (
     ImageNotFound,
     InvalidRequest,
@@ -34,6 +36,35 @@ from .runtime import SandboxRuntime, make_backend
 
 logger = logging.getLogger(__name__)
 
+
+def _ray_without_pydantic() -> None:
+    """In a SandboxActor's own process: let Ray's optional pydantic support find no pydantic.
+
+    Ray imports pydantic in every worker the first time it deserializes arguments, only to
+    register serializers for pydantic v1's ModelField. A SandboxActor gets no pydantic objects
+    (its config is an :class:`ActorConfig`), and pydantic costs its process ~60 ms of CPU and
+    ~6 MB of memory: a burst's new actors pay that each. Ray's module is loaded once with
+    pydantic hidden and remembers that; pydantic itself stays importable for anyone who asks.
+    Other processes (the pool, a user's task that imports this module) are left as they are.
+    """
+    if "pydantic" in sys.modules or os.path.basename(sys.argv[0]) != "default_worker.py":
+        return
+    import ray
+
+    function = getattr(ray.get_runtime_context(), "get_task_function_name", lambda: None)()
+    if function != f"{__name__}.SandboxActor.__init__":
+        return
+    sys.modules["pydantic"] = None  # type: ignore[assignment]  # (an import of it fails meanwhile)
+    try:
+        importlib.import_module("ray._common.pydantic_compat")
+    except ImportError:  # a Ray without that module: it imports pydantic as it likes
+        logger.debug("Ray's pydantic support is not where it was: left alone")
+    finally:
+        del sys.modules["pydantic"]
+
+
+_ray_without_pydantic()
+
 LABEL_RAY_NODE = "sandbox-actors.ray-node"
 _REPORT_TIMEOUT = 5.0
 _IMAGE_TIMEOUT = 600.0
@@ -42,7 +73,7 @@ _IMAGE_TIMEOUT = 600.0
 class SandboxActor:
     """One sandbox. Created by the pool's fleet through :func:`sandbox_actors.spawn.sandbox_actor`."""
 
-    def __init__(self, config: SandboxConfig, name: str) -> None:
+    def __init__(self, config: ActorConfig, name: str) -> None:
         self._config = config
         self._name = name
         self._node_id = raycalls.current_node_id()

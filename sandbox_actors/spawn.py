@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import raycalls
+from .actorconfig import ActorConfig
 from .config import SandboxConfig
 from .options import (
     reaper_options,
@@ -23,7 +24,8 @@ from .sandbox import SandboxActor
 def sandbox_actor(config: SandboxConfig, node_id: str | None = None) -> tuple[Any, str]:
     """A new SandboxActor (serving no sandbox until ``start``): (handle, name)."""
     options = sandbox_actor_options(config, node_id)
-    return raycalls.remote_class(SandboxActor).options(**options).remote(config, options["name"]), options["name"]
+    actor = raycalls.remote_class(SandboxActor).options(**options).remote(ActorConfig.of(config), options["name"])
+    return actor, options["name"]
 
 
 def reaper(config: SandboxConfig, node_id: str) -> Any:

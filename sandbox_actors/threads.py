@@ -12,11 +12,15 @@ import os
 import re
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backends import Mount
 
-from .config import SandboxConfig
 from .errors import InvalidThreadId
+
+if TYPE_CHECKING:
+    from .actorconfig import ActorConfig
+    from .config import SandboxConfig
 
 MAX_THREAD_ID_BYTES = 1024
 SANDBOX_ID_HEX = 24
@@ -77,7 +81,7 @@ def thread_dir(base_dir: str, thread_id: str) -> Path:
     return Path(base_dir) / "threads" / thread_dir_name(thread_id) / "user-data"
 
 
-def ensure_thread_dirs(config: SandboxConfig, thread_id: str) -> Path:
+def ensure_thread_dirs(config: SandboxConfig | ActorConfig, thread_id: str) -> Path:
     """Create the thread's workspace/uploads/outputs (on the local filesystem) and return their parent."""
     root = thread_dir(config.base_dir, thread_id)
     for name in USER_DATA_DIRS:
@@ -85,7 +89,7 @@ def ensure_thread_dirs(config: SandboxConfig, thread_id: str) -> Path:
     return root
 
 
-def sandbox_mounts(config: SandboxConfig, thread_id: str | None) -> tuple[Mount, ...]:
+def sandbox_mounts(config: SandboxConfig | ActorConfig, thread_id: str | None) -> tuple[Mount, ...]:
     """Every bind mount for a sandbox: thread dirs, skills (read-only), extra mounts.
 
     Creates the thread directories. Mount sources use the host-side base dir
