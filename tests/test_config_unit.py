@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from sandbox_actors.actorconfig import ActorConfig
 from sandbox_actors.config import SandboxConfig, load_config
 from sandbox_actors.errors import ConfigError, InvalidThreadId
 from sandbox_actors.threads import (
@@ -162,3 +166,38 @@ def test_ray_worker_start_warnings_are_replaced_by_one_line_of_ours():
     print("after", file=stream)
     stream.write("a line\n" + warning + "\nanother\n")
     assert out.getvalue() == f"before\n{EXPLANATION}\nafter\na line\nanother\n"
+
+
+_UNPICKLE_WITHOUT_PYDANTIC = """
+import pickle, sys
+sys.path.insert(0, sys.argv[1])
+sys.modules["pydantic"] = None  # any import of it fails
+config = pickle.loads(sys.stdin.buffer.read())
+print(config.pool_name, config.limits.memory, config.provisioner.resolved_api_key({"KEY": "k"}))
+"""
+
+
+def test_the_actors_copy_of_the_config_says_what_the_config_says(tmp_path: Path, monkeypatch):
+    skills = tmp_path / "skills"
+    skills.mkdir()
+    config = SandboxConfig(
+        base_dir=str(tmp_path / "inside"), host_base_dir="/host/base", skills_path=str(skills),
+        mounts=[{"host_path": "/data", "container_path": "/mnt/data", "read_only": True}],
+        environment={"A": "plain", "B": "$SBX_TEST_B"}, limits={"memory": "2g", "pids": 64},
+        network={"egress": "allowlist", "allow": ["10.1.0.0/16:443"]},
+    )
+    copy = ActorConfig.of(config)
+    assert sandbox_mounts(copy, "t1") == sandbox_mounts(config, "t1")
+    monkeypatch.setenv("SBX_TEST_B", "from the node")
+    assert copy.resolved_environment() == config.resolved_environment() == {"A": "plain", "B": "from the node"}
+    assert copy.network_policy == config.network.policy() and copy.provisioner is None
+    assert (copy.limits.memory, copy.limits.pids, copy.limits.cpus) == ("2g", 64, 1.0)
+
+    remote = ActorConfig.of(SandboxConfig(backend={"kind": "provisioner", "url": "http://p:8002", "api_key": "$KEY"},
+                                          container_prefix="sbx", pool_name="far"))
+    assert remote.provisioner.url == "http://p:8002" and "KEY" not in repr(remote)
+    repo = str(Path(__file__).resolve().parent.parent)
+    child = subprocess.run([sys.executable, "-c", _UNPICKLE_WITHOUT_PYDANTIC, repo], input=pickle.dumps(remote),
+                           capture_output=True, timeout=60)
+    assert child.returncode == 0, child.stderr.decode()
+    assert child.stdout.decode().split() == ["far", "1g", "k"]
