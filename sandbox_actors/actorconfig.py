@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from backends.base import Limits
+from backends.base import Limits, Mount
 from backends.firewall import NetworkPolicy
 
 if TYPE_CHECKING:
@@ -36,15 +36,6 @@ def resolve(value: str, source: Mapping[str, str] | None = None) -> str:
 def resolve_environment(environment: Mapping[str, str], source: Mapping[str, str] | None = None) -> dict[str, str]:
     """``environment`` with each ``$NAME`` value read from ``source`` (default: os.environ)."""
     return {key: resolve(value, source) for key, value in environment.items()}
-
-
-@dataclass(frozen=True)
-class ExtraMount:
-    """An extra bind mount of every sandbox (``mounts``)."""
-
-    host_path: str
-    container_path: str
-    read_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,7 +78,7 @@ class ActorConfig:
     thread_mounts: bool
     base_dir: str
     host_dir: str
-    mounts: tuple[ExtraMount, ...]
+    mounts: tuple[Mount, ...]  # the extra mounts of every sandbox (``mounts``)
     skills_path: str | None
     host_skills_path: str | None
     skills_container_path: str
@@ -109,7 +100,7 @@ class ActorConfig:
             runtime=config.runtime, read_only_rootfs=config.read_only_rootfs, socket_dir=config.socket_dir,
             host_socket_dir=config.host_socket_dir, environment=dict(config.environment),
             thread_mounts=config.thread_mounts, base_dir=config.base_dir, host_dir=config.host_dir,
-            mounts=tuple(ExtraMount(m.host_path, m.container_path, m.read_only) for m in config.mounts),
+            mounts=tuple(Mount(m.host_path, m.container_path, m.read_only) for m in config.mounts),
             skills_path=config.skills_path, host_skills_path=config.host_skills_path,
             skills_container_path=config.skills_container_path,
         )
