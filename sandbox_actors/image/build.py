@@ -56,16 +56,19 @@ RUN echo '{COMMAND_USER}:x:{COMMAND_UID}:{COMMAND_UID}:sandbox:/home/{COMMAND_US
  && chown {COMMAND_UID}:{COMMAND_UID} /home/{COMMAND_USER} \\
  && chown -R {COMMAND_UID}:{COMMAND_UID} /usr/local
 COPY server.py /opt/sandbox/server.py
+RUN /usr/bin/python3 -I -S -c "import py_compile; py_compile.compile('/opt/sandbox/server.py', \\
+    cfile='/opt/sandbox/server.pyc', doraise=True)"
 ENV LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 SANDBOX_USER={COMMAND_USER}
 LABEL sandbox-actors.api-socket="{API_SOCKET}" sandbox-actors.command-users='{COMMAND_USERS}'
 WORKDIR /home/{COMMAND_USER}
 EXPOSE 8080
-CMD ["/usr/bin/python3", "-I", "-S", "-u", "/opt/sandbox/server.py"]
+CMD ["/usr/bin/python3", "-I", "-S", "-u", "/opt/sandbox/server.pyc"]
 """
 # The server starts as root from a filesystem the agent wrote to (a resumed or forked sandbox's),
 # and the agent owns /usr/local: so an absolute interpreter (not a python3 it put first on PATH),
 # and neither site-packages (a .pth of its) nor PYTHON* variables (-I -S: the server needs the
-# standard library only).
+# standard library only). It runs compiled at build time: compiling its source took ~11 ms of each
+# sandbox's start here.
 
 
 class ImageBuildError(SandboxError):
