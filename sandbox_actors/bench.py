@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from .console import run_all
@@ -52,103 +52,70 @@ class Bench:
         self.runtime = runtime
         self.out = out
         self.results: dict[str, Any] = {}
-        self._engine_calls: set[asyncio.Future[Any]] = set()  # the floor's engine calls under way
+        self._floor: FloorEngine | None = None  # bare starts measured beside the pool's figures
 
     def say(self, text: str) -> None:
         self.out(f"  {text}")
 
     # ── the floor: no Ray ─────────────────────────────────────────────────
 
-    def _spec(self, pool: str, image: str, runtime: str | None = None) -> Any:
-        from backends import Limits, SandboxSpec
-
-        return SandboxSpec(sandbox_id=secrets.token_hex(12), pool=pool, image=image, token=secrets.token_urlsafe(16),
-                           limits=Limits(), runtime=runtime)
-
-    async def _engine(self, call: Awaitable[T]) -> T:
-        """A floor call to the engine, shielded and kept: an interrupt cancels the caller, never the
-        call in the engine's thread, and the floor's cleanup waits for every one before it removes
-        what exists (a create it missed, or a removal half done, would keep the network)."""
-        task = asyncio.ensure_future(call)
-        self._engine_calls.add(task)
-        task.add_done_callback(self._engine_calls.discard)
-        return await asyncio.shield(task)
-
-    async def _bare_start(self, backend: Any, spec: Any, first_command: bool = False) -> float:
-        """create + start + readiness of one container through the engine, polled from 10 ms on;
-        with ``first_command``, also run ``true`` in it (what each thread of a burst does)."""
-        from backends import SandboxAPI
-
-        started = time.perf_counter()
-        record = await self._engine(backend.create(spec))
-        api = SandboxAPI(record.url, record.token)
-        try:
-            await api.wait_ready(60, lambda: backend.is_running(spec.sandbox_id),
-                                 lambda: backend.logs_tail(spec.sandbox_id), interval=0.01)
-            if first_command:
-                await api.shell_exec("true", timeout=60)
-        finally:
-            await api.aclose()
-        return time.perf_counter() - started
-
-    def floor(self, image: str, pool: str, prefix: str, runtime: str | None = None) -> None:
+    def floor(self, image: str, pool: str, runtime: str | None = None) -> None:
         """Bare starts on the same isolated network (or none) the pool's sandboxes get; with
         ``runtime``, only the single starts, under that runtime (row ``floor_<runtime>``)."""
-        from backends import DockerBackend
-        from backends.firewall import NetworkPolicy
-
-        async def body() -> None:
-            backend = DockerBackend(prefix, policy=NetworkPolicy(egress="none") if runtime else None)
-            try:
-                await measure(backend)
-            finally:  # also when interrupted: nothing of the floor stays behind
-                await asyncio.gather(*self._engine_calls, return_exceptions=True)
-                # The engine may still count a container just removed as on the network ("active
-                # endpoints") for a moment: ask again until the network is gone (10 s at most).
-                for _ in range(50):
-                    for record in await backend.list(pool):
-                        await backend.destroy(record.sandbox_id)
-                    await backend.teardown(pool)
-                    network = backend.network(pool)
-                    if not network.policy.networked or not await asyncio.to_thread(network.exists):
-                        break
-                    await asyncio.sleep(0.2)
-                await backend.close()
-
-        async def measure(backend: Any) -> None:
-            warmup = self._spec(pool, image, runtime)  # the engine client's own start-up is not the floor
-            await self._bare_start(backend, warmup)
-            await self._engine(backend.destroy(warmup.sandbox_id))
-            samples = []
-            for _ in range(self.n):
-                spec = self._spec(pool, image, runtime)
-                samples.append(await self._bare_start(backend, spec))
-                await self._engine(backend.destroy(spec.sandbox_id))
+        engine = FloorEngine(image, pool, runtime)
+        try:
+            engine.single()  # the engine client's own start-up is not the floor
+            samples = [engine.single() for _ in range(self.n)]
             self.results[f"floor_{runtime}" if runtime else "floor"] = summarize(samples)
             if runtime:
                 return
             rounds = []
             for _ in range(self.rounds):
-                specs = [self._spec(pool, image) for _ in range(self.burst_n)]
-                started = time.perf_counter()
-                done = await asyncio.gather(*(self._bare_start(backend, s, first_command=True) for s in specs),
-                                            return_exceptions=True)
-                rounds.append((sum(1 for d in done if not isinstance(d, BaseException)), time.perf_counter() - started))
+                rounds.append(engine.burst(self.burst_n))
                 self.say(f"burst round {len(rounds)}/{self.rounds}: {rounds[-1][0]}/{self.burst_n} ok "
                          f"in {rounds[-1][1]:.2f}s")
-                await asyncio.gather(*(self._engine(backend.destroy(s.sandbox_id)) for s in specs))
             self.results["floor_burst"] = self._burst_row(rounds)
+        finally:
+            engine.close()
 
-        asyncio.run(body())
+    def _beside(self, pool: Any, measure: Callable[[], Any], floor: Callable[[], Any], first: bool,
+                actors: int | None = None) -> Any:
+        """``measure`` and a floor measurement right beside it (``floor`` first when ``first``),
+        so that both see the machine as it is then: this machine's speed drifts by 10-20% over a
+        run, more than the targets' margins. The floor waits, as ``measure`` does, for the pool's
+        spare actors (``actors``, else the config's) to be there and none still starting. Returns
+        what ``measure`` returns."""
+        def quiet_floor() -> None:
+            if self._floor is not None:
+                self._wait_spares(pool, actors=pool.config.spare_actors if actors is None else actors, timeout=600)
+                floor()
+
+        if first:
+            quiet_floor()
+        value = measure()
+        if not first:
+            quiet_floor()
+        return value
+
+    def _floor_single(self, into: list[float]) -> None:
+        assert self._floor is not None
+        into.append(self._floor.single())
+
+    def _floor_round(self, into: list[float]) -> None:
+        assert self._floor is not None
+        into.append(self._floor.burst(self.burst_n)[1])
 
     # ── through the pool ──────────────────────────────────────────────────
 
     @staticmethod
     def _wait_spares(pool: Any, actors: int = 0, sandboxes: int = 0, timeout: float = 120.0) -> None:
+        """Until the pool has its spares (and none is still starting: a new worker process costs
+        ~0.3 s of CPU, which would slow what is measured next)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             stats = pool.stats()
-            if stats["spare_actors"] >= actors and stats["states"]["spare"] >= sandboxes:
+            if (stats["spare_actors"] >= actors and stats["states"]["spare"] >= sandboxes
+                    and not stats.get("spares_starting")):
                 return
             time.sleep(0.05)
 
@@ -157,19 +124,33 @@ class Bench:
         value = call()
         return value, time.perf_counter() - started
 
-    def cold(self, pool: Any, key: str = "cold") -> None:
-        cold = []
-        for i in range(self.n):
+    def cold(self, pool: Any, key: str = "cold", beside: bool = True) -> None:
+        """New threads one at a time, each after the spare actors are back; with ``beside``, a
+        bare start alternately before and after each (``floor_beside``)."""
+        cold: list[float] = []
+        floors: list[float] = []
+
+        def one(i: int) -> None:
             self._wait_spares(pool, actors=pool.config.spare_actors)
             box, seconds = self._timed(lambda: pool.acquire(f"cold-{i}"))
             assert box.path == "cold", box.path
             cold.append(seconds)
             pool.destroy(box)
-        self.results[key] = summarize(cold)
+
+        for i in range(self.n):
+            if beside:
+                self._beside(pool, lambda: one(i), lambda: self._floor_single(floors), first=i % 2 == 0)
+            else:
+                one(i)
+        self.results[key] = {**summarize(cold), **self._floor_figure(floors)}
+
+    @staticmethod
+    def _floor_figure(floors: list[float]) -> dict[str, Any]:
+        return {"floor_beside": summarize(floors)["p50"]} if floors else {}
 
     def under_runtime(self, pool: Any) -> None:
         """Cold start and exec of sandboxes under ``self.runtime`` (rows suffixed with its name)."""
-        self.cold(pool, f"cold_{self.runtime}")
+        self.cold(pool, f"cold_{self.runtime}", beside=False)  # its floor: floor_<runtime>
         self._exec(pool.acquire("steady"), f"_{self.runtime}")
 
     def paths(self, pool: Any, address: str) -> None:
@@ -253,12 +234,16 @@ class Bench:
         latencies = [o for o in outcomes if isinstance(o, float)]
         return len(latencies), wall, latencies
 
-    def burst(self, pool: Any, key: str, rounds: int, wait_spares: int | None = None, keep_last: bool = True) -> None:
+    def burst(self, pool: Any, key: str, rounds: int, wait_spares: int | None = None, keep_last: bool = True,
+              ray_beside: bool = False) -> None:
         """``rounds`` bursts of new threads, each thread acquiring and running ``true``; before
         each, the spare actors are awaited (``wait_spares``, else the config's). The last round's
-        sandboxes are kept with ``keep_last`` (the memory figures read them)."""
-        measured, per_round = [], []
-        for r in range(rounds):
+        sandboxes are kept with ``keep_last`` (the memory figures read them). Beside each round,
+        a floor burst, alternately before and after (before a kept last round); with
+        ``ray_beside``, also a round of Ray's own floor (both before)."""
+        measured, per_round, floors, ray_floors = [], [], [], []  # type: ignore[var-annotated]
+
+        def one(r: int) -> None:
             self._wait_spares(pool, actors=pool.config.spare_actors if wait_spares is None else wait_spares,
                               timeout=600)
             spares = pool.stats()["spare_actors"]
@@ -271,13 +256,32 @@ class Bench:
             if r < rounds - 1 or not keep_last:
                 for row in pool.list():
                     pool.destroy(row["sandbox_id"])
+
+        def floor() -> None:
+            self._floor_round(floors)
+            if ray_beside:
+                ray_floors.append(self._ray_round()[1])
+
+        for r in range(rounds):
+            first = r % 2 == 0 or ray_beside or (keep_last and r == rounds - 1)
+            self._beside(pool, lambda: one(r), floor, first=first, actors=wait_spares)
         self.results[key] = {**self._burst_row(measured), "spare_actors": per_round[-1]["spare_actors"],
-                             "rounds": per_round}
+                             "rounds": per_round, **self._floors_beside(floors, ray_floors)}
+
+    @staticmethod
+    def _floors_beside(floors: Sequence[float], ray_floors: Sequence[float] = ()) -> dict[str, Any]:
+        """The floor bursts measured beside a burst figure: their median and each round."""
+        figure: dict[str, Any] = {}
+        for key, walls in (("floor_beside", floors), ("ray_floor_beside", ray_floors)):
+            if walls:
+                figure[f"{key}_s"] = round(sorted(walls)[len(walls) // 2], 3)
+                figure[f"{key}_rounds_s"] = [round(wall, 3) for wall in walls]
+        return figure
 
     def default_bursts(self, pool: Any) -> None:
         """On the default config: a first burst (nothing learned: ``burst_default``), then, once its
         sandboxes are gone and the pool has grown its spares to that burst, ``burst_repeat``."""
-        self.burst(pool, "burst_default", 1, keep_last=False)
+        self.burst(pool, "burst_default", 1, keep_last=False, ray_beside=True)
         self.say("waiting for the pool to grow its spare actors to the burst")
         self._wait_spares(pool, actors=self.burst_n, timeout=600)
         time.sleep(2)  # let the last spare's start-up settle: measure the steady state
@@ -341,21 +345,25 @@ class Bench:
     def ray_floor(self) -> None:
         """Ray's own cost here: ``burst_n`` trivial actors (num_cpus=0, nothing imported) created at
         once, until all answer; the median of ``rounds``."""
+        measured = []
+        for r in range(self.rounds):
+            measured.append(self._ray_round())
+            self.say(f"round {r + 1}/{self.rounds}: {self.burst_n} trivial actors answering in {measured[-1][1]:.2f}s")
+        self.results["ray_floor_burst"] = self._burst_row(measured)
+
+    def _ray_round(self) -> tuple[int, float]:
+        """One round of Ray's floor, its processes gone after it. Returns (answered, wall seconds)."""
         import ray
 
         trivial = _trivial_actor()
-        measured = []
-        for r in range(self.rounds):
-            started = time.perf_counter()
-            actors = [trivial.remote() for _ in range(self.burst_n)]
-            answered = ray.get([a.ping.remote() for a in actors], timeout=600)
-            measured.append((len(answered), time.perf_counter() - started))
-            self.say(f"round {r + 1}/{self.rounds}: {self.burst_n} trivial actors answering in {measured[-1][1]:.2f}s")
-            pids = set(answered)
-            for actor in actors:
-                ray.kill(actor)
-            _wait_gone(pids)
-        self.results["ray_floor_burst"] = self._burst_row(measured)
+        started = time.perf_counter()
+        actors = [trivial.remote() for _ in range(self.burst_n)]
+        answered = ray.get([a.ping.remote() for a in actors], timeout=600)
+        wall = time.perf_counter() - started
+        for actor in actors:
+            ray.kill(actor)
+        _wait_gone(set(answered))
+        return len(answered), wall
 
     def memory(self, pool: Any) -> None:
         import psutil
@@ -403,7 +411,15 @@ class Bench:
             finally:
                 await backend.close()
 
-        sleep, wake, freed = [], [], []
+        sleep, wake, freed, floors = [], [], [], []  # type: ignore[var-annotated]
+
+        def resume(i: int) -> None:
+            self._wait_spares(pool, actors=pool.config.spare_actors)
+            again, seconds = self._timed(lambda: pool.acquire(f"sleeper-{i}"))
+            assert again.path == "resumed" and again.read_file("/tmp/kept.txt").strip() == "kept", again.path
+            wake.append(seconds)
+            pool.destroy(again)
+
         for i in range(self.n):
             box = pool.acquire(f"sleeper-{i}")
             box.exec("echo kept > /tmp/kept.txt")
@@ -412,11 +428,9 @@ class Bench:
             held = psutil.Process(pid).memory_full_info().uss / 2**20 + in_container
             sleep.append(self._timed(lambda: pool.hibernate(box))[1])
             freed.append(held)
-            again, seconds = self._timed(lambda: pool.acquire(f"sleeper-{i}"))
-            assert again.path == "resumed" and again.read_file("/tmp/kept.txt").strip() == "kept", again.path
-            wake.append(seconds)
-            pool.destroy(again)
-        self.results["hibernate"], self.results["resume"] = summarize(sleep), summarize(wake)
+            self._beside(pool, lambda: resume(i), lambda: self._floor_single(floors), first=i % 2 == 0)
+        self.results["hibernate"] = summarize(sleep)
+        self.results["resume"] = {**summarize(wake), **self._floor_figure(floors)}
         self.results["hibernate_frees_mb"] = round(sorted(freed)[len(freed) // 2], 1)
 
         source = pool.acquire("snapshot-source")
@@ -431,8 +445,9 @@ class Bench:
         source.exec("echo prepared > /tmp/env.txt")
         snap = source.snapshot("bench-fork")
         pool.destroy(source)
-        measured = []
-        for r in range(self.rounds):
+        measured, floors = [], []  # type: ignore[var-annotated]
+
+        def one(r: int) -> None:
             self._wait_spares(pool, actors=pool.config.spare_actors, timeout=600)
             threads = [f"fork-{r}-{i}" for i in range(self.burst_n)]
             started = time.perf_counter()
@@ -441,7 +456,11 @@ class Bench:
             self.say(f"fork round {r + 1}/{self.rounds}: {measured[-1][0]}/{self.burst_n} ok in {measured[-1][1]:.2f}s")
             for row in pool.list():
                 pool.destroy(row["sandbox_id"])
-        self.results["fork_burst"] = {**self._burst_row(measured), "spare_actors": pool.config.spare_actors}
+
+        for r in range(self.rounds):
+            self._beside(pool, lambda: one(r), lambda: self._floor_round(floors), first=r % 2 == 0)
+        self.results["fork_burst"] = {**self._burst_row(measured), "spare_actors": pool.config.spare_actors,
+                                      **self._floors_beside(floors)}
 
     def scale_run(self, pool: Any) -> None:
         started = time.perf_counter()
@@ -474,10 +493,10 @@ class Bench:
                 return SandboxConfig(**values)
 
             self.out("floor: bare container + readiness through the engine, no Ray")
-            self.floor(image, "bench-floor", "bench-floor")
+            self.floor(image, "bench-floor")
             if self.runtime:
                 self.out(f"floor under runtime {self.runtime}")
-                self.floor(image, "bench-floor-rt", "bench-floor-rt", runtime=self.runtime)
+                self.floor(image, "bench-floor-rt", runtime=self.runtime)
             ray.init(address="local", logging_level=logging.ERROR, include_dashboard=False)
             try:
                 address = ray.get_runtime_context().gcs_address
@@ -506,16 +525,120 @@ class Bench:
                     stages.append((f"cold start and exec under runtime {self.runtime} (no network)",
                                    config("bench-runtime", runtime=self.runtime, network={"egress": "none"}),
                                    self.under_runtime))
-                for title, cfg, stage in stages:
-                    self.out(title)
-                    pool = sandbox_actors.connect(cfg)
-                    try:
-                        stage(pool)
-                    finally:
-                        pool.shutdown()
+                # Bare starts beside the pool's figures, on a network of their own (see _beside).
+                self._floor = FloorEngine(image, "bench-beside")
+                try:
+                    self._floor.single()  # its engine client's own start-up
+                    for title, cfg, stage in stages:
+                        self.out(title)
+                        pool = sandbox_actors.connect(cfg)
+                        try:
+                            stage(pool)
+                        finally:
+                            pool.shutdown()
+                finally:
+                    floor, self._floor = self._floor, None
+                    floor.close()
             finally:
                 ray.shutdown()
         return self.results
+
+
+class FloorEngine:
+    """Bare container starts through the engine, no Ray: create + start + readiness (polled from
+    10 ms on) of the image on an isolated network of its own (or none, under ``runtime``), as
+    the pool's sandboxes get. Engine calls are shielded and kept: an interrupt cancels the caller,
+    never the call in the engine's thread, and :meth:`close` waits for every one before it removes
+    what exists (a create it missed, or a removal half done, would keep the network)."""
+
+    def __init__(self, image: str, pool: str, runtime: str | None = None) -> None:
+        from backends import DockerBackend
+        from backends.firewall import NetworkPolicy
+
+        self._image, self._pool, self._runtime = image, pool, runtime
+        self._loop = asyncio.new_event_loop()
+        self._backend = DockerBackend(pool, policy=NetworkPolicy(egress="none") if runtime else None)
+        self._calls: set[asyncio.Future[Any]] = set()
+
+    def _spec(self) -> Any:
+        from backends import Limits, SandboxSpec
+
+        return SandboxSpec(sandbox_id=secrets.token_hex(12), pool=self._pool, image=self._image,
+                           token=secrets.token_urlsafe(16), limits=Limits(), runtime=self._runtime)
+
+    async def _engine(self, call: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(call)
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+        return await asyncio.shield(task)
+
+    async def _start(self, spec: Any, first_command: bool = False) -> float:
+        """One container up and answering; with ``first_command``, also ``true`` run in it (what
+        each thread of a burst does). Seconds."""
+        from backends import SandboxAPI
+
+        backend = self._backend
+        started = time.perf_counter()
+        record = await self._engine(backend.create(spec))
+        api = SandboxAPI(record.url, record.token)
+        try:
+            await api.wait_ready(60, lambda: backend.is_running(spec.sandbox_id),
+                                 lambda: backend.logs_tail(spec.sandbox_id), interval=0.01)
+            if first_command:
+                await api.shell_exec("true", timeout=60)
+        finally:
+            await api.aclose()
+        return time.perf_counter() - started
+
+    def single(self) -> float:
+        """One start, then its removal (not timed). Seconds."""
+        spec = self._spec()
+
+        async def body() -> float:
+            try:
+                return await self._start(spec)
+            finally:
+                await self._engine(self._backend.destroy(spec.sandbox_id))
+
+        return self._loop.run_until_complete(body())
+
+    def burst(self, n: int) -> tuple[int, float]:
+        """``n`` starts at once, each running ``true``, then their removal (not timed). Returns
+        (how many succeeded, wall seconds)."""
+        specs = [self._spec() for _ in range(n)]
+
+        async def body() -> tuple[int, float]:
+            started = time.perf_counter()
+            done = await asyncio.gather(*(self._start(s, first_command=True) for s in specs), return_exceptions=True)
+            wall = time.perf_counter() - started
+            await asyncio.gather(*(self._engine(self._backend.destroy(s.sandbox_id)) for s in specs))
+            return sum(1 for d in done if not isinstance(d, BaseException)), wall
+
+        return self._loop.run_until_complete(body())
+
+    def close(self) -> None:
+        """Remove every container and the network of this floor (also after an interrupt)."""
+        backend = self._backend
+
+        async def body() -> None:
+            await asyncio.gather(*self._calls, return_exceptions=True)
+            # The engine may still count a container just removed as on the network ("active
+            # endpoints") for a moment: ask again until the network is gone (10 s at most).
+            for _ in range(50):
+                for record in await backend.list(self._pool):
+                    await backend.destroy(record.sandbox_id)
+                await backend.teardown(self._pool)
+                network = backend.network(self._pool)
+                if not network.policy.networked or not await asyncio.to_thread(network.exists):
+                    break
+                await asyncio.sleep(0.2)
+            await backend.close()
+
+        try:
+            self._loop.run_until_complete(body())
+            self._loop.run_until_complete(self._loop.shutdown_default_executor())
+        finally:
+            self._loop.close()
 
 
 def _trivial_actor() -> Any:
@@ -557,7 +680,7 @@ TIME_KEYS = ["floor", "cold", "warm", "hot", "prewarmed", "cross_process", "exec
 
 def table(results: dict[str, Any]) -> str:
     floor = results.get("floor", {}).get("p50") or 0
-    lines = [f"{'figure':<16}{'n':>5}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}{'p50/floor':>11}"]
+    lines = [f"{'figure':<16}{'n':>5}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}{'p50/floor':>11}{'p50/beside':>12}"]
     runtimes = sorted(key.removeprefix("floor_") for key in results if key.startswith("floor_") and key != "floor_burst")
     keys = TIME_KEYS + [f"{key}_{runtime}" for runtime in runtimes for key in ("floor", "cold", "exec_actor",
                                                                               "exec_direct")]
@@ -566,7 +689,9 @@ def table(results: dict[str, Any]) -> str:
         if not row:
             continue
         ratio = f"{row['p50'] / floor:.2f}x" if floor else "-"
-        lines.append(f"{key:<16}{row['n']:>5}{row['p50']:>10.1f}{row['p95']:>10.1f}{row['max']:>10.1f}{ratio:>11}")
+        beside = f"{row['p50'] / row['floor_beside']:.2f}x" if row.get("floor_beside") else ""
+        lines.append(f"{key:<16}{row['n']:>5}{row['p50']:>10.1f}{row['p95']:>10.1f}{row['max']:>10.1f}{ratio:>11}"
+                     f"{beside:>12}")
     floor_burst = results.get("floor_burst", {}).get("wall_s")
     ray_floor = results.get("ray_floor_burst", {}).get("wall_s")
     for key in ("floor_burst", "ray_floor_burst", "burst", "burst_default", "burst_repeat", "fork_burst"):
@@ -582,6 +707,13 @@ def table(results: dict[str, Any]) -> str:
         over = f"median of {' '.join(f'{w:.2f}' for w in walls)}" if len(walls) > 1 else "1 round"
         lines.append(f"{key:<16}{row['n']:>5}  ok {row['ok']}/{row['n']}  wall {row['wall_s']:.2f}s  {ratio} "
                      f"({over}{spares})")
+        if row.get("floor_beside_s"):
+            beside = row["floor_beside_s"] + row.get("ray_floor_beside_s", 0)
+            what = "floor + Ray floor bursts" if row.get("ray_floor_beside_s") else "floor burst"
+            walls = " ".join(f"{w:.2f}" for w in row["floor_beside_rounds_s"])
+            ray_walls = " ".join(f"{w:.2f}" for w in row.get("ray_floor_beside_rounds_s", []))
+            lines.append(f"{'':<16}{'':>5}  beside: {row['wall_s'] / beside:.2f}x of the {what} measured beside it "
+                         f"(floor {walls}" + (f", Ray floor {ray_walls}" if ray_walls else "") + ")")
         for r, each in enumerate(row.get("rounds", [])):
             lines.append(f"{'':<16}{'':>5}  round {r + 1}: {each['ok']}/{row['n']} ok in {each['wall_s']:.2f}s, "
                          f"per thread p50 {each['p50']:.0f} ms, p95 {each['p95']:.0f} ms, "

@@ -144,7 +144,8 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"reaped {counters.get('reaped', 0)}, failed {counters.get('failed', 0)}, "
           f"hibernated {counters.get('hibernated', 0)}, resumed {counters.get('resumed', 0)}")
     if "spare_target" in stats:
-        print(f"spare actors: {stats['spare_actors']} waiting, {stats['spare_target']} wanted")
+        print(f"spare actors: {stats['spare_actors']} waiting, {stats.get('spares_starting', 0)} starting, "
+              f"{stats['spare_target']} wanted")
     print(isolation_line(stats.get("isolation") or {}))
     return 0
 

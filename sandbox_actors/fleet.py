@@ -142,6 +142,11 @@ class Fleet:
     def spare_count(self) -> int:
         return len(self._spares)
 
+    @property
+    def spares_starting(self) -> int:
+        """Spare actors being started now (each a new Ray worker process)."""
+        return len(self._adding)
+
     def spare_target(self) -> int:
         """How many spare actors to keep now (see :func:`spare_target`)."""
         peak = self.demand.peak(time.monotonic(), self._config.spare_decay)

@@ -286,6 +286,7 @@ class SandboxPool:
             "pool": config.pool_name, "namespace": config.namespace, "states": self._state.counts(),
             "total": len(self._state.entries), "replicas": config.replicas, "max_sandboxes": config.max_sandboxes,
             "spare_actors": self._life.fleet.spare_count, "spare_target": self._life.fleet.spare_target(),
+            "spares_starting": self._life.fleet.spares_starting,
             "pid": os.getpid(),
             "counters": dict(self._life.tally.counters), "isolation": self._isolation(),
         }

@@ -30,7 +30,13 @@ def test_bench_tiny_writes_every_figure(image, tmp_path, docker_client):
     assert figures["spares_idle"]["n"] >= 3 and figures["spares_idle"]["uss_mb"] > 0
     assert [(row["rate"], row["ok"], row["count"]) for row in figures["arrivals"]] == [(2.0, 6, 6), (8.0, 6, 6)]
     assert figures["actor_uss_mb"] > 0 and figures["hibernate_frees_mb"] > figures["actor_uss_mb"] / 2
-    assert "p50/floor" in result.stdout  # the table with ratios
+    # Floors measured beside the pool's figures, in the same moments (the machine's speed drifts).
+    assert figures["cold"]["floor_beside"] > 0 and figures["resume"]["floor_beside"] > 0
+    for key in ("burst", "burst_default", "burst_repeat", "fork_burst"):
+        assert len(figures[key]["floor_beside_rounds_s"]) == 1 and figures[key]["floor_beside_s"] > 0, key
+    assert figures["burst_default"]["ray_floor_beside_s"] > 0 and "ray_floor_beside_s" not in figures["burst"]
+    assert "p50/floor" in result.stdout and "p50/beside" in result.stdout  # the table with ratios
+    assert "beside: " in result.stdout
     leftovers = docker_client.containers.list(all=True, filters={"label": "sandbox-actors.project=sandbox-actors"})
     assert leftovers == []
     assert docker_client.images.list(filters={"label": "sandbox-actors.snapshot"}) == []  # snapshots went too
