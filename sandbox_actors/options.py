@@ -44,10 +44,14 @@ def sandbox_actor_options(config: SandboxConfig, node_id: str | None = None) -> 
     return options
 
 
+def reaper_name(config: SandboxConfig, node_id: str) -> str:
+    return f"{reaper_prefix(config)}{node_id[:16]}"
+
+
 def reaper_options(config: SandboxConfig, node_id: str) -> dict[str, Any]:
     """The reaper of one node (shared by every caller: get_if_exists)."""
     return {
-        "name": f"{reaper_prefix(config)}{node_id[:16]}",
+        "name": reaper_name(config, node_id),
         "namespace": config.namespace,
         "lifetime": "detached",
         "get_if_exists": True,

@@ -95,10 +95,11 @@ class SandboxActor:
         return await self._backend.warm(self._config.pool_name, self._config.image)
 
     async def start(self, sandbox_id: str, thread_id: str | None, resume: bool = False, image: str | None = None,
-                    image_from: Any = None) -> dict[str, Any]:
+                    image_from: str | None = None) -> dict[str, Any]:
         """Serve ``sandbox_id``: adopt its running container, resume its stopped one (``resume``), or
         create one (of ``image``, a snapshot's, when given), and wait until it answers. A snapshot
-        image this node's engine lacks is fetched from the reaper ``image_from`` (once per node).
+        image this node's engine lacks is fetched from the reaper named ``image_from`` (once per
+        node).
 
         Idempotent for the same sandbox. Raises SandboxOwned when another live
         actor owns the container, and the start errors of a new container.
@@ -124,8 +125,12 @@ class SandboxActor:
             started = await self._runtime.start(resume=resume, image=image)
         return {**await self.describe(), "start_seconds": started.get("start_seconds")}
 
-    async def _fetch_image(self, image: str, source: Any) -> None:
+    async def _fetch_image(self, image: str, source_name: str) -> None:
         began = time.monotonic()
+        source = await asyncio.to_thread(raycalls.get_actor, source_name, self._config.namespace)
+        if source is None:
+            raise ImageNotFound(f"image {image} is not on this node's engine, and the reaper of the node that has it "
+                                f"({source_name}) is gone; take a new snapshot")
         archive = await raycalls.call(source.export_image.remote(image), _IMAGE_TIMEOUT, f"export {image}")
         await self._backend.import_image(archive)
         self._fetched = {"image": image, "bytes": len(archive), "seconds": round(time.monotonic() - began, 3)}

@@ -131,7 +131,7 @@ class FakeFleet:
         return False
 
     async def start(self, actor: FakeActor, sandbox_id: str, thread_id: str | None, resume: bool = False,
-                    image: str | None = None, image_from: Any = None) -> dict[str, Any]:
+                    image: str | None = None, image_from: str | None = None) -> dict[str, Any]:
         await self._pass("start")
         if self.engine_down:
             raise BackendUnavailable("engine down")
