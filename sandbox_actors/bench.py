@@ -698,7 +698,7 @@ def table(results: dict[str, Any]) -> str:
         ratio = f"{row['p50'] / floor:.2f}x" if floor else "-"
         beside = f"{row['p50'] / row['floor_beside']:.2f}x" if row.get("floor_beside") else ""
         lines.append(f"{key:<16}{row['n']:>5}{row['p50']:>10.1f}{row['p95']:>10.1f}{row['max']:>10.1f}{ratio:>11}"
-                     f"{beside:>12}")
+                     f"{beside:>12}".rstrip())
     floor_burst = results.get("floor_burst", {}).get("wall_s")
     ray_floor = results.get("ray_floor_burst", {}).get("wall_s")
     for key in ("floor_burst", "ray_floor_burst", "burst", "burst_default", "burst_repeat", "fork_burst"):
