@@ -597,6 +597,17 @@ class FloorEngine:
             await api.aclose()
         return time.perf_counter() - started
 
+    def _run(self, work: Awaitable[T]) -> T:
+        """Run ``work`` on this floor's loop; an interrupt cancels it (as ``asyncio.run`` does), so
+        its ``finally`` clauses run, and is raised again."""
+        task = asyncio.ensure_future(work, loop=self._loop)
+        try:
+            return self._loop.run_until_complete(task)
+        except BaseException:
+            task.cancel()
+            self._loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
+            raise
+
     def single(self) -> float:
         """One start, then its removal (not timed). Seconds."""
         spec = self._spec()
@@ -607,7 +618,7 @@ class FloorEngine:
             finally:
                 await self._engine(self._backend.destroy(spec.sandbox_id))
 
-        return self._loop.run_until_complete(body())
+        return self._run(body())
 
     def burst(self, n: int) -> tuple[int, float]:
         """``n`` starts at once, each running ``true``, then their removal (not timed). Returns
@@ -621,31 +632,35 @@ class FloorEngine:
             await asyncio.gather(*(self._engine(self._backend.destroy(s.sandbox_id)) for s in specs))
             return sum(1 for d in done if not isinstance(d, BaseException)), wall
 
-        return self._loop.run_until_complete(body())
+        return self._run(body())
 
     def close(self) -> None:
         """Remove every container and the network of this floor (also after an interrupt)."""
         backend = self._backend
 
         async def body() -> None:
-            await asyncio.gather(*self._calls, return_exceptions=True)
-            # The engine may still count a container just removed as on the network ("active
-            # endpoints") for a moment: ask again until the network is gone (10 s at most).
-            for _ in range(50):
-                for record in await backend.list(self._pool):
-                    await backend.destroy(record.sandbox_id)
-                await backend.teardown(self._pool)
-                network = backend.network(self._pool)
-                if not network.policy.networked or not await asyncio.to_thread(network.exists):
-                    break
-                await asyncio.sleep(0.2)
-            await backend.close()
+            try:
+                await asyncio.gather(*self._calls, return_exceptions=True)
+                # The engine may still count a container just removed as on the network ("active
+                # endpoints") for a moment: ask again until the network is gone (10 s at most).
+                for _ in range(50):
+                    for record in await backend.list(self._pool):
+                        await backend.destroy(record.sandbox_id)
+                    await backend.teardown(self._pool)
+                    network = backend.network(self._pool)
+                    if not network.policy.networked or not await asyncio.to_thread(network.exists):
+                        break
+                    await asyncio.sleep(0.2)
+            finally:
+                await backend.close()
 
         try:
-            self._loop.run_until_complete(body())
-            self._loop.run_until_complete(self._loop.shutdown_default_executor())
+            self._run(body())
         finally:
-            self._loop.close()
+            try:
+                self._loop.run_until_complete(self._loop.shutdown_default_executor())
+            finally:
+                self._loop.close()
 
 
 def _trivial_actor() -> Any:

@@ -235,7 +235,7 @@ class Fleet:
     async def start(self, actor: Any, sandbox_id: str, thread_id: str | None, resume: bool = False,
                     image: str | None = None, image_from: str | None = None) -> dict[str, Any]:
         """Have ``actor`` serve ``sandbox_id``: adopt its running container, start its stopped one
-        again (``resume``), or create one (of a snapshot's ``image``, fetched from the reaper
+        again (``resume``), or create one (of a snapshot's ``image``, fetched from the reaper named
         ``image_from`` when this node's engine lacks it).
 
         Raises:

@@ -101,6 +101,10 @@ class FakeFleet:
         return set()
 
     @property
+    def spares_starting(self) -> int:
+        return 0
+
+    @property
     def spare_count(self) -> int:
         return 0
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Minimal AIO-sandbox-compatible HTTP server, standard library only.
 
-Runs inside the sandbox container as ``python3 /opt/sandbox/server.py`` and implements
+Runs inside the sandbox container as ``/usr/bin/python3 -I -S -u /opt/sandbox/server.pyc``
+(compiled from this file when the image is built) and implements
 the subset of the AIO sandbox API that sandbox_actors and the ``agent-sandbox`` SDK use:
 
   GET  /v1/sandbox          readiness probe + environment info (SandboxResponse)
