@@ -9,6 +9,7 @@ straight through the engine, since absolute times vary from run to run.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import secrets
@@ -241,7 +242,7 @@ class Bench:
         sandboxes are kept with ``keep_last`` (the memory figures read them). Beside each round,
         a floor burst, alternately before and after (before a kept last round); with
         ``ray_beside``, also a round of Ray's own floor (both before)."""
-        measured, per_round, floors, ray_floors = [], [], [], []  # type: ignore[var-annotated]
+        measured, per_round, floors, ray_floors, at_once = [], [], [], [], []  # type: ignore[var-annotated]
 
         def one(r: int) -> None:
             self._wait_spares(pool, actors=pool.config.spare_actors if wait_spares is None else wait_spares,
@@ -261,18 +262,20 @@ class Bench:
             self._floor_round(floors)
             if ray_beside:
                 ray_floors.append(self._ray_round()[1])
+                at_once.append(self._at_once_round())
 
         for r in range(rounds):
             first = r % 2 == 0 or ray_beside or (keep_last and r == rounds - 1)
             self._beside(pool, lambda: one(r), floor, first=first, actors=wait_spares)
         self.results[key] = {**self._burst_row(measured), "spare_actors": per_round[-1]["spare_actors"],
-                             "rounds": per_round, **self._floors_beside(floors, ray_floors)}
+                             "rounds": per_round, **self._floors_beside(floors, ray_floors, at_once)}
 
     @staticmethod
-    def _floors_beside(floors: Sequence[float], ray_floors: Sequence[float] = ()) -> dict[str, Any]:
+    def _floors_beside(floors: Sequence[float], ray_floors: Sequence[float] = (),
+                       at_once: Sequence[float] = ()) -> dict[str, Any]:
         """The floor bursts measured beside a burst figure: their median and each round."""
         figure: dict[str, Any] = {}
-        for key, walls in (("floor_beside", floors), ("ray_floor_beside", ray_floors)):
+        for key, walls in (("floor_beside", floors), ("ray_floor_beside", ray_floors), ("at_once_beside", at_once)):
             if walls:
                 figure[f"{key}_s"] = round(sorted(walls)[len(walls) // 2], 3)
                 figure[f"{key}_rounds_s"] = [round(wall, 3) for wall in walls]
@@ -364,6 +367,30 @@ class Bench:
             ray.kill(actor)
         _wait_gone(set(answered))
         return len(answered), wall
+
+    def _at_once_round(self) -> float:
+        """Both floors of a first burst at once: ``burst_n`` trivial actors created while a floor
+        burst of ``burst_n`` bare containers runs, until all answer. What a first burst asks of the
+        machine (a new worker process and a container per thread) without any of our code: each
+        floor measured alone leaves out what running them together costs. Wall seconds."""
+        import ray
+
+        assert self._floor is not None
+        trivial = _trivial_actor()
+        answered: list[int] = []
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            started = time.perf_counter()
+            actors = [trivial.remote() for _ in range(self.burst_n)]
+            pings = executor.submit(ray.get, [a.ping.remote() for a in actors], timeout=600)
+            try:
+                self._floor.burst(self.burst_n)
+                answered = pings.result()
+                wall = time.perf_counter() - started
+            finally:
+                for actor in actors:
+                    ray.kill(actor)
+        _wait_gone(set(answered))
+        return wall
 
     def memory(self, pool: Any) -> None:
         import psutil
@@ -736,6 +763,10 @@ def table(results: dict[str, Any]) -> str:
             ray_walls = " ".join(f"{w:.2f}" for w in row.get("ray_floor_beside_rounds_s", []))
             lines.append(f"{'':<16}{'':>5}  beside: {row['wall_s'] / beside:.2f}x of the {what} measured beside it "
                          f"(floor {walls}" + (f", Ray floor {ray_walls}" if ray_walls else "") + ")")
+        if row.get("at_once_beside_s"):
+            walls = " ".join(f"{w:.2f}" for w in row["at_once_beside_rounds_s"])
+            lines.append(f"{'':<16}{'':>5}  beside: {row['wall_s'] / row['at_once_beside_s']:.2f}x of both floors "
+                         f"at once ({walls})")
         for r, each in enumerate(row.get("rounds", [])):
             lines.append(f"{'':<16}{'':>5}  round {r + 1}: {each['ok']}/{row['n']} ok in {each['wall_s']:.2f}s, "
                          f"per thread p50 {each['p50']:.0f} ms, p95 {each['p95']:.0f} ms, "

@@ -35,6 +35,9 @@ def test_bench_tiny_writes_every_figure(image, tmp_path, docker_client):
     for key in ("burst", "burst_default", "burst_repeat", "fork_burst"):
         assert len(figures[key]["floor_beside_rounds_s"]) == 1 and figures[key]["floor_beside_s"] > 0, key
     assert figures["burst_default"]["ray_floor_beside_s"] > 0 and "ray_floor_beside_s" not in figures["burst"]
+    # A first burst's own floor: trivial actors and bare containers started at once.
+    assert figures["burst_default"]["at_once_beside_s"] > 0 and "at_once_beside_s" not in figures["burst_repeat"]
+    assert "of both floors at once" in result.stdout
     assert "p50/floor" in result.stdout and "p50/beside" in result.stdout  # the table with ratios
     assert "beside: " in result.stdout
     leftovers = docker_client.containers.list(all=True, filters={"label": "sandbox-actors.project=sandbox-actors"})
