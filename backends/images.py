@@ -63,7 +63,11 @@ class ImageStore:
         labels: Mapping[str, str],
         progress: Callable[[str], None] = lambda line: None,
     ) -> None:
-        """Build ``tag`` from a context of ``files`` (one must be 'Dockerfile'); no pulls."""
+        """Build ``tag`` from a context of ``files`` (one must be 'Dockerfile'); no pulls. The image
+        the tag named before is removed when no container uses it (and with it its untagged
+        parents that nothing else uses: a rebuilt base image once its last child goes), so that
+        rebuilds leave no dangling images behind."""
+        previous = self.image_id(tag)
         context = io.BytesIO()
         with tarfile.open(fileobj=context, mode="w") as archive:
             for name, data in files.items():
@@ -86,3 +90,5 @@ class ImageStore:
                         progress(line)
             except docker.errors.ImageNotFound as exc:
                 raise ImageNotFound(f"base image for {tag} is missing: {exc.explanation}") from exc
+        if previous is not None and previous != self.image_id(tag) and self.remove_if_unused(previous):
+            progress(f"removed the previous {tag} ({previous[7:19]})")

@@ -21,6 +21,7 @@ from backends.errors import (
     SandboxAuthError,
     SandboxFileNotFound,
 )
+from backends.images import ImageStore
 from backends.network import pool_tag
 from tests.conftest import containers_of, run
 
@@ -115,6 +116,33 @@ def test_the_image_s_api_server_runs_compiled_without_openssl(pool_name, image, 
             await backend.close()
 
     run(body())
+
+
+def test_a_rebuilt_image_leaves_no_dangling_image_behind(image, docker_client):
+    """Rebuilding an image (its inputs changed, e.g. after an upgrade) removes the one the tag
+    named before, which nothing uses any more, and keeps one a container still uses."""
+    tag = "sandbox-actors-test-rebuild:latest"
+    store = ImageStore()
+    built, user = [], None
+    try:
+        for generation in (1, 2, 3):
+            dockerfile = f'FROM {image}\nLABEL sandbox-actors.test-rebuild="{generation}"\n'
+            store.build(tag, {"Dockerfile": dockerfile.encode()}, {"sandbox-actors.test": "1"})
+            built.append(store.image_id(tag))
+            if generation == 2:  # a container keeps the second one in use
+                user = docker_client.containers.create(tag, command=["true"], labels={"sandbox-actors.test": "1"})
+        assert len(set(built)) == 3
+        assert store.image_id(built[0]) is None  # unused: gone with its rebuild
+        assert store.image_id(built[1]) == built[1]  # in use by a container: kept
+        assert docker_client.images.list(filters={"dangling": True, "label": "sandbox-actors.test-rebuild"}) == [
+            docker_client.images.get(built[1])]
+    finally:
+        if user is not None:
+            user.remove(force=True)
+        for image_id in built:
+            if store.image_id(image_id) is not None:
+                docker_client.images.remove(image_id, force=True)
+        store.close()
 
 
 def test_socket_labels_and_lockdown(pool_name, image, docker_client):

@@ -156,15 +156,12 @@ def build_image(
         else:
             progress(f"[1/2] base {base_tag} is up to date")
         progress(f"[2/2] building {tag} from {base_tag} with the sandbox API server")
-        previous = store.image_id(tag)
         store.build(
             tag,
             {"Dockerfile": DOCKERFILE.replace("{base}", base_tag).encode(), "server.py": SERVER.read_bytes()},
             {INPUTS_LABEL: digest, "sandbox-actors.project": "sandbox-actors"},
             progress=lambda line: progress(f"      {line}"),
         )
-        if previous is not None and previous != store.image_id(tag) and store.remove_if_unused(previous):
-            progress(f"      removed the previous {tag} ({previous[7:19]})")
     finally:
         store.close()
     seconds = time.monotonic() - started
