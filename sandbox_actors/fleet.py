@@ -551,7 +551,10 @@ class Fleet:
                 continue
             if isinstance(result, BaseException):
                 unknown.add(name)
-                logger.warning("SandboxActor %s did not answer: %s", name, result)
+                # One the fleet is starting may still wait for its worker process (on a busy node,
+                # seconds): expected, and no cause for alarm.
+                log = logger.info if name in self._launching else logger.warning
+                log("SandboxActor %s did not answer: %s", name, result)
                 continue
             views.append(ActorView.from_description(result))
         return views, named, unknown
