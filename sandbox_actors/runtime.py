@@ -135,6 +135,7 @@ class SandboxRuntime:
         Idempotent: a second call returns the same description.
 
         Raises:
+            SandboxNotFound: a resume found no container of this sandbox.
             ImageNotFound, SandboxStartError, ReadinessTimeout, SandboxExited,
             BackendUnavailable. On any of them no container is left behind (a resumed one is
             left stopped, for the pool to decide).
@@ -148,6 +149,11 @@ class SandboxRuntime:
             # Only a resume needs to look first: a create finds a container of this sandbox that
             # already exists by its name (and adopts or replaces it, as below).
             existing = await self.backend.discover(self.sandbox_id) if resume else None
+            if resume and existing is None:
+                # Never a new container in its place: the thread would be told its sandbox resumed
+                # while everything it left there is gone. The pool gives the thread a new one.
+                raise SandboxNotFound(f"the stopped container of hibernated sandbox {self.sandbox_id} is gone "
+                                      "(removed meanwhile), and what was left in it with it")
             if existing is not None and existing.running:
                 await self._refuse_if_owned(existing)
             if existing is not None and existing.running and await self._try_adopt(existing):

@@ -13,7 +13,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from sandbox_actors.errors import BackendUnavailable, SandboxOwned
+from sandbox_actors.errors import BackendUnavailable, SandboxNotFound, SandboxOwned
 from sandbox_actors.raycalls import ActorGone
 from sandbox_actors.views import ActorView, ContainerView
 
@@ -145,7 +145,9 @@ class FakeFleet:
             raise SandboxOwned(f"owned by {owner.name}", owner=owner.name)
         existing = next((c for c in self.boxes.values() if c.sandbox_id == sandbox_id and c.running), None)
         stopped = next((c for c in self.boxes.values() if c.sandbox_id == sandbox_id and not c.running), None)
-        if existing is None and resume and stopped is not None:
+        if existing is None and resume:
+            if stopped is None:
+                raise SandboxNotFound(f"the stopped container of hibernated sandbox {sandbox_id} is gone")
             stopped.running, existing = True, stopped
             self.resumes += 1
         if existing is None:

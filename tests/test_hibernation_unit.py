@@ -87,6 +87,21 @@ def test_a_hibernated_sandbox_whose_container_vanished_is_forgotten_and_its_thre
     run(body)
 
 
+def test_a_hibernated_sandbox_whose_container_vanished_before_any_reconcile_is_not_called_resumed():
+    async def body():
+        pool, fleet = make(idle_action="hibernate")
+        await pool.ping()
+        box = await pool.acquire("t1")
+        await pool.hibernate(box.sandbox_id)
+        del fleet.boxes[box.info["container_id"]]  # `docker rm` by someone; no reconcile pass since
+        again = await pool.acquire("t1")
+        assert again.path == "cold" and again.info["container_id"] != box.info["container_id"]
+        assert fleet.resumes == 0 and pool._life.records.hibernated() == {}
+        assert (await pool.stats())["counters"]["resume_failed"] == 1
+
+    run(body)
+
+
 def test_hibernated_sandboxes_expire_after_the_ttl_and_beyond_the_most_kept():
     async def body():
         pool, fleet = make(idle_action="hibernate", hibernate_ttl=100, max_hibernated=1)

@@ -17,10 +17,13 @@ import ray
 import sandbox_actors
 from sandbox_actors import InvalidRequest
 from sandbox_actors.records import PoolRecords
+from sandbox_actors import spawn
+from sandbox_actors.threads import sandbox_id_for
 from tests.conftest import (
     assert_no_actors_left,
     containers_of,
     named_actors,
+    remove_leftovers,
     snapshot_images_of,
     wait_until,
 )
@@ -92,6 +95,23 @@ def test_an_idle_sandbox_hibernates_and_a_restarted_pool_still_resumes_it(ray_ad
     assert_no_actors_left(cfg.pool_name)
     assert containers_of(docker_client, cfg.pool_name) == []
     assert PoolRecords.for_config(cfg).hibernated() == {}
+
+
+def test_a_resume_whose_stopped_container_was_removed_starts_no_new_one_in_its_place(
+        ray_address, config, docker_client):
+    """A SandboxActor asked to resume a hibernated sandbox whose container is gone (removed by
+    hand before the pool noticed) says so, and makes no fresh container under the old name: the
+    thread would be told its sandbox resumed with everything it left gone (the pool gives the
+    thread a new sandbox, path 'cold': tests/test_hibernation_unit.py)."""
+    actor, _name = spawn.sandbox_actor(config)
+    try:
+        with pytest.raises(sandbox_actors.SandboxNotFound, match="is gone"):
+            ray.get(actor.start.remote(sandbox_id_for(config.pool_name, "gone"), "gone", True), timeout=60)
+        assert containers_of(docker_client, config.pool_name) == []
+    finally:
+        ray.kill(actor)
+        remove_leftovers(docker_client, config.pool_name)
+    assert_no_actors_left(config.pool_name)
 
 
 def test_hibernated_sandboxes_go_after_their_ttl(ray_address, config, docker_client):
