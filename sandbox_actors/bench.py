@@ -246,7 +246,7 @@ class Bench:
         each, the spare actors are awaited (``wait_spares``, else the config's). The last round's
         sandboxes are kept with ``keep_last`` (the memory figures read them). Beside each round,
         a floor burst, alternately before and after (before a kept last round); with
-        ``ray_beside``, also a round of Ray's own floor (both before)."""
+        ``ray_beside``, also a round of Ray's own floor and one of both floors at once (all before)."""
         measured, per_round, floors, ray_floors, at_once = [], [], [], [], []  # type: ignore[var-annotated]
 
         def one(r: int) -> None:

@@ -138,7 +138,7 @@ class SandboxRuntime:
             SandboxNotFound: a resume found no container of this sandbox.
             ImageNotFound, SandboxStartError, ReadinessTimeout, SandboxExited,
             BackendUnavailable. On any of them no container is left behind (a resumed one is
-            left stopped, for the pool to decide).
+            left as it is, for the pool to decide: it removes one that did not answer).
         """
         async with self._start_lock:
             if self._api is not None:
