@@ -24,6 +24,18 @@ _UNREACHABLE = (
 )
 
 
+# What dockerd answers (a 500) while its containerd is away, e.g. restarting with the engine: the
+# gRPC status of the call it could not make. Retryable, as no answer at all is; not a refusal.
+_CONTAINERD_AWAY = ("transport is closing", "code = Unavailable", "containerd.sock: connect")
+
+
+def containerd_unavailable(exc: docker.errors.APIError) -> bool:
+    """Whether the engine failed only because its containerd did not answer."""
+    explanation = str(exc.explanation or "")
+    return (exc.status_code or 0) >= 500 and (
+        any(marker in explanation for marker in _CONTAINERD_AWAY) or explanation.endswith(": unavailable"))
+
+
 @contextlib.contextmanager
 def engine_errors(action: str) -> Iterator[None]:
     """Translate engine failures met while doing ``action`` into typed errors."""
@@ -37,6 +49,11 @@ def engine_errors(action: str) -> Iterator[None]:
             "Is dockerd running? (`docker info` should answer.)"
         ) from exc
     except docker.errors.APIError as exc:
+        if containerd_unavailable(exc):
+            raise BackendUnavailable(
+                f"Docker engine could not {action} just now: its containerd did not answer ({exc.explanation}). "
+                "The engine is likely restarting; retry."
+            ) from exc
         raise BackendError(f"Docker engine refused to {action}: {exc.explanation or exc}") from exc
     except docker.errors.DockerException as exc:
         raise BackendUnavailable(
