@@ -97,7 +97,8 @@ def test_drivers_on_different_nodes_get_the_same_sandbox(observed):
 def test_node_loss_moves_threads_to_a_live_node_with_their_files(observed):
     assert observed["threads_on_victim"]
     for thread, after in observed["after_loss"].items():
-        assert after["node"] != observed["victim_node"] and after["node"] in observed["workers"]
+        assert after["node"] != observed["victim_node"] and after["node"] in observed["workers"], (
+            thread, after, observed["recovered_after"], observed["counters"])
         assert after["workspace"] == f"{thread} was here"
         assert after["exec"] == "alive"
         assert after["tmp_state"] == "in-container"  # the shared engine's container was re-adopted
