@@ -29,7 +29,7 @@ _UNREACHABLE = (
 _CONTAINERD_AWAY = ("transport is closing", "code = Unavailable", "containerd.sock: connect")
 
 
-def containerd_unavailable(exc: docker.errors.APIError) -> bool:
+def _containerd_unavailable(exc: docker.errors.APIError) -> bool:
     """Whether the engine failed only because its containerd did not answer."""
     explanation = str(exc.explanation or "")
     return (exc.status_code or 0) >= 500 and (
@@ -49,7 +49,7 @@ def engine_errors(action: str) -> Iterator[None]:
             "Is dockerd running? (`docker info` should answer.)"
         ) from exc
     except docker.errors.APIError as exc:
-        if containerd_unavailable(exc):
+        if _containerd_unavailable(exc):
             raise BackendUnavailable(
                 f"Docker engine could not {action} just now: its containerd did not answer ({exc.explanation}). "
                 "The engine is likely restarting; retry."

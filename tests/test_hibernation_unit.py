@@ -71,13 +71,20 @@ def test_a_restarted_pool_keeps_a_hibernated_sandbox_instead_of_reaping_its_stop
     run(body)
 
 
+async def hibernated_then_removed():
+    """A pool with thread t1's sandbox hibernated and its stopped container then removed by
+    someone else (`docker rm`). Returns (pool, fleet, the sandbox's last lease)."""
+    pool, fleet = make(idle_action="hibernate")
+    await pool.ping()
+    box = await pool.acquire("t1")
+    await pool.hibernate(box.sandbox_id)
+    del fleet.boxes[box.info["container_id"]]
+    return pool, fleet, box
+
+
 def test_a_hibernated_sandbox_whose_container_vanished_is_forgotten_and_its_thread_starts_afresh():
     async def body():
-        pool, fleet = make(idle_action="hibernate")
-        await pool.ping()
-        box = await pool.acquire("t1")
-        await pool.hibernate(box.sandbox_id)
-        del fleet.boxes[box.info["container_id"]]  # e.g. `docker rm` by someone
+        pool, fleet, box = await hibernated_then_removed()
         await pool.reconcile()
         assert pool._state.entry(box.sandbox_id) is None
         assert pool._life.records.hibernated() == {}
@@ -89,11 +96,7 @@ def test_a_hibernated_sandbox_whose_container_vanished_is_forgotten_and_its_thre
 
 def test_a_hibernated_sandbox_whose_container_vanished_before_any_reconcile_is_not_called_resumed():
     async def body():
-        pool, fleet = make(idle_action="hibernate")
-        await pool.ping()
-        box = await pool.acquire("t1")
-        await pool.hibernate(box.sandbox_id)
-        del fleet.boxes[box.info["container_id"]]  # `docker rm` by someone; no reconcile pass since
+        pool, fleet, box = await hibernated_then_removed()  # and no reconcile pass since
         again = await pool.acquire("t1")
         assert again.path == "cold" and again.info["container_id"] != box.info["container_id"]
         assert fleet.resumes == 0 and pool._life.records.hibernated() == {}
