@@ -37,8 +37,6 @@ class Driver:
                 "container": box.info["container_name"]}
 
 
-
-
 def main(image: str) -> dict:
     out: dict = {}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -144,6 +142,10 @@ def main(image: str) -> dict:
         lost_at = time.monotonic()
 
         def moved():
+            # Ray first declares the node dead (until then a process there can still answer, and
+            # "a" would resume there when it was the only thread on it), then the pool moves the rest.
+            if victim_node in {n["NodeID"] for n in ray.nodes() if n.get("Alive")}:
+                return False
             rows = [r for r in pool.list() if r["thread_id"] in on_victim and r["thread_id"] != "a"]
             return len(rows) == len(on_victim) - 1 and all(r["node_id"] not in (None, victim_node) for r in rows)
 
