@@ -225,8 +225,9 @@ class Backend(abc.ABC):
         """Stop the container, keeping its filesystem (for hibernation). False: it is gone."""
         raise self._cannot("hibernate")
 
-    async def start_container(self, sandbox_id: str, container_id: str) -> SandboxRecord:
-        """Start a stopped container of ours again (resume). Raises SandboxNotFound when it is gone."""
+    async def start_container(self, sandbox_id: str, container_id: str) -> tuple[SandboxRecord, bool]:
+        """Start a stopped container of ours again (resume): its record, and whether it was
+        running already. Raises SandboxNotFound when it is gone."""
         raise self._cannot("resume")
 
     async def commit(self, sandbox_id: str, container_id: str, image: str, labels: Mapping[str, str]) -> dict[str, object]:

@@ -644,19 +644,26 @@ class DockerBackend(Backend):
 
         return await asyncio.to_thread(_stop)
 
-    async def start_container(self, sandbox_id: str, container_id: str) -> SandboxRecord:
-        """Start the stopped container ``container_id`` (found by :meth:`discover` just before)
-        again. By its id, with one inspect after the start for its new host port: a resume waits
-        for every engine call here (a look-up by name first cost another ~3 ms)."""
-        def _start() -> SandboxRecord:
+    async def start_container(self, sandbox_id: str, container_id: str) -> tuple[SandboxRecord, bool]:
+        """Start the stopped container ``container_id`` (a resume knows its id: no look-up by name
+        first, ~3 ms a resume would wait for) again, with one inspect after the start for its new
+        host port and process. Returns its record and whether it was running already (the engine
+        started nothing: it answers 304, which the SDK's ``start`` does not tell apart from 204,
+        hence the request made here as ``start`` makes it).
+
+        Raises:
+            SandboxNotFound: the container is gone.
+        """
+        def _start() -> tuple[SandboxRecord, bool]:
             api = self._docker().api
             with engine_errors(f"start the container of sandbox {sandbox_id}"):
                 try:
-                    api.start(container_id)
+                    response = api._post(api._url("/containers/{0}/start", container_id))
+                    api._raise_for_status(response)
                     attrs = api.inspect_container(container_id)
                 except docker.errors.NotFound:
                     raise SandboxNotFound(f"the container of sandbox {sandbox_id} is gone") from None
-            return self._record_attrs(attrs)
+            return self._record_attrs(attrs), response.status_code == 304
 
         return await asyncio.to_thread(_start)
 

@@ -233,9 +233,10 @@ class Fleet:
             return False
 
     async def start(self, actor: Any, sandbox_id: str, thread_id: str | None, resume: bool = False,
-                    image: str | None = None, image_from: str | None = None) -> dict[str, Any]:
+                    image: str | None = None, image_from: str | None = None,
+                    container_id: str | None = None) -> dict[str, Any]:
         """Have ``actor`` serve ``sandbox_id``: adopt its running container, start its stopped one
-        again (``resume``), or create one (of a snapshot's ``image``, fetched from the reaper named
+        again (``resume``, by its ``container_id`` when known), or create one (of a snapshot's ``image``, fetched from the reaper named
         ``image_from`` when this node's engine lacks it).
 
         Raises:
@@ -243,7 +244,7 @@ class Fleet:
             ImageNotFound, ReadinessTimeout, SandboxStartError, ...: the container did not start.
         """
         return await raycalls.call(
-            actor.start.remote(sandbox_id, thread_id, resume, image, image_from),
+            actor.start.remote(sandbox_id, thread_id, resume, image, image_from, container_id),
             self._config.readiness_timeout + 120 + (IMAGE_TIMEOUT if image else 0), f"starting sandbox {sandbox_id}",
         )
 

@@ -64,7 +64,8 @@ async def _start_on_its_engine(life: Lifecycle, entry: Entry) -> tuple[Any, dict
     nodes = await _nodes_with_engine(life, entry.info.get("engine_id"), entry.info.get("node_id"))
     for index, node_id in enumerate(nodes):
         try:
-            return await life.start_sandbox(entry.sandbox_id, entry.thread_id, node_id=node_id, resume=True)
+            return await life.start_sandbox(entry.sandbox_id, entry.thread_id, node_id=node_id, resume=True,
+                                            container_id=entry.container_id)
         except PoolExhausted as exc:
             if index == len(nodes) - 1:
                 raise

@@ -212,11 +212,11 @@ class Lifecycle:
 
     async def start_sandbox(
         self, sandbox_id: str, thread_id: str | None, node_id: str | None = None, resume: bool = False,
-        image: str | None = None, image_from: str | None = None,
+        image: str | None = None, image_from: str | None = None, container_id: str | None = None,
     ) -> tuple[Any, dict[str, Any]]:
         """An actor serving ``sandbox_id`` with its container up and answering (pinned to
         ``node_id`` when given). Adopts the live actor that already owns the container, if any;
-        starts its stopped container again with ``resume``; creates a new one of ``image`` (a
+        starts its stopped container again with ``resume`` (by ``container_id`` when known); creates a new one of ``image`` (a
         snapshot's) when given.
 
         Raises:
@@ -231,7 +231,8 @@ class Lifecycle:
                 try:
                     if not spare:  # a spare is placed already: it answered before it became one
                         await self._place(actor, sandbox_id, node_id)
-                    return actor, await fleet.start(actor, sandbox_id, thread_id, resume, image, image_from)
+                    return actor, await fleet.start(actor, sandbox_id, thread_id, resume, image, image_from,
+                                                    container_id)
                 except PoolExhausted:
                     fleet.kill(actor)  # never placed: nothing to stop
                     raise

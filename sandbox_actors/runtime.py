@@ -121,16 +121,20 @@ class SandboxRuntime:
         self._shell_lock = asyncio.Lock()
         self._stopping = False
         self._pid_start: str | None = None  # when the container's init process started, if visible here
+        self._owner_written: asyncio.Task[None] | None = None  # a resume's owner record, on its way
 
     # ── lifecycle ──────────────────────────────────────────────────────────
 
-    async def start(self, resume: bool = False, image: str | None = None) -> dict[str, Any]:
+    async def start(self, resume: bool = False, image: str | None = None,
+                    container_id: str | None = None) -> dict[str, Any]:
         """Adopt this sandbox's running container, or create one and wait until it answers.
 
         Args:
             resume: a stopped container of this sandbox is started again (it was hibernated:
                 its filesystem is the sandbox's), not replaced.
             image: the image of a new container (a snapshot's), instead of the config's.
+            container_id: with ``resume``, the stopped container's id as the pool recorded it:
+                started at once, without a look-up by name first.
 
         Idempotent: a second call returns the same description.
 
@@ -146,20 +150,18 @@ class SandboxRuntime:
             if self._stopping:
                 raise SandboxDied(f"sandbox {self.sandbox_id} was destroyed")
             started = time.monotonic()
-            # Only a resume needs to look first: a create finds a container of this sandbox that
-            # already exists by its name (and adopts or replaces it, as below).
-            existing = await self.backend.discover(self.sandbox_id) if resume else None
-            if resume and existing is None:
-                # Never a new container in its place: the thread would be told its sandbox resumed
-                # while everything it left there is gone. The pool gives the thread a new one.
-                raise SandboxNotFound(f"the stopped container of hibernated sandbox {self.sandbox_id} is gone "
-                                      "(removed meanwhile), and what was left in it with it")
+            # Only a resume deals with its container first: a create finds a container of this
+            # sandbox that already exists by its name (and adopts or replaces it, as below).
+            existing, resumed = await self._wake(container_id) if resume else (None, None)
             if existing is not None and existing.running:
                 await self._refuse_if_owned(existing)
-            if existing is not None and existing.running and await self._try_adopt(existing):
+            if resumed is not None:
+                await self._serve_resumed(resumed)
+            elif existing is not None and existing.running and await self._try_adopt(existing):
                 logger.info("sandbox %s: adopted running container %s", self.sandbox_id, existing.container_name)
             elif existing is not None and resume:
-                await self._resume(existing)
+                record, _ = await self.backend.start_container(self.sandbox_id, existing.container_id)
+                await self._serve_resumed(record)
             else:
                 if existing is not None:
                     logger.info("sandbox %s: removing unusable container %s", self.sandbox_id, existing.container_name)
@@ -170,9 +172,32 @@ class SandboxRuntime:
             info["start_seconds"] = time.monotonic() - started
             return info
 
-    async def _resume(self, stopped: SandboxRecord) -> None:
-        """Start the hibernated container again and wait until it answers."""
-        record = await self.backend.start_container(self.sandbox_id, stopped.container_id)
+    async def _wake(self, container_id: str | None) -> tuple[SandboxRecord | None, SandboxRecord | None]:
+        """A resume's first step: (the container found, the container started now). By the id
+        the pool recorded, the stopped container is started at once; one found running already,
+        or looked up by name (no id), is returned as found, for :meth:`start` to adopt or start.
+
+        Raises:
+            SandboxNotFound: it is gone. Never a new container in its place: the thread would be
+                told its sandbox resumed while everything it left there is gone (the pool gives
+                the thread a new one).
+        """
+        try:
+            if container_id is not None:
+                record, was_running = await self.backend.start_container(self.sandbox_id, container_id)
+                return (record, None) if was_running else (None, record)
+            found = await self.backend.discover(self.sandbox_id)
+            if found is not None:
+                return found, None
+        except SandboxNotFound:
+            pass
+        raise SandboxNotFound(f"the stopped container of hibernated sandbox {self.sandbox_id} is gone "
+                              "(removed meanwhile), and what was left in it with it")
+
+    async def _serve_resumed(self, record: SandboxRecord) -> None:
+        """Wait until the hibernated container, started again, answers; then serve it. Its owner
+        record (this actor, for a later adopter to ask) is written meanwhile, not waited for: the
+        pool starts one actor per sandbox at a time, and a resume waits for everything else."""
         api = SandboxAPI(record.url, record.token)
         try:
             await api.wait_ready(
@@ -184,7 +209,7 @@ class SandboxRuntime:
             await api.aclose()
             raise
         self.record, self._api, self.adopted = record, api, True
-        await self._write_owner()
+        self._owner_written = asyncio.ensure_future(self._write_owner())
         logger.info("sandbox %s: resumed container %s", self.sandbox_id, record.container_name)
 
     async def _try_adopt(self, record: SandboxRecord) -> bool:
@@ -293,6 +318,15 @@ class SandboxRuntime:
         self.last_activity = self._clock()
         return self.describe()
 
+    async def _close_api(self) -> None:
+        """Close the client to the sandbox's API (after the owner record on its way, if any)."""
+        if self._owner_written is not None:
+            await asyncio.gather(self._owner_written, return_exceptions=True)
+            self._owner_written = None
+        if self._api is not None:
+            await self._api.aclose()
+            self._api = None
+
     async def _write_owner(self) -> None:
         if self._api is None:
             return
@@ -317,9 +351,7 @@ class SandboxRuntime:
         except BackendUnavailable:
             self._stopping = False
             raise
-        if self._api is not None:
-            await self._api.aclose()
-            self._api = None
+        await self._close_api()
         return self.describe()
 
     async def snapshot(self, image: str, labels: Mapping[str, str]) -> dict[str, Any]:
@@ -397,16 +429,12 @@ class SandboxRuntime:
         except BackendUnavailable:
             self._stopping = False  # nothing happened: the sandbox serves on (or dies on its own)
             raise
-        if self._api is not None:
-            await self._api.aclose()
-            self._api = None
+        await self._close_api()
         return True
 
     async def close(self) -> None:
         """Release client resources; the container is untouched."""
-        if self._api is not None:
-            await self._api.aclose()
-            self._api = None
+        await self._close_api()
         await self.backend.close()
 
     # ── state ──────────────────────────────────────────────────────────────

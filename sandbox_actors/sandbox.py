@@ -95,11 +95,11 @@ class SandboxActor:
         return await self._backend.warm(self._config.pool_name, self._config.image)
 
     async def start(self, sandbox_id: str, thread_id: str | None, resume: bool = False, image: str | None = None,
-                    image_from: str | None = None) -> dict[str, Any]:
-        """Serve ``sandbox_id``: adopt its running container, resume its stopped one (``resume``), or
-        create one (of ``image``, a snapshot's, when given), and wait until it answers. A snapshot
-        image this node's engine lacks is fetched from the reaper named ``image_from`` (once per
-        node).
+                    image_from: str | None = None, container_id: str | None = None) -> dict[str, Any]:
+        """Serve ``sandbox_id``: adopt its running container, resume its stopped one (``resume``; by
+        its ``container_id`` when the pool knows it), or create one (of ``image``, a snapshot's,
+        when given), and wait until it answers. A snapshot image this node's engine lacks is
+        fetched from the reaper named ``image_from`` (once per node).
 
         Idempotent for the same sandbox. Raises SandboxOwned when another live
         actor owns the container, and the start errors of a new container.
@@ -117,7 +117,7 @@ class SandboxActor:
         elif self._runtime.sandbox_id != sandbox_id:
             raise InvalidRequest(f"actor {self._name} already serves sandbox {self._runtime.sandbox_id}")
         try:
-            started = await self._runtime.start(resume=resume, image=image)
+            started = await self._runtime.start(resume=resume, image=image, container_id=container_id)
         except ImageNotFound:
             if image is None or image_from is None:
                 raise

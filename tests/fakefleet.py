@@ -135,7 +135,8 @@ class FakeFleet:
         return False
 
     async def start(self, actor: FakeActor, sandbox_id: str, thread_id: str | None, resume: bool = False,
-                    image: str | None = None, image_from: str | None = None) -> dict[str, Any]:
+                    image: str | None = None, image_from: str | None = None,
+                    container_id: str | None = None) -> dict[str, Any]:
         await self._pass("start")
         if self.engine_down:
             raise BackendUnavailable("engine down")
@@ -145,6 +146,8 @@ class FakeFleet:
             raise SandboxOwned(f"owned by {owner.name}", owner=owner.name)
         existing = next((c for c in self.boxes.values() if c.sandbox_id == sandbox_id and c.running), None)
         stopped = next((c for c in self.boxes.values() if c.sandbox_id == sandbox_id and not c.running), None)
+        if container_id is not None and container_id not in self.boxes:
+            stopped = None  # the recorded container is gone (a namesake would not be it)
         if existing is None and resume:
             if stopped is None:
                 raise SandboxNotFound(f"the stopped container of hibernated sandbox {sandbox_id} is gone")

@@ -236,45 +236,61 @@ def test_a_resume_while_its_engine_is_away_fails_typed_and_the_sandbox_sleeps_on
     run(body)
 
 
+class _Fleet:
+    """The fleet's node and engine look-ups, as a resume uses them."""
+
+    def __init__(self, answering: dict[str, str], alive: set[str]) -> None:
+        self.engine_on: dict[str, str] = {}
+        self.answering, self.alive, self.looked_up = answering, alive, 0
+
+    async def engines(self):
+        self.looked_up += 1
+        self.engine_on = dict(self.answering)
+        return {engine: ("reaper", node) for node, engine in sorted(self.answering.items())}
+
+    async def alive_nodes(self):
+        return self.alive
+
+
+def _life_with(answering: dict[str, str], full: set[str], alive=frozenset({"lost", "survivor", "elsewhere"})):
+    from types import SimpleNamespace
+
+    from sandbox_actors.errors import PoolExhausted
+
+    tried: list[str] = []
+
+    async def start_sandbox(sandbox_id, thread_id, node_id=None, resume=False, container_id=None):
+        assert resume and container_id == "c1"  # started by the id the pool recorded
+        tried.append(node_id)
+        if node_id in full:
+            raise PoolExhausted(f"no room on {node_id}")
+        return "actor", {"node_id": node_id}
+
+    return SimpleNamespace(fleet=_Fleet(answering, set(alive)), start_sandbox=start_sandbox), tried
+
+
+def _asleep_on(node: str):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(sandbox_id="s1", thread_id="t1", container_id="c1",
+                           info={"engine_id": "engine-1", "node_id": node})
+
+
 def test_a_resume_tries_every_node_on_its_engine_its_own_first():
     """Right after a node is lost, Ray still lists it alive (and its reaper may still answer):
     an actor pinned there is never placed (the multinode run's PoolExhausted). A resume then
     tries the next node on the same engine; a node whose reaper is gone is not tried at all."""
-    from types import SimpleNamespace
-
     from sandbox_actors.errors import PoolExhausted
     from sandbox_actors.hibernation import _start_on_its_engine
 
-    class Fleet:
-        def __init__(self, answering: dict[str, str]) -> None:
-            self.engine_on: dict[str, str] = {}
-            self._answering = answering
-
-        async def engines(self):
-            self.engine_on = dict(self._answering)
-            return {engine: ("reaper", node) for node, engine in sorted(self._answering.items())}
-
-        async def alive_nodes(self):
-            return {"lost", "survivor", "elsewhere"}
-
-    def life_with(answering: dict[str, str], full: set[str]):
-        tried: list[str] = []
-
-        async def start_sandbox(sandbox_id, thread_id, node_id=None, resume=False):
-            tried.append(node_id)
-            if node_id in full:
-                raise PoolExhausted(f"no room on {node_id}")
-            return "actor", {"node_id": node_id}
-
-        return SimpleNamespace(fleet=Fleet(answering), start_sandbox=start_sandbox), tried
-
-    entry = SimpleNamespace(sandbox_id="s1", thread_id="t1", info={"engine_id": "engine-1", "node_id": "lost"})
-    life, tried = life_with({"lost": "engine-1", "survivor": "engine-1", "elsewhere": "engine-2"}, full={"lost"})
+    entry = _asleep_on("lost")
+    life, tried = _life_with({"lost": "engine-1", "survivor": "engine-1", "elsewhere": "engine-2"}, full={"lost"})
     assert asyncio.run(_start_on_its_engine(life, entry)) == ("actor", {"node_id": "survivor"})
     assert tried == ["lost", "survivor"]  # its own node first; never a node of another engine
-    life, tried = life_with({"survivor": "engine-1"}, full=set())
+    life, tried = _life_with({"survivor": "engine-1"}, full=set())
     asyncio.run(_start_on_its_engine(life, entry))
     assert tried == ["survivor"]  # a node whose reaper did not answer is not tried
-    life, tried = life_with({"lost": "engine-1", "survivor": "engine-1"}, full={"lost", "survivor"})
+    life, tried = _life_with({"lost": "engine-1", "survivor": "engine-1"}, full={"lost", "survivor"})
     with pytest.raises(PoolExhausted):
         asyncio.run(_start_on_its_engine(life, entry))
+

@@ -97,19 +97,43 @@ def test_an_idle_sandbox_hibernates_and_a_restarted_pool_still_resumes_it(ray_ad
     assert PoolRecords.for_config(cfg).hibernated() == {}
 
 
+@pytest.mark.parametrize("container_id", [None, "0" * 64], ids=["looked-up-by-name", "by-recorded-id"])
 def test_a_resume_whose_stopped_container_was_removed_starts_no_new_one_in_its_place(
-        ray_address, config, docker_client):
+        ray_address, config, docker_client, container_id):
     """A SandboxActor asked to resume a hibernated sandbox whose container is gone (removed by
     hand before the pool noticed) says so, and makes no fresh container under the old name: the
     thread would be told its sandbox resumed with everything it left gone (the pool gives the
-    thread a new sandbox, path 'cold': tests/test_hibernation_unit.py)."""
+    thread a new sandbox, path 'cold': tests/test_hibernation_unit.py). Whether it looks the
+    container up by name or starts it by the id the pool recorded."""
     actor, _name = spawn.sandbox_actor(config)
     try:
         with pytest.raises(sandbox_actors.SandboxNotFound, match="is gone"):
-            ray.get(actor.start.remote(sandbox_id_for(config.pool_name, "gone"), "gone", True), timeout=60)
+            ray.get(actor.start.remote(sandbox_id_for(config.pool_name, "gone"), "gone", True, None, None,
+                                       container_id), timeout=60)
         assert containers_of(docker_client, config.pool_name) == []
     finally:
         ray.kill(actor)
+        remove_leftovers(docker_client, config.pool_name)
+    assert_no_actors_left(config.pool_name)
+
+
+def test_a_resume_by_id_of_a_container_a_live_actor_serves_is_refused(ray_address, config, docker_client):
+    """A resume starts the stopped container by the id the pool recorded, without looking first.
+    When that container runs already, served by another actor that lives, the engine started
+    nothing and the resume must not serve it too: it is refused (SandboxOwned, naming the
+    owner), and the owner serves on."""
+    owner, owner_name = spawn.sandbox_actor(config)
+    second, _ = spawn.sandbox_actor(config)
+    sandbox_id = sandbox_id_for(config.pool_name, "owned")
+    try:
+        info = ray.get(owner.start.remote(sandbox_id, "owned"), timeout=60)
+        with pytest.raises(sandbox_actors.SandboxOwned, match=owner_name):
+            ray.get(second.start.remote(sandbox_id, "owned", True, None, None, info["container_id"]), timeout=60)
+        assert [c.id for c in containers_of(docker_client, config.pool_name)] == [info["container_id"]]
+        assert ray.get(owner.exec.remote(sandbox_id, "echo still mine"), timeout=30).output.strip() == "still mine"
+    finally:
+        ray.kill(second)
+        ray.kill(owner)
         remove_leftovers(docker_client, config.pool_name)
     assert_no_actors_left(config.pool_name)
 
