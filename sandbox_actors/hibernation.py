@@ -76,12 +76,19 @@ async def _start_on_its_engine(life: Lifecycle, entry: Entry) -> tuple[Any, dict
 
 async def _nodes_with_engine(life: Lifecycle, engine_id: str | None, was_on: str | None) -> list[str]:
     """The live nodes whose reapers reach the engine that holds the stopped container, the one
-    it slept on first.
+    it slept on first. From the engines as last looked up when its own node is among them and
+    Ray lists it alive (a resume waits for this: asking every reaper again cost ~4 ms, Ray's
+    node list ~0.5 ms); else looked up again.
 
     Raises:
         SandboxNotFound: its node is gone and no live node reaches its engine (lost with the node).
         BackendUnavailable: its node lives but its engine does not answer now (retry later).
     """
+    known = [node for node, engine in life.fleet.engine_on.items() if engine == engine_id]
+    if was_on in known:
+        alive = await life.fleet.alive_nodes()
+        if was_on in alive:
+            return sorted((node for node in known if node in alive), key=lambda node: node != was_on)
     engines = await life.fleet.engines()
     if engine_id is not None and engine_id in engines:
         nodes = sorted(node for node, engine in life.fleet.engine_on.items() if engine == engine_id)

@@ -294,3 +294,18 @@ def test_a_resume_tries_every_node_on_its_engine_its_own_first():
     with pytest.raises(PoolExhausted):
         asyncio.run(_start_on_its_engine(life, entry))
 
+
+def test_a_resume_on_a_node_the_pool_knows_alive_asks_no_reaper_first():
+    """The engines as the pool last looked them up (reconcile does, every pass) serve a resume
+    while Ray lists the sandbox's own node alive; once Ray lists it dead, they are looked up
+    again, and the resume goes to a live node on the same engine."""
+    from sandbox_actors.hibernation import _start_on_its_engine
+
+    entry = _asleep_on("lost")
+    life, tried = _life_with({"lost": "engine-1", "survivor": "engine-1"}, full=set())
+    life.fleet.engine_on = {"lost": "engine-1", "survivor": "engine-1", "elsewhere": "engine-2"}
+    assert asyncio.run(_start_on_its_engine(life, entry)) == ("actor", {"node_id": "lost"})
+    assert tried == ["lost"] and life.fleet.looked_up == 0
+    life.fleet.alive, life.fleet.answering = {"survivor", "elsewhere"}, {"survivor": "engine-1"}
+    assert asyncio.run(_start_on_its_engine(life, entry)) == ("actor", {"node_id": "survivor"})
+    assert tried == ["lost", "survivor"] and life.fleet.looked_up == 1
