@@ -150,6 +150,27 @@ class PoolNetwork:
                 raise
         return True
 
+    def drop_stale_endpoints(self) -> list[str]:
+        """Force the engine to forget the endpoints this network still lists. Only for a network
+        none of whose containers exist any more: dockerd 20.10 can keep the endpoint of a
+        container removed while it was starting, and then refuses to remove the network ("has
+        active endpoints"). Returns the names of the endpoints dropped."""
+        network = self._get()
+        if network is None:
+            return []
+        dropped = []
+        for endpoint in (network.attrs.get("Containers") or {}).values():
+            name = endpoint.get("Name")
+            if not name:
+                continue
+            with engine_errors(f"drop endpoint {name} of network {self.name}"):
+                try:
+                    network.disconnect(name, force=True)
+                except docker.errors.NotFound:
+                    continue
+            dropped.append(name)
+        return dropped
+
     def remove(self) -> dict[str, int]:
         """Remove the network (once no container uses it) and our rules. Idempotent."""
         network = self._get()

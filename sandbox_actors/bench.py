@@ -648,6 +648,9 @@ class FloorEngine:
             try:
                 return await self._start(spec)
             finally:
+                # After an interrupt the create may still run in its thread: a container removed
+                # while the engine starts it can leave its endpoint on the network for good.
+                await asyncio.gather(*self._calls, return_exceptions=True)
                 await self._engine(self._backend.destroy(spec.sandbox_id))
 
         return self._run(body())
@@ -671,18 +674,29 @@ class FloorEngine:
         backend = self._backend
 
         async def body() -> None:
+            network = backend.network(self._pool)
+
+            async def gone() -> bool:
+                for record in await backend.list(self._pool):
+                    await backend.destroy(record.sandbox_id)
+                await backend.teardown(self._pool)
+                return not network.policy.networked or not await asyncio.to_thread(network.exists)
+
             try:
                 await asyncio.gather(*self._calls, return_exceptions=True)
                 # The engine may still count a container just removed as on the network ("active
-                # endpoints") for a moment: ask again until the network is gone (10 s at most).
-                for _ in range(50):
-                    for record in await backend.list(self._pool):
-                        await backend.destroy(record.sandbox_id)
-                    await backend.teardown(self._pool)
-                    network = backend.network(self._pool)
-                    if not network.policy.networked or not await asyncio.to_thread(network.exists):
-                        break
+                # endpoints") for a moment: ask again until the network is gone, then make the
+                # engine drop the endpoints it still lists.
+                deadline = time.monotonic() + 15
+                while not await gone() and time.monotonic() < deadline:
                     await asyncio.sleep(0.2)
+                if network.policy.networked and await asyncio.to_thread(network.exists):
+                    dropped = await asyncio.to_thread(network.drop_stale_endpoints)
+                    if not await gone():
+                        print(f"  warning: the engine keeps network {network.name} of the floor "
+                              f"(endpoints dropped: {', '.join(dropped) or 'none listed'}); restart dockerd, then "
+                              f"`docker network rm {network.name}` and `sandbox-actors gc` (README, Troubleshooting)",
+                              file=sys.stderr, flush=True)
             finally:
                 await backend.close()
 
