@@ -688,9 +688,9 @@ class FloorEngine:
                 # endpoints") for a moment: ask again until the network is gone, then make the
                 # engine drop the endpoints it still lists.
                 deadline = time.monotonic() + 15
-                while not await gone() and time.monotonic() < deadline:
+                while not (cleared := await gone()) and time.monotonic() < deadline:
                     await asyncio.sleep(0.2)
-                if network.policy.networked and await asyncio.to_thread(network.exists):
+                if not cleared:
                     dropped = await asyncio.to_thread(network.drop_stale_endpoints)
                     if not await gone():
                         print(f"  warning: the engine keeps network {network.name} of the floor "
