@@ -36,6 +36,7 @@ _EXPORTS = {
     "load_config": "config",
     "BashResult": "backends.sandbox_api",
     "FileInfo": "backends.sandbox_api",
+    "Mount": "backends.base",
     "ShellResult": "backends.sandbox_api",
     **{name: "errors" for name in _errors.__all__},
 }

@@ -25,16 +25,17 @@ from .state import (
     MustWait,
     SandboxState,
 )
-from .views import Lease
+from .views import HostDirs, Lease
 
 logger = logging.getLogger(__name__)
 
 
 async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id: str | None, deadline: float,
-                  snapshot: str | None = None) -> Lease:
+                  snapshot: str | None = None, host: HostDirs | None = None) -> Lease:
     """The sandbox ``sandbox_id_now()`` names (asked each turn: a thread may be given a spare's id):
     active, else reclaimed warm once it is seen to run, else resumed from hibernation, else a
-    spare, else created (from ``snapshot``'s image when given: a new sandbox only).
+    spare, else created (from ``snapshot``'s image when given: a new sandbox only; on ``host``'s
+    node with its mounts when given).
 
     Raises:
         PoolShutDown, PoolExhausted (no capacity before ``deadline``), BackendUnavailable (its
@@ -65,7 +66,7 @@ async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id:
             continue
         # A snapshot starts new sandboxes only; but the one this acquire started from it is its own.
         image = None if started_here and state.entry(sandbox_id) is not None else snapshot
-        decision = state.acquire(sandbox_id, thread_id, busy=life.ops.busy(), image=image)
+        decision = state.acquire(sandbox_id, thread_id, busy=life.ops.busy(), image=image, host=host)
         if isinstance(decision, Acquired):
             life.tally.count("acquired_hot")
             return lease(decision.entry, decision.path)

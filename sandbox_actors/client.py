@@ -26,12 +26,16 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any, BinaryIO
 
+from pydantic import ValidationError
+
+from backends.base import Mount
 from backends.sandbox_api import BashResult, CommandView, FileInfo, ShellResult
 
 from . import raycalls
-from .config import SandboxConfig, load_config
+from .config import MountConfig, SandboxConfig, load_config
 from .errors import (
     ConfigError,
+    InvalidRequest,
     IsolationUnavailable,
     NotSupported,
     PoolShutDown,
@@ -42,7 +46,7 @@ from .options import pool_options
 from .raycalls import ActorGone
 from .records import PoolRecords
 from .threads import validate_thread_id
-from .views import Lease, Snapshot
+from .views import HostDirs, Lease, Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -343,6 +347,42 @@ def _snap(snapshot: Snapshot | str | None) -> str | None:
     return snapshot.name if isinstance(snapshot, Snapshot) else snapshot
 
 
+MountLike = Mount | Mapping[str, Any]
+
+
+def host_dirs(mounts: Iterable[MountLike] | None, node_id: str | None) -> HostDirs | None:
+    """What an acquire with ``mounts`` (host directories) or ``node_id`` asks of a new sandbox:
+    its node (default: the caller's, where the directories are), and the mounts, checked here.
+
+    Raises:
+        InvalidRequest: a mount that is not absolute, holds '..', or takes a container path twice;
+            a node id that names no live node.
+    """
+    if mounts is None and node_id is None:
+        return None
+    checked: list[Mount] = []
+    for mount in mounts or ():
+        if isinstance(mount, Mapping):
+            try:
+                given = MountConfig.model_validate(dict(mount))
+            except ValidationError as exc:
+                raise InvalidRequest(f"bad mount {dict(mount)!r}: {exc.errors()[0]['msg']}") from None
+            mount = Mount(given.host_path, given.container_path, given.read_only)
+        if not isinstance(mount, Mount):
+            raise InvalidRequest(f"a mount is a backends.Mount or a mapping, not {type(mount).__name__}")
+        for path in (mount.host_path, mount.container_path):
+            if not path.startswith("/") or ".." in path.split("/"):
+                raise InvalidRequest(f"mount paths must be absolute, without '..': {path!r}")
+        if any(m.container_path.rstrip("/") == mount.container_path.rstrip("/") for m in checked):
+            raise InvalidRequest(f"two mounts at {mount.container_path!r}")
+        checked.append(mount)
+    if node_id is None:
+        node_id = raycalls.current_node_id()
+    elif node_id not in raycalls.alive_nodes():
+        raise InvalidRequest(f"node {node_id!r} is not a live node of this Ray cluster")
+    return HostDirs(node_id, tuple(checked))
+
+
 def _acquire_args(thread_id: str | None, request_id: str | None) -> tuple[str | None, str | None]:
     """Checked here, before a round trip; an anonymous acquire gets one request id per call (the
     same for every retry of it)."""
@@ -440,20 +480,28 @@ class PoolClient:
         return self._retrying("resolve", thread_id)
 
     def acquire(self, thread_id: str | None = None, *, request_id: str | None = None,
-                snapshot: Snapshot | str | None = None) -> SandboxHandle:
+                snapshot: Snapshot | str | None = None, mounts: Iterable[MountLike] | None = None,
+                node_id: str | None = None) -> SandboxHandle:
         """The thread's sandbox; same sandbox from every process. None: a new anonymous one (retries
         of one call, and calls with the same ``request_id``, get the same one). A hibernated
         sandbox is resumed. With ``snapshot``: a new sandbox started from it.
 
+        ``mounts`` (``Mount`` or ``{host_path, container_path, read_only}``) are directories of the
+        caller's node (or of ``node_id``) that a *new* sandbox mounts in place of the pool's own
+        thread directories; it then starts on that node. ``node_id`` alone pins a new sandbox to a
+        node. A sandbox the thread has already is returned as it is.
+
         Raises:
             InvalidThreadId: empty, too long or non-text thread id.
             PoolExhausted: no capacity within ``capacity_timeout`` (retryable).
-            InvalidRequest: no such snapshot, or the thread has a sandbox already.
+            InvalidRequest: no such snapshot, the thread has a sandbox already (with a snapshot),
+                a bad mount, or a node that does not live.
             ImageNotFound, ReadinessTimeout, SandboxStartError: a new sandbox could not start.
         """
         thread_id, request_id = _acquire_args(thread_id, request_id)
+        host = host_dirs(mounts, node_id)
         known = self._known.get(thread_id)
-        lease = self._retrying("acquire", thread_id, request_id, _snap(snapshot), known and known[0])
+        lease = self._retrying("acquire", thread_id, request_id, _snap(snapshot), known and known[0], host)
         return SandboxHandle(self._known.complete(thread_id, lease, known), self)
 
     def fork(self, snapshot: Snapshot | str, threads: Iterable[str]) -> Iterator[SandboxHandle]:
@@ -555,10 +603,12 @@ class AsyncPoolClient:
         return await raycalls.call(self._client._method(method).remote(*args))
 
     async def acquire(self, thread_id: str | None = None, *, request_id: str | None = None,
-                      snapshot: Snapshot | str | None = None) -> SandboxHandle:
+                      snapshot: Snapshot | str | None = None, mounts: Iterable[MountLike] | None = None,
+                      node_id: str | None = None) -> SandboxHandle:
         thread_id, request_id = _acquire_args(thread_id, request_id)
+        host = host_dirs(mounts, node_id)
         known = self._client._known.get(thread_id)
-        lease = await self._call("acquire", thread_id, request_id, _snap(snapshot), known and known[0])
+        lease = await self._call("acquire", thread_id, request_id, _snap(snapshot), known and known[0], host)
         return SandboxHandle(self._client._known.complete(thread_id, lease, known), self._client)
 
     async def fork(self, snapshot: Snapshot | str, threads: Iterable[str]) -> AsyncIterator[SandboxHandle]:

@@ -16,6 +16,8 @@ import time
 from collections import deque
 from typing import Any
 
+from backends.base import Mount
+
 from . import raycalls, spawn
 from .config import SandboxConfig
 from .errors import IsolationUnavailable, NotSupported, PoolShutDown, SandboxError, SandboxOwned
@@ -234,17 +236,18 @@ class Fleet:
 
     async def start(self, actor: Any, sandbox_id: str, thread_id: str | None, resume: bool = False,
                     image: str | None = None, image_from: str | None = None,
-                    container_id: str | None = None) -> dict[str, Any]:
+                    container_id: str | None = None, mounts: tuple[Mount, ...] = ()) -> dict[str, Any]:
         """Have ``actor`` serve ``sandbox_id``: adopt its running container, start its stopped one
-        again (``resume``, by its ``container_id`` when known), or create one (of a snapshot's ``image``, fetched from the reaper named
-        ``image_from`` when this node's engine lacks it).
+        again (``resume``, by its ``container_id`` when known), or create one (of a snapshot's
+        ``image``, fetched from the reaper named ``image_from`` when this node's engine lacks it;
+        mounting ``mounts`` instead of the pool's thread directories when given).
 
         Raises:
             SandboxOwned: another live actor owns the container.
             ImageNotFound, ReadinessTimeout, SandboxStartError, ...: the container did not start.
         """
         return await raycalls.call(
-            actor.start.remote(sandbox_id, thread_id, resume, image, image_from, container_id),
+            actor.start.remote(sandbox_id, thread_id, resume, image, image_from, container_id, mounts),
             self._config.readiness_timeout + 120 + (IMAGE_TIMEOUT if image else 0), f"starting sandbox {sandbox_id}",
         )
 

@@ -15,6 +15,8 @@ import logging
 import time
 from typing import Any
 
+from backends.base import Mount
+
 from .config import SandboxConfig
 from .errors import (
     BackendUnavailable,
@@ -182,7 +184,8 @@ class Lifecycle:
     async def _create(self, entry: Entry) -> Lease:
         sandbox_id = entry.sandbox_id
         try:
-            actor, info = await self.start_sandbox(sandbox_id, entry.thread_id, **self._image_of(entry))
+            actor, info = await self.start_sandbox(sandbox_id, entry.thread_id, **self._image_of(entry),
+                                                   **self._host_of(entry))
         except BaseException:
             self.state.start_failed(sandbox_id)
             self.tally.count("failed")
@@ -210,14 +213,23 @@ class Lifecycle:
         source = reaper_name(self.config, node_id) if self.fleet.reaper_on(node_id) is not None else None
         return {"image": record.get("image", entry.image), "image_from": source}
 
+    @staticmethod
+    def _host_of(entry: Entry) -> dict[str, Any]:
+        """The node a new sandbox must start on and the directories it mounts, when asked for."""
+        if entry.host is None:
+            return {}
+        return {"node_id": entry.host.node_id, "mounts": entry.host.mounts}
+
     async def start_sandbox(
         self, sandbox_id: str, thread_id: str | None, node_id: str | None = None, resume: bool = False,
         image: str | None = None, image_from: str | None = None, container_id: str | None = None,
+        mounts: tuple[Mount, ...] = (),
     ) -> tuple[Any, dict[str, Any]]:
         """An actor serving ``sandbox_id`` with its container up and answering (pinned to
         ``node_id`` when given). Adopts the live actor that already owns the container, if any;
-        starts its stopped container again with ``resume`` (by ``container_id`` when known); creates a new one of ``image`` (a
-        snapshot's) when given.
+        starts its stopped container again with ``resume`` (by ``container_id`` when known);
+        creates a new one of ``image`` (a snapshot's) when given, mounting ``mounts`` (host
+        directories of ``node_id``) instead of the pool's thread directories when given.
 
         Raises:
             PoolExhausted: no node had room within ``capacity_timeout``.
@@ -232,7 +244,7 @@ class Lifecycle:
                     if not spare:  # a spare is placed already: it answered before it became one
                         await self._place(actor, sandbox_id, node_id)
                     return actor, await fleet.start(actor, sandbox_id, thread_id, resume, image, image_from,
-                                                    container_id)
+                                                    container_id, mounts)
                 except PoolExhausted:
                     fleet.kill(actor)  # never placed: nothing to stop
                     raise

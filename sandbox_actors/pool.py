@@ -39,7 +39,7 @@ from .reconciler import Reconciler
 from .records import PoolRecords
 from .state import PoolState
 from .threads import anonymous_sandbox_id, sandbox_id_for, validate_thread_id
-from .views import Lease
+from .views import HostDirs, Lease
 
 logger = logging.getLogger(__name__)
 REFUSALS = (IsolationUnavailable, NotSupported, ConfigError)  # the pool will not start: say why, stay down
@@ -144,10 +144,12 @@ class SandboxPool:
     # ── acquire ────────────────────────────────────────────────────────────
 
     async def acquire(self, thread_id: str | None = None, request_id: str | None = None,
-                      snapshot: str | None = None, known_actor: str | None = None) -> Lease:
+                      snapshot: str | None = None, known_actor: str | None = None,
+                      host: HostDirs | None = None) -> Lease:
         """The thread's sandbox: active, else reclaimed warm, else resumed, else a spare, else
         adopted or created. Anonymous (``thread_id`` None): a new sandbox, the same one again for
-        the same ``request_id``. With ``snapshot`` (a name): a new sandbox started from it. When
+        the same ``request_id``. With ``snapshot`` (a name): a new sandbox started from it. With
+        ``host``: a new sandbox starts on its node with its mounts (never a pre-warmed spare). When
         its actor is ``known_actor`` (the caller holds that actor's handle already), the lease
         comes without the handle: receiving one costs a caller ~2 ms, the rest of a hot acquire ~3.
 
@@ -163,7 +165,7 @@ class SandboxPool:
             raise InvalidRequest(f"no snapshot named {snapshot!r} in pool {self._config.pool_name}")
         anonymous = anonymous_sandbox_id(self._config.pool_name, request_id) if thread_id is None else None
         got = await acquire(self._life, lambda: anonymous or self._sandbox_id(str(thread_id)), thread_id,
-                            started + self._config.capacity_timeout, snapshot)
+                            started + self._config.capacity_timeout, snapshot, host)
         self._life.tally.acquired(got.path, time.monotonic() - started)
         if known_actor is not None and got.info.get("actor_name") == known_actor:
             return dataclasses.replace(got, actor=None)

@@ -20,6 +20,7 @@ from typing import Any
 from backends import (
     Backend,
     DockerBackend,
+    Mount,
     SandboxAPI,
     SandboxRecord,
     SandboxSpec,
@@ -89,6 +90,7 @@ class SandboxRuntime:
         clock: monotonic seconds (tests pass a fake).
         owner: the name of the actor this runtime lives in (recorded in the container).
         owner_alive: tells whether another owner named in a container still lives.
+        mounts: host directories a new container mounts instead of the pool's thread directories.
     """
 
     def __init__(
@@ -101,8 +103,10 @@ class SandboxRuntime:
         clock: Callable[[], float] = time.monotonic,
         owner: str = "",
         owner_alive: Callable[[str], Awaitable[bool]] | None = None,
+        mounts: tuple[Mount, ...] = (),
     ) -> None:
         self.config = config
+        self._mounts = mounts
         self.sandbox_id = sandbox_id
         self.thread_id = thread_id
         self.backend = backend
@@ -253,7 +257,7 @@ class SandboxRuntime:
         try:
             # Mounts are the Docker backend's: a provisioner decides what its sandboxes get.
             mounts = (
-                await asyncio.to_thread(sandbox_mounts, config, self.thread_id)
+                await asyncio.to_thread(sandbox_mounts, config, self.thread_id, self._mounts)
                 if config.provisioner is None else ()
             )
         except OSError as exc:

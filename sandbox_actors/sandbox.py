@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from backends.base import Mount
 from backends.sandbox_api import BashResult, CommandView, FileInfo, ShellResult, warm_http_stack
 
 from . import raycalls
@@ -95,11 +96,13 @@ class SandboxActor:
         return await self._backend.warm(self._config.pool_name, self._config.image)
 
     async def start(self, sandbox_id: str, thread_id: str | None, resume: bool = False, image: str | None = None,
-                    image_from: str | None = None, container_id: str | None = None) -> dict[str, Any]:
+                    image_from: str | None = None, container_id: str | None = None,
+                    mounts: tuple[Mount, ...] = ()) -> dict[str, Any]:
         """Serve ``sandbox_id``: adopt its running container, resume its stopped one (``resume``; by
         its ``container_id`` when the pool knows it), or create one (of ``image``, a snapshot's,
-        when given), and wait until it answers. A snapshot image this node's engine lacks is
-        fetched from the reaper named ``image_from`` (once per node).
+        when given; mounting ``mounts``, this node's directories, instead of the pool's thread
+        directories when given), and wait until it answers. A snapshot image this node's engine
+        lacks is fetched from the reaper named ``image_from`` (once per node).
 
         Idempotent for the same sandbox. Raises SandboxOwned when another live
         actor owns the container, and the start errors of a new container.
@@ -113,6 +116,7 @@ class SandboxActor:
                 extra_labels={LABEL_RAY_NODE: self._node_id},
                 owner=self._name,
                 owner_alive=lambda name: self._still_serves(name, sandbox_id),
+                mounts=mounts,
             )
         elif self._runtime.sandbox_id != sandbox_id:
             raise InvalidRequest(f"actor {self._name} already serves sandbox {self._runtime.sandbox_id}")

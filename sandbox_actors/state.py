@@ -21,6 +21,8 @@ from typing import Any
 
 from backends.errors import InvalidRequest, SandboxError
 
+from .views import HostDirs
+
 
 class SandboxState(enum.Enum):
     STARTING = "starting"  # actor and container being created
@@ -87,6 +89,7 @@ class Entry:
     committed: bool = False  # the stop can no longer be called off
     hibernated_at: float | None = None  # pool clock, while HIBERNATED
     image: str | None = None  # a snapshot's image, when started from one
+    host: HostDirs | None = None  # the node and directories it was asked to start with
 
     def move(self, new: SandboxState) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -256,13 +259,14 @@ class PoolState:
     # ── acquire ────────────────────────────────────────────────────────────
 
     def acquire(self, sandbox_id: str, thread_id: str | None, busy: Collection[str] = (),
-                image: str | None = None) -> Decision:
+                image: str | None = None, host: HostDirs | None = None) -> Decision:
         """Decide what an acquire of ``sandbox_id`` gets (SPEC §3 order).
 
         1. active: return it; 2. warm: reclaim it once its actor confirms it
         runs; hibernated: resume it; 3./4. otherwise a spare, or create (the
         fleet adopts a live SandboxActor of that id if one exists). With
-        ``image`` (a snapshot's) only a new sandbox will do. Sandboxes in
+        ``image`` (a snapshot's) only a new sandbox will do; with ``host`` (a
+        node and its directories) too, since a spare's mounts are fixed. Sandboxes in
         ``busy`` (an operation is under way on them) are never evicted to make room.
 
         Raises:
@@ -285,7 +289,8 @@ class PoolState:
             self.want_back(sandbox_id)
             return MustWait(sandbox_id, entry.state.value)
 
-        spares = self.in_state(S.SPARE) if image is None else []
+        made_to_order = image is not None or host is not None  # no spare will do
+        spares = [] if made_to_order else self.in_state(S.SPARE)
         if spares:
             entry = min(spares, key=lambda e: e.created_at)
             entry.move(S.ACTIVE)
@@ -297,13 +302,14 @@ class PoolState:
         if self._live() >= self.replicas:
             # At the cap with a spare on its way: it is the capacity this thread gets.
             coming = [e for e in self.entries.values() if e.spare and e.state is S.STARTING]
-            if coming and image is None:
+            if coming and not made_to_order:
                 return MustWait(coming[0].sandbox_id, "starting")
         evict = self._evict_for_one_more(busy)
         if self.max_sandboxes is not None and self._held() >= self.max_sandboxes:
             return MustWait(sandbox_id, "capacity", evict)
         over_soft_cap = self._live() >= self.replicas
-        return MustCreate(self._new(sandbox_id, thread_id, S.STARTING, image=image), evict, over_soft_cap)
+        entry = self._new(sandbox_id, thread_id, S.STARTING, image=image, host=host)
+        return MustCreate(entry, evict, over_soft_cap)
 
     def _resume(self, entry: Entry, busy: Collection[str]) -> MustResume | MustWait:
         """A hibernated sandbox comes back: it needs room like a new one."""

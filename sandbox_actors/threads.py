@@ -8,6 +8,7 @@ plain name or a hash.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import uuid
@@ -26,6 +27,7 @@ MAX_THREAD_ID_BYTES = 1024
 SANDBOX_ID_HEX = 24
 USER_DATA_MOUNT = "/mnt/user-data"
 USER_DATA_DIRS = ("workspace", "uploads", "outputs")
+logger = logging.getLogger(__name__)
 _SAFE_DIR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -89,14 +91,17 @@ def ensure_thread_dirs(config: SandboxConfig | ActorConfig, thread_id: str) -> P
     return root
 
 
-def sandbox_mounts(config: SandboxConfig | ActorConfig, thread_id: str | None) -> tuple[Mount, ...]:
-    """Every bind mount for a sandbox: thread dirs, skills (read-only), extra mounts.
+def sandbox_mounts(config: SandboxConfig | ActorConfig, thread_id: str | None,
+                   given: tuple[Mount, ...] = ()) -> tuple[Mount, ...]:
+    """Every bind mount for a sandbox: the thread's directories (``given`` by the acquire, else
+    the pool's own under base_dir), skills (read-only), extra mounts. A container path is mounted
+    once: the first in that order wins.
 
-    Creates the thread directories. Mount sources use the host-side base dir
-    so a Docker engine outside our container resolves them.
+    Creates the pool's thread directories. Their mount sources use the host-side base dir so a
+    Docker engine outside our container resolves them.
     """
-    mounts: list[Mount] = []
-    if thread_id is not None and config.thread_mounts:
+    mounts: list[Mount] = list(given)
+    if thread_id is not None and config.thread_mounts and not given:
         ensure_thread_dirs(config, thread_id)
         host_root = thread_dir(config.host_dir, thread_id)
         mounts += [
@@ -107,4 +112,13 @@ def sandbox_mounts(config: SandboxConfig | ActorConfig, thread_id: str | None) -
             Mount(config.host_skills_path or config.skills_path, config.skills_container_path, read_only=True)
         )
     mounts += [Mount(m.host_path, m.container_path, m.read_only) for m in config.mounts]
-    return tuple(mounts)
+    taken: set[str] = set()
+    unique = []
+    for mount in mounts:
+        path = mount.container_path.rstrip("/") or "/"
+        if path in taken:
+            logger.warning("two mounts at %s: keeping the first, not %s", path, mount.host_path)
+            continue
+        taken.add(path)
+        unique.append(mount)
+    return tuple(unique)

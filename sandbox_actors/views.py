@@ -10,6 +10,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from backends.base import Mount
+
+
+@dataclass(frozen=True)
+class HostDirs:
+    """Directories of one node that a new sandbox mounts (a caller's own, e.g. an app's
+    per-conversation directories): the sandbox starts on that node, with ``mounts`` in place of
+    the pool's own thread directories. An acquire that finds the thread's sandbox already there
+    (active, warm or hibernated) returns it as it is."""
+
+    node_id: str
+    mounts: tuple[Mount, ...] = ()
+
 
 @dataclass(frozen=True)
 class Lease:

@@ -31,6 +31,7 @@ class FakeActor:
     stopping: bool = False
     inflight: int = 0
     idle_for: float = 1e9
+    pinned: str | None = None  # the node it was asked to start on
 
     def describe(self) -> dict[str, Any]:
         return {"actor_name": self.name, "sandbox_id": self.sandbox_id, "started": self.container_id is not None,
@@ -44,6 +45,7 @@ class FakeContainer:
     container_id: str
     thread_id: str | None
     running: bool = True
+    mounts: tuple = ()  # the host directories it was created with
 
     def view(self) -> ContainerView:
         return ContainerView(self.sandbox_id, self.container_id, self.running, ENGINE, NODE, self.thread_id)
@@ -121,7 +123,7 @@ class FakeFleet:
         await self._pass("close")
 
     async def actor_for(self, node_id: str | None) -> tuple[FakeActor, str, bool]:
-        actor = FakeActor(f"sbx-{next(self._names)}")
+        actor = FakeActor(f"sbx-{next(self._names)}", pinned=node_id)
         self.actors[actor.name] = actor
         return actor, actor.name, False
 
@@ -136,7 +138,7 @@ class FakeFleet:
 
     async def start(self, actor: FakeActor, sandbox_id: str, thread_id: str | None, resume: bool = False,
                     image: str | None = None, image_from: str | None = None,
-                    container_id: str | None = None) -> dict[str, Any]:
+                    container_id: str | None = None, mounts: tuple = ()) -> dict[str, Any]:
         await self._pass("start")
         if self.engine_down:
             raise BackendUnavailable("engine down")
@@ -155,7 +157,7 @@ class FakeFleet:
             self.resumes += 1
         if existing is None:
             self.creates += 1
-            existing = FakeContainer(sandbox_id, f"c{self.creates}-{sandbox_id}", thread_id)
+            existing = FakeContainer(sandbox_id, f"c{self.creates}-{sandbox_id}", thread_id, mounts=mounts)
             self.boxes[existing.container_id] = existing
         actor.sandbox_id, actor.thread_id, actor.container_id = sandbox_id, thread_id, existing.container_id
         actor.idle_for = 0.0

@@ -273,6 +273,35 @@ def test_thread_mounts_on_host_and_read_only_skills(ray_address, config, tmp_pat
     assert_no_actors_left(config.pool_name)
 
 
+def test_directories_given_at_acquire_are_the_new_sandbox_s_mounts(pool, config, tmp_path, docker_client):
+    chat = tmp_path / "app-data" / "chat-1"
+    for name in ("workspace", "outputs"):
+        (chat / name).mkdir(parents=True)
+        (chat / name).chmod(0o777)  # the app's directories, writable by the sandbox's command user
+    (chat / "workspace" / "upload.txt").write_text("from the app")
+    mounts = [{"host_path": str(chat / "workspace"), "container_path": "/mnt/user-data/workspace"},
+              sandbox_actors.Mount(str(chat / "outputs"), "/mnt/user-data/outputs")]
+    box = pool.acquire("chat-1", mounts=mounts)
+    assert box.read_file("/mnt/user-data/workspace/upload.txt") == "from the app"
+    box.exec("echo made inside > /mnt/user-data/outputs/report.txt")
+    assert (chat / "outputs" / "report.txt").read_text() == "made inside\n"
+    assert box.info["node_id"] == ray.get_runtime_context().get_node_id()  # where the directories are
+    assert not thread_dir(config.base_dir, "chat-1").exists()  # the pool's own directories were not made
+    container = containers_of(docker_client, config.pool_name)[0]
+    sources = {m["Destination"]: m["Source"] for m in container.attrs["Mounts"]}
+    assert sources["/mnt/user-data/workspace"] == str(chat / "workspace")
+    assert "/mnt/user-data/uploads" not in sources  # not the pool's thread directories beside them
+    again = pool.acquire("chat-1", mounts=[{"host_path": "/elsewhere", "container_path": "/mnt/x"}])
+    assert (again.path, again.sandbox_id) == ("hot", box.sandbox_id)  # an existing sandbox comes as it is
+    for bad in ({"host_path": "relative/dir", "container_path": "/mnt/x"},
+                {"host_path": "/srv/x", "container_path": "/mnt/../etc"}):
+        with pytest.raises(sandbox_actors.InvalidRequest):
+            pool.acquire("chat-2", mounts=[bad])
+    with pytest.raises(sandbox_actors.InvalidRequest, match="not a live node"):
+        pool.acquire("chat-2", node_id="f" * 56)
+    assert [row["thread_id"] for row in pool.list()] == ["chat-1"]
+
+
 def test_unknown_image_fails_typed_and_leaves_nothing(ray_address, config, docker_client):
     client = sandbox_actors.connect(config.model_copy(update={"image": "sandbox-actors-missing:nope"}))
     try:

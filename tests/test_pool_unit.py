@@ -7,12 +7,14 @@ import asyncio
 
 import pytest
 
+from backends.base import Mount
 from sandbox_actors.config import SandboxConfig
 from sandbox_actors.errors import BackendUnavailable
 from sandbox_actors.pool import SandboxPool
 from sandbox_actors.records import MemoryRecords, MemoryStore
 from sandbox_actors.state import SandboxState
 from sandbox_actors.threads import sandbox_id_for
+from sandbox_actors.views import HostDirs
 from tests.fakefleet import FakeFleet
 
 
@@ -69,6 +71,21 @@ def test_an_acquire_during_a_reconcile_await_is_never_forgotten():
         second = await starting
         assert second.path == "cold"
         assert pool._state.entry(second.sandbox_id).state is SandboxState.ACTIVE
+
+    run(body)
+
+
+def test_a_sandbox_asked_with_host_directories_starts_on_their_node_with_them():
+    async def body():
+        pool, fleet = make()
+        await pool.ping()
+        host = HostDirs("node-7", (Mount("/srv/chat/outputs", "/mnt/user-data/outputs"),))
+        box = await pool.acquire("t1", host=host)
+        container = next(c for c in fleet.boxes.values() if c.sandbox_id == box.sandbox_id)
+        assert container.mounts == host.mounts and fleet.actors[box.actor.name].pinned == "node-7"
+        plain = await pool.acquire("t2")
+        assert fleet.actors[plain.actor.name].pinned is None
+        assert next(c for c in fleet.boxes.values() if c.sandbox_id == plain.sandbox_id).mounts == ()
 
     run(body)
 

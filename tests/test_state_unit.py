@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from backends.base import Mount
 from sandbox_actors.reconcile import ActorView, ContainerView, plan_reconcile
 from sandbox_actors.state import (
     TRANSITIONS,
@@ -16,6 +17,7 @@ from sandbox_actors.state import (
     PoolState,
     SandboxState,
 )
+from sandbox_actors.views import HostDirs
 
 
 class Clock:
@@ -358,6 +360,27 @@ def test_at_the_cap_a_thread_waits_for_a_starting_spare_instead_of_overflowing()
     assert isinstance(decision, MustWait) and (decision.sandbox_id, decision.reason) == ("s1", "starting")
     state.started("s1", "actor", {})
     assert isinstance(state.acquire("hash", "t"), Claimed)
+
+
+def test_an_acquire_with_host_directories_never_gets_a_spare():
+    state, _ = make(replicas=2, prewarm=1)
+    state.begin_spare("s1")
+    state.started("s1", "actor", {})
+    host = HostDirs("node-2", (Mount("/srv/t/workspace", "/mnt/user-data/workspace"),))
+    decision = state.acquire("hash", "t", host=host)  # a spare's mounts are fixed: it will not do
+    assert isinstance(decision, MustCreate) and decision.entry.host == host
+    assert state.entries["s1"].state is SandboxState.SPARE
+    state.started("hash", "actor-2", {})
+    hot = state.acquire("hash", "t", host=HostDirs("node-3"))  # an existing sandbox comes as it is
+    assert isinstance(hot, Acquired) and hot.entry.host == host
+
+
+def test_at_the_cap_an_acquire_with_host_directories_does_not_wait_for_a_spare():
+    state, _ = make(replicas=2, prewarm=1)
+    create(state, "a")
+    state.begin_spare("s1")
+    decision = state.acquire("hash", "t", host=HostDirs("node-1"))
+    assert isinstance(decision, MustCreate) and decision.over_soft_cap
 
 
 def test_a_dead_claimed_spare_is_forgotten_and_the_thread_tries_again():
