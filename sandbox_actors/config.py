@@ -9,6 +9,7 @@ build it in Python (``SandboxConfig(replicas=5)``).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ DEFAULT_IMAGE = "sandbox-actors-minimal:latest"
 _CONTAINER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
 _MEMORY = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
 _PROVISIONER_ID = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class _Closed(BaseModel):
@@ -232,8 +234,9 @@ class SandboxConfig(_Closed):
         default=True, description="Mount per-thread workspace/uploads/outputs dirs from base_dir."
     )
     base_dir: str = Field(
-        default_factory=lambda: str(Path.home() / ".sandbox-actors"),
-        description="Where per-thread directories are created.",
+        default="",  # filled in by _own_base_dir: each pool's own
+        description="Where per-thread directories are created (default: ~/.sandbox-actors/pools/<namespace>/"
+        "<pool_name>, SANDBOX_ACTORS_HOME in place of ~/.sandbox-actors when set).",
     )
     host_base_dir: str | None = Field(
         default=None, description="base_dir as the engine's host sees it (Docker-outside-of-Docker)."
@@ -279,6 +282,16 @@ class SandboxConfig(_Closed):
                 raise ValueError("set either provisioner_url (with provisioner_api_key) or backend, not both")
             return data  # the same thing said twice, e.g. a dumped config loaded again
         return {**data, "backend": shortcut}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_base_dir(cls, data: Any) -> Any:
+        """A pool's default ``base_dir`` is its own, so any two pools on defaults keep their threads'
+        directories apart."""
+        if not isinstance(data, Mapping) or data.get("base_dir"):
+            return data
+        name, namespace = str(data.get("pool_name") or "sandbox-pool"), str(data.get("namespace") or "sandbox_actors")
+        return {**data, "base_dir": str(Path(state_home()) / "pools" / dir_name(namespace) / dir_name(name))}
 
     @field_validator("container_prefix")
     @classmethod
@@ -361,6 +374,19 @@ class SandboxConfig(_Closed):
     @property
     def host_dir(self) -> str:
         return self.host_base_dir or self.base_dir
+
+
+def state_home() -> str:
+    """Where sandbox-actors keeps what it writes on this machine: SANDBOX_ACTORS_HOME, else
+    ~/.sandbox-actors."""
+    return str(Path(os.environ.get("SANDBOX_ACTORS_HOME", "~/.sandbox-actors")).expanduser().absolute())
+
+
+def dir_name(name: str) -> str:
+    """A directory name for a pool or namespace name: itself when plainly safe, else a hash."""
+    if _SAFE_NAME.match(name) and name not in (".", ".."):
+        return name
+    return "~" + hashlib.sha256(name.encode()).hexdigest()[:32]
 
 
 def load_config(source: SandboxConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None) -> SandboxConfig:

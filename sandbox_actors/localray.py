@@ -20,9 +20,10 @@ from pathlib import Path
 
 import ray
 
+from .config import state_home
 from .errors import SandboxError, SandboxNotFound
 
-STATE_DIR = Path(os.environ.get("SANDBOX_ACTORS_HOME", "~/.sandbox-actors")).expanduser()
+STATE_DIR = Path(state_home())
 HEAD_FILE = STATE_DIR / "ray-head.json"
 # Ray puts unix sockets under its temp dir; keep the path short.
 HEAD_TEMP_DIR = Path(os.environ.get("SANDBOX_ACTORS_RAY_TEMP", "/tmp/sandbox-actors-ray"))

@@ -20,6 +20,7 @@ from sandbox_actors.threads import thread_dir
 from tests.conftest import (
     assert_no_actors_left,
     containers_of,
+    leftovers_of,
     serving_actors,
     wait_until,
 )
@@ -300,6 +301,29 @@ def test_directories_given_at_acquire_are_the_new_sandbox_s_mounts(pool, config,
     with pytest.raises(sandbox_actors.InvalidRequest, match="not a live node"):
         pool.acquire("chat-2", node_id="f" * 56)
     assert [row["thread_id"] for row in pool.list()] == ["chat-1"]
+
+
+def test_two_pools_on_default_base_dirs_run_side_by_side(ray_address, config, tmp_path, monkeypatch,
+                                                           docker_client):
+    monkeypatch.setenv("SANDBOX_ACTORS_HOME", str(tmp_path / "home"))
+    defaults = {k: v for k, v in config.model_dump().items() if k != "base_dir"}
+    first = sandbox_actors.SandboxConfig(**defaults)
+    second = sandbox_actors.SandboxConfig(**{**defaults, "pool_name": f"{config.pool_name}-b"})
+    assert first.base_dir != second.base_dir
+    assert Path(first.base_dir).is_relative_to(tmp_path / "home")
+    pools = [sandbox_actors.connect(first)]
+    try:
+        pools.append(sandbox_actors.connect(second))  # refused while both defaulted to ~/.sandbox-actors
+        for pool, text in zip(pools, ("first", "second")):
+            pool.acquire("same-thread").write_file("/mnt/user-data/workspace/who.txt", text)
+        assert [p.acquire("same-thread").read_file("/mnt/user-data/workspace/who.txt") for p in pools] == [
+            "first", "second"]
+    finally:
+        for pool in pools:
+            pool.shutdown()
+    assert_no_actors_left(config.pool_name)
+    assert_no_actors_left(second.pool_name)
+    assert not any(leftovers_of(docker_client, second.pool_name).values())
 
 
 def test_unknown_image_fails_typed_and_leaves_nothing(ray_address, config, docker_client):
