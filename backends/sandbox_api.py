@@ -20,6 +20,7 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,8 @@ UNIX_SCHEME = "unix:"
 # before we give up on the server answering at all.
 _HTTP_GRACE = 15.0
 _TIMEOUT_STATUSES = {"hard_timeout", "no_change_timeout", "timed_out"}
+SHELL_TRUNCATE_CHARS = 30000  # what the server keeps of a shell command's output (head and tail)
+MAX_OUTPUT_CHARS = 8 * 1024 * 1024  # and without truncation (the server's own cap)
 # Probing backs off as a start drags on: after the first probes, the wait between two is a
 # tenth of the time waited so far (at most 0.25 s), and the engine is asked whether the
 # container still runs every half of it (at most 2 s). A slow start costs at most ~10%
@@ -52,6 +55,34 @@ _TIMEOUT_STATUSES = {"hard_timeout", "no_change_timeout", "timed_out"}
 _PROBE_BACKOFF = 0.1
 _MAX_PROBE_INTERVAL = 0.25
 _MAX_LIVENESS_INTERVAL = 2.0
+
+
+def _timed_out(status: str | None, timeout: float | None, idle_timeout: float | None) -> str:
+    if status == "no_change_timeout":
+        return f"command printed nothing for {idle_timeout}s and was killed"
+    return f"command timed out after {timeout}s and was killed"
+
+
+class HeadTail:
+    """A command's output as it streams in, kept to ``limit`` characters: its head and its tail
+    around a marker, as the server truncates what it returns at once."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit, self._head, self._tail, self._dropped = limit, "", "", 0
+
+    def feed(self, text: str) -> None:
+        room = self._limit // 2 - len(self._head)
+        if room > 0:
+            self._head, text = self._head + text[:room], text[room:]
+        self._tail += text
+        excess = len(self._tail) - (self._limit - self._limit // 2)
+        if excess > 0:
+            self._tail, self._dropped = self._tail[excess:], self._dropped + excess
+
+    def text(self) -> str:
+        if not self._dropped:
+            return self._head + self._tail
+        return f"{self._head}\n...[truncated {self._dropped} chars]...\n{self._tail}"
 
 
 def proxy_for(url: str, environ: Mapping[str, str] | None = None) -> str | None:
@@ -350,14 +381,25 @@ class SandboxAPI:
         timeout: float | None = None,
         exec_dir: str | None = None,
         truncate: bool = True,
+        idle_timeout: float | None = None,
     ) -> ShellResult:
         """``POST /v1/shell/exec`` in the persistent shell; callers serialize per sandbox.
+        ``idle_timeout``: killed after that long without new output (with no ``timeout``, however
+        long it runs: its output then comes as a stream, so no HTTP read waits past the idle time).
 
         Raises:
-            CommandTimeout: the command outlived ``timeout`` and was killed.
+            CommandTimeout: the command outlived ``timeout`` (or printed nothing for
+                ``idle_timeout``) and was killed.
         """
+        if idle_timeout and not timeout:
+            kept = HeadTail(SHELL_TRUNCATE_CHARS if truncate else MAX_OUTPUT_CHARS)
+            async for item in self.shell_stream(command, exec_dir=exec_dir, idle_timeout=idle_timeout, kept=kept):
+                if isinstance(item, ShellResult):
+                    return dataclasses.replace(item, output=kept.text())
+                kept.feed(item)
         payload = _drop_none(
-            {"command": command, "id": session_id, "hard_timeout": timeout, "exec_dir": exec_dir, "truncate": truncate}
+            {"command": command, "id": session_id, "hard_timeout": timeout, "exec_dir": exec_dir, "truncate": truncate,
+             "no_change_timeout": idle_timeout}
         )
         http_timeout = (timeout + _HTTP_GRACE) if timeout else None
         data = await self._call("POST", "/v1/shell/exec", json=payload, timeout=http_timeout or 3600.0)
@@ -370,11 +412,12 @@ class SandboxAPI:
         )
         _check_limits(result.limits_hit, result.exit_code, output=result.output)
         if result.status in _TIMEOUT_STATUSES:
-            raise CommandTimeout(f"command timed out after {timeout}s and was killed", output=result.output)
+            raise CommandTimeout(_timed_out(result.status, timeout, idle_timeout), output=result.output)
         return result
 
     async def shell_stream(
         self, command: str, *, timeout: float | None = None, exec_dir: str | None = None,
+        idle_timeout: float | None = None, kept: HeadTail | None = None,
     ) -> AsyncIterator[str | ShellResult]:
         """``POST /v1/shell/exec`` with ``Accept: text/event-stream``: output chunks (str) as the
         command prints them, then its ShellResult (output empty: it came in the chunks). A
@@ -382,16 +425,18 @@ class SandboxAPI:
         iteration early hangs up, which kills the command in the sandbox.
 
         Raises:
-            CommandTimeout: the command outlived ``timeout`` and was killed.
+            CommandTimeout: the command outlived ``timeout`` (or printed nothing for
+                ``idle_timeout``) and was killed; its output is what the caller ``kept``.
         """
-        payload = _drop_none({"command": command, "hard_timeout": timeout, "exec_dir": exec_dir, "truncate": False})
-        events = self._events("/v1/shell/exec", payload, timeout)
+        payload = _drop_none({"command": command, "hard_timeout": timeout, "exec_dir": exec_dir, "truncate": False,
+                              "no_change_timeout": idle_timeout})
+        events = self._events("/v1/shell/exec", payload, timeout or idle_timeout)
         try:
             async for event, data in events:
                 if event == "output":
                     yield data.get("output") or ""
                 else:
-                    yield self._finished(data, timeout)
+                    yield self._finished(data, timeout, idle_timeout, kept.text() if kept else "")
         finally:
             await events.aclose()  # at once, not when collected: closing hangs up, which stops the command
 
@@ -461,12 +506,13 @@ class SandboxAPI:
         raise SandboxUnreachable(f"sandbox at {self.url} ended a streamed command without its result")
 
     @staticmethod
-    def _finished(data: Mapping[str, Any], timeout: float | None, output: str = "") -> ShellResult:
-        result = ShellResult(output=output, exit_code=data.get("exit_code"), session_id=data.get("session_id") or "",
+    def _finished(data: Mapping[str, Any], timeout: float | None, idle_timeout: float | None = None,
+                  output: str = "") -> ShellResult:
+        result = ShellResult(output="", exit_code=data.get("exit_code"), session_id=data.get("session_id") or "",
                              status=data.get("status") or "completed", limits_hit=tuple(data.get("limits_hit") or ()))
         _check_limits(result.limits_hit, result.exit_code, output=output)
         if result.status in _TIMEOUT_STATUSES:
-            raise CommandTimeout(f"command timed out after {timeout}s and was killed", output=output)
+            raise CommandTimeout(_timed_out(result.status, timeout, idle_timeout), output=output)
         return result
 
     # ── background commands (async_mode, then view / wait / kill) ─────────

@@ -99,23 +99,27 @@ class SandboxHandle:
     def __repr__(self) -> str:
         return f"SandboxHandle(sandbox_id={self.sandbox_id!r}, thread_id={self.thread_id!r}, path={self.path!r})"
 
-    def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None) -> ShellResult:
-        """Run ``command`` in the persistent shell (cwd and env persist).
+    def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None,
+             idle_timeout: float | None = None) -> ShellResult:
+        """Run ``command`` in the persistent shell (cwd and env persist). ``idle_timeout``: killed
+        once it prints nothing for that long (then no wall-clock limit applies unless ``timeout``
+        is given too).
 
         Raises:
-            CommandTimeout: it ran past ``timeout`` (default: config exec_timeout) and was killed.
+            CommandTimeout: it ran past ``timeout`` (default: config exec_timeout, none with
+                ``idle_timeout``) or printed nothing for ``idle_timeout``, and was killed.
             SandboxDied: the sandbox is gone; acquire the thread again.
             BackendUnavailable: the engine did not answer (nothing was destroyed).
         """
-        return self._wait(self.actor.exec.remote(self.sandbox_id, command, timeout, exec_dir))
+        return self._wait(self.actor.exec.remote(self.sandbox_id, command, timeout, exec_dir, idle_timeout))
 
     def bash(self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
              exec_dir: str | None = None) -> BashResult:
         """Run ``command`` in a fresh session with extra ``env`` (for secrets); stdout and stderr apart."""
         return self._wait(self.actor.bash.remote(self.sandbox_id, command, dict(env) if env else None, timeout, exec_dir))
 
-    def stream(self, command: str, timeout: float | None = None, exec_dir: str | None = None
-               ) -> Iterator[str | ShellResult]:
+    def stream(self, command: str, timeout: float | None = None, exec_dir: str | None = None,
+               idle_timeout: float | None = None) -> Iterator[str | ShellResult]:
         """Run ``command`` in the persistent shell, yielding its output (str chunks) as it
         comes, then its :class:`ShellResult` (output empty: it came in the chunks). Leaving
         the loop early or Ctrl-C kills the command's process group; the shell stays usable.
@@ -123,7 +127,7 @@ class SandboxHandle:
         Raises:
             CommandTimeout, SandboxDied, BackendUnavailable: as :meth:`exec`.
         """
-        return self._streamed(self.actor.stream, self.sandbox_id, command, timeout, exec_dir)
+        return self._streamed(self.actor.stream, self.sandbox_id, command, timeout, exec_dir, idle_timeout)
 
     def bash_stream(self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
                     exec_dir: str | None = None) -> Iterator[tuple[str, str] | BashResult]:
@@ -286,11 +290,12 @@ class AsyncSandboxHandle:
             raycalls.cancel(ref)  # a cancelled call stops the command in the sandbox too
             raise
 
-    async def stream(self, command: str, timeout: float | None = None, exec_dir: str | None = None
-                     ) -> AsyncIterator[str | ShellResult]:
+    async def stream(self, command: str, timeout: float | None = None, exec_dir: str | None = None,
+                     idle_timeout: float | None = None) -> AsyncIterator[str | ShellResult]:
         """:meth:`SandboxHandle.stream`, awaitable; cancelling the consumer kills the command."""
         handle = self._handle
-        async for item in self._streamed(handle.actor.stream, handle.sandbox_id, command, timeout, exec_dir):
+        async for item in self._streamed(handle.actor.stream, handle.sandbox_id, command, timeout, exec_dir,
+                                         idle_timeout):
             yield item
 
     async def bash_stream(self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
@@ -312,8 +317,10 @@ class AsyncSandboxHandle:
             if not finished:
                 raycalls.cancel(generator)
 
-    async def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None) -> ShellResult:
-        return await self._await(self._handle.actor.exec.remote(self._handle.sandbox_id, command, timeout, exec_dir))
+    async def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None,
+                   idle_timeout: float | None = None) -> ShellResult:
+        return await self._await(self._handle.actor.exec.remote(self._handle.sandbox_id, command, timeout, exec_dir,
+                                                                idle_timeout))
 
     async def bash(self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
                    exec_dir: str | None = None) -> BashResult:

@@ -503,18 +503,27 @@ class SandboxRuntime:
                 return True
             await asyncio.sleep(0.2)
 
-    async def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None) -> ShellResult:
+    def _shell_timeout(self, timeout: float | None, idle_timeout: float | None) -> float | None:
+        """A command's wall-clock limit: the one given, else none when it has an idle timeout (that
+        bounds it), else the config's ``exec_timeout``."""
+        return timeout or (None if idle_timeout else self.config.exec_timeout)
+
+    async def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None,
+                   idle_timeout: float | None = None) -> ShellResult:
         """Run ``command`` in the persistent shell (one at a time per sandbox)."""
         async with self._operation() as api, self._shell_lock:
-            return await api.shell_exec(command, timeout=timeout or self.config.exec_timeout, exec_dir=exec_dir)
+            return await api.shell_exec(command, timeout=self._shell_timeout(timeout, idle_timeout), exec_dir=exec_dir,
+                                        idle_timeout=idle_timeout)
 
     async def stream(
         self, command: str, timeout: float | None = None, exec_dir: str | None = None,
+        idle_timeout: float | None = None,
     ) -> AsyncIterator[str | ShellResult]:
         """Run ``command`` in the persistent shell, yielding its output as it comes, then its
         ShellResult. Closing the iteration early kills the command (and keeps the shell)."""
         async with self._operation() as api, self._shell_lock:
-            stream = api.shell_stream(command, timeout=timeout or self.config.exec_timeout, exec_dir=exec_dir)
+            stream = api.shell_stream(command, timeout=self._shell_timeout(timeout, idle_timeout), exec_dir=exec_dir,
+                                      idle_timeout=idle_timeout)
             try:
                 async for item in stream:
                     yield item

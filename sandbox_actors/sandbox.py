@@ -246,11 +246,12 @@ class SandboxActor:
 
     async def exec(
         self, sandbox_id: str, command: str, timeout: float | None = None, exec_dir: str | None = None,
+        idle_timeout: float | None = None,
     ) -> ShellResult:
         """Run a command in the sandbox's persistent shell (stderr merged)."""
         started = time.monotonic()
         try:
-            return await self._guard(self._serving(sandbox_id).exec(command, timeout, exec_dir))
+            return await self._guard(self._serving(sandbox_id).exec(command, timeout, exec_dir, idle_timeout))
         finally:
             self._metrics.executed("exec", time.monotonic() - started)
 
@@ -267,11 +268,13 @@ class SandboxActor:
 
     async def stream(
         self, sandbox_id: str, command: str, timeout: float | None = None, exec_dir: str | None = None,
+        idle_timeout: float | None = None,
     ) -> AsyncIterator[str | ShellResult]:
         """Like :meth:`exec`, as a Ray streaming generator: output chunks as the command prints
         them, then its ShellResult. Cancelling the call (or closing the generator) kills the
         command's process group in the sandbox; the shell stays usable."""
-        async for item in self._streamed("stream", self._serving(sandbox_id).stream(command, timeout, exec_dir)):
+        running = self._serving(sandbox_id).stream(command, timeout, exec_dir, idle_timeout)
+        async for item in self._streamed("stream", running):
             yield item
 
     async def bash_stream(

@@ -23,7 +23,7 @@ import yaml
 
 from backends.sandbox_api import BashResult, ShellResult
 from sandbox_actors.client import BackgroundCommand
-from sandbox_actors.errors import InvalidRequest
+from sandbox_actors.errors import CommandTimeout, InvalidRequest
 from tests.conftest import sigint_default, wait_until
 
 MiB = 1024 * 1024
@@ -162,6 +162,39 @@ def test_ctrl_c_on_cli_exec_stops_the_command_in_the_sandbox(ray_address, config
             assert "done" not in out
             assert wait_until(lambda: not running(box, pattern), timeout=10), running(box, pattern)
         assert box.exec("echo usable").output == "usable\n"
+    finally:
+        pool.shutdown()
+
+
+def test_an_idle_timeout_kills_a_silent_command_but_not_one_that_keeps_printing(ray_address, config):
+    import sandbox_actors
+
+    pool = sandbox_actors.connect(config.model_copy(update={"exec_timeout": 2}))
+    try:
+        box = pool.acquire("chatty")
+        ticking = "for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 0.5; done"
+        with pytest.raises(CommandTimeout):
+            box.exec(ticking)  # the pool's exec_timeout (2 s of wall clock) applies
+        started = time.monotonic()
+        done = box.exec(ticking, idle_timeout=1.5)  # printing every 0.5 s: never idle, no wall clock
+        assert done.exit_code == 0 and done.output.split() [-2:] == ["tick", "8"]
+        assert time.monotonic() - started >= 4
+        for streamed in (False, True):
+            chunks: list[str] = []
+            started = time.monotonic()
+            with pytest.raises(CommandTimeout, match="printed nothing for 1") as timed_out:
+                command = "echo started && sleep 30 && echo never"
+                if streamed:
+                    chunks.extend(box.stream(command, idle_timeout=1))  # output comes in the chunks
+                else:
+                    box.exec(command, idle_timeout=1)  # output comes with the error
+            assert time.monotonic() - started < 10
+            output = "".join(chunks) if streamed else timed_out.value.output
+            assert output.startswith("started") and "never" not in output
+            assert running(box, "sleep 30") == []  # killed in the sandbox
+        assert box.exec("echo still usable").output.strip() == "still usable"
+        long_line = box.exec("head -c 100000 /dev/zero | tr '\\0' x; sleep 0.5; echo; echo end", idle_timeout=2)
+        assert "...[truncated" in long_line.output and long_line.output.rstrip().endswith("end")
     finally:
         pool.shutdown()
 
