@@ -8,6 +8,8 @@ dir: never any other Ray cluster (no ``ray stop``).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -16,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -97,23 +100,38 @@ def attach(explicit: str | None = None, *, fallback: str = "error") -> str:
 
     if ray.is_initialized():
         return "initialized"
-    address = resolve_address(explicit)
-    how = "attached"
-    if address is None:
+    with _head_lock() if fallback == "head" else contextlib.nullcontext():
+        # Under the lock, processes starting at once (deer-flow's workers) find the head the
+        # first of them started instead of each starting one.
+        address = resolve_address(explicit)
+        how = "attached"
+        if address is None:
+            try:
+                ray.init(address="auto", logging_level=logging.WARNING)
+                return how
+            except ConnectionError:
+                if fallback == "error":
+                    raise NoCluster("no Ray cluster is running here; start one with `sandbox-actors up`") from None
+                if fallback == "local":
+                    ray.init(logging_level=logging.WARNING)
+                    return "local"
+                address = start_head()
+                how = "started"
+        _use_token_auth_when_available()
+        ray.init(address=address, logging_level=logging.WARNING)
+        return how
+
+
+@contextlib.contextmanager
+def _head_lock() -> Iterator[None]:
+    """This machine's lock on starting the head ``up`` starts (held while one starts)."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(STATE_DIR / "ray-head.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            ray.init(address="auto", logging_level=logging.WARNING)
-            return how
-        except ConnectionError:
-            if fallback == "error":
-                raise NoCluster("no Ray cluster is running here; start one with `sandbox-actors up`") from None
-            if fallback == "local":
-                ray.init(logging_level=logging.WARNING)
-                return "local"
-            address = start_head()
-            how = "started"
-    _use_token_auth_when_available()
-    ray.init(address=address, logging_level=logging.WARNING)
-    return how
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def start_head() -> str:
