@@ -237,32 +237,40 @@ def cmd_cp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named(args: argparse.Namespace, client: Any) -> tuple[str, str]:
+    """The sandbox a command names: by its thread (THREAD), or by its id (--id). Returns the
+    sandbox id and how to call it in a message."""
+    if (args.thread is None) == (args.id is None):
+        raise InvalidRequest(f"name the sandbox by THREAD or by --id SANDBOX_ID (one of them), e.g. "
+                             f"`sandbox-actors {args.command} my-thread`")
+    if args.id is not None:
+        return args.id, f"sandbox {args.id}"
+    return client.sandbox_id(args.thread), f"thread {args.thread!r}'s sandbox"
+
+
 def cmd_release(args: argparse.Namespace) -> int:
     client = _client(args)
-    sandbox_id = client.sandbox_id(args.thread)
+    sandbox_id, what = _named(args, client)
     if not client.release(sandbox_id):
-        raise NotFound(f"thread {args.thread!r} has no active sandbox")
+        raise NotFound(f"{what} is not active in pool {client.config.pool_name!r}")
     print(f"released {sandbox_id} (parked warm)")
     return 0
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
-    if (args.sandbox_id is None) == (args.thread is None):
-        print("error: give a SANDBOX_ID or --thread THREAD (one of them)", file=sys.stderr)
-        return EXIT_USAGE
     client = _client(args)
-    sandbox_id = args.sandbox_id or client.sandbox_id(args.thread)
+    sandbox_id, what = _named(args, client)
     if not client.destroy(sandbox_id):
-        raise NotFound(f"no sandbox {sandbox_id} in pool {client.config.pool_name!r}")
+        raise NotFound(f"{what} does not exist in pool {client.config.pool_name!r}")
     print(f"destroyed {sandbox_id}")
     return 0
 
 
 def cmd_hibernate(args: argparse.Namespace) -> int:
     client = _client(args)
-    sandbox_id = client.sandbox_id(args.thread)
+    sandbox_id, what = _named(args, client)
     if not client.hibernate(sandbox_id):
-        raise NotFound(f"thread {args.thread!r} has no running sandbox in pool {client.config.pool_name!r}")
+        raise NotFound(f"{what} is not running in pool {client.config.pool_name!r}")
     print(f"hibernated {sandbox_id} (container stopped with its files, actor ended; the next acquire resumes it)")
     return 0
 
@@ -328,6 +336,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    """Shut the pool down; with the head `up` started, every pool on it (their sandboxes would
+    outlive the head unowned otherwise), then the head."""
     import ray
 
     from . import localray, raycalls
@@ -336,20 +346,25 @@ def cmd_down(args: argparse.Namespace) -> int:
 
     config = _config(args) or SandboxConfig()
     name, namespace = args.pool or config.pool_name, args.namespace or config.namespace
-    result: dict[str, Any] = {"pool": name, "destroyed": 0, "ray_head_stopped": False}
+    stopping_head = not args.keep_ray and localray.HEAD_FILE.exists()
+    result: dict[str, Any] = {"pools": [], "destroyed": 0, "ray_head_stopped": False}
     say = (lambda text: None) if args.json else print
     try:
         localray.attach(args.address)
     except localray.NoCluster:
         pass
     if ray.is_initialized():
-        if raycalls.get_actor(name, namespace) is not None:
-            result.update(connect(pool_name=name, namespace=namespace).shutdown())
-            say(f"pool {name!r} shut down: {result.get('destroyed', 0)} sandbox(es) destroyed")
-        else:
+        targets = raycalls.pools() if stopping_head and localray.attached_to_our_head() else []
+        targets = targets or ([(name, namespace)] if raycalls.get_actor(name, namespace) is not None else [])
+        if not targets:
             say(f"no pool {name!r} running")
+        for pool, space in targets:
+            done = connect(pool_name=pool, namespace=space).shutdown()
+            result["pools"].append({"pool": pool, "namespace": space, **done})
+            result["destroyed"] += done.get("destroyed", 0)
+            say(f"pool {pool!r} (namespace {space!r}) shut down: {done.get('destroyed', 0)} sandbox(es) destroyed")
         ray.shutdown()
-    if not args.keep_ray and localray.HEAD_FILE.exists():
+    if stopping_head:
         stopped = localray.stop_head()
         result["ray_head_stopped"] = True
         say(f"stopped the local Ray head `up` started ({stopped} processes)")
@@ -425,14 +440,14 @@ def parser() -> argparse.ArgumentParser:
     cp = add("cp", cmd_cp, "copy a file into or out of a thread's sandbox, in chunks (any size)", common)
     cp.add_argument("source", help="a local file, or THREAD:PATH")
     cp.add_argument("target", help="THREAD:PATH, or a local file")
-    release = add("release", cmd_release, "park a thread's sandbox in the warm pool", common)
-    release.add_argument("thread", help="thread id")
-    destroy = add("destroy", cmd_destroy, "destroy a sandbox by id or by thread", common)
-    destroy.add_argument("sandbox_id", nargs="?", help="sandbox id")
-    destroy.add_argument("--thread", help="destroy this thread's sandbox")
-    sleep = add("hibernate", cmd_hibernate, "stop a thread's sandbox keeping its files; the next acquire resumes it",
-                common)
-    sleep.add_argument("thread", help="thread id")
+    for name, func, help_text in (
+        ("release", cmd_release, "park a sandbox in the warm pool"),
+        ("destroy", cmd_destroy, "destroy a sandbox (its container and its actor)"),
+        ("hibernate", cmd_hibernate, "stop a sandbox keeping its files; the thread's next acquire resumes it"),
+    ):
+        named = add(name, func, f"{help_text}; name it by THREAD, or by --id SANDBOX_ID", common)
+        named.add_argument("thread", nargs="?", help="the thread whose sandbox it is")
+        named.add_argument("--id", metavar="SANDBOX_ID", help="the sandbox's id instead (see `status`)")
     add("snapshots", cmd_snapshots, "list the pool's snapshots", common, as_json)
     snapshot = add("snapshot", cmd_snapshot_rm, "manage snapshots (rm NAME)")
     snapshot_commands = snapshot.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
@@ -444,7 +459,8 @@ def parser() -> argparse.ArgumentParser:
     gc.add_argument("--dead-clusters", action="store_true",
                     help="only what clusters that no longer run here left (needs no Ray cluster)")
     gc.add_argument("--dry-run", action="store_true", help="list what dead clusters left; remove nothing")
-    down = add("down", cmd_down, "shut the pool down and stop the Ray head `up` started", common, as_json)
+    down = add("down", cmd_down, "shut the pool down; stop the Ray head `up` started, shutting down every pool on "
+               "it first", common, as_json)
     down.add_argument("--keep-ray", action="store_true", help="leave the local Ray head running")
     build = add("build-image", cmd_build_image, "build the minimal sandbox image locally (no registry)")
     build.add_argument("--tag", default=DEFAULT_IMAGE, help=f"image to produce (default {DEFAULT_IMAGE})")

@@ -134,6 +134,12 @@ def _head_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def attached_to_our_head() -> bool:
+    """Whether this process is attached to the head ``up`` started (not to another cluster)."""
+    head = our_head()
+    return head is not None and ray.is_initialized() and ray.get_runtime_context().gcs_address == head["address"]
+
+
 def start_head() -> str:
     """Start a local Ray head (detached from this process); returns its address."""
     port = _free_port()

@@ -113,6 +113,18 @@ def get_actor(name: str, namespace: str) -> Any | None:
         return None
 
 
+def pools() -> list[tuple[str, str]]:
+    """Every live SandboxPool actor of the cluster, in any namespace: (name, namespace)."""
+    found = []
+    for item in ray.util.list_named_actors(all_namespaces=True):
+        handle = get_actor(item["name"], item["namespace"])
+        descriptor = getattr(handle, "_ray_actor_creation_function_descriptor", None)
+        if descriptor is not None and descriptor.class_name == "PoolActor" \
+                and descriptor.module_name == "sandbox_actors.pool":
+            found.append((item["name"], item["namespace"]))
+    return sorted(found)
+
+
 def named_actors(namespace: str, prefix: str, known: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Live named actors in ``namespace`` whose name starts with ``prefix``: name -> handle.
 
