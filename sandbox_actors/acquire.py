@@ -131,7 +131,11 @@ async def _wait_for(life: Lifecycle, decision: MustWait, deadline: float) -> Non
                 f"{config.capacity_timeout:.0f}s; release or destroy sandboxes, or retry",
                 max_sandboxes=config.max_sandboxes,
             )
-        await life.changed.wait(remaining)
+        life.capacity_waits += 1
+        try:
+            await life.changed.wait(remaining)
+        finally:
+            life.capacity_waits -= 1
     elif life.ops.get(decision.sandbox_id) is not None:
         await life.ops.wait(decision.sandbox_id)  # e.g. the spare this thread will get, still starting
     else:

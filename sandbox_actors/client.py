@@ -442,6 +442,10 @@ class _KnownActors:
 class PoolClient:
     """A connection to one SandboxPool. Safe to use from many threads; cheap to create.
 
+    One rule names sandboxes: ``acquire`` takes a thread id; every call on a sandbox that exists
+    (``get``, ``release``, ``destroy``, ``hibernate``, ``snapshot``) takes its handle or its
+    sandbox id; ``sandbox_id(thread)`` turns one into the other.
+
     Pool calls survive a pool restart: a call that meets a restarting or dead
     pool is retried (a dead pool is re-created) for up to 60 s. A pool shut
     down on purpose (``shutdown()``, ``sandbox-actors down``) stays down: calls
@@ -524,18 +528,16 @@ class PoolClient:
             pending.pop(ready)
             yield SandboxHandle(raycalls.value(ready), self)
 
-    def hibernate(self, handle_or_thread: SandboxHandle | str) -> bool:
-        """Hibernate a sandbox, given its handle or its thread id: its container stops with its
-        filesystem kept, its actor ends; the next acquire of the thread resumes it. False when the
-        thread has no sandbox.
+    def hibernate(self, handle_or_id: SandboxHandle | str) -> bool:
+        """Hibernate a sandbox (its handle or its sandbox id): its container stops with its
+        filesystem kept, its actor ends; the next acquire of the thread resumes it. False when
+        there is no such running sandbox.
 
         Raises:
             NotSupported: a provisioner's sandboxes cannot hibernate.
             BackendUnavailable: the engine did not stop it (it serves on).
         """
-        sandbox_id = (handle_or_thread.sandbox_id if isinstance(handle_or_thread, SandboxHandle)
-                      else self.sandbox_id(handle_or_thread))
-        return self._retrying("hibernate", sandbox_id)
+        return self._retrying("hibernate", _id(handle_or_id))
 
     def snapshot(self, handle_or_id: SandboxHandle | str, name: str | None = None) -> Snapshot:
         """Snapshot a running sandbox (see :meth:`SandboxHandle.snapshot`); ``name`` defaults to
@@ -587,6 +589,11 @@ class PoolClient:
         """Run a reconcile pass now (adopt, re-adopt, remove orphans); returns counts."""
         return self._retrying("reconcile")
 
+    def history(self, handle_or_id: SandboxHandle | str | None = None) -> list[dict[str, Any]]:
+        """Each change of state or serving actor the pool saw, of one sandbox or of all, oldest
+        first: ``{at (unix time), sandbox_id, state, actor, thread_id}`` (since the pool started)."""
+        return self._retrying("history", None if handle_or_id is None else _id(handle_or_id))
+
     def shutdown(self) -> dict[str, int]:
         """Destroy every sandbox, end the pool actor. Idempotent."""
         if self._closed:
@@ -626,10 +633,8 @@ class AsyncPoolClient:
         for ready in asyncio.as_completed([self._call("acquire", t, None, _snap(snapshot)) for t in threads]):
             yield SandboxHandle(await ready, self._client)
 
-    async def hibernate(self, handle_or_thread: SandboxHandle | str) -> bool:
-        sandbox_id = (handle_or_thread.sandbox_id if isinstance(handle_or_thread, SandboxHandle)
-                      else await self.sandbox_id(handle_or_thread))
-        return await self._call("hibernate", sandbox_id)
+    async def hibernate(self, handle_or_id: SandboxHandle | str) -> bool:
+        return await self._call("hibernate", _id(handle_or_id))
 
     async def snapshot(self, handle_or_id: SandboxHandle | str, name: str | None = None) -> Snapshot:
         return Snapshot.from_record(await self._call("snapshot", _id(handle_or_id), name))
@@ -662,6 +667,9 @@ class AsyncPoolClient:
 
     async def reconcile(self) -> dict[str, int]:
         return await self._call("reconcile")
+
+    async def history(self, handle_or_id: SandboxHandle | str | None = None) -> list[dict[str, Any]]:
+        return await self._call("history", None if handle_or_id is None else _id(handle_or_id))
 
 
 def connect(

@@ -149,6 +149,11 @@ class Fleet:
         """Spare actors being started now (each a new Ray worker process)."""
         return len(self._adding)
 
+    @property
+    def starts_waiting(self) -> int:
+        """Sandbox starts waiting for a spare actor now."""
+        return sum(1 for waiter in self._waiting if not waiter.done())
+
     def spare_target(self) -> int:
         """How many spare actors to keep now (see :func:`spare_target`)."""
         peak = self.demand.peak(time.monotonic(), self._config.spare_decay)
@@ -402,7 +407,7 @@ class Fleet:
 
     def _wants_spare(self) -> bool:
         """Whether a start waits for a spare, or the spares (with those coming) are short of the target."""
-        waiting = sum(1 for waiter in self._waiting if not waiter.done())
+        waiting = self.starts_waiting
         return waiting > 0 or len(self._spares) + max(0, len(self._adding) - waiting) < self.spare_target()
 
     @staticmethod
@@ -424,7 +429,7 @@ class Fleet:
         if self._closed:
             self._fail_waiters()
             return
-        waiting = sum(1 for waiter in self._waiting if not waiter.done())
+        waiting = self.starts_waiting
         for _ in range(waiter_spawns(waiting, len(self._adding), time.monotonic() - self._recycled_at)):
             self._launch_spare()
         if self._refilling is None or self._refilling.done():
@@ -442,7 +447,7 @@ class Fleet:
                 if not self.starting and not self._adding:
                     self._trim(target)
                 return
-            coming = len(self._adding) - sum(1 for waiter in self._waiting if not waiter.done())
+            coming = len(self._adding) - self.starts_waiting
             missing = target - len(self._spares) - max(0, coming)
             if self._closed or missing <= 0:
                 return

@@ -92,6 +92,7 @@ class Lifecycle:
         self.snapshot_records: dict[str, dict[str, Any]] = {}  # snapshot name -> its record (as in Ray's KV)
         self._watches: dict[str, asyncio.Task[None]] = {}  # actor key -> the watch on it
         self.deaths: set[str] = set()  # sandboxes reported dead whose repair has not begun yet
+        self.capacity_waits = 0  # acquires waiting for capacity (max_sandboxes) now
 
     def notify(self) -> None:
         """The state changed: wake whoever waits on it, and watch any actor newly serving a sandbox."""

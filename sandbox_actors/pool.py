@@ -288,7 +288,8 @@ class SandboxPool:
             "pool": config.pool_name, "namespace": config.namespace, "states": self._state.counts(),
             "total": len(self._state.entries), "replicas": config.replicas, "max_sandboxes": config.max_sandboxes,
             "spare_actors": self._life.fleet.spare_count, "spare_target": self._life.fleet.spare_target(),
-            "spares_starting": self._life.fleet.spares_starting,
+            "spares_starting": self._life.fleet.spares_starting, "starts_waiting": self._life.fleet.starts_waiting,
+            "capacity_waits": self._life.capacity_waits,
             "pid": os.getpid(),
             "counters": dict(self._life.tally.counters), "isolation": self._isolation(),
         }
@@ -302,6 +303,12 @@ class SandboxPool:
             "user": config.user, "read_only_rootfs": config.read_only_rootfs,
             "engines": {engine[:12]: info for engine, info in self._life.fleet.prepared.items()},
         }
+
+    async def history(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
+        """Each change of a sandbox's state or actor this pool saw (of one sandbox, when given),
+        oldest first, with the wall-clock time: what a failure is read against."""
+        await self._ready()
+        return self._state.history(sandbox_id)
 
     async def reconcile(self) -> dict[str, int]:
         """Run a reconcile pass now; returns what it did (counts per action)."""

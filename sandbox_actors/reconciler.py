@@ -115,6 +115,7 @@ class Reconciler:
         done["destroyed"] += sum(1 for r in results if r == "destroyed")
         for key, value in done.items():
             life.tally.count(f"reconcile_{key}", value)
+        life.tally.count("reconcile_passes")
         if not plan.is_empty():
             logger.info("reconcile: %s", dict(done))
         life.notify()

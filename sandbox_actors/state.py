@@ -13,6 +13,7 @@ between states is in ``TRANSITIONS``; an illegal move raises.
 
 from __future__ import annotations
 
+import collections
 import enum
 import time
 from collections.abc import Callable, Collection, Iterable
@@ -53,6 +54,7 @@ TRANSITIONS: dict[SandboxState, frozenset[SandboxState]] = {
     # thread starts afresh).
     S.RESUMING: frozenset({S.ACTIVE, S.HIBERNATED}),
 }
+JOURNAL_SIZE = 4096  # changes of state or actor the pool remembers (for `history`)
 LIVE = (S.STARTING, S.SPARE, S.ACTIVE, S.WARM, S.RESUMING)  # what counts toward replicas
 ASLEEP = (S.HIBERNATING, S.HIBERNATED)  # counts toward no cap: no actor, no running container
 
@@ -188,6 +190,8 @@ class PoolState:
         self.threads: dict[str, str] = {}  # thread id -> sandbox id (a claimed spare's id is not the hash)
         self.epoch = 0  # grows with every change to any entry
         self._changed: dict[str, int] = {}  # sandbox id -> epoch of its last change
+        self.journal: collections.deque[dict[str, Any]] = collections.deque(maxlen=JOURNAL_SIZE)
+        self._last_seen: dict[str, tuple[str, str]] = {}  # sandbox id -> (state, actor) last journalled
 
     # ── queries ────────────────────────────────────────────────────────────
 
@@ -213,6 +217,20 @@ class PoolState:
     def _mark(self, sandbox_id: str) -> None:
         self.epoch += 1
         self._changed[sandbox_id] = self.epoch
+        entry = self.entries.get(sandbox_id)
+        seen = (entry.state.value, str(entry.info.get("actor_name") or "")) if entry is not None else ("gone", "")
+        if self._last_seen.get(sandbox_id) != seen:
+            self.journal.append({"at": time.time(), "sandbox_id": sandbox_id, "state": seen[0], "actor": seen[1],
+                                 "thread_id": entry.thread_id if entry is not None else None})
+            if entry is None:
+                self._last_seen.pop(sandbox_id, None)
+            else:
+                self._last_seen[sandbox_id] = seen
+
+    def history(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
+        """What happened to the pool's sandboxes (of one, when given), oldest first: each change of
+        state or of the actor that serves it, with the wall-clock time (the last JOURNAL_SIZE)."""
+        return [dict(e) for e in self.journal if sandbox_id is None or e["sandbox_id"] == sandbox_id]
 
     def changed_since(self, epoch: int) -> set[str]:
         """Sandbox ids created, moved or removed after ``epoch`` (older marks are forgotten).
@@ -239,8 +257,8 @@ class PoolState:
             self.threads[entry.thread_id] = entry.sandbox_id
 
     def _drop(self, sandbox_id: str) -> None:
-        self._mark(sandbox_id)
         entry = self.entries.pop(sandbox_id, None)
+        self._mark(sandbox_id)
         if entry is not None and entry.thread_id is not None and self.threads.get(entry.thread_id) == sandbox_id:
             del self.threads[entry.thread_id]
 

@@ -107,6 +107,10 @@ class FakeFleet:
         return 0
 
     @property
+    def starts_waiting(self) -> int:
+        return 0
+
+    @property
     def spare_count(self) -> int:
         return 0
 

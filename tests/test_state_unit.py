@@ -471,3 +471,19 @@ def test_repair_readopts_a_container_that_answers_when_its_actor_is_gone():
     assert not repair_needs_probe(owed) and plan_repair(owed).outcome == "destroyed"
     unknown = plan_repair(facts(known=False, containers=[running]))
     assert unknown.outcome == "removed"
+
+
+def test_the_journal_records_each_change_of_state_and_actor_once():
+    state, _ = make()
+    create(state, "a")
+    state.update_info("a", {"actor_name": "sbx-1"})
+    state.release("a")
+    state.replace_actor("a", "actor-2", {"actor_name": "sbx-2"})
+    state.reclaim("a", state.entries["a"].version)
+    create(state, "b")
+    state.removed("a")
+    seen = [(e["state"], e["actor"]) for e in state.history("a")]
+    assert seen == [("starting", ""), ("active", ""), ("warm", "sbx-1"), ("warm", "sbx-2"), ("active", "sbx-2"),
+                    ("gone", "")]
+    assert [e["sandbox_id"] for e in state.history()].count("b") == 2  # starting, active
+    assert all(e["at"] > 0 for e in state.history())
