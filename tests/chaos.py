@@ -28,6 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+from tests.engine import LocalEngine
 
 THREADS = [f"chaos-{i}" for i in range(6)]
 WORKSPACE = "/mnt/user-data/workspace"
@@ -125,8 +128,13 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
                 unexpected.append(f"{op}: {type(exc).__name__}: {str(exc)[:300]}")
             held.pop(thread, None)
             if pending is not None and isinstance(exc, (sandbox_actors.SandboxDied, sandbox_actors.BackendUnavailable)):
-                first_failed.append((pending[0], time.time(), pending[1], pending[2],
-                                     f"{type(exc).__name__} in {op}: {str(exc)[:300]}"))
+                failed_at = time.time()
+                try:  # what the pool saw of that sandbox: its states and actors, for an unexplained failure
+                    seen = pool.history(pending[1])
+                except sandbox_actors.SandboxError as gone:
+                    seen = [{"error": type(gone).__name__}]
+                first_failed.append((pending[0], failed_at, pending[1], pending[2],
+                                     f"{type(exc).__name__} in {op}: {str(exc)[:300]}", seen))
         except AssertionError as exc:
             errors[f"AssertionError: {exc}"] += 1
     print(json.dumps({"ops": ops, "errors": errors, "written": written, "first_failed": first_failed,
@@ -193,47 +201,13 @@ def killer(address: str, pool_name: str, namespace: str, seed: int, duration: fl
     print(json.dumps({"faults": faults, "when": when}))
 
 
-_ENGINES: list[subprocess.Popen] = []  # the engines this process started (reaped when they stop)
-
-
-def _live_dockerd() -> int:
-    """The running dockerd (not a zombie an earlier restart left)."""
-    found = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True, check=True)
-    for pid in (int(word) for word in found.stdout.split()):
-        try:
-            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            return pid
-    raise RuntimeError("no live dockerd")
-
-
 def restart_engine(client):  # noqa: ANN001, ANN201
     """Stop the local dockerd (its containers stop with it) and start it again as it was started."""
-    import docker
-
-    pid = _live_dockerd()
-    command = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[:-1]
+    engine = LocalEngine.find()
+    if engine is None:
+        raise RuntimeError("no local dockerd to restart")
     client.close()
-    os.kill(pid, signal.SIGTERM)
-    for engine in _ENGINES:
-        if engine.pid == pid:
-            engine.wait(60)  # ours: reap it, or it lingers as a zombie
-    deadline = time.monotonic() + 60
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    log = open(os.path.join(tempfile.gettempdir(), "chaos-dockerd.log"), "ab")
-    _ENGINES.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            fresh = docker.from_env()
-            fresh.ping()
-            return fresh
-        except docker.errors.DockerException:
-            time.sleep(0.5)
-    raise RuntimeError("the Docker engine did not come back within 60 s")
+    return engine.restart(Path(tempfile.gettempdir()) / "chaos-dockerd.log")
 
 
 def unexplained(first_failed: list, when: list) -> list:  # noqa: ANN001
@@ -255,6 +229,22 @@ def last_fault_on(failure: list, when: list) -> str:
         return "nothing"
     last = max(before, key=lambda f: f[0])
     return f"{last[1]} of {last[2]} at the acquire {last[0] - failure[0]:+.2f}s"
+
+
+def timeline(failure: list, when: list, around: float = 10.0) -> str:
+    """Everything near an unexplained failure, in order: faults and ends on any target, pool kills
+    and engine restarts within ``around`` seconds of its acquire and failure, and what the pool saw
+    of its sandbox (each state and serving actor, from ``pool.history``)."""
+    began, failed = failure[0], failure[1]
+    lines = [(f[0], f"fault {f[1]} of {f[2]}" + (f" (until {f[3] - began:+.2f}s)" if len(f) > 3 else ""))
+             for f in when if began - around <= f[0] <= failed + around]
+    for seen in failure[5] if len(failure) > 5 else []:
+        if "at" in seen:
+            lines.append((seen["at"], f"pool: {seen['state']} (actor {seen['actor'] or '-'})"))
+        else:
+            lines.append((failed, f"pool history unavailable: {seen}"))
+    lines += [(began, "acquire began"), (failed, "first operation failed")]
+    return "\n".join(f"      {at - began:+8.3f}s  {text}" for at, text in sorted(lines, key=lambda x: x[0]))
 
 
 def pool_containers(client, pool_name: str, all: bool = False) -> list[dict]:
@@ -387,6 +377,7 @@ def run(seed: int, duration: float) -> int:
     for failure in unexplained_failures:
         print(f"    UNEXPLAINED: sandbox {failure[2]} (actor {failure[3]}) acquired at {failure[0]:.3f}, "
               f"{failure[4]} at {failure[1]:.3f}; before it: {last_fault_on(failure, faults_and_ends)}")
+        print(timeline(failure, faults_and_ends))
     print(f"  shutdown destroyed {shut.get('destroyed', 0)}, containers left {len(left)}, snapshot images left "
           f"{len(images_left)}, networks left {len(networks_left)}")
     leaks += len(left) + len(images_left) + len(networks_left)

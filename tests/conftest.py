@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,8 @@ from backends.images import ImageStore
 from backends.network import default_socket_dir, pool_tag
 from sandbox_actors.config import DEFAULT_IMAGE, SandboxConfig
 from sandbox_actors.image import build_image
+from tests.engine import LocalEngine
+from tests.leftovers import Before, rules
 
 PROJECT_FILTER = "sandbox-actors.project=sandbox-actors"
 TEST_NAMESPACE = "sandbox_actors_tests"
@@ -41,23 +42,19 @@ def containers_of(client: docker.DockerClient, pool: str | None = None) -> list:
 
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[docker.DockerClient]:
+    """The engine. What the run makes on it and leaves is removed at the end and fails the run;
+    what was there before it (a user's pools) is never touched (see tests/leftovers.py)."""
     try:
         client = docker.from_env()
         client.ping()
     except docker.errors.DockerException as exc:
         pytest.fail(f"no Docker engine answers ({exc}); run `bash .ci/run` or start dockerd", pytrace=False)
+    before = Before.now(client)
     yield client
-    left = containers_of(client)
-    for container in left:
-        container.remove(force=True)
-    networks = networks_of(client)
-    for network in networks:
-        network.remove()
-    rules = firewall_rules_of()
+    made = before.made_since(client)
+    before.remove(client, made)
     client.close()
-    assert not left, f"containers of ours left after the suite: {[c.name for c in left]}"
-    assert not networks, f"networks of ours left after the suite: {[n.name for n in networks]}"
-    assert not rules, f"firewall rules of ours left after the suite: {rules}"
+    assert not any(made.values()), f"the suite left behind: { {k: v for k, v in made.items() if v} }"
 
 
 @pytest.fixture(scope="session")
@@ -117,11 +114,7 @@ def networks_of(client: docker.DockerClient, pool: str | None = None) -> list:
     return client.networks.list(filters={"label": labels})
 
 
-def firewall_rules_of(pool: str | None = None) -> list[str]:
-    """Lines of iptables-save that are ours (of one pool, when given)."""
-    dump = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
-    marker = pool_tag(pool) if pool else "sandbox-actors:"
-    return [line for line in dump.splitlines() if marker in line and ("SBXA-" in line or "sandbox-actors" in line)]
+firewall_rules_of = rules  # lines of iptables-save that are ours (of one pool, when given)
 
 
 def leftovers_of(client: docker.DockerClient, pool: str) -> dict[str, list[str]]:
@@ -175,6 +168,23 @@ def config(pool_name: str, image: str, tmp_path: Path) -> SandboxConfig:
         limits={"memory": "256m", "cpus": 0.5, "pids": 128},
         spare_actors_max=4,  # tests start a few sandboxes at once: learn a little, not a burst's worth
     )
+
+
+def unavailable(reason: str) -> None:
+    """This machine lacks what a test needs: a skip saying why, or in CI (SANDBOX_ACTORS_CI set)
+    a failure, since CI's machine must have it."""
+    if os.environ.get("SANDBOX_ACTORS_CI"):
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def local_engine() -> LocalEngine:
+    """The local dockerd, for tests that stop, pause and start it (see tests/engine.py)."""
+    engine = LocalEngine.find()
+    if engine is None:
+        unavailable("this test stops and starts the Docker engine: it needs a local dockerd process")
+    return engine
 
 
 def run(coro):

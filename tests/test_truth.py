@@ -60,41 +60,15 @@ def test_the_pool_hears_of_a_death_without_anyone_tripping_over_it(ray_address, 
     assert_no_actors_left(config.pool_name)
 
 
-def _dockerd() -> tuple[int, list[bytes]]:
-    found = subprocess.run(["pgrep", "-xo", "dockerd"], capture_output=True, text=True, check=True)
-    pid = int(found.stdout.split()[0])
-    return pid, Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
-
-
-def _restart_engine(command: list[bytes], log: Path) -> None:
-    import docker
-
-    subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    assert wait_until(lambda: _engine_answers(docker), timeout=60, interval=0.5)
-
-
-def _engine_answers(docker) -> bool:  # noqa: ANN001
-    try:
-        docker.from_env().ping()
-        return True
-    except docker.errors.DockerException:
-        return False
-
-
 @pytest.mark.slow
 def test_deaths_while_the_engine_restarted_reach_the_pool_when_it_is_back(ray_address, config, docker_client,
-                                                                         tmp_path):
+                                                                         tmp_path, local_engine):
     # No reconcile to save the day: the engine keeps no event history across its restart, so the
     # reaper must look for what died while nobody could follow.
     client = sandbox_actors.connect(config.model_copy(update={"reconcile_interval": 600}))
-    pid, command = _dockerd()
-    restarted = False
     try:
         box = client.acquire("restarted")
-        os.kill(pid, signal.SIGTERM)  # the engine goes, and its containers with it
-        assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=60, interval=0.2)
-        _restart_engine(command, tmp_path / "dockerd.log")
-        restarted = True
+        local_engine.restart(tmp_path / "dockerd.log")  # the engine goes, and its containers with it
         # Nobody uses the sandbox; the pool learns of its death and removes it.
         assert wait_until(lambda: not any(r["thread_id"] == "restarted" for r in client.list()), timeout=30), \
             client.list()
@@ -102,24 +76,24 @@ def test_deaths_while_the_engine_restarted_reach_the_pool_when_it_is_back(ray_ad
         assert again.path == "cold" and again.info["container_id"] != box.info["container_id"]
         assert again.exec("echo answers").output.strip() == "answers"
     finally:
-        if not restarted and not Path(f"/proc/{pid}").exists():
-            _restart_engine(command, tmp_path / "dockerd.log")
+        if not local_engine.running():
+            local_engine.start(tmp_path / "dockerd.log")
         client.shutdown()
     assert_no_actors_left(config.pool_name)
 
 
 @pytest.mark.slow
 def test_destroy_says_so_when_the_engine_did_not_answer_and_the_intent_survives_a_pool_restart(
-    ray_address, config, docker_client, tmp_path
+    ray_address, config, docker_client, tmp_path, local_engine
 ):
     client = sandbox_actors.connect(config.model_copy(update={"reconcile_interval": 2}))
-    pid, command = _dockerd()
-    restarted = False
+    paused = False
     try:
         box = client.acquire("doomed")
         box.write_file("/tmp/secret-plan.txt", "must not come back")
         container_id = box.info["container_id"]
-        os.kill(pid, signal.SIGSTOP)  # the engine stops answering (its containers keep running)
+        local_engine.pause()  # the engine stops answering (its containers keep running)
+        paused = True
         try:
             with pytest.raises(BackendUnavailable):
                 client.destroy(box)  # the truth: nothing was destroyed
@@ -127,8 +101,8 @@ def test_destroy_says_so_when_the_engine_did_not_answer_and_the_intent_survives_
             assert rows == {"doomed": "doomed"}  # a state of its own, not forgotten
             ray.kill(client.pool, no_restart=True)  # the pool dies with the destroy still owed
         finally:
-            os.kill(pid, signal.SIGCONT)
-        restarted = True
+            local_engine.resume()
+            paused = False
         client = sandbox_actors.connect(config.model_copy(update={"reconcile_interval": 2}))
         # The new pool finishes the destroy instead of adopting the sandbox with its old files.
         assert wait_until(lambda: all(c.id != container_id for c in containers_of(docker_client, config.pool_name)),
@@ -138,10 +112,9 @@ def test_destroy_says_so_when_the_engine_did_not_answer_and_the_intent_survives_
         assert fresh.info["container_id"] != container_id
         assert fresh.bash("test -e /tmp/secret-plan.txt").exit_code == 1
     finally:
-        if not restarted:
-            os.kill(pid, signal.SIGCONT)
+        if paused:
+            local_engine.resume()
         client.shutdown()
-    del command
     assert_no_actors_left(config.pool_name)
 
 

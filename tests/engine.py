@@ -1,0 +1,83 @@
+"""The local Docker engine, as the fault tests stop, pause and start it again.
+
+One way for every test that does so (test_faults, test_truth, the chaos run): the running
+dockerd is found by its process, stopped with SIGTERM (its containers stop with it) and started
+again with the command line it was started with.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import docker
+import docker.errors
+
+_STARTED: list[subprocess.Popen] = []  # the engines this process started (reaped when they stop)
+
+
+class LocalEngine:
+    """The dockerd process of this machine."""
+
+    def __init__(self, pid: int, command: list[bytes]) -> None:
+        self.pid, self.command = pid, command
+
+    @classmethod
+    def find(cls) -> LocalEngine | None:
+        """The running dockerd (not a zombie an earlier restart left), or None when none runs here."""
+        found = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True, check=False)
+        for pid in (int(word) for word in found.stdout.split()):
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+            except OSError:
+                continue
+            if state != "Z":
+                return cls(pid, command)
+        return None
+
+    def running(self) -> bool:
+        return Path(f"/proc/{self.pid}").exists()
+
+    def stop(self, timeout: float = 60) -> None:
+        """SIGTERM, and wait until it is gone (its containers stop with it)."""
+        os.kill(self.pid, signal.SIGTERM)
+        for engine in _STARTED:
+            if engine.pid == self.pid:
+                engine.wait(timeout)  # ours: reap it, or it lingers as a zombie
+        deadline = time.monotonic() + timeout
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self.running():
+            raise RuntimeError(f"dockerd {self.pid} did not stop within {timeout:.0f} s")
+
+    def start(self, log: Path | None = None, timeout: float = 60) -> docker.DockerClient:
+        """Start it again as it was started; a client once it answers."""
+        out = open(log or Path(tempfile.gettempdir()) / "sandbox-actors-tests-dockerd.log", "ab")
+        process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        _STARTED.append(process)
+        self.pid = process.pid
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                client = docker.from_env()
+                client.ping()
+                return client
+            except docker.errors.DockerException:
+                time.sleep(0.5)
+        raise RuntimeError(f"the Docker engine did not answer within {timeout:.0f} s of its start")
+
+    def restart(self, log: Path | None = None) -> docker.DockerClient:
+        self.stop()
+        return self.start(log)
+
+    def pause(self) -> None:
+        """SIGSTOP: it stops answering; its containers keep running."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
