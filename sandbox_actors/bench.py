@@ -443,7 +443,13 @@ class Bench:
             finally:
                 await backend.close()
 
-        sleep, wake, freed, floors = [], [], [], []  # type: ignore[var-annotated]
+        sleep, wake, freed, gone, floors = [], [], [], [], []  # type: ignore[var-annotated]
+
+        def actor_mb(pid: int) -> float:
+            try:
+                return psutil.Process(pid).memory_full_info().uss / 2**20
+            except psutil.NoSuchProcess:
+                return 0.0  # ended: all of it came back
 
         def resume(i: int) -> None:
             self._wait_spares(pool, actors=pool.config.spare_actors)
@@ -456,14 +462,16 @@ class Bench:
             box = pool.acquire(f"sleeper-{i}")
             box.exec("echo kept > /tmp/kept.txt")
             pid = ray.get(box.actor.describe.remote())["pid"]
-            in_container = asyncio.run(container_mb(box.sandbox_id)) or 0.0
-            held = psutil.Process(pid).memory_full_info().uss / 2**20 + in_container
+            held = actor_mb(pid) + (asyncio.run(container_mb(box.sandbox_id)) or 0.0)
             sleep.append(self._timed(lambda: pool.hibernate(box))[1])
-            freed.append(held)
+            # Measured again once hibernated: what the actor's process and the container still hold.
+            gone.append(_until(lambda: not psutil.pid_exists(pid), 10))
+            freed.append(held - actor_mb(pid) - (asyncio.run(container_mb(box.sandbox_id)) or 0.0))
             self._beside(pool, lambda: resume(i), lambda: self._floor_single(floors), first=i % 2 == 0)
         self.results["hibernate"] = summarize(sleep)
         self.results["resume"] = {**summarize(wake), **self._floor_figure(floors)}
         self.results["hibernate_frees_mb"] = round(sorted(freed)[len(freed) // 2], 1)
+        self.results["hibernate_actor_ended"] = sum(gone) / len(gone)  # share of hibernations whose actor ended
 
         source = pool.acquire("snapshot-source")
         source.exec("echo prepared > /tmp/env.txt")
@@ -744,6 +752,16 @@ def _try(call: Callable[[], Any]) -> Any:
 
 TIME_KEYS = ["floor", "cold", "warm", "hot", "prewarmed", "cross_process", "exec_actor", "exec_direct", "hibernate",
              "resume", "snapshot"]
+
+
+def _until(done: Callable[[], bool], seconds: float) -> bool:
+    """Whether ``done()`` came true within ``seconds`` (asked every 50 ms)."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def table(results: dict[str, Any]) -> str:

@@ -100,7 +100,9 @@ def main(image: str) -> dict:
 
         waiter = threading.Thread(target=wait_for_e)
         waiter.start()
-        time.sleep(1.0)
+        # The fifth waits for a node slot (its actor is not placed): only then is one released.
+        out["fifth_waited"] = bool(wait_until(
+            lambda: [r["state"] for r in pool.list() if r["thread_id"] == "e"] == ["starting"], timeout=10))
         pool.release(boxes["d"])
         waiter.join(60)
         out["fifth_after_release"] = result["box"].path if "box" in result else result.get("error")
@@ -126,6 +128,10 @@ def main(image: str) -> dict:
                 pool.destroy(row["sandbox_id"])
         victim_node = pool.acquire("a").info["node_id"]
         out["victim_node"] = victim_node
+        # A sandbox that stays active on the lost node: "shared", when Ray put it there, else one
+        # pinned there.
+        if all(r["thread_id"] == "a" for r in pool.list() if r["node_id"] == victim_node):
+            pool.acquire("mover", node_id=victim_node)
         on_victim = sorted(r["thread_id"] for r in pool.list() if r["node_id"] == victim_node)
         out["threads_on_victim"] = on_victim
         for thread in on_victim:
@@ -134,7 +140,7 @@ def main(image: str) -> dict:
             box.exec("echo in-container > /tmp/state.txt")
         # "a" sleeps through the loss: its stopped container is on an engine the surviving
         # worker shares, so it resumes there (with an engine of its own, it would start afresh).
-        pool.hibernate("a")
+        pool.hibernate(pool.sandbox_id("a"))
         survivors_free = [r for r in pool.list() if r["node_id"] != victim_node]
         out["sandboxes_on_survivor_before"] = len(survivors_free)
         victim = next(w for w in workers if w.node_id == victim_node)
@@ -149,7 +155,7 @@ def main(image: str) -> dict:
             rows = [r for r in pool.list() if r["thread_id"] in on_victim and r["thread_id"] != "a"]
             return len(rows) == len(on_victim) - 1 and all(r["node_id"] not in (None, victim_node) for r in rows)
 
-        wait_until(moved, timeout=4 * config.reconcile_interval + 30, interval=0.25)
+        out["moved"] = bool(wait_until(moved, timeout=4 * config.reconcile_interval + 30, interval=0.25))
         out["recovered_after"] = time.monotonic() - lost_at
         after = {}
         for thread in on_victim:

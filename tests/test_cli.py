@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
+import docker.errors
 import pytest
 import yaml
 
@@ -66,16 +68,52 @@ def test_every_command_against_a_running_pool(ray_address, config_file, config, 
         assert table["stats"]["isolation"]["network"] == {"egress": "open", "allow": [], "blocked": [],
                                                           "enforced": True}
 
+        def state(thread):
+            rows = json.loads(cli("status", *opts, "--json").stdout)["sandboxes"]
+            return next((r["state"] for r in rows if r["thread_id"] == thread), None)
+
+        sandbox_id = table["sandboxes"][0]["sandbox_id"]
         assert cli("release", "t1", *opts).returncode == 0
-        assert json.loads(cli("status", *opts, "--json").stdout)["sandboxes"][0]["state"] == "warm"
+        assert state("t1") == "warm"
         assert cli("release", "never-acquired", *opts).returncode == 3
+        assert cli("exec", "t1", *opts, "--", "true").returncode == 0
+        assert cli("release", "--id", sandbox_id, *opts).returncode == 0  # by its id, as status shows it
+        assert state("t1") == "warm"
+        assert cli("release", "--id", "0" * 24, *opts).returncode == 3
+        # Hibernate by thread, then by id: each time the next exec resumes it, its files kept.
+        cli("exec", "t1", *opts, "--", "sh", "-c", "echo kept > /tmp/kept.txt")
+        for named in (["t1"], ["--id", sandbox_id]):
+            slept = cli("hibernate", *named, *opts)
+            assert slept.returncode == 0 and sandbox_id in slept.stdout, slept.stderr
+            assert state("t1") == "hibernated"
+            assert [c.status for c in containers_of(docker_client, config.pool_name)] == ["exited"]
+            again = cli("exec", "t1", *opts, "--", "cat", "/tmp/kept.txt")
+            assert (again.returncode, again.stdout) == (0, "kept\n"), again.stderr
+        assert cli("hibernate", "never-acquired", *opts).returncode == 3
+        assert cli("hibernate", *opts).returncode == 2  # neither THREAD nor --id
+        assert cli("hibernate", "t1", "--id", sandbox_id, *opts).returncode == 2  # both
         gc = cli("gc", *opts, "--json")
         assert gc.returncode == 0
         assert json.loads(gc.stdout)["reconcile"] == {}  # nothing to collect
-        assert cli("destroy", "--thread", "t1", *opts).returncode == 0
-        assert cli("destroy", "--thread", "t1", *opts).returncode == 3
+        # Snapshots: one taken through the API, listed and removed through the CLI.
+        import sandbox_actors
+
+        snap = sandbox_actors.connect(config).acquire("t1").snapshot("cli-snap")
+        listed = cli("snapshots", *opts, "--json")
+        assert listed.returncode == 0 and [s["name"] for s in json.loads(listed.stdout)] == ["cli-snap"]
+        assert "cli-snap" in cli("snapshots", *opts).stdout
+        assert docker_client.images.get(snap.image)
+        assert cli("snapshot", "rm", "cli-snap", *opts).returncode == 0
+        assert cli("snapshot", "rm", "cli-snap", *opts).returncode == 3
+        assert cli("snapshots", *opts).stdout.strip() == "no snapshots"
+        assert cli("destroy", "t1", *opts).returncode == 0
+        assert cli("destroy", "t1", *opts).returncode == 3
         assert containers_of(docker_client, config.pool_name) == []
         cli("exec", "t2", *opts, "--", "true")
+        two = json.loads(cli("status", *opts, "--json").stdout)["sandboxes"][0]["sandbox_id"]
+        assert cli("destroy", "--id", two, *opts).returncode == 0
+        assert containers_of(docker_client, config.pool_name) == []
+        cli("exec", "t3", *opts, "--", "true")
     finally:
         down = cli("down", *opts, "--keep-ray", "--json")
     assert down.returncode == 0, down.stderr
@@ -108,12 +146,34 @@ def test_gc_removes_an_orphan_container(ray_address, config, docker_client, tmp_
         assert cli("down", *opts, "--keep-ray").returncode == 0
 
 
+def test_exit_codes_for_no_capacity_and_a_command_that_cannot_run(ray_address, config, tmp_path):
+    def config_file(name: str, **changes) -> list[str]:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(json.loads(config.model_copy(update=changes).model_dump_json())))
+        return ["--config", str(path), "--address", ray_address]
+
+    full = config_file("full", replicas=1, max_sandboxes=1, capacity_timeout=1)
+    try:
+        assert cli("exec", "first", *full, "--", "true").returncode == 0
+        busy = cli("exec", "second", *full, "--", "true")
+        assert busy.returncode == 4 and "max_sandboxes" in busy.stderr  # no capacity: retry later
+    finally:
+        assert cli("down", *full, "--keep-ray").returncode == 0
+    missing = config_file("missing", image="sandbox-actors-no-such-image:latest")
+    try:
+        cannot = cli("exec", "t", *missing, "--", "true")
+        assert cannot.returncode == 125 and "no-such-image" in cannot.stderr  # it could not run at all
+    finally:
+        assert cli("down", *missing, "--keep-ray").returncode == 0
+
+
 def test_usage_errors_and_help(config_file, tmp_path):
-    for command in ("up", "status", "exec", "release", "destroy", "gc", "down", "build-image", "demo"):
+    for command in ("up", "status", "exec", "cp", "release", "destroy", "hibernate", "snapshots", "snapshot", "gc",
+                    "down", "build-image", "demo", "bench"):
         shown = cli(command, "--help")
         assert shown.returncode == 0 and "usage: sandbox-actors" in shown.stdout, command
     assert cli("exec", "t1").returncode == 2  # nothing to run
-    assert cli("destroy").returncode == 2  # neither id nor --thread
+    assert cli("destroy").returncode == 2  # neither THREAD nor --id
     bad = tmp_path / "bad.yaml"
     bad.write_text("replica: 3\n")
     broken = cli("status", "--config", str(bad))
@@ -121,29 +181,44 @@ def test_usage_errors_and_help(config_file, tmp_path):
     assert cli("frobnicate").returncode == 2
 
 
-def test_up_starts_a_head_and_down_stops_only_it(image, tmp_path):
+def test_up_starts_a_head_and_down_stops_only_it_with_every_pool_on_it(image, tmp_path, docker_client):
     env = {**os.environ, "SANDBOX_ACTORS_HOME": str(tmp_path / "home"),
            "SANDBOX_ACTORS_RAY_TEMP": f"/tmp/sat-{uuid.uuid4().hex[:8]}"}
     env.pop("RAY_ADDRESS", None)
-    opts = ["--pool", f"head-{uuid.uuid4().hex[:6]}", "--namespace", "sandbox_actors_cli_test"]
+    pool, other = f"head-{uuid.uuid4().hex[:6]}", f"other-{uuid.uuid4().hex[:6]}"
+    opts = ["--pool", pool, "--namespace", "sandbox_actors_cli_test"]
     up = cli("up", *opts, "--new-head", "--json", env=env)
     assert up.returncode == 0, up.stderr
     assert json.loads(up.stdout)["ray"].startswith("started")
     try:
         run = cli("exec", "t", *opts, "--", "echo", "via-own-head", env=env)
         assert run.returncode == 0 and run.stdout == "via-own-head\n", run.stderr
+        # A second pool on the same head (deer-flow's, say), with a sandbox of its own.
+        elsewhere = cli("exec", "t", "--pool", other, "--namespace", "another_ns", "--", "true", env=env)
+        assert elsewhere.returncode == 0, elsewhere.stderr
+        assert len(containers_of(docker_client, other)) == 1
     finally:
         down = cli("down", *opts, "--json", env=env)
     assert down.returncode == 0, down.stderr
     result = json.loads(down.stdout)
-    assert result["destroyed"] == 1 and result["ray_head_stopped"] is True
+    assert result["destroyed"] == 2 and result["ray_head_stopped"] is True
+    assert sorted(p["pool"] for p in result["pools"]) == sorted([pool, other])  # every pool on the head
+    assert containers_of(docker_client, pool) == containers_of(docker_client, other) == []
     leftovers = subprocess.run(["pgrep", "-f", env["SANDBOX_ACTORS_RAY_TEMP"]], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""
 
 
-def test_build_image_is_reused_when_unchanged(image):
+def test_build_image_is_reused_when_unchanged_and_rebuilt_when_forced(image, docker_client):
     result = cli("build-image")
     assert result.returncode == 0 and "up to date" in result.stdout
+    tag = f"sandbox-actors-cli-test:{uuid.uuid4().hex[:6]}"
+    try:
+        forced = cli("build-image", "--tag", tag, "--force", timeout=600)
+        assert forced.returncode == 0, forced.stdout[-2000:] + forced.stderr[-2000:]
+        assert "up to date" not in forced.stdout and docker_client.images.get(tag)
+    finally:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker_client.images.remove(tag)
 
 
 def test_demo_runs_to_a_passing_summary(image):

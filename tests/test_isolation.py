@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import socket
 import subprocess
 import sys
@@ -178,21 +179,35 @@ def token_of(docker_client, box) -> str:
     return docker_client.containers.get(box.info["container_id"]).labels["sandbox-actors.token"]
 
 
-def assert_token_out_of_reach(box, token: str, roots: str = "/") -> None:
-    """No process environment, command line or file a command can read (under ``roots``) holds
-    the API token."""
-    assert token and len(token) >= 32
-    # The needle reaches the search in two halves and leaves no process's command line or
-    # environment whole (else the search would find itself).
+def readable_holders(box, needle: str, roots: str = "/") -> list[str]:
+    """Files under ``roots``, process environments and command lines that a command in the
+    sandbox can read and that hold ``needle``. The needle reaches the search in two halves and
+    leaves no process's command line or environment whole (else the search would find itself)."""
     search = box.bash(
         'needle="$NEEDLE_A$NEEDLE_B"; unset NEEDLE_A NEEDLE_B\n'
         f'grep -rlsF -f - --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev {roots} <<<"$needle"\n'
         'grep -lsF -f - /proc/[0-9]*/environ /proc/[0-9]*/cmdline <<<"$needle"\n'
         "true",
-        env={"NEEDLE_A": token[:16], "NEEDLE_B": token[16:]},
+        env={"NEEDLE_A": needle[:16], "NEEDLE_B": needle[16:]},
         timeout=120,
     )
-    assert search.stdout.strip() == "", f"the token is readable in: {search.stdout}"
+    return search.stdout.split()
+
+
+def assert_token_out_of_reach(box, token: str, roots: str = "/") -> None:
+    """No process environment, command line or file a command can read (under ``roots``) holds
+    the API token; the same search finds a decoy planted where a token could leak."""
+    assert token and len(token) >= 32
+    decoy = secrets.token_urlsafe(32)
+    box.bash('printf %s "$PLANTED" > /tmp/planted.txt; nohup sleep 300 >/dev/null 2>&1 &', env={"PLANTED": decoy})
+    try:
+        planted = readable_holders(box, decoy, f"{roots} /tmp")
+        assert "/tmp/planted.txt" in planted, planted  # the search does find a file...
+        assert any(p.endswith("/environ") for p in planted), planted  # ...and a process's environment
+    finally:
+        box.bash("rm -f /tmp/planted.txt; pkill -f 'sleep 300'; true")
+    found = readable_holders(box, token, roots)
+    assert found == [], f"the token is readable in: {found}"
     init_env = box.bash("cat /proc/1/environ")  # root's alone under runc; gVisor lets others read it
     assert init_env.exit_code != 0 or (token not in init_env.stdout and "SANDBOX_TOKEN_SHA256=" in init_env.stdout)
     env = box.bash("env").stdout

@@ -8,7 +8,6 @@ many independent sandboxes and holds the filesystem, not the thread mounts.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -84,8 +83,10 @@ def test_an_idle_sandbox_hibernates_and_a_restarted_pool_still_resumes_it(ray_ad
         assert wait_until(lambda: (_state_of(client, "napper") or {}).get("state") == "hibernated", timeout=20)
         assert box.info["sandbox_id"] in PoolRecords.for_config(cfg).hibernated()
         ray.kill(client.pool, no_restart=False)  # the pool dies; Ray restarts it
-        time.sleep(3)  # a few reconcile passes of the new pool: the stopped container must stay
-        assert wait_until(lambda: (_state_of(client, "napper") or {}).get("state") == "hibernated", timeout=30)
+        # A few reconcile passes of the new pool (its counters start from nothing): the stopped
+        # container must stay, and the sandbox be hibernated in the new pool's view.
+        assert wait_until(lambda: client.stats()["counters"].get("reconcile_passes", 0) >= 3, timeout=30)
+        assert (_state_of(client, "napper") or {}).get("state") == "hibernated"
         assert docker_client.containers.get(box.info["container_id"]).status == "exited"
         again = client.acquire("napper")
         assert again.path == "resumed" and again.info["container_id"] == box.info["container_id"]

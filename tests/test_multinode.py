@@ -82,6 +82,7 @@ def test_sandboxes_land_only_on_worker_nodes(observed):
 def test_a_full_cluster_waits_then_fails_typed_or_succeeds_after_a_release(observed):
     fifth = observed["fifth"]
     assert fifth["error"] == "PoolExhausted" and fifth["retryable"] and fifth["waited"] >= 7.5
+    assert observed["fifth_waited"] is True  # it was waiting for a slot when one was released
     assert observed["fifth_after_release"] == "cold"
     assert observed["d_after_eviction"] == []  # the released one was evicted to free its slot
 
@@ -95,7 +96,8 @@ def test_drivers_on_different_nodes_get_the_same_sandbox(observed):
 
 @pytest.mark.slow
 def test_node_loss_moves_threads_to_a_live_node_with_their_files(observed):
-    assert observed["threads_on_victim"]
+    assert set(observed["threads_on_victim"]) - {"a"}  # an active sandbox was on the lost node
+    assert observed["moved"] is True, (observed["recovered_after"], observed["counters"])
     for thread, after in observed["after_loss"].items():
         assert after["node"] != observed["victim_node"] and after["node"] in observed["workers"], (
             thread, after, observed["recovered_after"], observed["counters"])
@@ -105,7 +107,8 @@ def test_node_loss_moves_threads_to_a_live_node_with_their_files(observed):
         assert after["containers"] == 1
     assert all(count == 1 for count in observed["containers_per_thread"].values())  # never two
     assert observed["after_loss"]["a"]["path"] == "resumed"  # hibernated through the loss
-    assert observed["counters"].get("readopted", 0) >= len(observed["threads_on_victim"]) - 1  # 0 when "a" was alone there
+    # Every active one on the lost node ("a" was hibernated) was re-adopted by a new actor.
+    assert observed["counters"].get("readopted", 0) >= len(observed["threads_on_victim"]) - 1 >= 1
     assert observed["counters"]["resumed"] == 1
 
 

@@ -26,6 +26,15 @@ from tests.conftest import (
 )
 
 
+def _engine_time(stamp: str) -> float:
+    """A Docker timestamp (RFC 3339, nanoseconds) as seconds since the epoch."""
+    import datetime
+
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    moment = datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp() + float(f"0.{fraction or 0}")
+
+
 def running_names(docker_client, pool_name):
     return sorted(c.name for c in containers_of(docker_client, pool_name) if c.status == "running")
 
@@ -106,13 +115,15 @@ def test_different_threads_start_in_parallel(ray_address, config, docker_client,
             boxes = list(workers.map(lambda i: client.acquire(f"parallel-{i}"), range(8)))
         assert len({b.sandbox_id for b in boxes}) == 8
         assert len(containers_of(docker_client, config.pool_name)) == 8
-        # The engine's own record of each container's creation, and when each answered: had the
-        # pool started them one after another, a container would be created only after the one
-        # before it answered. All eight were created before the first of them answered.
-        created = {c.labels["sandbox-actors.sandbox-id"]: float(c.labels["sandbox-actors.created-at"])
-                   for c in containers_of(docker_client, config.pool_name)}
-        answered = [created[b.sandbox_id] + b.info["start_seconds"] for b in boxes]
-        assert max(created.values()) < min(answered), (sorted(created.values()), sorted(answered))
+        # The engine's own records: when it created each container and when it started it. The
+        # image's server answers 5 s after its container starts, so had the pool started them one
+        # after another, a container would be created only after the one before it answered.
+        # All eight were created before the first of them could answer.
+        created, started = [], []
+        for container in containers_of(docker_client, config.pool_name):
+            created.append(_engine_time(container.attrs["Created"]))
+            started.append(_engine_time(container.attrs["State"]["StartedAt"]))
+        assert max(created) < min(started) + 5, (sorted(created), sorted(started))
     finally:
         client.shutdown()
     assert_no_actors_left(config.pool_name)
@@ -129,11 +140,12 @@ def test_new_threads_right_after_a_destroy_are_not_left_waiting_for_its_actor(ra
     try:
         first = client.acquire("fed-0")
         waiting = workers.submit(client.acquire, "fed-1")  # waits for an actor: one is started
-        time.sleep(0.3)
+        assert wait_until(lambda: client.stats()["starts_waiting"] == 1, timeout=30)
         client.destroy(first)  # its actor goes to the waiting start
-        waiting.result(timeout=60)
+        handed = waiting.result(timeout=60)
+        assert handed.info["actor_name"] == first.info["actor_name"], "the destroyed sandbox's actor was not handed over"
         later = [workers.submit(client.acquire, f"fed-{i}") for i in (2, 3, 4)]  # nothing destroyed now
-        boxes = [f.result(timeout=30) for f in later]
+        boxes = [f.result(timeout=30) for f in later]  # not left waiting for destroyed sandboxes' actors
         assert client.stats()["counters"]["created"] == 5
         assert [box.exec("echo ok").output.strip() for box in boxes] == ["ok"] * 3
     finally:
@@ -180,7 +192,7 @@ def test_hard_cap_waits_then_fails_typed_or_succeeds_after_release(ray_address, 
         result = {}
         waiter = threading.Thread(target=lambda: result.update(box=client.acquire("two")))
         waiter.start()
-        time.sleep(0.3)
+        assert wait_until(lambda: client.stats()["capacity_waits"] == 1, timeout=10)  # it waits for room
         client.release(first)  # warm one is evicted to make room for the waiter
         waiter.join(30)
         assert result["box"].path == "cold"
