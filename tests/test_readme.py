@@ -37,7 +37,8 @@ def test_quickstart_runs_as_written(ray_address, image, tmp_path, docker_client)
     lines = result.stdout.splitlines()
     assert lines[0].startswith("hello from ")
     assert "# kept between turns" in lines and "42" in lines
-    assert (tmp_path / ".sandbox-actors" / "threads" / "thread-42" / "user-data" / "workspace" / "notes.md").exists()
+    pool_dir = tmp_path / ".sandbox-actors" / "pools" / "sandbox_actors" / "sandbox-pool"  # the pool's own base_dir
+    assert (pool_dir / "threads" / "thread-42" / "user-data" / "workspace" / "notes.md").exists()
     assert containers_of(docker_client, "sandbox-pool") == []
 
 
@@ -100,3 +101,20 @@ def test_readme_names_both_setup_commands():
     assert "./scripts/bootstrap && .venv/bin/python -m pytest" in text
     ci = (README.parent / ".ci" / "run").read_text()
     assert "./scripts/bootstrap && .venv/bin/python -m pytest" in ci
+
+
+def test_the_readme_s_figures_of_the_code_are_the_code_s():
+    """Sizes and constants the README states, computed from the code (figures of runs name their run)."""
+    import inspect
+
+    from backends.sandbox_api import SandboxAPI
+    from sandbox_actors import fleet
+
+    text = README.read_text()
+    stated = int(re.search(r"`pool\.py` is (\d+) lines", text).group(1))
+    assert stated == len((README.parent / "sandbox_actors" / "pool.py").read_text().splitlines())
+    spawns = re.search(r"at most (\d+) under way in the (\d+) s after", text)
+    assert (int(spawns.group(1)), float(spawns.group(2))) == (fleet.WAITER_SPAWNS, fleet.RECYCLE_WINDOW)
+    assert re.search(r"none for (\d+) s after one is kept", text).group(1) == f"{fleet.RECYCLE_GAP:g}"
+    polls = re.search(r"(\d+) ms polls backing off", text).group(1)
+    assert int(polls) == round(inspect.signature(SandboxAPI.wait_ready).parameters["interval"].default * 1000)
