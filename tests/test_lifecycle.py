@@ -51,7 +51,7 @@ def test_a_hibernated_sandbox_resumes_with_everything_the_agent_left(ray_address
         assert installed.exit_code == 0 and installed.output.strip().startswith("/usr/local/lib/python3")
         box.write_file(f"{WORKSPACE}/mounted.txt", "on the host")
         actor_name, actor_pid = box.info["actor_name"], ray.get(box.actor.describe.remote())["pid"]
-        assert client.hibernate("sleeper")
+        assert client.hibernate(client.sandbox_id("sleeper"))  # by id (a handle does as well)
         container = docker_client.containers.get(box.info["container_id"])
         assert container.status == "exited"  # stopped, filesystem kept: it holds no memory
         assert wait_until(lambda: actor_name not in named_actors("sbx-"), timeout=10)

@@ -26,9 +26,9 @@ def test_a_user_s_pool_keeps_its_sandboxes_through_a_test_run(image, tmp_path, d
     pool = f"user-{uuid.uuid4().hex[:6]}"
     opts = ["--pool", pool, "--namespace", "a_user_s_namespace"]
 
-    def user(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*CLI, *args, *opts], env=user_env, capture_output=True, text=True, timeout=300,
-                              check=False)
+    def user(command: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*CLI, command, *opts, *args], env=user_env, capture_output=True, text=True,
+                              timeout=300, check=False)
 
     assert user("up", "--new-head").returncode == 0
     try:
