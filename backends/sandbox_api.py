@@ -19,7 +19,7 @@ import secrets
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -373,7 +373,7 @@ class SandboxAPI:
 
     # ── commands ───────────────────────────────────────────────────────────
 
-    async def shell_exec(
+    async def exec(
         self,
         command: str,
         *,
@@ -393,7 +393,7 @@ class SandboxAPI:
         """
         if idle_timeout and not timeout:
             kept = HeadTail(SHELL_TRUNCATE_CHARS if truncate else MAX_OUTPUT_CHARS)
-            async for item in self.shell_stream(command, exec_dir=exec_dir, idle_timeout=idle_timeout, kept=kept):
+            async for item in self.stream(command, exec_dir=exec_dir, idle_timeout=idle_timeout, kept=kept):
                 if isinstance(item, ShellResult):
                     return dataclasses.replace(item, output=kept.text())
                 kept.feed(item)
@@ -415,10 +415,10 @@ class SandboxAPI:
             raise CommandTimeout(_timed_out(result.status, timeout, idle_timeout), output=result.output)
         return result
 
-    async def shell_stream(
+    async def stream(
         self, command: str, *, timeout: float | None = None, exec_dir: str | None = None,
         idle_timeout: float | None = None, kept: HeadTail | None = None,
-    ) -> AsyncIterator[str | ShellResult]:
+    ) -> AsyncGenerator[str | ShellResult, None]:
         """``POST /v1/shell/exec`` with ``Accept: text/event-stream``: output chunks (str) as the
         command prints them, then its ShellResult (output empty: it came in the chunks). A
         server that answers with one JSON reply instead yields its output once. Leaving the
@@ -443,7 +443,7 @@ class SandboxAPI:
     async def bash_stream(
         self, command: str, *, env: Mapping[str, str] | None = None, timeout: float | None = None,
         exec_dir: str | None = None,
-    ) -> AsyncIterator[tuple[str, str] | BashResult]:
+    ) -> AsyncGenerator[tuple[str, str] | BashResult, None]:
         """``POST /v1/bash/exec`` streamed: ("stdout" | "stderr", text) as the command prints,
         then its BashResult (streams empty: they came in the chunks)."""
         payload = _drop_none({"command": command, "env": dict(env) if env else None, "hard_timeout": timeout,
@@ -466,7 +466,7 @@ class SandboxAPI:
 
     async def _events(
         self, path: str, payload: dict[str, Any], timeout: float | None,
-    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
         """A command's server-sent events: ("output", data)..., then ("result", data). A server
         that answers one JSON reply instead gives ("output", its data) for each stream it
         filled, then ("result", its data)."""
@@ -481,7 +481,7 @@ class SandboxAPI:
                     body = _json(response)
                     if response.status_code >= 400 or body.get("success") is False:
                         _raise_for(response.status_code, body, path)
-                    data = body.get("data") if isinstance(body.get("data"), dict) else {}
+                    data: dict[str, Any] = body["data"] if isinstance(body.get("data"), dict) else {}
                     for name in ("output", "stdout", "stderr"):
                         if data.get(name):
                             yield "output", {"stream": "stderr" if name == "stderr" else "stdout",
@@ -517,7 +517,7 @@ class SandboxAPI:
 
     # ── background commands (async_mode, then view / wait / kill) ─────────
 
-    async def start(self, command: str, *, session_id: str | None = None, exec_dir: str | None = None) -> str:
+    async def start_command(self, command: str, *, session_id: str | None = None, exec_dir: str | None = None) -> str:
         """Start ``command`` in the background; returns the id to view, wait for or kill it."""
         payload = _drop_none({"command": command, "id": session_id, "exec_dir": exec_dir, "async_mode": True})
         data = await self._call("POST", "/v1/shell/exec", json=payload)
@@ -525,17 +525,17 @@ class SandboxAPI:
             raise SandboxOperationError("this sandbox's server does not run commands in the background (async_mode)")
         return str(data["session_id"])
 
-    async def view(self, session_id: str, offset: int = 0, max_bytes: int | None = None) -> CommandView:
+    async def view_command(self, session_id: str, offset: int = 0, max_bytes: int | None = None) -> CommandView:
         data = await self._job_call("/v1/shell/view", {"id": session_id, "offset": offset, "max_bytes": max_bytes})
         return CommandView(session_id, data.get("status") or "completed", data.get("exit_code"),
                            data.get("output") or "", int(data.get("next_offset") or offset))
 
-    async def wait(self, session_id: str, seconds: float) -> CommandView:
+    async def wait_command(self, session_id: str, seconds: float) -> CommandView:
         data = await self._job_call("/v1/shell/wait", {"id": session_id, "seconds": seconds},
                                     timeout=seconds + _HTTP_GRACE)
         return CommandView(session_id, data.get("status") or "completed", data.get("exit_code"))
 
-    async def kill(self, session_id: str) -> CommandView:
+    async def kill_command(self, session_id: str) -> CommandView:
         data = await self._job_call("/v1/shell/kill", {"id": session_id})
         return CommandView(session_id, data.get("status") or "terminated", data.get("exit_code"))
 
@@ -545,7 +545,7 @@ class SandboxAPI:
         except SandboxFileNotFound as exc:  # the server's 404: no such background command
             raise InvalidRequest(f"{path}: {exc.message}") from None
 
-    async def bash_exec(
+    async def bash(
         self,
         command: str,
         *,
@@ -594,6 +594,7 @@ class SandboxAPI:
 
     async def write_file(self, path: str, content: str | bytes, append: bool = False) -> int:
         """Write text (UTF-8) or bytes (sent base64). Returns bytes written."""
+        payload: dict[str, Any]
         if isinstance(content, bytes):
             payload = {"file": path, "content": base64.b64encode(content).decode("ascii"), "encoding": "base64"}
         else:
@@ -642,7 +643,7 @@ class SandboxAPI:
             raise SandboxOperationError("this sandbox's server does not serve files in ranges (no X-File-Size)")
         return response.content, int(total)
 
-    async def download(self, path: str) -> bytes:
+    async def read_bytes(self, path: str) -> bytes:
         """``GET /v1/file/download``: the file's exact bytes."""
         response = await self._request("GET", "/v1/file/download", params={"path": path})
         if response.status_code >= 400:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import logging
 import secrets
@@ -21,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from .console import run_all
+from .errors import SandboxError
 from .demo import summarize
 
 _CROSS_PROCESS = """
@@ -190,7 +192,7 @@ class Bench:
             samples = []
             for _ in range(self.n):
                 started = time.perf_counter()
-                await api.shell_exec("true", timeout=60)
+                await api.exec("true", timeout=60)
                 samples.append(time.perf_counter() - started)
             return samples
 
@@ -198,6 +200,8 @@ class Bench:
         backend = DockerBackend(box.info["container_name"].rsplit("-", 1)[0])
         try:
             record = loop.run_until_complete(backend.discover(box.sandbox_id))
+            if record is None:
+                raise SandboxError(f"the container of sandbox {box.sandbox_id} is gone")
             api = SandboxAPI(record.url, record.token)
             actor: list[float] = []
             direct: list[float] = []
@@ -497,7 +501,7 @@ class Bench:
             threads = [f"fork-{r}-{i}" for i in range(self.burst_n)]
             started = time.perf_counter()
             with ThreadPoolExecutor(len(threads)) as commands:
-                runs = [commands.submit(_try, lambda box=box: box.exec("true")) for box in pool.fork(snap, threads)]
+                runs = [commands.submit(_try, functools.partial(box.exec, "true")) for box in pool.fork(snap, threads)]
                 outcomes = [run.result() for run in runs]
             measured.append((sum(1 for o in outcomes if o is True), time.perf_counter() - started))
             self.say(f"fork round {r + 1}/{self.rounds}: {measured[-1][0]}/{self.burst_n} ok in {measured[-1][1]:.2f}s")
@@ -533,9 +537,9 @@ class Bench:
                  + (f", scale {self.scale}" if self.scale else ""))
         with tempfile.TemporaryDirectory(prefix="sandbox-actors-bench-") as base_dir:
             def config(name: str, **extra: Any) -> SandboxConfig:
-                values = dict(pool_name=name, namespace="sandbox_actors_bench", container_prefix=name,
-                              image=image, base_dir=base_dir, replicas=max(8, self.burst_n, self.scale) + 4,
-                              idle_timeout=0)
+                values: dict[str, Any] = dict(
+                    pool_name=name, namespace="sandbox_actors_bench", container_prefix=name, image=image,
+                    base_dir=base_dir, replicas=max(8, self.burst_n, self.scale) + 4, idle_timeout=0)
                 values.update(extra)
                 return SandboxConfig(**values)
 
@@ -632,7 +636,7 @@ class FloorEngine:
             await api.wait_ready(60, lambda: backend.is_running(spec.sandbox_id),
                                  lambda: backend.logs_tail(spec.sandbox_id), interval=0.01)
             if first_command:
-                await api.shell_exec("true", timeout=60)
+                await api.exec("true", timeout=60)
         finally:
             await api.aclose()
         return time.perf_counter() - started
@@ -741,7 +745,6 @@ def _wait_gone(pids: set[int], timeout: float = 30.0) -> None:
 
 
 def _try(call: Callable[[], Any]) -> Any:
-    from .errors import SandboxError
 
     try:
         call()

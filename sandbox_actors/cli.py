@@ -237,20 +237,24 @@ def cmd_cp(args: argparse.Namespace) -> int:
     return 0
 
 
-def _named(args: argparse.Namespace, client: Any) -> tuple[str, str]:
-    """The sandbox a command names: by its thread (THREAD), or by its id (--id). Returns the
-    sandbox id and how to call it in a message."""
+def _named(args: argparse.Namespace) -> tuple[Any, str, str]:
+    """The pool and the sandbox a command names: by its thread (THREAD), or by its id (--id).
+    Returns the client, the sandbox id and how to call it in a message.
+
+    Raises:
+        InvalidRequest: neither or both were given (before anything is asked of Ray).
+    """
     if (args.thread is None) == (args.id is None):
         raise InvalidRequest(f"name the sandbox by THREAD or by --id SANDBOX_ID (one of them), e.g. "
                              f"`sandbox-actors {args.command} my-thread`")
+    client = _client(args)
     if args.id is not None:
-        return args.id, f"sandbox {args.id}"
-    return client.sandbox_id(args.thread), f"thread {args.thread!r}'s sandbox"
+        return client, args.id, f"sandbox {args.id}"
+    return client, client.sandbox_id(args.thread), f"thread {args.thread!r}'s sandbox"
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    client = _client(args)
-    sandbox_id, what = _named(args, client)
+    client, sandbox_id, what = _named(args)
     if not client.release(sandbox_id):
         raise NotFound(f"{what} is not active in pool {client.config.pool_name!r}")
     print(f"released {sandbox_id} (parked warm)")
@@ -258,8 +262,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
-    client = _client(args)
-    sandbox_id, what = _named(args, client)
+    client, sandbox_id, what = _named(args)
     if not client.destroy(sandbox_id):
         raise NotFound(f"{what} does not exist in pool {client.config.pool_name!r}")
     print(f"destroyed {sandbox_id}")
@@ -267,8 +270,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 def cmd_hibernate(args: argparse.Namespace) -> int:
-    client = _client(args)
-    sandbox_id, what = _named(args, client)
+    client, sandbox_id, what = _named(args)
     if not client.hibernate(sandbox_id):
         raise NotFound(f"{what} is not running in pool {client.config.pool_name!r}")
     print(f"hibernated {sandbox_id} (container stopped with its files, actor ended; the next acquire resumes it)")
@@ -373,6 +375,16 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operations(args: argparse.Namespace) -> int:
+    """Each sandbox operation as declared (sandbox_actors/api.py) and the layers that serve it."""
+    from . import layers
+
+    text, whole = layers.table()
+    print(text)
+    print("\nevery layer serves every operation" if whole else "\nSOME LAYERS LACK OPERATIONS (see ✗ above)")
+    return 0 if whole else EXIT_ERROR
+
+
 def cmd_build_image(args: argparse.Namespace) -> int:
     from .image import build_image
 
@@ -462,6 +474,7 @@ def parser() -> argparse.ArgumentParser:
     down = add("down", cmd_down, "shut the pool down; stop the Ray head `up` started, shutting down every pool on "
                "it first", common, as_json)
     down.add_argument("--keep-ray", action="store_true", help="leave the local Ray head running")
+    add("operations", cmd_operations, "list each sandbox operation and the layers that serve it (1 if one lacks it)")
     build = add("build-image", cmd_build_image, "build the minimal sandbox image locally (no registry)")
     build.add_argument("--tag", default=DEFAULT_IMAGE, help=f"image to produce (default {DEFAULT_IMAGE})")
     build.add_argument("--force", action="store_true", help="rebuild even when nothing changed")

@@ -14,8 +14,9 @@ pool restarts), or call the actor directly, naming the sandbox:
 
 from __future__ import annotations
 
+import builtins
+
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -24,12 +25,11 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from typing import Any, BinaryIO
+from typing import Any
 
 from pydantic import ValidationError
 
 from backends.base import Mount
-from backends.sandbox_api import BashResult, CommandView, FileInfo, ShellResult
 
 from . import raycalls
 from .config import MountConfig, SandboxConfig, load_config
@@ -40,11 +40,11 @@ from .errors import (
     NotSupported,
     PoolShutDown,
     PoolUnavailable,
-    SandboxDied,
 )
 from .options import pool_options
 from .raycalls import ActorGone
 from .records import PoolRecords
+from .handle import FILE_CHUNK, AsyncSandboxHandle, BackgroundCommand, SandboxHandle
 from .threads import validate_thread_id
 from .views import HostDirs, Lease, Snapshot
 
@@ -67,283 +67,6 @@ def pool_actor(config: SandboxConfig) -> Any:
     from .pool import PoolActor
 
     return raycalls.remote_class(PoolActor).options(**pool_options(config)).remote(config)
-
-
-FILE_CHUNK = 2 * 1024 * 1024  # bytes per upload/download call (8 MiB ones made the actor hold 100+ MB)
-STREAM_BACKLOG = 64  # output chunks a stream may run ahead of its reader (then the sandbox waits)
-
-
-class SandboxHandle:
-    """One acquired sandbox. Operations go straight to its SandboxActor.
-
-    Attributes:
-        sandbox_id: the sandbox's id (same for a thread in every process).
-        thread_id: the thread it serves (None when anonymous).
-        actor: the SandboxActor handle, for ``actor.exec.remote(sandbox_id, ...)`` style calls (an
-            actor may serve another sandbox after this one is destroyed: it refuses calls naming
-            this one then).
-        path: how the acquire got it: 'hot', 'warm', 'prewarmed', 'cold' or 'adopted'.
-        info: what its actor said about it (node, container, ...).
-        aio: the same operations, awaitable.
-    """
-
-    def __init__(self, lease: Lease, pool: PoolClient | None = None) -> None:
-        self.sandbox_id = lease.sandbox_id
-        self.thread_id = lease.thread_id
-        self.actor = lease.actor
-        self.path = lease.path
-        self.info = lease.info
-        self._pool = pool
-        self.aio = AsyncSandboxHandle(self)
-
-    def __repr__(self) -> str:
-        return f"SandboxHandle(sandbox_id={self.sandbox_id!r}, thread_id={self.thread_id!r}, path={self.path!r})"
-
-    def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None,
-             idle_timeout: float | None = None) -> ShellResult:
-        """Run ``command`` in the persistent shell (cwd and env persist). ``idle_timeout``: killed
-        once it prints nothing for that long (then no wall-clock limit applies unless ``timeout``
-        is given too).
-
-        Raises:
-            CommandTimeout: it ran past ``timeout`` (default: config exec_timeout, none with
-                ``idle_timeout``) or printed nothing for ``idle_timeout``, and was killed.
-            SandboxDied: the sandbox is gone; acquire the thread again.
-            BackendUnavailable: the engine did not answer (nothing was destroyed).
-        """
-        return self._wait(self.actor.exec.remote(self.sandbox_id, command, timeout, exec_dir, idle_timeout))
-
-    def bash(self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
-             exec_dir: str | None = None) -> BashResult:
-        """Run ``command`` in a fresh session with extra ``env`` (for secrets); stdout and stderr apart."""
-        return self._wait(self.actor.bash.remote(self.sandbox_id, command, dict(env) if env else None, timeout, exec_dir))
-
-    def stream(self, command: str, timeout: float | None = None, exec_dir: str | None = None,
-               idle_timeout: float | None = None) -> Iterator[str | ShellResult]:
-        """Run ``command`` in the persistent shell, yielding its output (str chunks) as it
-        comes, then its :class:`ShellResult` (output empty: it came in the chunks). Leaving
-        the loop early or Ctrl-C kills the command's process group; the shell stays usable.
-
-        Raises:
-            CommandTimeout, SandboxDied, BackendUnavailable: as :meth:`exec`.
-        """
-        return self._streamed(self.actor.stream, self.sandbox_id, command, timeout, exec_dir, idle_timeout)
-
-    def bash_stream(self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
-                    exec_dir: str | None = None) -> Iterator[tuple[str, str] | BashResult]:
-        """:meth:`bash`, streamed: ("stdout" | "stderr", text) as the command prints, then its
-        :class:`BashResult` (streams empty). Leaving early or Ctrl-C kills the command."""
-        return self._streamed(self.actor.bash_stream, self.sandbox_id, command, dict(env) if env else None, timeout, exec_dir)
-
-    def _streamed(self, method: Any, *args: Any) -> Iterator[Any]:
-        generator = method.options(_generator_backpressure_num_objects=STREAM_BACKLOG).remote(*args)
-        finished = False
-        try:
-            for ref in generator:
-                item = self._wait(ref)
-                finished = isinstance(item, (ShellResult, BashResult))
-                yield item
-        finally:
-            if not finished:
-                raycalls.cancel(generator)
-
-    def start(self, command: str, session_id: str | None = None, exec_dir: str | None = None) -> BackgroundCommand:
-        """Start ``command`` in the background (its own process group; output kept in the
-        sandbox); view, wait for or kill it through the returned handle."""
-        return BackgroundCommand(self, self._wait(self.actor.start_command.remote(self.sandbox_id, command, session_id, exec_dir)))
-
-    def upload(self, source: str | os.PathLike[str] | BinaryIO, path: str, chunk_size: int = FILE_CHUNK) -> int:
-        """Copy a local file (or a binary stream) to ``path`` in the sandbox, ``chunk_size``
-        bytes at a time (memory stays at about one chunk; no size cap). The file appears at
-        ``path`` whole, at the end. Returns the bytes copied."""
-        with _local(source, "rb") as f:
-            offset = 0
-            while chunk := f.read(chunk_size):
-                offset = self._wait(self.actor.upload_chunk.remote(self.sandbox_id, path, offset, chunk, False))
-            return self._wait(self.actor.upload_chunk.remote(self.sandbox_id, path, offset, b"", True))
-
-    def download(self, path: str, target: str | os.PathLike[str] | BinaryIO, chunk_size: int = FILE_CHUNK) -> int:
-        """Copy ``path`` from the sandbox to a local file (written beside it, then renamed) or
-        a binary stream, ``chunk_size`` bytes at a time. Returns the bytes copied."""
-        with _local(target, "wb") as f:
-            offset, total = 0, None
-            while total is None or offset < total:
-                data, total = self._wait(self.actor.download_chunk.remote(self.sandbox_id, path, offset, chunk_size))
-                if not data:
-                    break  # the file shrank under us
-                f.write(data)
-                offset += len(data)
-            return offset
-
-    def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> str:
-        """A text file's content (invalid UTF-8 replaced). Raises SandboxFileNotFound."""
-        return self._wait(self.actor.read_file.remote(self.sandbox_id, path, start_line, end_line))
-
-    def read_bytes(self, path: str) -> bytes:
-        """A file's exact bytes."""
-        return self._wait(self.actor.read_bytes.remote(self.sandbox_id, path))
-
-    def write_file(self, path: str, content: str | bytes, append: bool = False) -> int:
-        """Write text or bytes (parents created). Returns bytes written."""
-        return self._wait(self.actor.write_file.remote(self.sandbox_id, path, content, append))
-
-    def list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> list[FileInfo]:
-        """Entries of a directory (name, path, is_directory, size, modified_time)."""
-        return self._wait(self.actor.list_files.remote(self.sandbox_id, path, recursive, show_hidden))
-
-    def release(self) -> bool:
-        """Give the sandbox back to the pool's warm pool."""
-        return self._require_pool().release(self)
-
-    def destroy(self) -> bool:
-        """Destroy the sandbox (container and actor)."""
-        return self._require_pool().destroy(self)
-
-    def hibernate(self) -> bool:
-        """Stop the container keeping its filesystem and end the actor; the next acquire of the
-        thread resumes it (this handle is spent)."""
-        return self._require_pool().hibernate(self)
-
-    def snapshot(self, name: str | None = None) -> Snapshot:
-        """Save the sandbox's filesystem (not its processes, not the thread mounts) as a snapshot."""
-        return self._require_pool().snapshot(self, name)
-
-    def _require_pool(self) -> PoolClient:
-        if self._pool is None:
-            raise PoolUnavailable("this handle was not obtained through a PoolClient")
-        return self._pool
-
-    def _died(self, exc: ActorGone) -> SandboxDied:
-        if self._pool is not None:
-            self._pool._report_dead(self.sandbox_id)
-        died = SandboxDied(f"sandbox {self.sandbox_id}'s actor is gone; acquire the thread again")
-        died.__cause__ = exc
-        return died
-
-    def _wait(self, ref: Any) -> Any:
-        try:
-            return raycalls.value(ref)
-        except ActorGone as exc:
-            raise self._died(exc) from None
-        except KeyboardInterrupt:
-            raycalls.cancel(ref)  # Ctrl-C: the command stops in the sandbox too
-            raise
-
-
-class BackgroundCommand:
-    """A command started with :meth:`SandboxHandle.start`."""
-
-    def __init__(self, box: SandboxHandle, session_id: str) -> None:
-        self.box, self.session_id = box, session_id
-        self._offset = 0
-
-    def __repr__(self) -> str:
-        return f"BackgroundCommand(session_id={self.session_id!r}, sandbox_id={self.box.sandbox_id!r})"
-
-    def view(self) -> CommandView:
-        """Its status, and the output printed since the last view."""
-        seen = self.box._wait(self.box.actor.view_command.remote(self.box.sandbox_id, self.session_id, self._offset, None))
-        self._offset = seen.next_offset
-        return seen
-
-    def wait(self, seconds: float = 60.0) -> CommandView:
-        """Wait up to ``seconds`` for it to end; its status then."""
-        return self.box._wait(self.box.actor.wait_command.remote(self.box.sandbox_id, self.session_id, seconds))
-
-    def kill(self) -> CommandView:
-        """Kill its process group."""
-        return self.box._wait(self.box.actor.kill_command.remote(self.box.sandbox_id, self.session_id))
-
-
-@contextlib.contextmanager
-def _local(place: str | os.PathLike[str] | BinaryIO, mode: str) -> Iterator[BinaryIO]:
-    """A local file to read, or one to write beside its name and rename once whole; a stream as is."""
-    if not isinstance(place, (str, os.PathLike)):
-        yield place
-        return
-    if mode == "rb":
-        with open(place, "rb") as f:
-            yield f
-        return
-    part = f"{os.fspath(place)}.part"
-    try:
-        with open(part, "wb") as f:
-            yield f
-        os.replace(part, place)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(part)
-
-
-class AsyncSandboxHandle:
-    """``box.aio``: a sandbox's operations, awaitable (see :class:`SandboxHandle` for each)."""
-
-    def __init__(self, handle: SandboxHandle) -> None:
-        self._handle = handle
-
-    async def _await(self, ref: Any) -> Any:
-        try:
-            return await raycalls.call(ref)
-        except ActorGone as exc:
-            raise self._handle._died(exc) from None
-        except asyncio.CancelledError:
-            raycalls.cancel(ref)  # a cancelled call stops the command in the sandbox too
-            raise
-
-    async def stream(self, command: str, timeout: float | None = None, exec_dir: str | None = None,
-                     idle_timeout: float | None = None) -> AsyncIterator[str | ShellResult]:
-        """:meth:`SandboxHandle.stream`, awaitable; cancelling the consumer kills the command."""
-        handle = self._handle
-        async for item in self._streamed(handle.actor.stream, handle.sandbox_id, command, timeout, exec_dir,
-                                         idle_timeout):
-            yield item
-
-    async def bash_stream(self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
-                          exec_dir: str | None = None) -> AsyncIterator[tuple[str, str] | BashResult]:
-        handle = self._handle
-        async for item in self._streamed(handle.actor.bash_stream, handle.sandbox_id, command,
-                                         dict(env) if env else None, timeout, exec_dir):
-            yield item
-
-    async def _streamed(self, method: Any, *args: Any) -> AsyncIterator[Any]:
-        generator = method.options(_generator_backpressure_num_objects=STREAM_BACKLOG).remote(*args)
-        finished = False
-        try:
-            async for ref in generator:
-                item = await self._await(ref)
-                finished = isinstance(item, (ShellResult, BashResult))
-                yield item
-        finally:
-            if not finished:
-                raycalls.cancel(generator)
-
-    async def exec(self, command: str, timeout: float | None = None, exec_dir: str | None = None,
-                   idle_timeout: float | None = None) -> ShellResult:
-        return await self._await(self._handle.actor.exec.remote(self._handle.sandbox_id, command, timeout, exec_dir,
-                                                                idle_timeout))
-
-    async def bash(self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
-                   exec_dir: str | None = None) -> BashResult:
-        return await self._await(self._handle.actor.bash.remote(self._handle.sandbox_id, command, dict(env) if env else None, timeout,
-                                                                exec_dir))
-
-    async def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> str:
-        return await self._await(self._handle.actor.read_file.remote(self._handle.sandbox_id, path, start_line, end_line))
-
-    async def read_bytes(self, path: str) -> bytes:
-        return await self._await(self._handle.actor.read_bytes.remote(self._handle.sandbox_id, path))
-
-    async def write_file(self, path: str, content: str | bytes, append: bool = False) -> int:
-        return await self._await(self._handle.actor.write_file.remote(self._handle.sandbox_id, path, content, append))
-
-    async def list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> list[FileInfo]:
-        return await self._await(self._handle.actor.list_files.remote(self._handle.sandbox_id, path, recursive, show_hidden))
-
-    async def release(self) -> bool:
-        return await self._handle._require_pool().aio.release(self._handle)
-
-    async def destroy(self) -> bool:
-        return await self._handle._require_pool().aio.destroy(self._handle)
 
 
 def _id(handle_or_id: SandboxHandle | str) -> str:
@@ -577,7 +300,7 @@ class PoolClient:
         """Destroy the sandbox of ``thread_id``."""
         return self.destroy(self.sandbox_id(thread_id))
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> builtins.list[dict[str, Any]]:
         """Every sandbox of the pool (id, thread, state, node, age, idle, in-flight)."""
         return self._retrying("list")
 
@@ -589,7 +312,7 @@ class PoolClient:
         """Run a reconcile pass now (adopt, re-adopt, remove orphans); returns counts."""
         return self._retrying("reconcile")
 
-    def history(self, handle_or_id: SandboxHandle | str | None = None) -> list[dict[str, Any]]:
+    def history(self, handle_or_id: SandboxHandle | str | None = None) -> builtins.list[dict[str, Any]]:
         """Each change of state or serving actor the pool saw, of one sandbox or of all, oldest
         first: ``{at (unix time), sandbox_id, state, actor, thread_id}`` (since the pool started)."""
         return self._retrying("history", None if handle_or_id is None else _id(handle_or_id))
@@ -659,7 +382,7 @@ class AsyncPoolClient:
         validate_thread_id(thread_id)
         return await self._call("resolve", thread_id)
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def list(self) -> builtins.list[dict[str, Any]]:
         return await self._call("list")
 
     async def stats(self) -> dict[str, Any]:
@@ -668,7 +391,7 @@ class AsyncPoolClient:
     async def reconcile(self) -> dict[str, int]:
         return await self._call("reconcile")
 
-    async def history(self, handle_or_id: SandboxHandle | str | None = None) -> list[dict[str, Any]]:
+    async def history(self, handle_or_id: SandboxHandle | str | None = None) -> builtins.list[dict[str, Any]]:
         return await self._call("history", None if handle_or_id is None else _id(handle_or_id))
 
 
@@ -724,4 +447,5 @@ def connect(
     return client
 
 
-__all__ = ["AsyncPoolClient", "AsyncSandboxHandle", "PoolClient", "SandboxHandle", "connect", "ensure_ray", "pool_actor"]
+__all__ = ["FILE_CHUNK", "AsyncPoolClient", "AsyncSandboxHandle", "BackgroundCommand", "PoolClient", "SandboxHandle",
+           "connect", "ensure_ray", "pool_actor"]

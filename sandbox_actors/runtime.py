@@ -393,7 +393,7 @@ class SandboxRuntime:
             if self._api is None:
                 return False
             try:
-                view = await self._api.view(session_id, 0, 1)
+                view = await self._api.view_command(session_id, 0, 1)
             except SandboxError as exc:  # the sandbox no longer knows it (or is gone): nothing of it runs
                 logger.info("sandbox %s: background command %s: %s", self.sandbox_id, session_id, type(exc).__name__)
                 view = None
@@ -512,7 +512,7 @@ class SandboxRuntime:
                    idle_timeout: float | None = None) -> ShellResult:
         """Run ``command`` in the persistent shell (one at a time per sandbox)."""
         async with self._operation() as api, self._shell_lock:
-            return await api.shell_exec(command, timeout=self._shell_timeout(timeout, idle_timeout), exec_dir=exec_dir,
+            return await api.exec(command, timeout=self._shell_timeout(timeout, idle_timeout), exec_dir=exec_dir,
                                         idle_timeout=idle_timeout)
 
     async def stream(
@@ -522,8 +522,8 @@ class SandboxRuntime:
         """Run ``command`` in the persistent shell, yielding its output as it comes, then its
         ShellResult. Closing the iteration early kills the command (and keeps the shell)."""
         async with self._operation() as api, self._shell_lock:
-            stream = api.shell_stream(command, timeout=self._shell_timeout(timeout, idle_timeout), exec_dir=exec_dir,
-                                      idle_timeout=idle_timeout)
+            stream = api.stream(command, timeout=self._shell_timeout(timeout, idle_timeout), exec_dir=exec_dir,
+                                idle_timeout=idle_timeout)
             try:
                 async for item in stream:
                     yield item
@@ -546,7 +546,7 @@ class SandboxRuntime:
 
     async def start_command(self, command: str, session_id: str | None = None, exec_dir: str | None = None) -> str:
         async with self._operation() as api:
-            session_id = await api.start(command, session_id=session_id, exec_dir=exec_dir)
+            session_id = await api.start_command(command, session_id=session_id, exec_dir=exec_dir)
         self._background[session_id] = None
         while len(self._background) > _BACKGROUND_TRACKED:  # the oldest are forgotten
             del self._background[next(iter(self._background))]
@@ -554,15 +554,15 @@ class SandboxRuntime:
 
     async def view_command(self, session_id: str, offset: int = 0, max_bytes: int | None = None) -> CommandView:
         async with self._operation() as api:
-            return await api.view(session_id, offset, max_bytes)
+            return await api.view_command(session_id, offset, max_bytes)
 
     async def wait_command(self, session_id: str, seconds: float) -> CommandView:
         async with self._operation() as api:
-            return await api.wait(session_id, seconds)
+            return await api.wait_command(session_id, seconds)
 
     async def kill_command(self, session_id: str) -> CommandView:
         async with self._operation() as api:
-            return await api.kill(session_id)
+            return await api.kill_command(session_id)
 
     async def upload_chunk(self, path: str, offset: int, data: bytes, final: bool) -> int:
         async with self._operation() as api:
@@ -579,7 +579,7 @@ class SandboxRuntime:
         """Run ``command`` in a fresh session with extra ``env`` (for secrets)."""
         _check_env(env)
         async with self._operation() as api:
-            return await api.bash_exec(command, env=env, timeout=timeout or self.config.exec_timeout, exec_dir=exec_dir)
+            return await api.bash(command, env=env, timeout=timeout or self.config.exec_timeout, exec_dir=exec_dir)
 
     async def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> str:
         async with self._operation() as api:
@@ -587,7 +587,7 @@ class SandboxRuntime:
 
     async def read_bytes(self, path: str) -> bytes:
         async with self._operation() as api:
-            return await api.download(path)
+            return await api.read_bytes(path)
 
     async def write_file(self, path: str, content: str | bytes, append: bool = False) -> int:
         async with self._operation() as api:

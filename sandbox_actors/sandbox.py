@@ -17,13 +17,13 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from backends.base import Mount
-from backends.sandbox_api import BashResult, CommandView, FileInfo, ShellResult, warm_http_stack
+from backends.sandbox_api import warm_http_stack
 
-from . import raycalls
+from . import api, raycalls
 from .actorconfig import ActorConfig
 from .errors import (
     ImageNotFound,
@@ -69,6 +69,30 @@ _ray_without_pydantic()
 LABEL_RAY_NODE = "sandbox-actors.ray-node"
 _REPORT_TIMEOUT = 5.0
 _IMAGE_TIMEOUT = 600.0
+
+
+def served(op: api.Operation[..., Any]) -> Callable[..., Any]:
+    """An operation as a SandboxActor method: ``(sandbox_id, *its arguments)``, run by the runtime
+    of that sandbox (refused when this actor does not serve it), a death told to the pool before
+    the caller hears of it, its time counted in the metrics."""
+    if op.stream:
+        async def streamed(self: SandboxActor, sandbox_id: str, *args: Any) -> AsyncIterator[Any]:
+            async for item in self._streamed(op.name, getattr(self._serving(sandbox_id), op.name)(*args)):
+                yield item
+
+        method: Callable[..., Any] = streamed
+    else:
+        async def answered(self: SandboxActor, sandbox_id: str, *args: Any) -> Any:
+            started = time.monotonic()
+            try:
+                return await self._guard(getattr(self._serving(sandbox_id), op.name)(*args))
+            finally:
+                self._metrics.executed(op.name, time.monotonic() - started)
+
+        method = answered
+    method.__name__ = method.__qualname__ = op.name
+    method.__doc__ = op.doc
+    return method
 
 
 class SandboxActor:
@@ -242,49 +266,22 @@ class SandboxActor:
             return False
         return bool(info.get("sandbox_id") == sandbox_id)
 
-    # ── operations ─────────────────────────────────────────────────────────
+    # ── operations: one line each, derived from their declaration (sandbox_actors.api) ──
 
-    async def exec(
-        self, sandbox_id: str, command: str, timeout: float | None = None, exec_dir: str | None = None,
-        idle_timeout: float | None = None,
-    ) -> ShellResult:
-        """Run a command in the sandbox's persistent shell (stderr merged)."""
-        started = time.monotonic()
-        try:
-            return await self._guard(self._serving(sandbox_id).exec(command, timeout, exec_dir, idle_timeout))
-        finally:
-            self._metrics.executed("exec", time.monotonic() - started)
-
-    async def bash(
-        self, sandbox_id: str, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
-        exec_dir: str | None = None,
-    ) -> BashResult:
-        """Run a command in a fresh session with extra env; stdout and stderr apart."""
-        started = time.monotonic()
-        try:
-            return await self._guard(self._serving(sandbox_id).bash(command, env, timeout, exec_dir))
-        finally:
-            self._metrics.executed("bash", time.monotonic() - started)
-
-    async def stream(
-        self, sandbox_id: str, command: str, timeout: float | None = None, exec_dir: str | None = None,
-        idle_timeout: float | None = None,
-    ) -> AsyncIterator[str | ShellResult]:
-        """Like :meth:`exec`, as a Ray streaming generator: output chunks as the command prints
-        them, then its ShellResult. Cancelling the call (or closing the generator) kills the
-        command's process group in the sandbox; the shell stays usable."""
-        running = self._serving(sandbox_id).stream(command, timeout, exec_dir, idle_timeout)
-        async for item in self._streamed("stream", running):
-            yield item
-
-    async def bash_stream(
-        self, sandbox_id: str, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
-        exec_dir: str | None = None,
-    ) -> AsyncIterator[tuple[str, str] | BashResult]:
-        """Like :meth:`bash`, streamed: ("stdout" | "stderr", text) chunks, then its BashResult."""
-        items = self._serving(sandbox_id).bash_stream(command, env, timeout, exec_dir)
-        async for item in self._streamed("bash_stream", items):
-            yield item
+    exec = served(api.exec)
+    bash = served(api.bash)
+    stream = served(api.stream)
+    bash_stream = served(api.bash_stream)
+    start_command = served(api.start_command)
+    view_command = served(api.view_command)
+    wait_command = served(api.wait_command)
+    kill_command = served(api.kill_command)
+    upload_chunk = served(api.upload_chunk)
+    download_chunk = served(api.download_chunk)
+    read_file = served(api.read_file)
+    read_bytes = served(api.read_bytes)
+    write_file = served(api.write_file)
+    list_files = served(api.list_files)
 
     async def _streamed(self, op: str, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
         started, runtime = time.monotonic(), self._runtime
@@ -298,45 +295,6 @@ class SandboxActor:
         finally:
             await items.aclose()  # type: ignore[attr-defined]  # an early end hangs up: the command is killed
             self._metrics.executed(op, time.monotonic() - started)
-
-    async def start_command(
-        self, sandbox_id: str, command: str, session_id: str | None = None, exec_dir: str | None = None,
-    ) -> str:
-        """Start a command in the background; returns its id (see view_command, wait_command, kill_command)."""
-        return await self._guard(self._serving(sandbox_id).start_command(command, session_id, exec_dir))
-
-    async def view_command(
-        self, sandbox_id: str, session_id: str, offset: int = 0, max_bytes: int | None = None,
-    ) -> CommandView:
-        return await self._guard(self._serving(sandbox_id).view_command(session_id, offset, max_bytes))
-
-    async def wait_command(self, sandbox_id: str, session_id: str, seconds: float) -> CommandView:
-        return await self._guard(self._serving(sandbox_id).wait_command(session_id, seconds))
-
-    async def kill_command(self, sandbox_id: str, session_id: str) -> CommandView:
-        return await self._guard(self._serving(sandbox_id).kill_command(session_id))
-
-    async def upload_chunk(self, sandbox_id: str, path: str, offset: int, data: bytes, final: bool) -> int:
-        return await self._guard(self._serving(sandbox_id).upload_chunk(path, offset, data, final))
-
-    async def download_chunk(self, sandbox_id: str, path: str, offset: int, length: int) -> tuple[bytes, int]:
-        return await self._guard(self._serving(sandbox_id).download_chunk(path, offset, length))
-
-    async def read_file(
-        self, sandbox_id: str, path: str, start_line: int | None = None, end_line: int | None = None,
-    ) -> str:
-        return await self._guard(self._serving(sandbox_id).read_file(path, start_line, end_line))
-
-    async def read_bytes(self, sandbox_id: str, path: str) -> bytes:
-        return await self._guard(self._serving(sandbox_id).read_bytes(path))
-
-    async def write_file(self, sandbox_id: str, path: str, content: str | bytes, append: bool = False) -> int:
-        return await self._guard(self._serving(sandbox_id).write_file(path, content, append))
-
-    async def list_files(
-        self, sandbox_id: str, path: str, recursive: bool = False, show_hidden: bool = False,
-    ) -> list[FileInfo]:
-        return await self._guard(self._serving(sandbox_id).list_files(path, recursive, show_hidden))
 
     async def _guard(self, operation: Any) -> Any:
         runtime = self._runtime  # the sandbox ``operation`` is for (this actor may serve another after it)

@@ -54,20 +54,20 @@ def test_create_ready_exec_files_destroy(pool_name, image):
         record = await backend.create(spec_for(pool_name, image))
         api = await ready_api(backend, record)
         try:
-            echo = await api.shell_exec("echo hello")
+            echo = await api.exec("echo hello")
             assert (echo.output.strip(), echo.exit_code) == ("hello", 0)
-            failed = await api.shell_exec("ls /definitely-missing")
+            failed = await api.exec("ls /definitely-missing")
             assert failed.exit_code != 0 and "definitely-missing" in failed.output
-            split = await api.bash_exec("echo out; echo err >&2; exit 3")
+            split = await api.bash("echo out; echo err >&2; exit 3")
             assert (split.stdout, split.stderr, split.exit_code) == ("out\n", "err\n", 3)
-            env = await api.bash_exec('echo "$FOO $EXTRA"', env={"EXTRA": "given"})
+            env = await api.bash('echo "$FOO $EXTRA"', env={"EXTRA": "given"})
             assert env.stdout == "bar given\n"
 
             await api.write_file("/home/sandbox/work/notes.txt", "line one\nline two\n")
             assert await api.read_file("/home/sandbox/work/notes.txt") == "line one\nline two\n"
             blob = bytes(range(256)) * 64
             assert await api.write_file("/home/sandbox/work/blob.bin", blob) == len(blob)
-            assert await api.download("/home/sandbox/work/blob.bin") == blob
+            assert await api.read_bytes("/home/sandbox/work/blob.bin") == blob
             names = {f.name: f for f in await api.list_files("/home/sandbox/work")}
             assert set(names) == {"notes.txt", "blob.bin"}
             assert names["blob.bin"].size == len(blob) and not names["blob.bin"].is_directory
@@ -102,11 +102,11 @@ def test_the_image_s_api_server_runs_compiled_without_openssl(pool_name, image, 
             libraries = {line.split()[-1] for line in Path(f"/proc/{servers[0]}/maps").read_text().splitlines()
                          if ".so" in line}
             assert libraries and not any("libssl" in lib or "libcrypto" in lib for lib in libraries), libraries
-            assert (await api.shell_exec("echo hashed")).output.strip() == "hashed"
+            assert (await api.exec("echo hashed")).output.strip() == "hashed"
             wrong = SandboxAPI(record.url, "not-the-token")
             try:
                 with pytest.raises(SandboxAuthError):
-                    await wrong.shell_exec("true")
+                    await wrong.exec("true")
             finally:
                 await wrong.aclose()
         finally:
@@ -194,7 +194,7 @@ def test_an_image_without_a_socket_is_served_on_a_loopback_port(pool_name, tcp_i
             assert bindings and all(b["HostIp"] == "127.0.0.1" for b in bindings)
             assert attrs["HostConfig"]["PortBindings"]["8080/tcp"][0]["HostPort"] == ""  # engine picked it
             assert record.url.startswith("http://127.0.0.1:")
-            assert (await api.shell_exec("id -un")).output.strip() == "sandbox"
+            assert (await api.exec("id -un")).output.strip() == "sandbox"
         finally:
             await api.aclose()
             await backend.destroy(record.sandbox_id)
@@ -279,7 +279,7 @@ def test_mounts_and_token_required(pool_name, image, tmp_path):
         api = await ready_api(backend, record)
         try:
             assert await api.read_file("/mnt/shared/given.txt") == "from the host"
-            denied = await api.bash_exec("touch /mnt/shared/x")
+            denied = await api.bash("touch /mnt/shared/x")
             assert denied.exit_code != 0 and "Read-only" in denied.stderr
             transport = httpx.AsyncHTTPTransport(uds=record.url.removeprefix("unix:"))
             async with httpx.AsyncClient(base_url="http://sandbox", transport=transport) as anonymous:
@@ -303,14 +303,14 @@ def test_command_timeout_kills_and_shell_survives(pool_name, image):
         record = await backend.create(spec_for(pool_name, image))
         api = await ready_api(backend, record)
         try:
-            await api.shell_exec("cd /tmp && export KEPT=yes")
+            await api.exec("cd /tmp && export KEPT=yes")
             with pytest.raises(CommandTimeout):
-                await api.shell_exec("sleep 30", timeout=1)
-            after = await api.shell_exec("echo alive")
+                await api.exec("sleep 30", timeout=1)
+            after = await api.exec("echo alive")
             assert after.output.strip() == "alive" and after.exit_code == 0
             with pytest.raises(CommandTimeout):
-                await api.bash_exec("sleep 30", timeout=1)
-            ps = await api.bash_exec("ps -eo comm")
+                await api.bash("sleep 30", timeout=1)
+            ps = await api.bash("ps -eo comm")
             assert "sleep" not in ps.stdout.split()  # the timed-out commands were killed
         finally:
             await api.aclose()

@@ -119,7 +119,7 @@ def test_backend_creates_lists_and_deletes_real_sandboxes(service_factory):
         assert (await backend.create(wanted)).url == record.url  # idempotent: found, not made twice
         api = SandboxAPI(record.url, record.token)
         await api.wait_ready(20, lambda: backend.is_running(wanted.sandbox_id), lambda: backend.logs_tail("x"))
-        assert (await api.shell_exec("echo via-provisioner", timeout=10)).output.strip() == "via-provisioner"
+        assert (await api.exec("echo via-provisioner", timeout=10)).output.strip() == "via-provisioner"
         await api.aclose()
         assert [r.sandbox_id for r in await backend.list()] == [wanted.sandbox_id]
         assert (await backend.discover(wanted.sandbox_id)).url == record.url

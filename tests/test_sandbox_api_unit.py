@@ -54,7 +54,7 @@ def test_a_reply_without_a_data_object_is_a_typed_error(odd_server, call):
     async def body():
         api = SandboxAPI(odd_server)
         try:
-            operation = {"shell": lambda: api.shell_exec("true"), "read": lambda: api.read_file("/x"),
+            operation = {"shell": lambda: api.exec("true"), "read": lambda: api.read_file("/x"),
                          "list": lambda: api.list_files("/")}[call]
             with pytest.raises(SandboxOperationError, match="object was expected"):
                 await operation()

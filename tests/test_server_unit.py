@@ -527,7 +527,7 @@ def test_shell_output_streams_as_events_before_the_command_ends(server, tmp_path
     async def body():
         api = _api(server)
         items, seen_before_end = [], None
-        async for item in api.shell_stream(f"echo one; sleep 1; touch {marker}; echo two"):
+        async for item in api.stream(f"echo one; sleep 1; touch {marker}; echo two"):
             if seen_before_end is None:
                 seen_before_end = not marker.exists()
             items.append(item)
