@@ -7,6 +7,8 @@ Talking to the sandbox once it runs is :mod:`backends.sandbox_api`'s job.
 
 from __future__ import annotations
 
+import builtins
+
 import abc
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -175,7 +177,7 @@ class Backend(abc.ABC):
         """The container for ``sandbox_id``, or None when there is none."""
 
     @abc.abstractmethod
-    async def list(self, pool: str | None = None) -> list[SandboxRecord]:
+    async def list(self, pool: str | None = None) -> builtins.list[SandboxRecord]:
         """Every container of ours on this engine (of one pool when given)."""
 
     @abc.abstractmethod
@@ -234,7 +236,7 @@ class Backend(abc.ABC):
         """Save the container's filesystem as ``image`` (snapshot); returns its id and size."""
         raise self._cannot("snapshot")
 
-    async def snapshot_images(self, pool: str) -> list[dict[str, object]]:
+    async def snapshot_images(self, pool: str) -> builtins.list[dict[str, object]]:
         """The pool's snapshot images on this engine."""
         return []
 

@@ -15,6 +15,8 @@ read-only root filesystem and disk limit.
 
 from __future__ import annotations
 
+import builtins
+
 import asyncio
 import contextlib
 import hashlib
@@ -33,7 +35,7 @@ from typing import Any
 import docker
 import docker.errors
 import docker.types
-from docker.models.containers import _create_container_args  # what containers.create does, minus its inspect
+from docker.models.containers import _create_container_args  # type: ignore[attr-defined]  # create, no inspect
 
 from .base import (
     LABEL_CLUSTER,
@@ -423,7 +425,7 @@ class DockerBackend(Backend):
         inspects anyway): one engine call fewer per sandbox."""
         client = self._docker()
         name = kwargs["name"]
-        kwargs.update(image=image, command=None, version=client.api._version)
+        kwargs.update(image=image, command=None, version=client.api._version)  # type: ignore[attr-defined]
         created = client.api.create_container(**_create_container_args(kwargs))  # (it consumes kwargs)
         return client.containers.prepare_model({"Id": created["Id"], "Name": f"/{name}"})
 
@@ -470,11 +472,11 @@ class DockerBackend(Backend):
 
         return await asyncio.to_thread(_discover)
 
-    async def list(self, pool: str | None = None) -> list[SandboxRecord]:
+    async def list(self, pool: str | None = None) -> builtins.list[SandboxRecord]:
         """Every container of ours (one engine call)."""
         return await asyncio.to_thread(self._list, pool)
 
-    def _list(self, pool: str | None = None) -> list[SandboxRecord]:
+    def _list(self, pool: str | None = None) -> builtins.list[SandboxRecord]:
         label_filter = [f"{LABEL_PROJECT}={PROJECT}"]
         if pool is not None:
             label_filter.append(f"{LABEL_POOL}={pool}")
@@ -578,7 +580,7 @@ class DockerBackend(Backend):
                 "no network; use an image that serves it on a unix socket (ours does) or allow egress"
             )
         disk = getattr(limits, "disk", None)
-        if disk and image_api is not None:
+        if disk and image and image_api is not None:
             self._check_disk_limit(image, disk, engine)
         network = self.network(pool)
         name = network.ensure(extra_blocked, refresh=True)
@@ -599,7 +601,7 @@ class DockerBackend(Backend):
         except ImageNotFound:
             return None  # the first acquire says so, with how to build it
 
-    def _check_disk_limit(self, image: str | None, disk: str, engine: str) -> None:
+    def _check_disk_limit(self, image: str, disk: str, engine: str) -> None:
         """Ask the engine for a container with a disk limit (never started) and remove it at once."""
         name = f"{self._prefix}-disk-check-{uuid.uuid4().hex[:8]}"
         with engine_errors("check the disk limit"):
@@ -658,8 +660,9 @@ class DockerBackend(Backend):
             api = self._docker().api
             with engine_errors(f"start the container of sandbox {sandbox_id}"):
                 try:
-                    response = api._post(api._url("/containers/{0}/start", container_id))
-                    api._raise_for_status(response)
+                    # The low-level call: the SDK's start() hides the engine's 304 (it ran already).
+                    response = api._post(api._url("/containers/{0}/start", container_id))  # type: ignore[attr-defined]
+                    api._raise_for_status(response)  # type: ignore[attr-defined]
                     attrs = api.inspect_container(container_id)
                 except docker.errors.NotFound:
                     raise SandboxNotFound(f"the container of sandbox {sandbox_id} is gone") from None
@@ -681,12 +684,12 @@ class DockerBackend(Backend):
 
         return await asyncio.to_thread(_commit)
 
-    async def snapshot_images(self, pool: str) -> list[dict[str, object]]:
-        def _images() -> list[dict[str, object]]:
+    async def snapshot_images(self, pool: str) -> builtins.list[dict[str, object]]:
+        def _images() -> builtins.list[dict[str, object]]:
             with engine_errors("list snapshot images"):
                 found = self._docker().images.list(
                     filters={"label": [f"{LABEL_PROJECT}={PROJECT}", f"{LABEL_POOL}={pool}", LABEL_SNAPSHOT]})
-            return [{"image": (image.tags or [image.id])[0], "image_id": image.id,
+            return [{"image": (image.tags or [str(image.id)])[0], "image_id": image.id,
                      "name": image.labels.get(LABEL_SNAPSHOT, ""),
                      "created_at": float(image.labels.get(LABEL_SNAPSHOT_CREATED) or 0)} for image in found]
 
@@ -766,7 +769,7 @@ class DockerBackend(Backend):
             finally:
                 client.close()
 
-    def orphans(self, alive: Callable[[str], bool]) -> dict[str, list[dict[str, str]]]:
+    def orphans(self, alive: Callable[[str], bool]) -> dict[str, builtins.list[dict[str, str]]]:
         """Containers and networks of ours on this engine, of any pool, whose Ray cluster (its
         label) ``alive`` says no longer runs here. Those without a cluster label are not judged."""
         with engine_errors("list containers and networks"):
@@ -797,7 +800,7 @@ class DockerBackend(Backend):
         ]
         return {"containers": containers, "networks": found}
 
-    def remove_orphans(self, orphans: dict[str, list[dict[str, str]]]) -> dict[str, int]:
+    def remove_orphans(self, orphans: dict[str, builtins.list[dict[str, str]]]) -> dict[str, int]:
         """Remove what :meth:`orphans` listed: containers by id, then networks with their rules and
         the pool's socket directories that no container of it uses (also those of containers
         removed by other hands)."""

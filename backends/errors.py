@@ -67,9 +67,13 @@ class NotSupported(SandboxError):
         feature: what was asked for.
     """
 
+    feature: str
+
 
 class ImageNotFound(SandboxError):
     """The configured image is not present on the engine (we never pull)."""
+
+    image: str
 
 
 class SandboxStartError(SandboxError):
@@ -84,6 +88,9 @@ class ReadinessTimeout(SandboxStartError):
         log_tail: the container's last log lines.
     """
 
+    last_observation: str
+    log_tail: str
+
 
 class SandboxExited(SandboxStartError):
     """The container exited while we waited for it to become ready."""
@@ -95,6 +102,8 @@ class SandboxOwned(SandboxStartError):
     Attributes:
         owner: the name of the actor that owns it.
     """
+
+    owner: str
 
 
 # ── a running sandbox ───────────────────────────────────────────────────────
@@ -123,7 +132,11 @@ class CommandTimeout(SandboxError):
 
     Attributes:
         output: what the command printed before it was killed.
+        stderr: what it printed on stderr (commands run with ``bash``).
     """
+
+    output: str = ""
+    stderr: str = ""
 
 
 class ResourceLimitExceeded(SandboxError):
@@ -137,6 +150,10 @@ class ResourceLimitExceeded(SandboxError):
         output: what it printed (stdout, or the shell's merged output).
     """
 
+    limits: tuple[str, ...] = ()
+    exit_code: int | None = None
+    output: str = ""
+
 
 class SandboxOperationError(SandboxError):
     """The sandbox API answered with a failure.
@@ -144,6 +161,8 @@ class SandboxOperationError(SandboxError):
     Attributes:
         status_code: the HTTP status the sandbox answered with.
     """
+
+    status_code: int | None = None
 
 
 class SandboxFileNotFound(SandboxOperationError, FileNotFoundError):

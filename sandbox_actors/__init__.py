@@ -18,7 +18,7 @@ def _skip_httpx_cli() -> None:
     and pytest install: ~1.6 MB of every sandbox's process) and falls back to a stub when that
     import fails. Nothing in a worker runs httpx's CLI; a driver's httpx is left as it is."""
     if "httpx" not in sys.modules and sys.argv and os.path.basename(sys.argv[0]) == "default_worker.py":
-        sys.modules.setdefault("httpx._main", None)  # None: importing it raises ImportError
+        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]  # None: its import raises ImportError
 
 
 _skip_httpx_cli()

@@ -211,7 +211,7 @@ class Lifecycle:
             return {}
         record = self.snapshot_records.get(entry.image, {})
         node_id = record.get("node_id")
-        source = reaper_name(self.config, node_id) if self.fleet.reaper_on(node_id) is not None else None
+        source = reaper_name(self.config, node_id) if node_id and self.fleet.reaper_on(node_id) is not None else None
         return {"image": record.get("image", entry.image), "image_from": source}
 
     @staticmethod

@@ -79,7 +79,7 @@ def _use_token_auth_when_available() -> None:
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or TOKEN_FILE.exists():
         os.environ["RAY_AUTH_MODE"] = "token"
         # Ray caches its config at import; have it read the environment again.
-        from ray._raylet import Config
+        from ray._raylet import Config  # type: ignore[attr-defined]
 
         Config.initialize("")
 

@@ -12,6 +12,8 @@ the state again. ``SandboxPool`` itself has no side effects on construction
 
 from __future__ import annotations
 
+import builtins
+
 import asyncio
 import contextlib
 import dataclasses
@@ -261,7 +263,7 @@ class SandboxPool:
 
     # ── views ──────────────────────────────────────────────────────────────
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def list(self) -> builtins.list[dict[str, Any]]:
         """Every sandbox the pool holds, as plain dicts (for tables and JSON)."""
         await self._ready()
         state = self._state
@@ -304,7 +306,7 @@ class SandboxPool:
             "engines": {engine[:12]: info for engine, info in self._life.fleet.prepared.items()},
         }
 
-    async def history(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
+    async def history(self, sandbox_id: str | None = None) -> builtins.list[dict[str, Any]]:
         """Each change of a sandbox's state or actor this pool saw (of one sandbox, when given),
         oldest first, with the wall-clock time: what a failure is read against."""
         await self._ready()

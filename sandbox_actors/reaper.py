@@ -34,6 +34,7 @@ class NodeReaper:
 
     def __init__(self, config: SandboxConfig) -> None:
         self._config = config
+        self._limits = ActorConfig.of(config).limits
         self._pool = config.pool_name
         self._backend = make_backend(ActorConfig.of(config), cluster=raycalls.session_name())
         self._node_id = raycalls.current_node_id()
@@ -56,7 +57,7 @@ class NodeReaper:
         config = self._config
         async with self._preparing:
             found = await self._backend.prepare(
-                self._pool, image=config.image, runtime=config.runtime, limits=config.limits,
+                self._pool, image=config.image, runtime=config.runtime, limits=self._limits,
                 extra_blocked=cluster_addresses,
             )
             await self._backend.sweep_rules()

@@ -66,35 +66,35 @@ def plan_reconcile(
             if actor.name not in keep_names:
                 plan.end_actors.append(actor.name)  # a spare nobody holds (e.g. from a dead pool)
             continue
-        _pick_owner(plan, owners, actor, by_id.get(actor.sandbox_id, []))
+        _pick_owner(plan, owners, actor.sandbox_id, actor, by_id.get(actor.sandbox_id, []))
     for sandbox_id in sorted(known | set(owners) | set(by_id)):
         if sandbox_id in busy:
             continue
-        actor = owners.get(sandbox_id)
+        owner = owners.get(sandbox_id)
         found = by_id.get(sandbox_id, [])
-        if actor is None:
+        if owner is None:
             if not any_unknown:
                 _no_actor(plan, sandbox_id, found, sandbox_id in known)
-        elif actor.dead_reason is not None or not actor.started:
+        elif owner.dead_reason is not None or not owner.started:
             plan.repair.append(sandbox_id)
         else:
-            _live_actor(plan, actor, found, engines_seen, sandbox_id in known)
+            _live_actor(plan, sandbox_id, owner, found, engines_seen, sandbox_id in known)
     return plan
 
 
 def _pick_owner(
-    plan: ReconcilePlan, owners: dict[str, ActorView], actor: ActorView, found: list[ContainerView]
+    plan: ReconcilePlan, owners: dict[str, ActorView], sandbox_id: str, actor: ActorView, found: list[ContainerView]
 ) -> None:
     """Two actors claiming one sandbox: the one whose container runs keeps it, the other ends."""
-    current = owners.get(actor.sandbox_id)
+    current = owners.get(sandbox_id)
     if current is None:
-        owners[actor.sandbox_id] = actor
+        owners[sandbox_id] = actor
         return
     running = {c.container_id for c in found if c.running}
     keep, drop = (actor, current) if actor.container_id in running and current.container_id not in running else (
         current, actor
     )
-    owners[actor.sandbox_id] = keep
+    owners[sandbox_id] = keep
     plan.end_actors.append(drop.name)
 
 
@@ -108,7 +108,8 @@ def _no_actor(plan: ReconcilePlan, sandbox_id: str, found: list[ContainerView], 
 
 
 def _live_actor(
-    plan: ReconcilePlan, actor: ActorView, found: list[ContainerView], engines_seen: set[str], known: bool
+    plan: ReconcilePlan, sandbox_id: str, actor: ActorView, found: list[ContainerView], engines_seen: set[str],
+    known: bool,
 ) -> None:
     own = [c for c in found if c.container_id == actor.container_id]
     # Never two containers for one sandbox: the live actor's own one wins.
@@ -117,11 +118,11 @@ def _live_actor(
         if not known:
             plan.adopt.append(actor)
     elif own:
-        plan.repair.append(actor.sandbox_id)  # its container stopped: clean both up
+        plan.repair.append(sandbox_id)  # its container stopped: clean both up
     elif actor.engine_id in engines_seen:
         plan.end_actors.append(actor.name)
         if known:
-            plan.forget.append(actor.sandbox_id)
+            plan.forget.append(sandbox_id)
 
 
 # ── one sandbox, looked at closely ──────────────────────────────────────────

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import hibernation, snapshots
@@ -86,7 +87,7 @@ class Reconciler:
         done: collections.Counter[str] = collections.Counter()
         owners = {v.sandbox_id: v for v in views if v.sandbox_id is not None and v.name not in plan.end_actors}
         for view in plan.adopt:
-            if state.adopt(view.sandbox_id, view.thread_id, handles[view.name], dict(view.info), view.idle_for):
+            if view.sandbox_id is not None and state.adopt(view.sandbox_id, view.thread_id, handles[view.name], dict(view.info), view.idle_for):
                 done["adopted"] += 1
             else:  # its thread already has another sandbox: never two
                 fleet.later(fleet.discard(handles[view.name]))
@@ -97,7 +98,7 @@ class Reconciler:
             done["forgotten"] += 1
         if sleeping.forget:
             logger.warning("hibernated sandboxes lost with their container or node: %s", sleeping.forget)
-            await asyncio.to_thread(lambda: [life.records.drop_hibernated(sid) for sid in sleeping.forget])
+            await asyncio.to_thread(_each, life.records.drop_hibernated, sleeping.forget)
         for container in plan.remove_containers:
             if container.engine_id in engines and await fleet.remove(engines, container):
                 done["removed_containers"] += 1
@@ -152,3 +153,8 @@ class Reconciler:
             return False  # silent: decide next pass
         entry = self._life.state.entry(info.get("sandbox_id") or "")
         return entry is None or entry.info.get("actor_name") != name
+
+
+def _each(call: Callable[[str], None], items: Iterable[str]) -> None:
+    for item in items:
+        call(item)

@@ -561,8 +561,9 @@ class PoolState:
         entry = self.entries.get(sandbox_id)
         if entry is None or entry.state is not S.HIBERNATING:
             return
-        entry.move(entry.resume_state or S.WARM)
-        if entry.state is S.WARM and entry.released_at is None:
+        back = entry.resume_state or S.WARM
+        entry.move(back)
+        if back is S.WARM and entry.released_at is None:
             entry.released_at = self.clock()
         entry.resume_state, entry.stop = None, None
         self._mark(sandbox_id)

@@ -106,4 +106,5 @@ class Snapshot:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Snapshot:
-        return cls(**{key: record.get(key) for key in cls.__dataclass_fields__ if key in record})
+        given: dict[str, Any] = {key: record[key] for key in cls.__dataclass_fields__ if key in record}
+        return cls(**given)
