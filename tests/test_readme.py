@@ -17,6 +17,7 @@ from sandbox_actors.config import SandboxConfig
 from tests.conftest import containers_of
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = README.parent / "docs"
 
 
 def quickstart() -> str:
@@ -54,11 +55,11 @@ def config_keys() -> list[str]:
     return keys
 
 
-def test_every_config_key_is_in_the_readme_reference():
-    text = README.read_text()
+def test_every_config_key_is_in_the_config_reference():
+    text = (DOCS / "configuration.md").read_text()
     reference = text[text.index("<!-- config reference"):]
     missing = [key for key in config_keys() if f"| `{key}` |" not in reference]
-    assert not missing, f"README's config reference lacks {missing}"
+    assert not missing, f"the config reference (docs/configuration.md) lacks {missing}"
 
 
 METRICS = [
@@ -103,14 +104,14 @@ def test_readme_names_both_setup_commands():
     assert "./scripts/bootstrap && .venv/bin/python -m pytest" in ci
 
 
-def test_the_readme_s_figures_of_the_code_are_the_code_s():
-    """Sizes and constants the README states, computed from the code (figures of runs name their run)."""
+def test_the_docs_figures_of_the_code_are_the_code_s():
+    """Sizes and constants the docs state, computed from the code (figures of runs name their run)."""
     import inspect
 
     from backends.sandbox_api import SandboxAPI
     from sandbox_actors import fleet
 
-    text = README.read_text()
+    text = (DOCS / "design.md").read_text()
     stated = int(re.search(r"`pool\.py` is (\d+) lines", text).group(1))
     assert stated == len((README.parent / "sandbox_actors" / "pool.py").read_text().splitlines())
     spawns = re.search(r"at most (\d+) under way in the (\d+) s after", text)
@@ -118,3 +119,10 @@ def test_the_readme_s_figures_of_the_code_are_the_code_s():
     assert re.search(r"none for (\d+) s after one is kept", text).group(1) == f"{fleet.RECYCLE_GAP:g}"
     polls = re.search(r"(\d+) ms polls backing off", text).group(1)
     assert int(polls) == round(inspect.signature(SandboxAPI.wait_ready).parameters["interval"].default * 1000)
+
+
+def test_the_readme_is_short_and_its_links_lead_somewhere():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250
+    for target in re.findall(r"\]\((docs/[\w.-]+\.md)", text):
+        assert (README.parent / target).exists(), target
