@@ -10,8 +10,10 @@ from __future__ import annotations
 import builtins
 
 import abc
+import enum
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .errors import NotSupported
 
@@ -139,13 +141,31 @@ class SandboxRecord:
         return decode_label_value(self.labels.get(LABEL_THREAD_ID, ""))
 
 
+class Capability(enum.Enum):
+    """What a backend can do beyond creating, listing and removing sandboxes."""
+
+    HIBERNATE = "hibernate"  # stop a sandbox keeping its filesystem, and start it again
+    SNAPSHOT = "snapshot"  # save a sandbox's filesystem as an image to start others from
+    HOST_MOUNTS = "host mounts"  # mount directories of the node's host (thread directories, skills, mounts)
+    NETWORK_POLICY = "network policy"  # a network of the pool's own, with the isolation rules
+    RUNTIMES = "runtimes"  # a container runtime of the pool's choice (gVisor's runsc)
+    SANDBOX_SETTINGS = "sandbox settings"  # the pool sets each sandbox's environment, disk limit, root filesystem
+
+
 class Backend(abc.ABC):
     """Where sandbox containers run. All methods are coroutines.
+
+    Attributes:
+        kind: the backend's name in config (``backend: {kind: ...}``).
+        capabilities: what it can do besides create, list and remove.
 
     Raises:
         BackendUnavailable: from any method when the engine does not answer.
             Callers must never read that as "the sandbox is dead".
     """
+
+    kind: ClassVar[str]
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
 
     #: Whether records name the actor that created a sandbox (``LABEL_ACTOR``). When not,
     #: the creator writes an owner record inside the sandbox, as an adopter does.

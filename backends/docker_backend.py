@@ -38,6 +38,7 @@ import docker.types
 from docker.models.containers import _create_container_args  # type: ignore[attr-defined]  # create, no inspect
 
 from .base import (
+    Capability,
     LABEL_CLUSTER,
     LABEL_ENGINE_ID,
     LABEL_POOL,
@@ -138,6 +139,9 @@ class DockerBackend(Backend):
             (Docker-outside-of-Docker); default the same.
         labels: added to every container and network it creates (e.g. the Ray cluster).
     """
+
+    kind = "docker"
+    capabilities = frozenset(Capability)  # all of them
 
     def __init__(
         self,
@@ -322,18 +326,33 @@ class DockerBackend(Backend):
         raise SandboxStartError(f"could not create container {name}: it kept appearing and vanishing")
 
     def _create_container(self, spec: SandboxSpec, name: str) -> Any:
-        engine = self._engine_info()
+        args = self._create_args(spec)
+        with engine_errors(f"create container {name}"):
+            try:
+                return self._create_model(spec.image, name=name, detach=True, **args)
+            except docker.errors.ImageNotFound as exc:
+                raise ImageNotFound(
+                    f"image {spec.image!r} is not on the Docker engine and is never pulled; "
+                    "build it with `sandbox-actors build-image` or set `image` in the config",
+                    image=spec.image,
+                ) from exc
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409:
+                    raise _NameConflict() from exc
+                if exc.status_code == 404 and "network" in args and "network" in str(exc.explanation or exc):
+                    raise _NetworkGone() from exc
+                if exc.status_code is not None and exc.status_code < 500:
+                    raise SandboxStartError(f"could not create container {name}: {exc.explanation or exc}") from exc
+                raise
+
+    def _create_args(self, spec: SandboxSpec) -> dict[str, Any]:
+        """Everything a sandbox's container is created with: its labels and environment, its
+        mounts, how its API is reached, its command user, limits and hardening."""
         api = self._image_api(spec.image)
         labels = {
-            LABEL_PROJECT: PROJECT,
-            LABEL_POOL: spec.pool,
-            LABEL_SANDBOX_ID: spec.sandbox_id,
-            LABEL_THREAD_ID: encode_label_value(spec.thread_id),
-            LABEL_ENGINE_ID: engine["id"],
-            LABEL_PORT: str(spec.port),
-            LABEL_CREATED_AT: f"{time.time():.6f}",
-            **self._labels,
-            **spec.extra_labels,
+            LABEL_PROJECT: PROJECT, LABEL_POOL: spec.pool, LABEL_SANDBOX_ID: spec.sandbox_id,
+            LABEL_THREAD_ID: encode_label_value(spec.thread_id), LABEL_ENGINE_ID: self._engine_info()["id"],
+            LABEL_PORT: str(spec.port), LABEL_CREATED_AT: f"{time.time():.6f}", **self._labels, **spec.extra_labels,
         }
         environment = {**spec.environment}
         if spec.token:
@@ -344,12 +363,29 @@ class DockerBackend(Backend):
             docker.types.Mount(target=m.container_path, source=m.host_path, type="bind", read_only=m.read_only)
             for m in spec.mounts
         ]
-        options: dict[str, Any] = {}
+        options = self._api_access(spec, api, labels, environment, mounts)
+        capabilities, user = self._command_user(spec, api, environment)
+        limits = spec.limits
+        if spec.read_only_rootfs:
+            options.update(read_only=True, tmpfs=_writable_tmpfs(user))
+        if spec.runtime:
+            options["runtime"] = spec.runtime
+        if limits.disk:
+            options["storage_opt"] = {"size": limits.disk}
+        return dict(
+            labels=labels, environment=environment, mounts=mounts, mem_limit=limits.memory,
+            memswap_limit=limits.memory,  # no swap beyond the memory limit
+            nano_cpus=int(limits.cpus * 1e9) if limits.cpus else None, pids_limit=limits.pids,
+            security_opt=["no-new-privileges"], cap_drop=["ALL"], cap_add=capabilities or None, privileged=False,
+            init=True, **options,
+        )
+
+    def _api_access(self, spec: SandboxSpec, api: ImageAPI, labels: dict[str, str], environment: dict[str, str],
+                    mounts: list[Any]) -> dict[str, Any]:
+        """How the sandbox's API is reached (a unix socket in a host directory of its own, else a
+        port published on ``bind_host``) and its network: the container's options for both."""
         network = self._network_for(spec.pool)
-        if network is None:
-            options["network_mode"] = "none"
-        else:
-            options["network"] = network
+        options: dict[str, Any] = {"network_mode": "none"} if network is None else {"network": network}
         if api.socket_path:
             host_dir = self._socket_dir_for(spec)
             mounts.append(docker.types.Mount(target=os.path.dirname(api.socket_path), source=host_dir, type="bind"))
@@ -364,6 +400,12 @@ class DockerBackend(Backend):
             )
         else:
             options["ports"] = {f"{spec.port}/tcp": (spec.bind_host,)}
+        return options
+
+    def _command_user(self, spec: SandboxSpec, api: ImageAPI, environment: dict[str, str]
+                      ) -> tuple[list[str], dict[str, Any] | None]:
+        """Who commands run as (the image's user of that name, handed the thread's directories):
+        the capabilities the server then needs, and the user as the image describes it."""
         capabilities = list(spec.capabilities)
         user = api.users.get(spec.user)
         if user is not None:
@@ -377,48 +419,7 @@ class DockerBackend(Backend):
             self._warned.add(spec.image)
             logger.warning("image %s does not say it can run commands as %r; commands run as the image decides",
                            spec.image, spec.user)
-        if spec.read_only_rootfs:
-            options["read_only"] = True
-            options["tmpfs"] = _writable_tmpfs(user)
-        if spec.runtime:
-            options["runtime"] = spec.runtime
-        limits = spec.limits
-        if limits.disk:
-            options["storage_opt"] = {"size": limits.disk}
-        with engine_errors(f"create container {name}"):
-            try:
-                return self._create_model(
-                    spec.image,
-                    name=name,
-                    detach=True,
-                    labels=labels,
-                    environment=environment,
-                    mounts=mounts,
-                    mem_limit=limits.memory,
-                    memswap_limit=limits.memory,  # no swap beyond the memory limit
-                    nano_cpus=int(limits.cpus * 1e9) if limits.cpus else None,
-                    pids_limit=limits.pids,
-                    security_opt=["no-new-privileges"],
-                    cap_drop=["ALL"],
-                    cap_add=capabilities or None,
-                    privileged=False,
-                    init=True,
-                    **options,
-                )
-            except docker.errors.ImageNotFound as exc:
-                raise ImageNotFound(
-                    f"image {spec.image!r} is not on the Docker engine and is never pulled; "
-                    "build it with `sandbox-actors build-image` or set `image` in the config",
-                    image=spec.image,
-                ) from exc
-            except docker.errors.APIError as exc:
-                if exc.status_code == 409:
-                    raise _NameConflict() from exc
-                if exc.status_code == 404 and network is not None and "network" in str(exc.explanation or exc):
-                    raise _NetworkGone() from exc
-                if exc.status_code is not None and exc.status_code < 500:
-                    raise SandboxStartError(f"could not create container {name}: {exc.explanation or exc}") from exc
-                raise
+        return capabilities, user
 
     def _create_model(self, image: str, **kwargs: Any) -> Any:
         """``containers.create`` without the inspect it ends with (the start that follows

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from .base import (
+    Capability,
     LABEL_ACTOR,
     LABEL_ENGINE_ID,
     LABEL_POOL,
@@ -62,6 +63,9 @@ class ProvisionerBackend(Backend):
     """
 
     records_creator = False  # the provisioner keeps no labels: who created a sandbox is not recorded
+
+    kind = "provisioner"
+    capabilities = frozenset[Capability]()  # the provisioner decides what its sandboxes get
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ import secrets
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -331,24 +331,14 @@ class SandboxAPI:
         started = time.monotonic()
         deadline = started + timeout
         next_liveness = started + liveness_every
-        last = "no probe yet"
         while True:
             # The server makes its socket as it starts listening: until the file is there, a stat
             # stands in for the probe (a failed connect through the HTTP client costs far more CPU,
             # times every sandbox that starts at once), and is repeated sooner.
             probe = self._socket is None or os.path.exists(self._socket)
-            if not probe:
-                last = "no socket yet"
-            else:
-                try:
-                    response = await self._http.get("/v1/sandbox", timeout=min(2.0, max(0.2, timeout)))
-                    if response.status_code == 200:
-                        return time.monotonic() - started
-                    last = f"HTTP {response.status_code}"
-                    if response.status_code == 401:
-                        raise SandboxAuthError(f"sandbox at {self.url} refused our token")
-                except httpx.HTTPError as exc:
-                    last = f"{type(exc).__name__}: {exc}".strip()
+            last = await self._probe_ready(timeout) if probe else "no socket yet"
+            if last is None:
+                return time.monotonic() - started
             now = time.monotonic()
             waited = now - started
             if now >= next_liveness or now >= deadline:
@@ -370,6 +360,22 @@ class SandboxAPI:
                 )
             pause = max(interval, waited * _PROBE_BACKOFF) if probe else max(interval, min(waited * _PROBE_BACKOFF, 0.1))
             await asyncio.sleep(min(pause, _MAX_PROBE_INTERVAL, deadline - now))
+
+    async def _probe_ready(self, timeout: float) -> str | None:
+        """None when the API answers ``GET /v1/sandbox``, else what the probe saw.
+
+        Raises:
+            SandboxAuthError: it refused our token.
+        """
+        try:
+            response = await self._http.get("/v1/sandbox", timeout=min(2.0, max(0.2, timeout)))
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}".strip()
+        if response.status_code == 200:
+            return None
+        if response.status_code == 401:
+            raise SandboxAuthError(f"sandbox at {self.url} refused our token")
+        return f"HTTP {response.status_code}"
 
     # ── commands ───────────────────────────────────────────────────────────
 

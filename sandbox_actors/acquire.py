@@ -15,9 +15,11 @@ from collections.abc import Callable
 from .errors import BackendUnavailable, PoolExhausted, PoolShutDown
 from .hibernation import resume_later
 from .lifecycle import Lifecycle, lease
+from .operations import OpKind
 from .state import (
     Acquired,
     Claimed,
+    Decision,
     Entry,
     MustCheck,
     MustCreate,
@@ -50,7 +52,7 @@ async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id:
         sandbox_id = sandbox_id_now()
         operation = life.ops.get(sandbox_id)
         if operation is not None:
-            if operation.kind == "start":  # a start of this very sandbox: share its outcome
+            if operation.kind is OpKind.START:  # a start of this very sandbox: share its outcome
                 started = await asyncio.shield(operation.task)
                 if _untouched(life, sandbox_id):
                     return started
@@ -59,7 +61,7 @@ async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id:
             state.want_back(sandbox_id)  # an idle stop under way is called off, if it still can be
             await life.ops.wait(sandbox_id)
             continue
-        if sandbox_id in life.deaths:  # reported dead while an operation was under way: settled first
+        if sandbox_id in state.deaths:  # reported dead while an operation was under way: settled first
             repair = life.settle(sandbox_id)
             if repair is not None:
                 await asyncio.shield(repair)
@@ -67,49 +69,55 @@ async def acquire(life: Lifecycle, sandbox_id_now: Callable[[], str], thread_id:
         # A snapshot starts new sandboxes only; but the one this acquire started from it is its own.
         image = None if started_here and state.entry(sandbox_id) is not None else snapshot
         decision = state.acquire(sandbox_id, thread_id, busy=life.ops.busy(), image=image, host=host)
-        if isinstance(decision, Acquired):
-            life.tally.count("acquired_hot")
-            return lease(decision.entry, decision.path)
-        if isinstance(decision, MustCheck):
-            checked = await asyncio.shield(life.check(decision))
-            if isinstance(checked, Lease):
-                return checked
-            if checked is False:  # dead: the repair removes it, the next turn creates anew
-                repair = life.repair(sandbox_id)
-                if repair is not None and await asyncio.shield(repair) == "unknown":
-                    raise BackendUnavailable(
-                        f"sandbox {sandbox_id} no longer runs and its engine does not answer, so it cannot be "
-                        "removed or replaced yet; retry"
-                    )
-            continue
-        if isinstance(decision, Claimed):
-            claimed = await asyncio.shield(life.claim(decision.entry))
-            if claimed is not None:
-                return claimed
-            continue
-        for victim in decision.evict:
-            logger.info("evicting warm sandbox %s to stay within replicas=%d", victim.sandbox_id, config.replicas)
-            life.stop_later(victim)
-        if isinstance(decision, MustResume):
-            resumed = await asyncio.shield(resume_later(life, decision.entry))
-            if resumed is not None:
-                return resumed
-            continue  # it could not be resumed and is gone: the next turn starts a new one
-        if isinstance(decision, MustCreate):
-            if decision.over_soft_cap:
-                logger.warning("all %d replica slots are in use; creating sandbox %s beyond the soft limit",
-                               config.replicas, sandbox_id)
-            started = await asyncio.shield(life.create(decision.entry))
-            if _untouched(life, decision.entry.sandbox_id):
-                return started
-            started_here = True
-            continue  # e.g. its container died as it started: repaired (replaced) first
-        await _wait_for(life, decision, deadline)
+        got = await _carry_out(life, decision, sandbox_id, deadline)
+        if isinstance(got, Lease):
+            return got
+        started_here = started_here or got == STARTED
+
+
+STARTED = "started"  # a start this acquire made ended, but something came after it: ask again
+
+
+async def _carry_out(life: Lifecycle, decision: Decision, sandbox_id: str, deadline: float) -> Lease | str | None:
+    """Do what the pool's state decided for an acquire: the lease, or STARTED / None to ask again."""
+    config = life.config
+    if isinstance(decision, Acquired):
+        life.tally.count("acquired_hot")
+        return lease(decision.entry, decision.path)
+    if isinstance(decision, MustCheck):
+        checked = await asyncio.shield(life.check(decision))
+        if isinstance(checked, Lease):
+            return checked
+        if checked is False:  # dead: the repair removes it, the next turn creates anew
+            repair = life.repair(sandbox_id)
+            if repair is not None and await asyncio.shield(repair) == "unknown":
+                raise BackendUnavailable(
+                    f"sandbox {sandbox_id} no longer runs and its engine does not answer, so it cannot be "
+                    "removed or replaced yet; retry"
+                )
+        return None
+    if isinstance(decision, Claimed):
+        return await asyncio.shield(life.claim(decision.entry))
+    for victim in decision.evict:
+        logger.info("evicting warm sandbox %s to stay within replicas=%d", victim.sandbox_id, config.replicas)
+        life.stop_later(victim)
+    if isinstance(decision, MustResume):
+        # None: it could not be resumed and is gone; the next turn starts a new one.
+        return await asyncio.shield(resume_later(life, decision.entry))
+    if isinstance(decision, MustCreate):
+        if decision.over_soft_cap:
+            logger.warning("all %d replica slots are in use; creating sandbox %s beyond the soft limit",
+                           config.replicas, sandbox_id)
+        started = await asyncio.shield(life.create(decision.entry))
+        # Else e.g. its container died as it started: repaired (replaced) first.
+        return started if _untouched(life, decision.entry.sandbox_id) else STARTED
+    await _wait_for(life, decision, deadline)
+    return None
 
 
 def _untouched(life: Lifecycle, sandbox_id: str) -> bool:
     """Nothing came after a start just ended: no death reported meanwhile, no repair begun for one."""
-    return sandbox_id not in life.deaths and life.ops.get(sandbox_id) is None
+    return sandbox_id not in life.state.deaths and life.ops.get(sandbox_id) is None
 
 
 async def _wait_for(life: Lifecycle, decision: MustWait, deadline: float) -> None:

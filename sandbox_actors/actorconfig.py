@@ -10,47 +10,18 @@ a key the actors need is added to :meth:`ActorConfig.of` as well as to the confi
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from backends.base import Limits, Mount
 from backends.firewall import NetworkPolicy
+from backends.specs import ENV_NAME, BackendSpec, resolve, resolve_environment
+
+__all__ = ["ENV_NAME", "ActorConfig", "resolve", "resolve_environment"]
 
 if TYPE_CHECKING:
     from .config import SandboxConfig
-
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def resolve(value: str, source: Mapping[str, str] | None = None) -> str:
-    """A config value, or with ``$NAME`` the variable NAME of ``source`` (default: this
-    process's environment; '' when unset)."""
-    if not value.startswith("$"):
-        return value
-    return (os.environ if source is None else source).get(value[1:], "")
-
-
-def resolve_environment(environment: Mapping[str, str], source: Mapping[str, str] | None = None) -> dict[str, str]:
-    """``environment`` with each ``$NAME`` value read from ``source`` (default: os.environ)."""
-    return {key: resolve(value, source) for key, value in environment.items()}
-
-
-@dataclass(frozen=True)
-class Provisioner:
-    """A provisioner backend (``backend: {kind: provisioner, ...}``)."""
-
-    url: str
-    api_key: str | None = field(default=None, repr=False)
-    create_timeout: float = 30
-    delete_timeout: float = 15
-    request_timeout: float = 10
-
-    def resolved_api_key(self, source: Mapping[str, str] | None = None) -> str:
-        """``api_key`` with a ``$NAME`` value read from ``source`` (default: this node's env)."""
-        return resolve(self.api_key or "", source)
 
 
 @dataclass(frozen=True)
@@ -64,7 +35,7 @@ class ActorConfig:
     container_prefix: str
     readiness_timeout: float
     exec_timeout: float
-    provisioner: Provisioner | None  # None: the Docker engine of the actor's node
+    backend: BackendSpec  # where its sandbox runs (it builds that backend)
     network_policy: NetworkPolicy
     limits: Limits
     capabilities: tuple[str, ...]
@@ -85,16 +56,11 @@ class ActorConfig:
 
     @classmethod
     def of(cls, config: SandboxConfig) -> ActorConfig:
-        backend = config.backend
-        provisioner = None
-        if backend.kind == "provisioner":
-            provisioner = Provisioner(backend.url, backend.api_key, backend.create_timeout, backend.delete_timeout,
-                                      backend.request_timeout)
         limits = config.limits
         return cls(
             pool_name=config.pool_name, namespace=config.namespace, image=config.image, port=config.port,
             container_prefix=config.container_prefix, readiness_timeout=config.readiness_timeout,
-            exec_timeout=config.exec_timeout, provisioner=provisioner, network_policy=config.network.policy(),
+            exec_timeout=config.exec_timeout, backend=config.backend.spec(), network_policy=config.network.policy(),
             limits=Limits(memory=limits.memory, cpus=limits.cpus, pids=limits.pids, disk=limits.disk),
             capabilities=tuple(config.capabilities), bind_host=config.bind_host, user=config.user,
             runtime=config.runtime, read_only_rootfs=config.read_only_rootfs, socket_dir=config.socket_dir,

@@ -528,7 +528,6 @@ class Bench:
     def run(self) -> dict[str, Any]:
         import ray
 
-        import sandbox_actors
         from sandbox_actors.config import SandboxConfig
         from sandbox_actors.image import build_image
 
@@ -553,46 +552,55 @@ class Bench:
                 address = ray.get_runtime_context().gcs_address
                 self.out(f"Ray's own floor: {self.burst_n} trivial actors at once, {self.rounds} rounds")
                 self.ray_floor()
-                stages = [
-                    ("acquire paths, exec", config("bench-paths"), lambda p: self.paths(p, address)),
-                    ("pre-warmed new threads", config("bench-prewarm", prewarm=2, thread_mounts=False),
-                     self.prewarmed),
-                    (f"burst of {self.burst_n} new threads, {self.burst_n} spare actors, {self.rounds} rounds",
-                     config("bench-burst", spare_actors=self.burst_n), lambda p: self.burst(p, "burst", self.rounds)),
-                    (f"burst of {self.burst_n} new threads on the default config, then {self.rounds} more once the pool "
-                     f"has learned it", config("bench-burst2"), self.default_bursts),
-                    (f"new threads arriving at 2/s, then 8/s ({self.burst_n * 2} each), default config",
-                     config("bench-arrive"), lambda p: self.arrivals(p, ((2.0, self.burst_n * 2),
-                                                                         (8.0, self.burst_n * 2)))),
-                ]
-                stages.append(("hibernate and resume, snapshot (default spare actors)",
-                               config("bench-life", idle_action="hibernate"), self.lifecycle))
-                stages.append((f"{self.rounds} bursts of {self.burst_n} forks from one snapshot, {self.burst_n} spare actors",
-                               config("bench-fork", spare_actors=self.burst_n), self.fork_burst))
-                if self.scale:
-                    stages.append((f"{self.scale} sandboxes held at once", config("bench-scale"), self.scale_run))
-                if self.runtime:
-                    # As the bootstrap registers gVisor here: no network of its own (see README).
-                    stages.append((f"cold start and exec under runtime {self.runtime} (no network)",
-                                   config("bench-runtime", runtime=self.runtime, network={"egress": "none"}),
-                                   self.under_runtime))
-                # Bare starts beside the pool's figures, on a network of their own (see _beside).
-                self._floor = FloorEngine(image, "bench-beside")
-                try:
-                    self._floor.single()  # its engine client's own start-up
-                    for title, cfg, stage in stages:
-                        self.out(title)
-                        pool = sandbox_actors.connect(cfg)
-                        try:
-                            stage(pool)
-                        finally:
-                            pool.shutdown()
-                finally:
-                    floor, self._floor = self._floor, None
-                    floor.close()
+                self._run_stages(image, self._stages(config, address))
             finally:
                 ray.shutdown()
         return self.results
+
+    def _stages(self, config: Callable[..., Any], address: str) -> list[tuple[str, Any, Callable[[Any], None]]]:
+        """Each stage: its title, its pool's config, and what it measures on that pool."""
+        n, rounds = self.burst_n, self.rounds
+        stages: list[tuple[str, Any, Callable[[Any], None]]] = [
+            ("acquire paths, exec", config("bench-paths"), lambda p: self.paths(p, address)),
+            ("pre-warmed new threads", config("bench-prewarm", prewarm=2, thread_mounts=False), self.prewarmed),
+            (f"burst of {n} new threads, {n} spare actors, {rounds} rounds",
+             config("bench-burst", spare_actors=n), lambda p: self.burst(p, "burst", rounds)),
+            (f"burst of {n} new threads on the default config, then {rounds} more once the pool has learned it",
+             config("bench-burst2"), self.default_bursts),
+            (f"new threads arriving at 2/s, then 8/s ({n * 2} each), default config",
+             config("bench-arrive"), lambda p: self.arrivals(p, ((2.0, n * 2), (8.0, n * 2)))),
+            ("hibernate and resume, snapshot (default spare actors)",
+             config("bench-life", idle_action="hibernate"), self.lifecycle),
+            (f"{rounds} bursts of {n} forks from one snapshot, {n} spare actors",
+             config("bench-fork", spare_actors=n), self.fork_burst),
+        ]
+        if self.scale:
+            stages.append((f"{self.scale} sandboxes held at once", config("bench-scale"), self.scale_run))
+        if self.runtime:
+            # As the bootstrap registers gVisor here: no network of its own (see README).
+            stages.append((f"cold start and exec under runtime {self.runtime} (no network)",
+                           config("bench-runtime", runtime=self.runtime, network={"egress": "none"}),
+                           self.under_runtime))
+        return stages
+
+    def _run_stages(self, image: str, stages: list[tuple[str, Any, Callable[[Any], None]]]) -> None:
+        """Each stage on a pool of its own, shut down after it; bare starts run beside the pool's
+        figures on a network of their own (see _beside)."""
+        import sandbox_actors
+
+        self._floor = FloorEngine(image, "bench-beside")
+        try:
+            self._floor.single()  # its engine client's own start-up
+            for title, cfg, stage in stages:
+                self.out(title)
+                pool = sandbox_actors.connect(cfg)
+                try:
+                    stage(pool)
+                finally:
+                    pool.shutdown()
+        finally:
+            floor, self._floor = self._floor, None
+            floor.close()
 
 
 class FloorEngine:
@@ -768,6 +776,11 @@ def _until(done: Callable[[], bool], seconds: float) -> bool:
 
 
 def table(results: dict[str, Any]) -> str:
+    """The figures as a table: timings, then bursts, then arrivals, memory and scale."""
+    return "\n".join(_time_lines(results) + _burst_lines(results) + _other_lines(results))
+
+
+def _time_lines(results: dict[str, Any]) -> list[str]:
     floor = results.get("floor", {}).get("p50") or 0
     lines = [f"{'figure':<16}{'n':>5}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}{'p50/floor':>11}{'p50/beside':>12}"]
     runtimes = sorted(key.removeprefix("floor_") for key in results if key.startswith("floor_") and key != "floor_burst")
@@ -781,6 +794,11 @@ def table(results: dict[str, Any]) -> str:
         beside = f"{row['p50'] / row['floor_beside']:.2f}x" if row.get("floor_beside") else ""
         lines.append(f"{key:<16}{row['n']:>5}{row['p50']:>10.1f}{row['p95']:>10.1f}{row['max']:>10.1f}{ratio:>11}"
                      f"{beside:>12}".rstrip())
+    return lines
+
+
+def _burst_lines(results: dict[str, Any]) -> list[str]:
+    lines = []
     floor_burst = results.get("floor_burst", {}).get("wall_s")
     ray_floor = results.get("ray_floor_burst", {}).get("wall_s")
     for key in ("floor_burst", "ray_floor_burst", "burst", "burst_default", "burst_repeat", "fork_burst"):
@@ -796,21 +814,34 @@ def table(results: dict[str, Any]) -> str:
         over = f"median of {' '.join(f'{w:.2f}' for w in walls)}" if len(walls) > 1 else "1 round"
         lines.append(f"{key:<16}{row['n']:>5}  ok {row['ok']}/{row['n']}  wall {row['wall_s']:.2f}s  {ratio} "
                      f"({over}{spares})")
-        if row.get("floor_beside_s"):
-            beside = row["floor_beside_s"] + row.get("ray_floor_beside_s", 0)
-            what = "floor + Ray floor bursts" if row.get("ray_floor_beside_s") else "floor burst"
-            walls = " ".join(f"{w:.2f}" for w in row["floor_beside_rounds_s"])
-            ray_walls = " ".join(f"{w:.2f}" for w in row.get("ray_floor_beside_rounds_s", []))
-            lines.append(f"{'':<16}{'':>5}  beside: {row['wall_s'] / beside:.2f}x of the {what} measured beside it "
-                         f"(floor {walls}" + (f", Ray floor {ray_walls}" if ray_walls else "") + ")")
-        if row.get("at_once_beside_s"):
-            walls = " ".join(f"{w:.2f}" for w in row["at_once_beside_rounds_s"])
-            lines.append(f"{'':<16}{'':>5}  beside: {row['wall_s'] / row['at_once_beside_s']:.2f}x of both floors "
-                         f"at once ({walls})")
+        lines += _beside_lines(row)
         for r, each in enumerate(row.get("rounds", [])):
             lines.append(f"{'':<16}{'':>5}  round {r + 1}: {each['ok']}/{row['n']} ok in {each['wall_s']:.2f}s, "
                          f"per thread p50 {each['p50']:.0f} ms, p95 {each['p95']:.0f} ms, "
                          f"spare actors {each['spare_actors']}")
+    return lines
+
+
+def _beside_lines(row: dict[str, Any]) -> list[str]:
+    """A burst's ratios to the floors measured beside it, when they were."""
+    lines = []
+    if row.get("floor_beside_s"):
+        beside = row["floor_beside_s"] + row.get("ray_floor_beside_s", 0)
+        what = "floor + Ray floor bursts" if row.get("ray_floor_beside_s") else "floor burst"
+        walls = " ".join(f"{w:.2f}" for w in row["floor_beside_rounds_s"])
+        ray_walls = " ".join(f"{w:.2f}" for w in row.get("ray_floor_beside_rounds_s", []))
+        lines.append(f"{'':<16}{'':>5}  beside: {row['wall_s'] / beside:.2f}x of the {what} measured beside it "
+                     f"(floor {walls}" + (f", Ray floor {ray_walls}" if ray_walls else "") + ")")
+    if row.get("at_once_beside_s"):
+        walls = " ".join(f"{w:.2f}" for w in row["at_once_beside_rounds_s"])
+        lines.append(f"{'':<16}{'':>5}  beside: {row['wall_s'] / row['at_once_beside_s']:.2f}x of both floors "
+                     f"at once ({walls})")
+    return lines
+
+
+def _other_lines(results: dict[str, Any]) -> list[str]:
+    lines = []
+    floor = results.get("floor", {}).get("p50") or 0
     for row in results.get("arrivals", []):
         ratio = f"p95 {row['p95'] / floor:.2f}x floor p50" if floor else ""
         lines.append(f"{'arrivals ' + format(row['rate'], 'g') + '/s':<16}{row['count']:>5}  ok {row['ok']}/{row['count']}  "
@@ -829,4 +860,4 @@ def table(results: dict[str, Any]) -> str:
         s = results["scale"]
         lines.append(f"scale: {s['ok']}/{s['n']} sandboxes started, {s['still_ok']}/{s['n']} answering "
                      f"while all held, {s['wall_s']}s")
-    return "\n".join(lines)
+    return lines

@@ -426,30 +426,60 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--address", metavar="ADDR", help="Ray address (default: RAY_ADDRESS, `up`'s head, this machine's)")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON instead of text")
-
     top = argparse.ArgumentParser(
         prog="sandbox-actors",
         description="Isolated sandboxes for AI-agent threads, served as Ray actors.",
         epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 no capacity; exec: the command's code "
         "(124 timeout, 125 could not run).",
     )
-    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = _Commands(top.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    _sandbox_commands(commands, common, as_json)
+    _pool_commands(commands, common, as_json)
+    _tool_commands(commands)
+    return top
 
-    def add(name: str, func: Any, help_text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text, parents=list(parents))
+
+class _Commands:
+    """Adds subcommands, each with its help as its description and its function to run."""
+
+    def __init__(self, subparsers: Any) -> None:
+        self._subparsers = subparsers
+
+    def add(self, name: str, func: Any, help_text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = self._subparsers.add_parser(name, help=help_text, description=help_text,
+                                                                   parents=list(parents))
         sub.set_defaults(run=func)
         return sub
 
-    up = add("up", cmd_up, "attach to (or start) Ray and get or create the pool", common, as_json)
+
+def _pool_commands(commands: _Commands, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
+    commands.add("snapshots", cmd_snapshots, "list the pool's snapshots", common, as_json)
+    snapshot = commands.add("snapshot", cmd_snapshot_rm, "manage snapshots (rm NAME)")
+    snapshot_commands = snapshot.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
+    snapshot_rm = snapshot_commands.add_parser("rm", help="remove a snapshot's image", parents=[common])
+    snapshot_rm.add_argument("name", help="snapshot name (see `sandbox-actors snapshots`)")
+    snapshot_rm.set_defaults(run=cmd_snapshot_rm)
+    gc = commands.add("gc", cmd_gc, "remove what dead clusters left on this machine, and reconcile the running pool: "
+                      "adopt, re-adopt or remove its orphans; print what changed", common, as_json)
+    gc.add_argument("--dead-clusters", action="store_true",
+                    help="only what clusters that no longer run here left (needs no Ray cluster)")
+    gc.add_argument("--dry-run", action="store_true", help="list what dead clusters left; remove nothing")
+    down = commands.add("down", cmd_down, "shut the pool down; stop the Ray head `up` started, shutting down every "
+                        "pool on it first", common, as_json)
+    down.add_argument("--keep-ray", action="store_true", help="leave the local Ray head running")
+
+
+def _sandbox_commands(commands: _Commands, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
+    up = commands.add("up", cmd_up, "attach to (or start) Ray and get or create the pool", common, as_json)
     up.add_argument("--new-head", action="store_true", help="start a local Ray head of our own even if a cluster runs")
-    add("status", cmd_status, "list the pool's sandboxes and totals", common, as_json)
-    run = add("exec", cmd_exec, "run a command in a thread's sandbox (acquired if needed)", common)
+    commands.add("status", cmd_status, "list the pool's sandboxes and totals", common, as_json)
+    run = commands.add("exec", cmd_exec, "run a command in a thread's sandbox (acquired if needed)", common)
     run.add_argument("thread", help="thread id")
     run.add_argument("cmd", nargs="*", help="the command and its arguments, after --")
     run.add_argument("--timeout", type=float, help="seconds before the command is killed")
     run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment")
     run.add_argument("--shell", action="store_true", help="use the persistent shell (stderr merged)")
-    cp = add("cp", cmd_cp, "copy a file into or out of a thread's sandbox, in chunks (any size)", common)
+    cp = commands.add("cp", cmd_cp, "copy a file into or out of a thread's sandbox, in chunks (any size)", common)
     cp.add_argument("source", help="a local file, or THREAD:PATH")
     cp.add_argument("target", help="THREAD:PATH, or a local file")
     for name, func, help_text in (
@@ -457,28 +487,19 @@ def parser() -> argparse.ArgumentParser:
         ("destroy", cmd_destroy, "destroy a sandbox (its container and its actor)"),
         ("hibernate", cmd_hibernate, "stop a sandbox keeping its files; the thread's next acquire resumes it"),
     ):
-        named = add(name, func, f"{help_text}; name it by THREAD, or by --id SANDBOX_ID", common)
+        named = commands.add(name, func, f"{help_text}; name it by THREAD, or by --id SANDBOX_ID", common)
         named.add_argument("thread", nargs="?", help="the thread whose sandbox it is")
         named.add_argument("--id", metavar="SANDBOX_ID", help="the sandbox's id instead (see `status`)")
-    add("snapshots", cmd_snapshots, "list the pool's snapshots", common, as_json)
-    snapshot = add("snapshot", cmd_snapshot_rm, "manage snapshots (rm NAME)")
-    snapshot_commands = snapshot.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
-    snapshot_rm = snapshot_commands.add_parser("rm", help="remove a snapshot's image", parents=[common])
-    snapshot_rm.add_argument("name", help="snapshot name (see `sandbox-actors snapshots`)")
-    snapshot_rm.set_defaults(run=cmd_snapshot_rm)
-    gc = add("gc", cmd_gc, "remove what dead clusters left on this machine, and reconcile the running pool: "
-             "adopt, re-adopt or remove its orphans; print what changed", common, as_json)
-    gc.add_argument("--dead-clusters", action="store_true",
-                    help="only what clusters that no longer run here left (needs no Ray cluster)")
-    gc.add_argument("--dry-run", action="store_true", help="list what dead clusters left; remove nothing")
-    down = add("down", cmd_down, "shut the pool down; stop the Ray head `up` started, shutting down every pool on "
-               "it first", common, as_json)
-    down.add_argument("--keep-ray", action="store_true", help="leave the local Ray head running")
-    add("operations", cmd_operations, "list each sandbox operation and the layers that serve it (1 if one lacks it)")
-    build = add("build-image", cmd_build_image, "build the minimal sandbox image locally (no registry)")
+
+
+def _tool_commands(commands: _Commands) -> None:
+    commands.add("operations", cmd_operations,
+                 "list each sandbox operation and the layers that serve it (1 if one lacks it)")
+    build = commands.add("build-image", cmd_build_image, "build the minimal sandbox image locally (no registry)")
     build.add_argument("--tag", default=DEFAULT_IMAGE, help=f"image to produce (default {DEFAULT_IMAGE})")
     build.add_argument("--force", action="store_true", help="rebuild even when nothing changed")
-    bench = add("bench", cmd_bench, "measure acquire paths, exec, bursts and memory against a bare container start")
+    bench = commands.add("bench", cmd_bench,
+                         "measure acquire paths, exec, bursts and memory against a bare container start")
     bench.add_argument("--samples", type=int, default=10, help="samples per figure (default 10)")
     bench.add_argument("--burst", type=int, default=32, help="new threads started at once (default 32)")
     bench.add_argument("--rounds", type=int, default=3,
@@ -488,10 +509,9 @@ def parser() -> argparse.ArgumentParser:
                        help="also measure cold start and exec under this Docker runtime, e.g. runsc (gVisor)")
     bench.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     bench.add_argument("--tiny", action="store_true", help="2 samples, one burst of 3: a smoke run")
-    demo = add("demo", cmd_demo, "run agent threads against a private local pool and check everything")
+    demo = commands.add("demo", cmd_demo, "run agent threads against a private local pool and check everything")
     demo.add_argument("--threads", type=int, default=4, help="concurrent agent threads (default 4)")
     demo.add_argument("--turns", type=int, default=3, help="turns per thread before the return visit (default 3)")
-    return top
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,16 +26,17 @@ from pydantic import (
     model_validator,
 )
 
+from backends.base import Capability
 from backends.firewall import AllowRule, NetworkPolicy, parse_ipv4_network
 from backends.network import MAX_SOCKET_DIR
 
-from .actorconfig import ENV_NAME, resolve, resolve_environment
+from backends.settings import BackendConfig, DockerBackendConfig, shortcut
+from backends.specs import ENV_NAME, resolve_environment
 from .errors import ConfigError
 
 DEFAULT_IMAGE = "sandbox-actors-minimal:latest"
 _CONTAINER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
 _MEMORY = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
-_PROVISIONER_ID = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -118,37 +119,6 @@ class NetworkConfig(_Closed):
         return NetworkPolicy(self.egress, self.allow, self.blocked, self.enforce)
 
 
-class DockerBackendConfig(_Closed):
-    """Sandboxes are containers on the Docker engine of the node their SandboxActor runs on."""
-
-    kind: Literal["docker"] = Field(default="docker", description="'docker' (the default) or 'provisioner'.")
-
-
-class ProvisionerBackendConfig(_Closed):
-    """Sandboxes come from a remote provisioner service (e.g. pods on Kubernetes)."""
-
-    kind: Literal["provisioner"] = Field(description="'provisioner'.")
-    url: str = Field(description="The provisioner's base URL, e.g. http://provisioner:8002.")
-    api_key: str | None = Field(
-        default=None, repr=False, description="X-API-Key sent on every call; '$NAME' is read from the host env."
-    )
-    create_timeout: float = Field(default=30, gt=0, description="Seconds a create call may take.")
-    delete_timeout: float = Field(default=15, gt=0, description="Seconds a delete call may take.")
-    request_timeout: float = Field(default=10, gt=0, description="Seconds a get, list or health call may take.")
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value):
-            raise ValueError("must be an http:// or https:// URL")
-        return value.rstrip("/")
-
-    def resolved_api_key(self, source: Mapping[str, str] | None = None) -> str:
-        """``api_key`` with a ``$NAME`` value read from ``source`` (default: os.environ)."""
-        return resolve(self.api_key or "", source)
-
-
-BackendConfig = DockerBackendConfig | ProvisionerBackendConfig
 
 
 class RayConfig(_Closed):
@@ -271,17 +241,7 @@ class SandboxConfig(_Closed):
     @classmethod
     def _provisioner_shortcut(cls, data: Any) -> Any:
         """``provisioner_url`` (the original provider's key) stands for a provisioner backend."""
-        if not isinstance(data, Mapping) or not data.get("provisioner_url"):
-            return data
-        shortcut = {"kind": "provisioner", "url": str(data["provisioner_url"]).rstrip("/"),
-                    "api_key": data.get("provisioner_api_key")}
-        given = data.get("backend")
-        if given is not None:
-            given = given.model_dump() if isinstance(given, BaseModel) else dict(given)
-            if any(given.get(key) != value for key, value in shortcut.items()):
-                raise ValueError("set either provisioner_url (with provisioner_api_key) or backend, not both")
-            return data  # the same thing said twice, e.g. a dumped config loaded again
-        return {**data, "backend": shortcut}
+        return shortcut(data) if isinstance(data, Mapping) else data
 
     @model_validator(mode="before")
     @classmethod
@@ -345,26 +305,24 @@ class SandboxConfig(_Closed):
     def _cross_field(self) -> SandboxConfig:
         if self.max_sandboxes is not None and self.max_sandboxes < self.replicas:
             raise ValueError(f"max_sandboxes ({self.max_sandboxes}) must be >= replicas ({self.replicas})")
-        if self.prewarm and self.thread_mounts and self.backend.kind == "docker":
+        can = self.backend.capabilities
+        if self.prewarm and self.thread_mounts and Capability.HOST_MOUNTS in can:
             raise ValueError(
                 "prewarm needs thread_mounts: false: a spare sandbox starts before its thread is known, and a "
                 "container's mounts cannot change after it starts"
             )
-        if self.backend.kind == "provisioner":
-            if not _PROVISIONER_ID.match(self.container_prefix):
-                raise ValueError(
-                    "container_prefix: with a provisioner it starts sandbox ids, so it must be lower-case letters, "
-                    "digits and '-', starting with a letter (a Kubernetes name)"
-                )
-            given = [key for key in ("mounts", "environment", "runtime", "read_only_rootfs") if getattr(self, key)]
-            given += ["idle_action: hibernate"] if self.idle_action == "hibernate" else []
-            given += ["limits.disk"] if self.limits.disk else []
-            given += ["network"] if self.network != NetworkConfig() else []
-            if given:
-                raise ValueError(
-                    f"{' and '.join(given)}: the provisioner decides what its sandboxes get; these keys apply "
-                    "to the docker backend only"
-                )
+        self.backend.check_prefix(self.container_prefix)
+        needs = {"mounts": Capability.HOST_MOUNTS, "environment": Capability.SANDBOX_SETTINGS,
+                 "runtime": Capability.RUNTIMES, "read_only_rootfs": Capability.SANDBOX_SETTINGS}
+        given = [key for key, capability in needs.items() if getattr(self, key) and capability not in can]
+        given += ["idle_action: hibernate"] if self.idle_action == "hibernate" and Capability.HIBERNATE not in can else []
+        given += ["limits.disk"] if self.limits.disk and Capability.SANDBOX_SETTINGS not in can else []
+        given += ["network"] if self.network != NetworkConfig() and Capability.NETWORK_POLICY not in can else []
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)}: the {self.backend.kind} backend decides what its sandboxes get; these keys "
+                "need a backend that sets them (docker)"
+            )
         return self
 
     def resolved_environment(self, source: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from backends.sandbox_api import BashResult, CommandView, ShellResult
 
@@ -22,14 +22,23 @@ from .errors import PoolUnavailable, SandboxDied
 from .raycalls import ActorGone
 from .views import Lease, Snapshot
 
-if TYPE_CHECKING:
-    from .client import PoolClient
-
 FILE_CHUNK = 2 * 1024 * 1024  # bytes per upload/download call (8 MiB ones made the actor hold 100+ MB)
 Source = str | os.PathLike[str] | BinaryIO
 # What a composite operation's steps yield: ("call", op name, args) for the sandbox, or ("io",
 # function, args) for the local side (an async driver runs those in a worker thread).
 Step = tuple[str, Any, tuple[Any, ...]]
+
+
+class PoolClient(Protocol):
+    """What a handle asks of the pool client it came from (:class:`sandbox_actors.PoolClient`)."""
+
+    aio: Any  # the same calls, awaitable
+
+    def release(self, handle_or_id: Any) -> bool: ...
+    def destroy(self, handle_or_id: Any) -> bool: ...
+    def hibernate(self, handle_or_id: Any) -> bool: ...
+    def snapshot(self, handle_or_id: Any, name: str | None = None) -> Snapshot: ...
+    def _report_dead(self, sandbox_id: str) -> None: ...
 
 
 class SandboxHandle:

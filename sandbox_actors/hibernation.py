@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import BackendUnavailable, PoolExhausted, SandboxError, SandboxNotFound
 from .lifecycle import Lifecycle, lease
+from .operations import OpKind
 from .state import Entry
 from .views import Lease
 
@@ -27,7 +28,7 @@ def resume_later(life: Lifecycle, entry: Entry) -> asyncio.Task[Lease | None]:
     """Start a RESUMING sandbox's container again under a new actor on its node (the 'resume'
     operation). The task returns None when it could not be resumed: the sandbox is removed then
     and the acquire starts a fresh one."""
-    return life.ops.start(entry.sandbox_id, "resume", resume(life, entry))
+    return life.ops.start(entry.sandbox_id, OpKind.RESUME, resume(life, entry))
 
 
 async def resume(life: Lifecycle, entry: Entry) -> Lease | None:
@@ -37,7 +38,6 @@ async def resume(life: Lifecycle, entry: Entry) -> Lease | None:
         actor, info = await _start_on_its_engine(life, entry)
     except (PoolExhausted, BackendUnavailable):
         life.state.resume_failed(sandbox_id)  # no room on its node, or its engine away: it sleeps on
-        life.notify()
         raise
     except SandboxError as exc:
         logger.warning("sandbox %s could not be resumed (%s); its thread gets a new sandbox", sandbox_id,
@@ -47,7 +47,6 @@ async def resume(life: Lifecycle, entry: Entry) -> Lease | None:
         return None
     await asyncio.to_thread(life.records.drop_hibernated, sandbox_id)
     resumed = life.state.resumed(sandbox_id, actor, info)
-    life.notify()
     if resumed is None:  # let go of meanwhile (shutting down)
         life.fleet.later(life.fleet.discard(actor))
         return None
@@ -107,7 +106,6 @@ async def _remove_asleep(life: Lifecycle, entry: Entry) -> None:
     if life.state.entry(entry.sandbox_id) is not None:
         life.state.removed(entry.sandbox_id)
     await asyncio.to_thread(life.records.drop_hibernated, entry.sandbox_id)
-    life.notify()
 
 
 def expire(life: Lifecycle) -> None:

@@ -28,12 +28,12 @@ from .errors import (
 )
 from .fleet import WATCH_SECONDS, Fleet
 from .metrics import Tally
-from .operations import Operations
+from .operations import OpKind, Operations
 from .options import reaper_name
 from .raycalls import ActorGone
 from .reconcile import RepairFacts, RepairPlan, plan_repair, repair_needs_probe
 from .records import PoolRecords
-from .state import Entry, MustCheck, PoolState, SandboxState
+from .state import Entry, MustCheck, PoolState, SandboxState, StopReason
 from .threads import anonymous_sandbox_id
 from .views import ActorView, ContainerView, Lease
 
@@ -64,6 +64,9 @@ _SERVING = (SandboxState.SPARE, SandboxState.ACTIVE, SandboxState.WARM)
 _IN_PASSING = (SandboxState.STARTING, SandboxState.STOPPING, SandboxState.HIBERNATING, SandboxState.RESUMING)
 
 
+_COUNTED_AS = {StopReason.IDLE: "reaped", StopReason.SHUTDOWN: "destroyed"}  # the counter a stop adds to
+
+
 def lease(entry: Entry, path: str) -> Lease:
     return Lease(entry.sandbox_id, entry.thread_id, entry.actor, path, dict(entry.info))
 
@@ -88,14 +91,33 @@ class Lifecycle:
         self.tally = tally
         self.ops = Operations()
         self.changed = Changed()
-        self.closed = False
         self.snapshot_records: dict[str, dict[str, Any]] = {}  # snapshot name -> its record (as in Ray's KV)
         self._watches: dict[str, asyncio.Task[None]] = {}  # actor key -> the watch on it
-        self.deaths: set[str] = set()  # sandboxes reported dead whose repair has not begun yet
         self.capacity_waits = 0  # acquires waiting for capacity (max_sandboxes) now
+        self._told = False  # a change is told already, on the loop's next turn
+        state.on_change = self._state_changed
 
-    def notify(self) -> None:
+    @property
+    def closed(self) -> bool:
+        """The pool is shutting down (or refused to start): nothing new starts, nothing is repaired."""
+        return self.state.closed
+
+    def _state_changed(self) -> None:
+        """PoolState tells every change; what it means is told once per turn of the loop, after
+        the decision that made it is complete."""
+        if self._told:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a pool being built): nobody can be waiting yet
+            self._notify()
+            return
+        self._told = True
+        loop.call_soon(self._notify)
+
+    def _notify(self) -> None:
         """The state changed: wake whoever waits on it, and watch any actor newly serving a sandbox."""
+        self._told = False
         self.changed.notify()
         self.tally.states(self.state.counts())
         self._watch_actors()
@@ -149,16 +171,16 @@ class Lifecycle:
             return  # unknown, doomed, or hibernated (its container is stopped on purpose)
         if entry.state in _SERVING and self.repair(sandbox_id) is not None:
             return
-        if self.ops.get(sandbox_id) is not None and sandbox_id not in self.deaths:
-            # (A stop's or a hibernation's own container stopping is reported too: settled as nothing.)
+        # (A stop's or a hibernation's own container stopping is reported too: settled as nothing.)
+        # An acquire settles a reported death before handing the sandbox out (see acquire).
+        if self.ops.get(sandbox_id) is not None and self.state.report_death(sandbox_id):
             logger.debug("sandbox %s reported dead during its %s", sandbox_id, self.ops.kind(sandbox_id))
-            self.deaths.add(sandbox_id)  # an acquire settles it before handing it out (see acquire)
             self.fleet.later(self._repair_after(sandbox_id))
 
     def settle(self, sandbox_id: str) -> asyncio.Task[str] | None:
         """A death reported during an operation that has ended: the repair it calls for, None when
         there is none to make (the sandbox is gone, doomed or hibernated since)."""
-        self.deaths.discard(sandbox_id)
+        self.state.death_settled(sandbox_id)
         entry = self.state.entry(sandbox_id)
         if entry is None or entry.state not in _SERVING:
             return None
@@ -166,7 +188,7 @@ class Lifecycle:
         return self.repair(sandbox_id)
 
     async def _repair_after(self, sandbox_id: str) -> None:
-        while sandbox_id in self.deaths and not self.closed:
+        while sandbox_id in self.state.deaths and not self.closed:
             await self.ops.wait(sandbox_id)
             if self.ops.get(sandbox_id) is None:
                 self.settle(sandbox_id)
@@ -180,7 +202,7 @@ class Lifecycle:
 
     def create(self, entry: Entry) -> asyncio.Task[Lease]:
         """Start the container of a new STARTING entry (the 'start' operation)."""
-        return self.ops.start(entry.sandbox_id, "start", self._create(entry))
+        return self.ops.start(entry.sandbox_id, OpKind.START, self._create(entry))
 
     async def _create(self, entry: Entry) -> Lease:
         sandbox_id = entry.sandbox_id
@@ -190,10 +212,8 @@ class Lifecycle:
         except BaseException:
             self.state.start_failed(sandbox_id)
             self.tally.count("failed")
-            self.notify()
             raise
         started = self.state.started(sandbox_id, actor, info)
-        self.notify()
         if started is None:  # the pool let go of it meanwhile (shutting down): keep nothing
             self.fleet.later(self.fleet.discard(actor))
             raise SandboxDied(f"sandbox {sandbox_id} was let go while it started; acquire again")
@@ -237,7 +257,7 @@ class Lifecycle:
             ImageNotFound, ReadinessTimeout, SandboxStartError, ...: the container did not start.
         """
         fleet = self.fleet
-        fleet.starting += 1
+        fleet.start_began()
         try:
             for attempt in range(1, _START_ATTEMPTS + 1):
                 actor, name, spare = await fleet.actor_for(node_id)
@@ -268,7 +288,7 @@ class Lifecycle:
                     fleet.launched(name)
             raise AssertionError("unreachable")
         finally:
-            fleet.starting -= 1
+            fleet.start_ended()
 
     async def _place(self, actor: Any, sandbox_id: str, node_id: str | None) -> None:
         """Wait until Ray places the actor. Ray leaves an actor no node can host pending forever,
@@ -297,8 +317,8 @@ class Lifecycle:
     def _make_room(self, waiting_for: str, node_id: str | None) -> None:
         """Evict the least recently released warm sandbox (one at a time: a stop takes about as
         long as a placement poll)."""
-        if any(self.state.entries.get(op.sandbox_id) is not None and self.state.entries[op.sandbox_id].stop == "evicted"
-               for op in self.ops.of_kind("stop")):
+        stopping = (self.state.entry(op.sandbox_id) for op in self.ops.of_kind(OpKind.STOP))
+        if any(entry is not None and entry.stop is StopReason.EVICTED for entry in stopping):
             return
         victim = self.state.evict_lru_warm(node_id, busy=self.ops.busy())
         if victim is not None:
@@ -311,7 +331,7 @@ class Lifecycle:
             return
         self.fleet.refill()
         while (entry := self.state.begin_spare(anonymous_sandbox_id())) is not None:
-            self.ops.start(entry.sandbox_id, "start", self._create_spare(entry))
+            self.ops.start(entry.sandbox_id, OpKind.START, self._create_spare(entry))
 
     async def _create_spare(self, entry: Entry) -> None:
         try:
@@ -324,7 +344,7 @@ class Lifecycle:
     def check(self, decision: MustCheck) -> asyncio.Task[Lease | bool]:
         """Reclaim a warm sandbox once its actor says it still runs (the 'check' operation).
         The task returns the lease, False when the sandbox is dead, True when it changed meanwhile."""
-        return self.ops.start(decision.entry.sandbox_id, "check", self._check(decision))
+        return self.ops.start(decision.entry.sandbox_id, OpKind.CHECK, self._check(decision))
 
     async def _check(self, decision: MustCheck) -> Lease | bool:
         entry = decision.entry
@@ -335,12 +355,11 @@ class Lifecycle:
         if acquired is None:
             return True
         self.tally.count("reclaimed")
-        self.notify()
         return lease(acquired.entry, "warm")
 
     def claim(self, entry: Entry) -> asyncio.Task[Lease | None]:
         """Hand a pre-warmed spare to its thread (the 'claim' operation); None when it was dead."""
-        return self.ops.start(entry.sandbox_id, "claim", self._claim(entry))
+        return self.ops.start(entry.sandbox_id, OpKind.CLAIM, self._claim(entry))
 
     async def _claim(self, entry: Entry) -> Lease | None:
         try:
@@ -364,15 +383,15 @@ class Lifecycle:
         """Remove a STOPPING sandbox (the 'stop' operation). The task returns False when an idle
         stop was called off, True when the sandbox is gone, and raises when the engine did not
         confirm (the sandbox is DOOMED then)."""
-        return self.ops.start(entry.sandbox_id, "stop", self._stop(entry))
+        return self.ops.start(entry.sandbox_id, OpKind.STOP, self._stop(entry))
 
     async def _stop(self, entry: Entry) -> bool:
-        sandbox_id, why = entry.sandbox_id, entry.stop or "destroyed"
+        sandbox_id, why = entry.sandbox_id, entry.stop or StopReason.DESTROYED
         try:
-            if why == "idle" and not await self._idle_stop_goes_ahead(entry):
+            if why is StopReason.IDLE and not await self._idle_stop_goes_ahead(entry):
                 return False
             # A hibernating pool keeps what idles or is evicted: stopped, not removed.
-            if (why in ("idle", "evicted") and self.config.idle_action == "hibernate"
+            if (why in (StopReason.IDLE, StopReason.EVICTED) and self.config.idle_action == "hibernate"
                     and self.state.stop_to_hibernate(sandbox_id)):
                 return await self._hibernate(entry)
             # The intent first: a pool that dies from here on leaves it for the next one.
@@ -386,20 +405,17 @@ class Lifecycle:
                 logger.warning("could not stop sandbox %s (%s); it stays doomed and is retried", sandbox_id,
                                exc.message)
             raise
-        finally:
-            self.notify()
-        self.tally.count({"idle": "reaped", "shutdown": "destroyed"}.get(why, why))
+        self.tally.count(_COUNTED_AS.get(why, why.value))
         self.state.removed(sandbox_id)
         await asyncio.to_thread(self._forget_records, sandbox_id, entry.spare)
-        logger.info("sandbox %s %s", sandbox_id, "reaped" if why == "idle" else why)
-        self.notify()
+        logger.info("sandbox %s %s", sandbox_id, "reaped" if why is StopReason.IDLE else why.value)
         self.top_up()
         return True
 
     def hibernate_later(self, entry: Entry) -> asyncio.Task[bool]:
         """Hibernate a HIBERNATING sandbox (the 'hibernate' operation). The task returns True when
         it is hibernated, and raises when it could not be (the sandbox serves on)."""
-        return self.ops.start(entry.sandbox_id, "hibernate", self._hibernate(entry))
+        return self.ops.start(entry.sandbox_id, OpKind.HIBERNATE, self._hibernate(entry))
 
     async def _hibernate(self, entry: Entry) -> bool:
         """Stop the container (its filesystem stays), end the actor, record the sandbox as hibernated."""
@@ -408,7 +424,6 @@ class Lifecycle:
             await self.fleet.hibernate(entry.actor, sandbox_id)
         except SandboxError as exc:
             self.state.hibernate_failed(sandbox_id)
-            self.notify()
             # It serves on as it was; an actor that died meanwhile is the next reconcile's to repair.
             logger.warning("could not hibernate sandbox %s (%s)", sandbox_id, exc.message)
             raise
@@ -419,7 +434,6 @@ class Lifecycle:
         self.state.hibernated(sandbox_id)
         self.tally.count("hibernated")
         logger.info("sandbox %s hibernated (container %s stopped, actor ended)", sandbox_id, record["container_name"])
-        self.notify()
         self.top_up()
         return True
 
@@ -498,8 +512,8 @@ class Lifecycle:
         None when another operation is under way on it (it will be looked at again after)."""
         if self.ops.get(sandbox_id) is not None or self.closed:
             return None
-        self.deaths.discard(sandbox_id)  # whatever was reported, this repair looks afresh
-        return self.ops.start(sandbox_id, "repair", self._repair(sandbox_id, handle))
+        self.state.death_settled(sandbox_id)  # whatever was reported, this repair looks afresh
+        return self.ops.start(sandbox_id, OpKind.REPAIR, self._repair(sandbox_id, handle))
 
     async def _repair(self, sandbox_id: str, handle: Any) -> str:
         try:
@@ -507,8 +521,6 @@ class Lifecycle:
         except SandboxError as exc:
             logger.warning("repair of sandbox %s failed (%s); the next reconcile retries", sandbox_id, exc.message)
             return "unknown"
-        finally:
-            self.notify()
 
     async def _repair_one(self, sandbox_id: str, handle: Any) -> str:
         entry = self.state.entry(sandbox_id)

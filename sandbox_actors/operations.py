@@ -8,6 +8,7 @@ lookup, and whoever needs the sandbox waits for that operation to end.
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +16,25 @@ from typing import Any
 from .errors import SandboxError
 
 
+class OpKind(enum.StrEnum):
+    """The slow things done to a sandbox, one at a time."""
+
+    START = "start"  # its actor and container being created (or a spare's)
+    CHECK = "check"  # a warm sandbox's actor asked whether it still runs, before it is handed out
+    CLAIM = "claim"  # a pre-warmed spare given to its thread
+    STOP = "stop"  # its container removed (or, idle and hibernating, stopped)
+    HIBERNATE = "hibernate"  # its container stopped, its actor ended
+    RESUME = "resume"  # a hibernated sandbox's container started again under a new actor
+    SNAPSHOT = "snapshot"  # its filesystem committed as an image
+    REPAIR = "repair"  # looked at closely and made whole or gone
+
+
 @dataclass(frozen=True)
 class Operation:
-    """What is being done to one sandbox ('start', 'check', 'claim', 'stop', 'repair') and its task."""
+    """What is being done to one sandbox, and its task."""
 
     sandbox_id: str
-    kind: str
+    kind: OpKind
     task: asyncio.Task[Any]
 
 
@@ -34,7 +48,7 @@ class Operations:
     def __init__(self) -> None:
         self._running: dict[str, Operation] = {}
 
-    def start(self, sandbox_id: str, kind: str, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    def start(self, sandbox_id: str, kind: OpKind, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``work`` as ``sandbox_id``'s operation; it is forgotten when it ends.
 
         Raises:
@@ -58,7 +72,7 @@ class Operations:
     def get(self, sandbox_id: str) -> Operation | None:
         return self._running.get(sandbox_id)
 
-    def kind(self, sandbox_id: str) -> str | None:
+    def kind(self, sandbox_id: str) -> OpKind | None:
         operation = self._running.get(sandbox_id)
         return None if operation is None else operation.kind
 
@@ -66,7 +80,7 @@ class Operations:
         """Sandbox ids with an operation under way."""
         return set(self._running)
 
-    def of_kind(self, kind: str) -> list[Operation]:
+    def of_kind(self, kind: OpKind) -> list[Operation]:
         return [operation for operation in self._running.values() if operation.kind == kind]
 
     async def wait(self, sandbox_id: str) -> None:

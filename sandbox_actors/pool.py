@@ -12,9 +12,8 @@ the state again. ``SandboxPool`` itself has no side effects on construction
 
 from __future__ import annotations
 
-import builtins
-
 import asyncio
+import builtins
 import contextlib
 import dataclasses
 import logging
@@ -23,18 +22,13 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from . import hibernation, snapshots
+from backends.base import Capability
+
+from . import hibernation, reports, snapshots, startstop
 from .acquire import acquire, destroy, hibernate
 from .config import SandboxConfig
-from .errors import (
-    ConfigError,
-    InvalidRequest,
-    IsolationUnavailable,
-    NotSupported,
-    PoolShutDown,
-    SandboxError,
-)
-from .fleet import Fleet
+from .errors import ConfigError, InvalidRequest, IsolationUnavailable, NotSupported, PoolShutDown, SandboxError
+from .fleet import Fleet, RayFleet
 from .lifecycle import Lifecycle, lease
 from .metrics import PoolMetrics, Tally
 from .reconciler import Reconciler
@@ -60,7 +54,7 @@ class SandboxPool:
                  tally: Tally | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._config = config
         self._state = PoolState(config.replicas, config.max_sandboxes, config.idle_timeout, config.prewarm, clock)
-        self._life = Lifecycle(config, self._state, fleet or Fleet(config), records or PoolRecords.for_config(config),
+        self._life = Lifecycle(config, self._state, fleet or RayFleet(config), records or PoolRecords.for_config(config),
                                tally or Tally())
         self._reconciler = Reconciler(self._life)
         self._started: asyncio.Task[None] | None = None
@@ -86,12 +80,12 @@ class SandboxPool:
     async def _startup(self) -> None:
         config = self._config
         try:
-            await self._claim_base_dir()
+            await startstop.claim_base_dir(config, self._life)
             await self._reconciler.run(strict=True)  # a node that cannot isolate sandboxes stops us here
         except REFUSALS as exc:
             logger.error("pool %s refuses to start: %s", config.pool_name, exc.message)
             self._refused = exc
-            self._life.closed = True
+            self._state.close()
             await self._life.fleet.close()
             await self._life.fleet.sweep()
             return
@@ -102,19 +96,6 @@ class SandboxPool:
             self._every(config.reconcile_interval, self._reconciler.run, "reconcile"),
         ]
         self._life.top_up()
-
-    async def _claim_base_dir(self) -> None:
-        """Two pools must not share a thread's directories: one pool per ``base_dir``."""
-        config, records = self._config, self._life.records
-        if not config.thread_mounts or config.backend.kind != "docker":
-            return
-        owner = await asyncio.to_thread(records.base_dir_owner, config.base_dir)
-        if owner not in (None, config.pool_name) and await self._life.fleet.pool_exists(owner):
-            raise ConfigError(
-                f"base_dir {config.base_dir} is used by pool {owner!r}, which is running; two pools sharing it "
-                "would share their threads' workspaces. Give each pool its own base_dir"
-            )
-        await asyncio.to_thread(records.claim_base_dir, config.base_dir)
 
     async def _idle_pass(self) -> None:
         await self._life.idle_pass()
@@ -190,7 +171,6 @@ class SandboxPool:
         released = self._state.release(sandbox_id)
         if released:
             self._life.tally.count("released")
-            self._life.notify()  # a warm sandbox can be evicted for an acquire waiting on capacity
         return released
 
     async def get(self, sandbox_id: str) -> Lease | None:
@@ -220,9 +200,7 @@ class SandboxPool:
             BackendUnavailable: the engine did not stop it; it serves on.
         """
         await self._ready()
-        if self._config.backend.kind != "docker":
-            raise NotSupported(f"the {self._config.backend.kind} backend cannot hibernate sandboxes",
-                               feature="hibernate")
+        self._require(Capability.HIBERNATE)
         return await hibernate(self._life, sandbox_id)
 
     async def snapshot(self, sandbox_id: str, name: str | None = None) -> dict[str, Any]:
@@ -233,10 +211,13 @@ class SandboxPool:
             NotSupported (a provisioner), InvalidRequest (a bad or used name), SandboxNotFound.
         """
         await self._ready()
-        if self._config.backend.kind != "docker":
-            raise NotSupported(f"the {self._config.backend.kind} backend cannot snapshot sandboxes",
-                               feature="snapshot")
+        self._require(Capability.SNAPSHOT)
         return await snapshots.take(self._life, sandbox_id, name)
+
+    def _require(self, capability: Capability) -> None:
+        backend = self._config.backend
+        if capability not in backend.capabilities:
+            raise NotSupported(f"the {backend.kind} backend cannot {capability.value}", feature=capability.value)
 
     async def snapshots(self) -> list[dict[str, Any]]:
         """The pool's snapshots, oldest first."""
@@ -266,45 +247,12 @@ class SandboxPool:
     async def list(self) -> builtins.list[dict[str, Any]]:
         """Every sandbox the pool holds, as plain dicts (for tables and JSON)."""
         await self._ready()
-        state = self._state
-        served = {e.sandbox_id: e.actor for e in state.entries.values() if e.actor is not None}
-        for sandbox_id, report in (await self._life.fleet.activity(served)).items():
-            if not isinstance(report, BaseException):  # silent ones show what was last known
-                state.note_activity(sandbox_id, report[0], report[1])
-        now = state.clock()
-        return [
-            {"sandbox_id": entry.sandbox_id, "thread_id": entry.thread_id, "state": entry.state.value,
-             "node_id": entry.info.get("node_id"), "container_name": entry.info.get("container_name"),
-             "url": entry.info.get("url"), "age_s": round(now - entry.created_at, 3),
-             "idle_s": round(now - entry.last_active, 3), "inflight": entry.inflight,
-             "hibernated_s": None if entry.hibernated_at is None else round(now - entry.hibernated_at, 3),
-             "image": entry.image}
-            for entry in state.entries.values()
-        ]
+        return await reports.rows(self._life, self._state)
 
     async def stats(self) -> dict[str, Any]:
         """Totals per state, counters since the pool (re)started, and its isolation."""
         await self._ready()
-        config = self._config
-        return {
-            "pool": config.pool_name, "namespace": config.namespace, "states": self._state.counts(),
-            "total": len(self._state.entries), "replicas": config.replicas, "max_sandboxes": config.max_sandboxes,
-            "spare_actors": self._life.fleet.spare_count, "spare_target": self._life.fleet.spare_target(),
-            "spares_starting": self._life.fleet.spares_starting, "starts_waiting": self._life.fleet.starts_waiting,
-            "capacity_waits": self._life.capacity_waits,
-            "pid": os.getpid(),
-            "counters": dict(self._life.tally.counters), "isolation": self._isolation(),
-        }
-
-    def _isolation(self) -> dict[str, Any]:
-        config = self._config
-        if config.backend.kind != "docker":
-            return {"network": "decided by the provisioner", "runtime": "decided by the provisioner"}
-        return {
-            "network": config.network.policy().describe(), "runtime": config.runtime or "default",
-            "user": config.user, "read_only_rootfs": config.read_only_rootfs,
-            "engines": {engine[:12]: info for engine, info in self._life.fleet.prepared.items()},
-        }
+        return reports.stats(self._config, self._life, self._state)
 
     async def history(self, sandbox_id: str | None = None) -> builtins.list[dict[str, Any]]:
         """Each change of a sandbox's state or actor this pool saw (of one sandbox, when given),
@@ -326,28 +274,7 @@ class SandboxPool:
         return await asyncio.shield(self._shutdown)
 
     async def _shutdown_all(self) -> dict[str, int]:
-        life, config = self._life, self._config
-        # First: a client that finds the pool gone from here on must not bring it back by retrying.
-        await asyncio.to_thread(life.records.mark_shut_down)
-        for loop in self._loops:
-            loop.cancel()
-        life.closed = True  # acquires from here on are refused, nothing is topped up or repaired
-        life.stop_watching()
-        await life.fleet.close()
-        await self._reconciler.finish()
-        await life.ops.drain()
-        stops = [life.stop_later(entry) for entry in self._state.begin_shutdown()]
-        results = await asyncio.gather(*stops, return_exceptions=True)
-        destroyed = sum(1 for r in results if r is True)
-        if not config.keep_snapshots and config.backend.kind == "docker":
-            removed = await snapshots.remove_all(life)
-            if removed:
-                logger.info("pool %s: %d snapshots removed", config.pool_name, removed)
-        swept = await life.fleet.sweep()
-        with contextlib.suppress(SandboxError):
-            await asyncio.to_thread(life.records.release_base_dir, config.base_dir)
-        logger.info("pool %s shut down: %d destroyed, %s swept", config.pool_name, destroyed, swept)
-        return {"destroyed": destroyed, **swept}
+        return await startstop.shut_down(self._config, self._life, self._state, self._reconciler, self._loops)
 
 
 class PoolActor(SandboxPool):

@@ -19,13 +19,12 @@ from typing import Any
 
 from backends import (
     Backend,
-    DockerBackend,
     Mount,
     SandboxAPI,
     SandboxRecord,
     SandboxSpec,
 )
-from backends.base import LABEL_ACTOR, LABEL_CLUSTER, LABEL_ENGINE_ID
+from backends.base import LABEL_ACTOR, LABEL_CLUSTER, LABEL_ENGINE_ID, Capability
 from backends.errors import (
     BackendUnavailable,
     InvalidRequest,
@@ -36,7 +35,6 @@ from backends.errors import (
     SandboxStartError,
     SandboxUnreachable,
 )
-from backends.provisioner import ProvisionerBackend
 from backends.sandbox_api import BashResult, CommandView, FileInfo, ShellResult
 
 from .actorconfig import ENV_NAME, ActorConfig
@@ -59,23 +57,11 @@ OWNER_FILE = "/run/sandbox-actors/owner.json"
 
 
 def make_backend(config: ActorConfig, cluster: str | None = None) -> Backend:
-    """The backend ``config`` asks for: the local Docker engine, or a remote provisioner.
-    ``cluster`` (the Ray session) labels what it creates."""
-    backend = config.provisioner
-    if backend is not None:
-        return ProvisionerBackend(
-            backend.url,
-            api_key=backend.resolved_api_key(),
-            prefix=config.container_prefix,
-            pool=config.pool_name,
-            create_timeout=backend.create_timeout,
-            delete_timeout=backend.delete_timeout,
-            request_timeout=backend.request_timeout,
-        )
-    return DockerBackend(
-        config.container_prefix, policy=config.network_policy, socket_dir=config.socket_dir,
-        host_socket_dir=config.host_socket_dir, labels={LABEL_CLUSTER: cluster} if cluster else None,
-    )
+    """The backend ``config`` asks for (it builds itself from its settings). ``cluster`` (the Ray
+    session) labels what it creates."""
+    return config.backend.build(prefix=config.container_prefix, pool=config.pool_name, policy=config.network_policy,
+                                socket_dir=config.socket_dir, host_socket_dir=config.host_socket_dir,
+                                labels={LABEL_CLUSTER: cluster} if cluster else None)
 
 
 class SandboxRuntime:
@@ -252,35 +238,30 @@ class SandboxRuntime:
             if other and other != self.owner and self._owner_alive is not None and await self._owner_alive(other):
                 raise SandboxOwned(f"sandbox {self.sandbox_id} is owned by live actor {other}", owner=other)
 
-    async def _create(self, image: str | None = None) -> None:
+    async def _spec(self, image: str | None) -> SandboxSpec:
+        """What a new container of this sandbox is created with (the thread's directories made)."""
         config = self.config
         try:
-            # Mounts are the Docker backend's: a provisioner decides what its sandboxes get.
+            # Host directories only where the backend mounts them: a provisioner decides what its sandboxes get.
             mounts = (
                 await asyncio.to_thread(sandbox_mounts, config, self.thread_id, self._mounts)
-                if config.provisioner is None else ()
+                if Capability.HOST_MOUNTS in config.backend.capabilities else ()
             )
         except OSError as exc:
             raise SandboxStartError(
                 f"could not create the thread directories under {config.base_dir}: {exc.strerror}"
             ) from exc
-        spec = SandboxSpec(
-            sandbox_id=self.sandbox_id,
-            pool=config.pool_name,
-            image=image or config.image,
-            thread_id=self.thread_id,
-            port=config.port,
-            mounts=mounts,
-            environment=_resolve_env(config),
-            token=secrets.token_urlsafe(32),
-            limits=config.limits,
-            capabilities=tuple(config.capabilities),
-            bind_host=config.bind_host,
-            extra_labels={**self._extra_labels, LABEL_ACTOR: self.owner},
-            user=config.user,
-            runtime=config.runtime,
+        return SandboxSpec(
+            sandbox_id=self.sandbox_id, pool=config.pool_name, image=image or config.image, thread_id=self.thread_id,
+            port=config.port, mounts=mounts, environment=_resolve_env(config), token=secrets.token_urlsafe(32),
+            limits=config.limits, capabilities=tuple(config.capabilities), bind_host=config.bind_host,
+            extra_labels={**self._extra_labels, LABEL_ACTOR: self.owner}, user=config.user, runtime=config.runtime,
             read_only_rootfs=config.read_only_rootfs,
         )
+
+    async def _create(self, image: str | None = None) -> None:
+        config = self.config
+        spec = await self._spec(image)
         record = await self.backend.create(spec)
         if record.labels.get(LABEL_ACTOR, "") != self.owner:
             # The sandbox's container exists already (the engine handed it back): adopt it when it

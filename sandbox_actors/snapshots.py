@@ -22,8 +22,11 @@ from typing import Any
 from backends.docker_backend import LABEL_SNAPSHOT, LABEL_SNAPSHOT_CREATED
 from backends.network import pool_tag
 
+from backends.base import Capability
+
 from .errors import InvalidRequest, SandboxError, SandboxNotFound
 from .lifecycle import Lifecycle
+from .operations import OpKind
 from .state import SandboxState
 
 logger = logging.getLogger(__name__)
@@ -61,7 +64,7 @@ async def take(life: Lifecycle, sandbox_id: str, name: str | None) -> dict[str, 
     name = validate_name(name or f"{stem[:80]}-{time.strftime('%Y%m%d-%H%M%S')}")
     if name in life.snapshot_records:
         raise InvalidRequest(f"snapshot {name!r} exists already; remove it first or choose another name")
-    return await asyncio.shield(life.ops.start(sandbox_id, "snapshot", _commit(life, entry, name)))
+    return await asyncio.shield(life.ops.start(sandbox_id, OpKind.SNAPSHOT, _commit(life, entry, name)))
 
 
 async def _commit(life: Lifecycle, entry: Any, name: str) -> dict[str, Any]:
@@ -139,8 +142,8 @@ async def remove_all(life: Lifecycle) -> int:
 async def reap(life: Lifecycle, engines: dict[str, tuple[Any, str]]) -> int:
     """Snapshots past ``snapshot_ttl`` go; images of the pool that no record names, older than
     the grace period, go too. Returns how many images were removed."""
-    if life.config.backend.kind != "docker":
-        return 0  # a provisioner's sandboxes have no snapshots
+    if Capability.SNAPSHOT not in life.config.backend.capabilities:
+        return 0  # a backend that cannot snapshot has none
     records = await refresh(life)
     ttl, now, removed = life.config.snapshot_ttl, time.time(), 0
     for name, record in list(records.items()):

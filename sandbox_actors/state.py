@@ -54,6 +54,26 @@ TRANSITIONS: dict[SandboxState, frozenset[SandboxState]] = {
     # thread starts afresh).
     S.RESUMING: frozenset({S.ACTIVE, S.HIBERNATED}),
 }
+
+
+class StopReason(enum.StrEnum):
+    """Why a STOPPING sandbox is being stopped."""
+
+    IDLE = "idle"  # idle past the timeout (can be called off until committed)
+    EVICTED = "evicted"  # its slot is wanted by another thread
+    DESTROYED = "destroyed"  # asked for (destroy), or owed from before this pool
+    EXPIRED = "expired"  # hibernated too long, or beyond the most kept
+    SHUTDOWN = "shutdown"  # the pool is shutting down
+
+
+class StopPhase(enum.Enum):
+    """Where a stop stands: an idle stop can be called off until the pool commits to it."""
+
+    CANCELLABLE = "cancellable"  # an idle stop not yet committed
+    CALLED_BACK = "called back"  # its thread came back first: the stop is called off when it checks
+    COMMITTED = "committed"  # the container is being removed: no calling it off
+
+
 JOURNAL_SIZE = 4096  # changes of state or actor the pool remembers (for `history`)
 LIVE = (S.STARTING, S.SPARE, S.ACTIVE, S.WARM, S.RESUMING)  # what counts toward replicas
 ASLEEP = (S.HIBERNATING, S.HIBERNATED)  # counts toward no cap: no actor, no running container
@@ -71,7 +91,7 @@ class Entry:
     reported activity; ``released_at`` is set while WARM. ``version`` grows on
     every touch, so a decision taken before an ``await`` can tell whether the
     sandbox was used meanwhile. ``stop`` says why a STOPPING sandbox is being
-    stopped ('idle', 'evicted', 'destroyed', 'shutdown').
+    stopped and ``stop_phase`` whether that can still be called off.
     """
 
     sandbox_id: str
@@ -85,10 +105,9 @@ class Entry:
     inflight: int = 0
     version: int = 0
     spare: bool = False  # started ahead of need, for whichever thread comes first
-    stop: str | None = None
+    stop: StopReason | None = None
+    stop_phase: StopPhase | None = None  # while STOPPING
     resume_state: SandboxState | None = None  # where a called-off idle stop (or failed hibernation) returns to
-    cancel_requested: bool = False  # an acquire wants it back while its idle stop is pending
-    committed: bool = False  # the stop can no longer be called off
     hibernated_at: float | None = None  # pool clock, while HIBERNATED
     image: str | None = None  # a snapshot's image, when started from one
     host: HostDirs | None = None  # the node and directories it was asked to start with
@@ -192,6 +211,9 @@ class PoolState:
         self._changed: dict[str, int] = {}  # sandbox id -> epoch of its last change
         self.journal: collections.deque[dict[str, Any]] = collections.deque(maxlen=JOURNAL_SIZE)
         self._last_seen: dict[str, tuple[str, str]] = {}  # sandbox id -> (state, actor) last journalled
+        self.deaths: set[str] = set()  # reported dead during an operation; repaired when it ends
+        self.closed = False  # shutting down: nothing new starts, nothing is repaired
+        self.on_change: Callable[[], None] = lambda: None  # told after every change (the pool wakes its waiters)
 
     # ── queries ────────────────────────────────────────────────────────────
 
@@ -214,6 +236,15 @@ class PoolState:
         """Sandboxes whose container runs or is being handled (what ``max_sandboxes`` caps)."""
         return sum(1 for entry in self.entries.values() if entry.state not in ASLEEP)
 
+    def _move(self, entry: Entry, new: SandboxState, **fields: Any) -> Entry:
+        """The one way a sandbox changes state: the move checked against ``TRANSITIONS``, the
+        fields that go with it set, the change journalled and told."""
+        entry.move(new)
+        for name, value in fields.items():
+            setattr(entry, name, value)
+        self._mark(entry.sandbox_id)
+        return entry
+
     def _mark(self, sandbox_id: str) -> None:
         self.epoch += 1
         self._changed[sandbox_id] = self.epoch
@@ -226,6 +257,7 @@ class PoolState:
                 self._last_seen.pop(sandbox_id, None)
             else:
                 self._last_seen[sandbox_id] = seen
+        self.on_change()
 
     def history(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
         """What happened to the pool's sandboxes (of one, when given), oldest first: each change of
@@ -311,12 +343,10 @@ class PoolState:
         spares = [] if made_to_order else self.in_state(S.SPARE)
         if spares:
             entry = min(spares, key=lambda e: e.created_at)
-            entry.move(S.ACTIVE)
             entry.thread_id = thread_id
             self._index(entry)
             self._touch(entry)
-            self._mark(entry.sandbox_id)
-            return Claimed(entry)
+            return Claimed(self._move(entry, S.ACTIVE))
         if self._live() >= self.replicas:
             # At the cap with a spare on its way: it is the capacity this thread gets.
             coming = [e for e in self.entries.values() if e.spare and e.state is S.STARTING]
@@ -334,10 +364,8 @@ class PoolState:
         evict = self._evict_for_one_more(busy)
         if self.max_sandboxes is not None and self._held() >= self.max_sandboxes:
             return MustWait(entry.sandbox_id, "capacity", evict)
-        entry.move(S.RESUMING)
         self._touch(entry)
-        self._mark(entry.sandbox_id)
-        return MustResume(entry, evict)
+        return MustResume(self._move(entry, S.RESUMING), evict)
 
     def reclaim(self, sandbox_id: str, version: int) -> Acquired | None:
         """WARM -> ACTIVE for a :class:`MustCheck` whose actor confirmed the sandbox runs.
@@ -345,11 +373,8 @@ class PoolState:
         entry = self.entries.get(sandbox_id)
         if entry is None or entry.state is not S.WARM or entry.version != version:
             return None
-        entry.move(S.ACTIVE)
-        entry.released_at = None
         self._touch(entry)
-        self._mark(sandbox_id)
-        return Acquired(entry, "warm")
+        return Acquired(self._move(entry, S.ACTIVE, released_at=None), "warm")
 
     def begin_spare(self, sandbox_id: str) -> Entry | None:
         """A new STARTING spare when fewer than ``prewarm`` are ready or starting and there is room.
@@ -372,7 +397,7 @@ class PoolState:
         evicted = []
         warm = sorted((e for e in self.in_state(S.WARM) if e.sandbox_id not in busy), key=lambda e: e.released_at or 0.0)
         while warm and self._live() >= self.replicas:
-            evicted.append(self._begin_stop(warm.pop(0), "evicted"))
+            evicted.append(self._begin_stop(warm.pop(0), StopReason.EVICTED))
         return tuple(evicted)
 
     def evict_lru_warm(self, node_id: str | None = None, busy: Collection[str] = ()) -> Entry | None:
@@ -382,7 +407,7 @@ class PoolState:
                 if (node_id is None or e.info.get("node_id") == node_id) and e.sandbox_id not in busy]
         if not warm:
             return None
-        return self._begin_stop(min(warm, key=lambda e: e.released_at or 0.0), "evicted")
+        return self._begin_stop(min(warm, key=lambda e: e.released_at or 0.0), StopReason.EVICTED)
 
     def started(self, sandbox_id: str, actor: Any, info: dict[str, Any]) -> Entry | None:
         """A STARTING sandbox answered: ACTIVE (SPARE when pre-warmed). None when the entry went
@@ -390,12 +415,8 @@ class PoolState:
         entry = self.entries.get(sandbox_id)
         if entry is None or entry.state is not S.STARTING:
             return None
-        entry.move(S.SPARE if entry.spare else S.ACTIVE)
-        entry.actor = actor
-        entry.info = dict(info)
         self._touch(entry)
-        self._mark(sandbox_id)
-        return entry
+        return self._move(entry, S.SPARE if entry.spare else S.ACTIVE, actor=actor, info=dict(info))
 
     def start_failed(self, sandbox_id: str) -> None:
         entry = self.entries.get(sandbox_id)
@@ -415,10 +436,8 @@ class PoolState:
         entry = self.entries.get(sandbox_id)
         if entry is None or entry.state is not S.ACTIVE:
             return entry is not None and entry.state is S.WARM
-        entry.move(S.WARM)
-        entry.released_at = self.clock()
         self._touch(entry)
-        self._mark(sandbox_id)
+        self._move(entry, S.WARM, released_at=self.clock())
         return True
 
     def get(self, sandbox_id: str) -> Entry | None:
@@ -431,12 +450,9 @@ class PoolState:
 
     # ── stopping ───────────────────────────────────────────────────────────
 
-    def _begin_stop(self, entry: Entry, why: str, resume: SandboxState | None = None) -> Entry:
-        entry.move(S.STOPPING)
-        entry.stop, entry.resume_state = why, resume
-        entry.cancel_requested, entry.committed = False, resume is None
-        self._mark(entry.sandbox_id)
-        return entry
+    def _begin_stop(self, entry: Entry, why: StopReason, resume: SandboxState | None = None) -> Entry:
+        phase = StopPhase.COMMITTED if resume is None else StopPhase.CANCELLABLE
+        return self._move(entry, S.STOPPING, stop=why, stop_phase=phase, resume_state=resume)
 
     def begin_destroy(self, sandbox_id: str) -> Entry | MustWait | None:
         """SPARE/ACTIVE/WARM/DOOMED/HIBERNATED -> STOPPING and return the entry to stop; wait if it is
@@ -446,7 +462,7 @@ class PoolState:
             return None
         if entry.state in (S.STARTING, S.STOPPING, S.HIBERNATING, S.RESUMING):
             return MustWait(sandbox_id, entry.state.value)
-        return self._begin_stop(entry, "destroyed")
+        return self._begin_stop(entry, StopReason.DESTROYED)
 
     def begin_idle_stop(self, sandbox_id: str, version: int) -> Entry | None:
         """Re-check an idle candidate after the pool asked the sandbox; STOPPING if still idle.
@@ -462,14 +478,14 @@ class PoolState:
             return None
         if self.clock() - entry.last_active <= self.idle_timeout:
             return None
-        return self._begin_stop(entry, "idle", resume=entry.state)
+        return self._begin_stop(entry, StopReason.IDLE, resume=entry.state)
 
     def want_back(self, sandbox_id: str) -> None:
         """Its thread came back while an idle stop is pending: the stop is called off, unless
         already committed (then the thread waits for it and gets a new sandbox)."""
         entry = self.entries.get(sandbox_id)
-        if entry is not None and entry.state is S.STOPPING and entry.stop == "idle" and not entry.committed:
-            entry.cancel_requested = True
+        if entry is not None and entry.state is S.STOPPING and entry.stop_phase is StopPhase.CANCELLABLE:
+            entry.stop_phase = StopPhase.CALLED_BACK
 
     def commit_stop(self, sandbox_id: str) -> bool:
         """The pool is about to remove the container: no calling the stop off from here on.
@@ -477,43 +493,40 @@ class PoolState:
         entry = self.entries.get(sandbox_id)
         if entry is None or entry.state is not S.STOPPING:
             return False
-        if entry.cancel_requested and not entry.committed:
+        if entry.stop_phase is StopPhase.CALLED_BACK:
             return False
-        entry.committed = True
+        entry.stop_phase = StopPhase.COMMITTED
         return True
 
     def stop_called_off(self, sandbox_id: str) -> None:
         """An idle stop was refused by the sandbox (it got busy) or called off by an acquire:
         back to where it was."""
         entry = self.entries.get(sandbox_id)
-        if entry is None or entry.state is not S.STOPPING or entry.resume_state is None or entry.committed:
+        if (entry is None or entry.state is not S.STOPPING or entry.resume_state is None
+                or entry.stop_phase is StopPhase.COMMITTED):
             return
-        entry.move(entry.resume_state)
-        entry.stop, entry.resume_state, entry.cancel_requested = None, None, False
         self._touch(entry)
-        self._mark(sandbox_id)
+        self._move(entry, entry.resume_state, stop=None, stop_phase=None, resume_state=None)
 
     def stop_failed(self, sandbox_id: str) -> Entry | None:
         """The engine did not confirm the removal: DOOMED (retried; never adopted again)."""
         entry = self.entries.get(sandbox_id)
         if entry is None or entry.state is not S.STOPPING:
             return None
-        entry.move(S.DOOMED)
-        self._mark(sandbox_id)
-        return entry
+        return self._move(entry, S.DOOMED, stop_phase=None)
 
     def retry_destroy(self, sandbox_id: str) -> Entry | None:
         """DOOMED -> STOPPING, to try the removal again."""
         entry = self.entries.get(sandbox_id)
         if entry is None or entry.state is not S.DOOMED:
             return None
-        return self._begin_stop(entry, entry.stop or "destroyed")
+        return self._begin_stop(entry, entry.stop or StopReason.DESTROYED)
 
     def doomed_found(self, sandbox_id: str, thread_id: str | None, container_id: str | None) -> Entry | None:
         """A destroy owed from before this pool (Ray's KV says so): DOOMED, so that nothing adopts it."""
         if sandbox_id in self.entries:
             return None
-        entry = self._new(sandbox_id, thread_id, S.DOOMED, stop="destroyed")
+        entry = self._new(sandbox_id, thread_id, S.DOOMED, stop=StopReason.DESTROYED)
         entry.info = {"container_id": container_id} if container_id else {}
         return entry
 
@@ -531,30 +544,21 @@ class PoolState:
             return None
         if entry.state not in (S.ACTIVE, S.WARM):
             return MustWait(sandbox_id, entry.state.value)
-        resume = entry.state
-        entry.move(S.HIBERNATING)
-        entry.resume_state = resume
-        self._mark(sandbox_id)
-        return entry
+        return self._move(entry, S.HIBERNATING, resume_state=entry.state)
 
     def stop_to_hibernate(self, sandbox_id: str) -> Entry | None:
         """A committed idle stop hibernates instead (idle_action: hibernate)."""
         entry = self.entries.get(sandbox_id)
         if entry is None or entry.state is not S.STOPPING:
             return None
-        entry.move(S.HIBERNATING)
-        self._mark(sandbox_id)
-        return entry
+        return self._move(entry, S.HIBERNATING, stop_phase=None)
 
     def hibernated(self, sandbox_id: str) -> Entry | None:
         entry = self.entries.get(sandbox_id)
         if entry is None or entry.state is not S.HIBERNATING:
             return None
-        entry.move(S.HIBERNATED)
-        entry.actor, entry.hibernated_at, entry.resume_state, entry.stop = None, self.clock(), None, None
-        entry.released_at = None
-        self._mark(sandbox_id)
-        return entry
+        return self._move(entry, S.HIBERNATED, actor=None, hibernated_at=self.clock(), resume_state=None, stop=None,
+                          released_at=None)
 
     def hibernate_failed(self, sandbox_id: str) -> None:
         """The engine did not stop the container: the sandbox serves on as it was."""
@@ -562,31 +566,23 @@ class PoolState:
         if entry is None or entry.state is not S.HIBERNATING:
             return
         back = entry.resume_state or S.WARM
-        entry.move(back)
-        if back is S.WARM and entry.released_at is None:
-            entry.released_at = self.clock()
-        entry.resume_state, entry.stop = None, None
-        self._mark(sandbox_id)
+        released_at = self.clock() if back is S.WARM and entry.released_at is None else entry.released_at
+        self._move(entry, back, released_at=released_at, resume_state=None, stop=None)
 
     def resumed(self, sandbox_id: str, actor: Any, info: dict[str, Any]) -> Entry | None:
         """RESUMING -> ACTIVE: its container answers again, under ``actor``."""
         entry = self.entries.get(sandbox_id)
         if entry is None or entry.state is not S.RESUMING:
             return None
-        entry.move(S.ACTIVE)
-        entry.actor, entry.info, entry.hibernated_at = actor, dict(info), None
         self._touch(entry)
-        self._mark(sandbox_id)
-        return entry
+        return self._move(entry, S.ACTIVE, actor=actor, info=dict(info), hibernated_at=None)
 
     def resume_failed(self, sandbox_id: str) -> None:
         """RESUMING -> HIBERNATED: no room to start it now; it sleeps on."""
         entry = self.entries.get(sandbox_id)
         if entry is None or entry.state is not S.RESUMING:
             return
-        entry.move(S.HIBERNATED)
-        entry.hibernated_at = entry.hibernated_at or self.clock()
-        self._mark(sandbox_id)
+        self._move(entry, S.HIBERNATED, hibernated_at=entry.hibernated_at or self.clock())
 
     def hibernated_found(self, sandbox_id: str, thread_id: str | None, info: dict[str, Any], asleep_for: float) -> bool:
         """A hibernated sandbox a previous pool left (Ray's KV says so). False when already known."""
@@ -605,7 +601,7 @@ class PoolState:
         keep = [e for e in asleep if e not in expired]
         if most is not None and len(keep) > most:
             expired += keep[:len(keep) - most]
-        return [self._begin_stop(entry, "expired") for entry in expired]
+        return [self._begin_stop(entry, StopReason.EXPIRED) for entry in expired]
 
     # ── idle ───────────────────────────────────────────────────────────────
 
@@ -657,8 +653,25 @@ class PoolState:
         self._mark(sandbox_id)
         return True
 
+    def report_death(self, sandbox_id: str) -> bool:
+        """A death reported while an operation is under way on the sandbox: kept until it is
+        settled (:meth:`death_settled`). False when one was reported already."""
+        if sandbox_id in self.deaths:
+            return False
+        self.deaths.add(sandbox_id)
+        return True
+
+    def death_settled(self, sandbox_id: str) -> None:
+        """The repair a reported death called for has begun (or there is none to make)."""
+        self.deaths.discard(sandbox_id)
+
+    def close(self) -> None:
+        """Shutting down (or refusing to start): nothing new is decided from here on."""
+        self.closed = True
+        self.on_change()
+
     def begin_shutdown(self) -> list[Entry]:
         """Every SPARE, ACTIVE, WARM, DOOMED and HIBERNATED sandbox moves to STOPPING; returned for
         the pool to stop."""
-        return [self._begin_stop(entry, "shutdown")
+        return [self._begin_stop(entry, StopReason.SHUTDOWN)
                 for entry in self.in_state(S.SPARE, S.ACTIVE, S.WARM, S.DOOMED, S.HIBERNATED)]

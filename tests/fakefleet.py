@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox_actors.errors import BackendUnavailable, SandboxNotFound, SandboxOwned
 from sandbox_actors.raycalls import ActorGone
@@ -109,6 +109,12 @@ class FakeFleet:
     @property
     def starts_waiting(self) -> int:
         return 0
+
+    def start_began(self) -> None:
+        self.starting += 1
+
+    def start_ended(self) -> None:
+        self.starting -= 1
 
     @property
     def spare_count(self) -> int:
@@ -242,6 +248,12 @@ class FakeFleet:
     async def snapshot_images(self, engines: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         return {ENGINE: []}
 
+    async def snapshot(self, actor: FakeActor, sandbox_id: str, image: str, labels: dict[str, str]) -> dict[str, Any]:
+        return {"image_id": f"sha256:{image}", "size": 0}
+
+    async def remove_image(self, engines: dict[str, Any], engine_id: str, image: str) -> bool:
+        return True
+
     async def _remove_container_of(self, actor: FakeActor) -> None:
         if actor.container_id is not None:
             self.boxes.pop(actor.container_id, None)
@@ -303,3 +315,9 @@ class FakeFleet:
 
     async def pool_exists(self, name: str) -> bool:
         return False
+
+
+if TYPE_CHECKING:  # the type checker holds the fake to what the pool asks of a fleet
+    from sandbox_actors.fleet import Fleet
+
+    _held: Fleet = FakeFleet()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from backends.base import Capability
+
 from sandbox_actors.actorconfig import ActorConfig
 from sandbox_actors.config import SandboxConfig, load_config
 from sandbox_actors.errors import ConfigError, InvalidThreadId
@@ -173,7 +175,8 @@ import pickle, sys
 sys.path.insert(0, sys.argv[1])
 sys.modules["pydantic"] = None  # any import of it fails
 config = pickle.loads(sys.stdin.buffer.read())
-print(config.pool_name, config.limits.memory, config.provisioner.resolved_api_key({"KEY": "k"}))
+print(config.pool_name, config.limits.memory, config.backend.resolved_api_key({"KEY": "k"}),
+      sorted(c.value for c in config.backend.capabilities))
 """
 
 
@@ -190,14 +193,16 @@ def test_the_actors_copy_of_the_config_says_what_the_config_says(tmp_path: Path,
     assert sandbox_mounts(copy, "t1") == sandbox_mounts(config, "t1")
     monkeypatch.setenv("SBX_TEST_B", "from the node")
     assert copy.resolved_environment() == config.resolved_environment() == {"A": "plain", "B": "from the node"}
-    assert copy.network_policy == config.network.policy() and copy.provisioner is None
+    assert copy.network_policy == config.network.policy()
+    assert copy.backend.capabilities == config.backend.capabilities == frozenset(Capability)
     assert (copy.limits.memory, copy.limits.pids, copy.limits.cpus) == ("2g", 64, 1.0)
 
     remote = ActorConfig.of(SandboxConfig(backend={"kind": "provisioner", "url": "http://p:8002", "api_key": "$KEY"},
                                           container_prefix="sbx", pool_name="far"))
-    assert remote.provisioner.url == "http://p:8002" and "KEY" not in repr(remote)
+    assert remote.backend.url == "http://p:8002" and "KEY" not in repr(remote)
+    assert remote.backend.capabilities == frozenset()
     repo = str(Path(__file__).resolve().parent.parent)
     child = subprocess.run([sys.executable, "-c", _UNPICKLE_WITHOUT_PYDANTIC, repo], input=pickle.dumps(remote),
                            capture_output=True, timeout=60)
     assert child.returncode == 0, child.stderr.decode()
-    assert child.stdout.decode().split() == ["far", "1g", "k"]
+    assert child.stdout.decode().split() == ["far", "1g", "k", "[]"]

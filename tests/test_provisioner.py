@@ -286,7 +286,7 @@ def test_provisioner_config_errors_are_clear():
     from sandbox_actors.config import load_config
     from sandbox_actors.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="docker backend only"):
+    with pytest.raises(ConfigError, match="backend decides what its sandboxes get"):
         load_config({"provisioner_url": "http://127.0.0.1:9", "environment": {"A": "b"}})
     with pytest.raises(ConfigError, match="not both"):
         load_config({"provisioner_url": "http://127.0.0.1:9", "backend": {"kind": "docker"}})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sandbox_actors.config import SandboxConfig
-from sandbox_actors.fleet import (
+from sandbox_actors.spares import (
     RECYCLE_GAP,
     RECYCLE_WINDOW,
     SPARE_BYTES,

@@ -487,3 +487,29 @@ def test_the_journal_records_each_change_of_state_and_actor_once():
                     ("gone", "")]
     assert [e["sandbox_id"] for e in state.history()].count("b") == 2  # starting, active
     assert all(e["at"] > 0 for e in state.history())
+
+
+def test_every_change_of_state_is_told_and_nothing_else_is():
+    """The pool wakes its waiters from PoolState's one notice: every move, creation and removal
+    tells it; a read (lookup, a hot acquire's refresh) does not."""
+    state, clock = make(replicas=2, max_sandboxes=2, idle_timeout=10)
+    told: list[tuple[str, ...]] = []
+    state.on_change = lambda: told.append(tuple(sorted(e.state.value for e in state.entries.values())))
+    create(state, "a")  # new (starting), then active
+    assert told == [("starting",), ("active",)]
+    assert isinstance(state.acquire("a", "thread-a"), Acquired) and state.lookup("thread-a") == "a"
+    assert len(told) == 2  # the hot acquire only refreshed its activity
+    state.release("a")
+    assert told[-1] == ("warm",)
+    clock.advance(11)
+    [(_, version)] = state.idle_candidates()
+    state.begin_idle_stop("a", version)
+    assert told[-1] == ("stopping",) and state.entries["a"].stop == "idle"
+    state.want_back("a")
+    state.stop_called_off("a")  # back where it was, told
+    assert told[-1] == ("warm",) and state.entries["a"].stop is None
+    state.begin_destroy("a")
+    state.removed("a")
+    assert told[-1] == ()
+    state.close()
+    assert state.closed and len(told) == 8

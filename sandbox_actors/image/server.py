@@ -491,95 +491,113 @@ class ShellSession:
                 self._ensure_started()
                 known = set()
                 write_all(self.proc.stdin.fileno(), script)
-            return self._collect(token, hard_timeout, idle_timeout, known, on_output, client)
+            return SessionRead(self, token, hard_timeout, idle_timeout, known, on_output, client).run()
 
-    def _collect(self, token, hard_timeout, idle_timeout, known, on_output=None, client=None):
-        proc = self.proc
-        marker = token.encode() + b":"   # no newline of ours before it: output keeps its own
-        buf, pending = BoundedBuffer(self.cfg.max_output), b""
-        listener = {"call": on_output, "gone": False}
 
-        def emit(data):
-            buf.feed(data)
-            if listener["call"] is not None and data:
-                try:
-                    listener["call"](data)
-                except OSError:   # the client of a stream went away
-                    listener["call"], listener["gone"] = None, True
+class SessionRead:
+    """Reads one session command's output up to its sentinel (``token:EXIT``), feeding
+    ``on_output`` as it comes, and kills the command's new processes when a limit passes or
+    the client hangs up. A session whose sentinel never comes (or whose bash ends) is discarded."""
 
-        fd = proc.stdout.fileno()
+    def __init__(self, session, token, hard_timeout, idle_timeout, known, on_output=None, client=None):
+        self.session, self.proc = session, session.proc
+        self.marker = token.encode() + b":"   # no newline of ours before it: output keeps its own
+        self.hard_timeout, self.idle_timeout, self.known = hard_timeout, idle_timeout, known
+        self.buf, self.pending = BoundedBuffer(session.cfg.max_output), b""
+        self.on_output, self.gone, self.client = on_output, False, client
+        self.status, self.exit_code, self.reset, self.kill_deadline = "completed", None, False, None
+        self.start = self.last_output = time.monotonic()
+
+    def emit(self, data):
+        self.buf.feed(data)
+        if self.on_output is not None and data:
+            try:
+                self.on_output(data)
+            except OSError:   # the client of a stream went away
+                self.on_output, self.gone = None, True
+
+    def run(self):
+        fd = self.proc.stdout.fileno()
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        client_fd = client.fileno() if client is not None else None
+        client_fd = self.client.fileno() if self.client is not None else None
         if client_fd is not None:
             poller.register(client_fd, select.POLLIN)
-        start = last_output = time.monotonic()
-        status, exit_code, reset, kill_deadline = "completed", None, False, None
-        while True:
-            now = time.monotonic()
-            if kill_deadline is None:
-                if hard_timeout and now - start >= hard_timeout:
-                    status = "hard_timeout"
-                elif idle_timeout and now - last_output >= idle_timeout:
-                    status = "no_change_timeout"
-                elif listener["gone"]:
-                    status = "terminated"
-                if status != "completed":
-                    kill_descendants(proc.pid, spare=known, spare_pgids={proc.pid})
-                    kill_deadline = now + SESSION_KILL_GRACE
-            elif now >= kill_deadline:
-                # The sentinel never came: bash itself is busy (e.g. a builtin loop).
-                self.discard()
-                reset = True
-                break
-            deadlines = [kill_deadline] if kill_deadline else [
-                start + hard_timeout if hard_timeout else None,
-                last_output + idle_timeout if idle_timeout else None]
-            waits = [d - now for d in deadlines if d is not None]
-            held = pending and marker not in pending
-            if held:   # see below: a held-back tail goes out once nothing follows it at once
-                waits.append(HOLD_BACK_SECONDS)
-            ready = {f for f, _ in poller.poll(None if not waits else max(0, min(waits)) * 1000)}
+        while not self._enforce(time.monotonic()):
+            held = self.pending and self.marker not in self.pending
+            ready = {f for f, _ in poller.poll(self._wait_ms(time.monotonic(), held))}
             if client_fd in ready:
                 poller.unregister(client_fd)
                 client_fd = None
-                listener["gone"] = hung_up(client)
+                self.gone = hung_up(self.client)
                 continue
-            if held and not ready:
-                emit(pending)
-                pending = b""
-            if fd not in ready:
-                continue
-            chunk = os.read(fd, READ_SIZE)
-            if not chunk:   # bash exited (`exit`, `set -e`, killed): next call starts a new one
-                exit_code = exit_code_of(proc.wait())
-                self.discard()
-                reset = True
+            if held and not ready:   # a held-back tail nothing followed: it is output
+                self.emit(self.pending)
+                self.pending = b""
+            if fd in ready and self._take(os.read(fd, READ_SIZE)):
                 break
-            last_output = time.monotonic()
-            pending += chunk
-            idx = pending.find(marker)
-            if idx < 0:
-                # Hold back a tail that could begin the sentinel: it may straddle two reads.
-                # The sentinel is one small write, so when it straddles, its rest is in the
-                # pipe already; a tail nothing follows within HOLD_BACK_SECONDS is output.
-                keep = next((k for k in range(min(len(marker) - 1, len(pending)), 0, -1)
-                             if pending.endswith(marker[:k])), 0)
-                emit(pending[:len(pending) - keep])
-                pending = pending[len(pending) - keep:]
-                continue
-            emit(pending[:idx])
-            pending = pending[idx:]
-            end = pending.find(b"\n", len(marker))
-            if end >= 0:
-                with contextlib.suppress(ValueError):
-                    exit_code = int(pending[len(marker):end])
-                pending = b""
-                break
-        emit(pending)
-        if status != "completed":
-            exit_code = None
-        return {"status": status, "output": buf.text(), "exit_code": exit_code, "reset": reset}
+        self.emit(self.pending)
+        exit_code = self.exit_code if self.status == "completed" else None
+        return {"status": self.status, "output": self.buf.text(), "exit_code": exit_code, "reset": self.reset}
+
+    def _enforce(self, now):
+        """Kill the command once a limit passes; True when the session must go (the sentinel
+        never came after the kill: bash itself is busy, e.g. a builtin loop)."""
+        if self.kill_deadline is not None:
+            if now < self.kill_deadline:
+                return False
+            self.session.discard()
+            self.reset = True
+            return True
+        if self.hard_timeout and now - self.start >= self.hard_timeout:
+            self.status = "hard_timeout"
+        elif self.idle_timeout and now - self.last_output >= self.idle_timeout:
+            self.status = "no_change_timeout"
+        elif self.gone:
+            self.status = "terminated"
+        if self.status != "completed":
+            kill_descendants(self.proc.pid, spare=self.known, spare_pgids={self.proc.pid})
+            self.kill_deadline = now + SESSION_KILL_GRACE
+        return False
+
+    def _wait_ms(self, now, held):
+        deadlines = [self.kill_deadline] if self.kill_deadline else [
+            self.start + self.hard_timeout if self.hard_timeout else None,
+            self.last_output + self.idle_timeout if self.idle_timeout else None]
+        waits = [d - now for d in deadlines if d is not None]
+        if held:   # see _take: a held-back tail goes out once nothing follows it at once
+            waits.append(HOLD_BACK_SECONDS)
+        return None if not waits else max(0, min(waits)) * 1000
+
+    def _take(self, chunk):
+        """Take a read; True when the command is done (its sentinel came, or bash exited)."""
+        if not chunk:   # bash exited (`exit`, `set -e`, killed): next call starts a new one
+            self.exit_code = exit_code_of(self.proc.wait())
+            self.session.discard()
+            self.reset = True
+            return True
+        self.last_output = time.monotonic()
+        self.pending += chunk
+        marker, pending = self.marker, self.pending
+        idx = pending.find(marker)
+        if idx < 0:
+            # Hold back a tail that could begin the sentinel: it may straddle two reads.
+            # The sentinel is one small write, so when it straddles, its rest is in the
+            # pipe already; a tail nothing follows within HOLD_BACK_SECONDS is output.
+            keep = next((k for k in range(min(len(marker) - 1, len(pending)), 0, -1)
+                         if pending.endswith(marker[:k])), 0)
+            self.emit(pending[:len(pending) - keep])
+            self.pending = pending[len(pending) - keep:]
+            return False
+        self.emit(pending[:idx])
+        self.pending = pending = pending[idx:]
+        end = pending.find(b"\n", len(marker))
+        if end < 0:
+            return False
+        with contextlib.suppress(ValueError):
+            self.exit_code = int(pending[len(marker):end])
+        self.pending = b""
+        return True
 
 
 class SessionManager:
@@ -1025,10 +1043,11 @@ class App:
             decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")}
             request.start_events()
 
-            def on_output(name, data):
+            def stream_output(name, data):
                 text = decoders[name].decode(data)
                 if text:
                     request.send_event("output", {"stream": name, "output": text})
+            on_output = stream_output
         try:
             status, out, err, code = run_bash(command, env, cwd, hard or timeout,
                                               self.cfg.max_output, self.registry, self.cfg.run_as,
