@@ -4,11 +4,13 @@
     ray job submit -- python examples/rollouts.py --rollouts 64   # on a cluster
 
 The driver prepares an environment once (a sandbox set up, then snapshotted), and runs N
-rollouts as Ray tasks spread over the cluster. Each rollout starts its own sandbox from the
-snapshot (``--cold``: from the plain image), makes a few tool calls (writes a program, runs it,
-reads its result) and hands its sandbox handle to a scoring task, which checks the answer and
-destroys the sandbox. At the end it prints rollouts per second, the acquire and exec latency, the
-mean score, and a leak check (no sandbox, container or snapshot of the run's pool is left).
+rollouts as Ray tasks spread over the cluster (the tasks are in ``sandbox_actors/rollouts.py``,
+which the bench runs too). Each rollout starts its own sandbox from the snapshot (``--cold``: from
+the plain image), makes a few tool calls (writes a program, runs it, reads its result) and hands
+its sandbox handle to a scoring task, which checks the answer and destroys the sandbox. At the end
+it prints rollouts per second beside the floor's (the same episodes with no Ray, straight through
+this machine's engine, measured first in the same run), the acquire and exec latency, the mean
+score, and a leak check (no sandbox, container or snapshot of the run's pool is left).
 """
 
 from __future__ import annotations
@@ -25,47 +27,22 @@ from typing import Any
 import ray
 
 import sandbox_actors
+from sandbox_actors import rollouts
 from sandbox_actors.console import filter_ray_warnings
 
 
-@ray.remote(num_cpus=0)
-def rollout(pool_name: str, namespace: str, index: int, snapshot: str | None) -> dict[str, Any]:
-    """One episode: a sandbox of its own, three tool calls; returns its handle for the scorer."""
-    pool = sandbox_actors.connect(pool_name=pool_name, namespace=namespace)
-    started = time.perf_counter()
-    box = pool.acquire(f"rollout-{index}", snapshot=snapshot)
-    acquired = time.perf_counter() - started
-    calls = []
-    for command in (
-        f"printf 'n = {index} + 10\\nprint(sum(range(n)))\\n' > /tmp/task.py",
-        "python3 /tmp/task.py > /tmp/answer.txt",
-        "cat /usr/local/share/rollout-env/ready 2>/dev/null || echo cold",
-    ):
-        began = time.perf_counter()
-        result = box.exec(command)
-        calls.append(time.perf_counter() - began)
-        if result.exit_code != 0:
-            raise RuntimeError(f"rollout {index}: {command!r} exited {result.exit_code}: {result.output}")
-    return {"index": index, "box": box, "acquire_s": acquired, "exec_s": calls, "env": result.output.strip()}
-
-
-@ray.remote(num_cpus=0)
-def score(episode: dict[str, Any]) -> dict[str, Any]:
-    """Check a rollout's answer in its sandbox (the handle came from another task), then end it."""
-    box = episode.pop("box")
-    answer = box.read_file("/tmp/answer.txt").strip()
-    expected = sum(range(episode["index"] + 10))
-    box.destroy()
-    return {**episode, "score": 1.0 if answer == str(expected) else 0.0}
-
-
 def _percentiles(samples: list[float]) -> str:
+    if not samples:
+        return "no samples"
     ordered = sorted(samples)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
     return f"p50 {pick(0.5):7.1f} ms  p95 {pick(0.95):7.1f} ms  max {ordered[-1] * 1000:7.1f} ms"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    report: dict[str, Any] = {"rollouts": args.rollouts, "concurrency": args.concurrency}
+    if args.floor:
+        report["floor"] = _floor(args)
     filter_ray_warnings()  # each sandbox's actor is a worker process: Ray warns of many starting at once
     local = {"include_dashboard": False} if not args.address else {}  # the dashboard costs CPU we need
     ray.init(address=args.address or "local", logging_level=logging.ERROR, namespace=args.namespace, **local)
@@ -74,40 +51,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pool = sandbox_actors.connect({"pool_name": pool_name, "namespace": args.namespace, "base_dir": base_dir,
                                    "replicas": args.concurrency + 2, "container_prefix": pool_name,
                                    "spare_actors": args.concurrency, "thread_mounts": False})
-    report: dict[str, Any] = {"pool": pool_name, "rollouts": args.rollouts, "concurrency": args.concurrency}
+    report["pool"] = pool_name
     try:
         snapshot = None
         if not args.cold:
             began = time.perf_counter()
             base = pool.acquire("prepare")  # the environment every rollout starts from
-            base.exec("mkdir -p /usr/local/share/rollout-env && echo prepared > /usr/local/share/rollout-env/ready")
+            base.exec(rollouts.PREPARE)
             snapshot = base.snapshot("rollout-env").name
             base.destroy()
             report["prepare_s"] = round(time.perf_counter() - began, 3)
             print(f"prepared the environment and snapshotted it in {report['prepare_s']:.2f}s", flush=True)
-        started = time.perf_counter()
-        pending: list[Any] = []
-        results: list[dict[str, Any]] = []
-        next_index = 0
-        while next_index < args.rollouts or pending:
-            while next_index < args.rollouts and len(pending) < args.concurrency:
-                pending.append(score.remote(rollout.remote(pool_name, args.namespace, next_index, snapshot)))
-                next_index += 1
-            done, pending = ray.wait(pending, num_returns=1)
-            results.append(ray.get(done[0]))
-            if len(results) % max(1, args.rollouts // 8) == 0 or len(results) == args.rollouts:
-                print(f"  {len(results)}/{args.rollouts} rollouts scored", flush=True)
-        wall = time.perf_counter() - started
-        report.update(
-            wall_s=round(wall, 3), rollouts_per_s=round(args.rollouts / wall, 2),
-            mean_score=sum(r["score"] for r in results) / len(results),
-            from_snapshot=sum(1 for r in results if r["env"] == "prepared"),
-        )
-        print(f"\n{args.rollouts} rollouts, {args.concurrency} at a time, in {wall:.2f}s: "
-              f"{report['rollouts_per_s']} rollouts/s; mean score {report['mean_score']:.2f}; "
-              f"{report['from_snapshot']} started from the snapshot")
-        print(f"acquire  {_percentiles([r['acquire_s'] for r in results])}")
-        print(f"exec     {_percentiles([s for r in results for s in r['exec_s']])}")
+        step = max(1, args.rollouts // 8)
+        got = rollouts.run(pool_name, args.namespace, args.rollouts, args.concurrency, snapshot,
+                           progress=lambda done: print(f"  {done}/{args.rollouts} rollouts scored", flush=True)
+                           if done % step == 0 or done == args.rollouts else None)
+        episodes = got.pop("episodes")
+        report.update(got, mean_score=sum(r["score"] for r in episodes) / max(1, len(episodes)),
+                      from_snapshot=sum(1 for r in episodes if r["env"] == "prepared"))
+        print(f"\n{args.rollouts} rollouts, {args.concurrency} at a time, in {got['wall_s']:.2f}s: "
+              f"{got['per_s']} rollouts/s; mean score {report['mean_score']:.2f}; "
+              f"{report['from_snapshot']} started from the snapshot" + (f"; {len(got['failures'])} failed"
+                                                                         if got["failures"] else ""))
+        if "floor" in report:
+            floor = report["floor"]["per_s"]
+            print(f"the same episodes with no Ray, straight through the engine: {floor} rollouts/s; "
+                  f"this run made {got['per_s'] / floor:.2f}x of that rate" if floor else "")
+        print(f"acquire  {_percentiles([r['acquire_s'] for r in episodes])}")
+        print(f"exec     {_percentiles([s for r in episodes for s in r['exec_s']])}")
         if snapshot is not None:
             pool.remove_snapshot(snapshot)
     finally:
@@ -119,6 +90,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"leak check: {len(left)} sandbox(es) left in the pool before shutdown; "
           + (f"after it: {leaks}" if leaks else "nothing of the pool left on this machine's engine"))
     return report
+
+
+def _floor(args: argparse.Namespace) -> dict[str, Any]:
+    """The same episodes straight through this machine's engine, before any Ray runs: the rate
+    the machine allows without us."""
+    from sandbox_actors.image import build_image
+
+    floor = rollouts.Floor(build_image(progress=lambda line: None).tag, "rollouts-floor")
+    try:
+        floor.prepare()
+        got = floor.run(args.rollouts, args.concurrency)
+    finally:
+        floor.close()
+    print(f"floor: {args.rollouts} episodes, {args.concurrency} at a time, with no Ray: {got['per_s']} rollouts/s",
+          flush=True)
+    return got
 
 
 def _leaks(pool_name: str) -> dict[str, int]:
@@ -144,6 +131,8 @@ def main() -> int:
     parser.add_argument("--pool", help="pool name (default: a new one for this run)")
     parser.add_argument("--namespace", default="sandbox_actors_rollouts")
     parser.add_argument("--base-dir", help="pool base_dir (default: a temporary directory)")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the floor (the same episodes with no Ray, through this machine's engine)")
     parser.add_argument("--no-engine-check", dest="check_engine", action="store_false",
                         help="skip the leak check on this machine's Docker engine (a remote cluster)")
     parser.add_argument("--json", help="write the report here")
@@ -154,7 +143,7 @@ def main() -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
-    ok = report["mean_score"] == 1.0 and not report["leaks"] and report["left_in_pool"] == 0
+    ok = report["mean_score"] == 1.0 and not report["failures"] and not report["leaks"] and report["left_in_pool"] == 0
     return 0 if ok else 1
 
 

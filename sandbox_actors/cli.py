@@ -402,17 +402,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import Bench, table
 
     samples, burst, rounds = (2, 3, 1) if args.tiny else (args.samples, args.burst, args.rounds)
-    if min(samples, burst, rounds) < 1 or args.scale < 0:
-        raise InvalidRequest("bench: --samples, --burst and --rounds must be at least 1, --scale at least 0")
+    episodes, concurrency = (4, (2,)) if args.tiny else (args.rollouts, tuple(args.concurrency))
+    if min(samples, burst, rounds, episodes, *concurrency) < 1 or args.scale < 0:
+        raise InvalidRequest("bench: --samples, --burst, --rounds, --rollouts and each --concurrency must be at "
+                             "least 1, --scale at least 0")
     results = Bench(samples, burst, out=lambda line: print(line, flush=True), scale=args.scale, rounds=rounds,
-                    runtime=args.runtime).run()
+                    runtime=args.runtime, episodes=episodes, concurrency=concurrency).run()
     print()
     print(table(results))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2, sort_keys=True)
         print(f"\nwrote {args.json}")
-    return 0
+    return 1 if results["failures"] else 0
 
 
 # ── parser ──────────────────────────────────────────────────────────────────
@@ -492,6 +494,13 @@ def _sandbox_commands(commands: _Commands, common: argparse.ArgumentParser, as_j
         named.add_argument("--id", metavar="SANDBOX_ID", help="the sandbox's id instead (see `status`)")
 
 
+def _concurrencies(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 8,16; got {text!r}") from None
+
+
 def _tool_commands(commands: _Commands) -> None:
     commands.add("operations", cmd_operations,
                  "list each sandbox operation and the layers that serve it (1 if one lacks it)")
@@ -499,7 +508,7 @@ def _tool_commands(commands: _Commands) -> None:
     build.add_argument("--tag", default=DEFAULT_IMAGE, help=f"image to produce (default {DEFAULT_IMAGE})")
     build.add_argument("--force", action="store_true", help="rebuild even when nothing changed")
     bench = commands.add("bench", cmd_bench,
-                         "measure acquire paths, exec, bursts and memory against a bare container start")
+                         "measure acquire paths, exec, bursts, rollouts and memory against the machine without us")
     bench.add_argument("--samples", type=int, default=10, help="samples per figure (default 10)")
     bench.add_argument("--burst", type=int, default=32, help="new threads started at once (default 32)")
     bench.add_argument("--rounds", type=int, default=3,
@@ -507,8 +516,12 @@ def _tool_commands(commands: _Commands) -> None:
     bench.add_argument("--scale", type=int, default=0, metavar="N", help="also hold N sandboxes at once (slow)")
     bench.add_argument("--runtime", metavar="NAME",
                        help="also measure cold start and exec under this Docker runtime, e.g. runsc (gVisor)")
+    bench.add_argument("--rollouts", type=int, default=64, metavar="N",
+                       help="RL rollout episodes at each concurrency (default 64)")
+    bench.add_argument("--concurrency", type=_concurrencies, default=[8, 16], metavar="C[,C...]",
+                       help="rollout episodes at once, one run per value (default 8,16)")
     bench.add_argument("--json", metavar="FILE", help="write the figures as JSON")
-    bench.add_argument("--tiny", action="store_true", help="2 samples, one burst of 3: a smoke run")
+    bench.add_argument("--tiny", action="store_true", help="2 samples, one burst of 3, 4 rollouts: a smoke run")
     demo = commands.add("demo", cmd_demo, "run agent threads against a private local pool and check everything")
     demo.add_argument("--threads", type=int, default=4, help="concurrent agent threads (default 4)")
     demo.add_argument("--turns", type=int, default=3, help="turns per thread before the return visit (default 3)")

@@ -17,9 +17,6 @@ from pathlib import Path
 import docker
 import docker.errors
 
-_STARTED: list[subprocess.Popen] = []  # the engines this process started (reaped when they stop)
-
-
 class LocalEngine:
     """The dockerd process of this machine."""
 
@@ -32,23 +29,20 @@ class LocalEngine:
         found = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True, check=False)
         for pid in (int(word) for word in found.stdout.split()):
             try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
                 command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
             except OSError:
                 continue
-            if state != "Z":
+            if _alive(pid):
                 return cls(pid, command)
         return None
 
     def running(self) -> bool:
-        return Path(f"/proc/{self.pid}").exists()
+        """Its process exists and is not a zombie (one that exited but was not reaped yet)."""
+        return _alive(self.pid)
 
     def stop(self, timeout: float = 60) -> None:
         """SIGTERM, and wait until it is gone (its containers stop with it)."""
         os.kill(self.pid, signal.SIGTERM)
-        for engine in _STARTED:
-            if engine.pid == self.pid:
-                engine.wait(timeout)  # ours: reap it, or it lingers as a zombie
         deadline = time.monotonic() + timeout
         while self.running() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -56,11 +50,16 @@ class LocalEngine:
             raise RuntimeError(f"dockerd {self.pid} did not stop within {timeout:.0f} s")
 
     def start(self, log: Path | None = None, timeout: float = 60) -> docker.DockerClient:
-        """Start it again as it was started; a client once it answers."""
-        out = open(log or Path(tempfile.gettempdir()) / "sandbox-actors-tests-dockerd.log", "ab")
-        process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        _STARTED.append(process)
-        self.pid = process.pid
+        """Start it again as it was started; a client once it answers. It is started detached,
+        through a shell that exits at once: no test process is its parent, so whichever process
+        stops it next (a test, the chaos run) never leaves it a zombie that its parent must reap."""
+        out = log or Path(tempfile.gettempdir()) / "sandbox-actors-tests-dockerd.log"
+        launched = subprocess.run(
+            ["sh", "-c", 'out="$1"; shift; setsid "$@" >>"$out" 2>&1 </dev/null & echo $!', "sh", str(out),
+             *(os.fsdecode(word) for word in self.command)],
+            capture_output=True, text=True, check=True,
+        )
+        self.pid = int(launched.stdout.split()[-1])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -81,3 +80,10 @@ class LocalEngine:
 
     def resume(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -1,4 +1,4 @@
-"""The benchmark keeps working: a tiny run with every key in its JSON (no timing assertions)."""
+"""The benchmark keeps working: a tiny run with every key and ratio in its JSON (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -33,16 +33,24 @@ def test_bench_tiny_writes_every_figure(image, tmp_path, docker_client):
     # Hibernating ends the sandbox's actor and stops its container: measured before and after.
     assert figures["hibernate_actor_ended"] == 1.0
     assert figures["actor_uss_mb"] / 2 < figures["hibernate_frees_mb"] <= figures["actor_uss_mb_max"] + 64
-    # Floors measured beside the pool's figures, in the same moments (the machine's speed drifts).
-    assert figures["cold"]["floor_beside"] > 0 and figures["resume"]["floor_beside"] > 0
-    for key in ("burst", "burst_default", "burst_repeat", "fork_burst"):
-        assert len(figures[key]["floor_beside_rounds_s"]) == 1 and figures[key]["floor_beside_s"] > 0, key
-    assert figures["burst_default"]["ray_floor_beside_s"] > 0 and "ray_floor_beside_s" not in figures["burst"]
-    # A first burst's own floor: trivial actors and bare containers started at once.
-    assert figures["burst_default"]["at_once_beside_s"] > 0 and "at_once_beside_s" not in figures["burst_repeat"]
-    assert "of both floors at once" in result.stdout
-    assert "p50/floor" in result.stdout and "p50/beside" in result.stdout  # the table with ratios
-    assert "beside: " in result.stdout
+    # Clean floors: measured around each stage with nothing of ours running, into every targeted figure.
+    for key, stage in (("cold", "paths"), ("resume", "lifecycle")):
+        assert len(figures["clean_floors"][stage]["single_s"]) == 4, stage  # 2 before the stage, 2 after
+        assert figures[key]["clean_ratio"] == round(figures[key]["p50"] / figures[key]["clean_floor"], 3), key
+    for key in ("burst", "burst_repeat", "fork_burst"):
+        assert figures[key]["clean_ratio"] == round(figures[key]["wall_s"] / figures[key]["clean_floor"], 3), key
+    assert figures["arrivals"][0]["clean_ratio"] > 0
+    assert figures["burst_default"]["at_once_s"] > 0  # a first burst, beside both floors at once
+    [rollouts] = figures["rollouts"]
+    assert (rollouts["concurrency"], rollouts["n"], rollouts["ok"]) == (2, 4, 4)
+    assert set(rollouts) >= {"per_s", "floor_per_s", "clean_ratio", "acquire_p50", "acquire_p95", "exec_p50"}
+    assert rollouts["clean_ratio"] == round(rollouts["floor_per_s"] / rollouts["per_s"], 3)
+    assert figures["spare_idle_cpu_ms_per_s"] > 0 and figures["trivial_actor_idle_cpu_ms_per_s"] > 0
+    judged = {target["figure"] for target in figures["targets"]}
+    assert judged >= {"cold", "resume", "burst", "burst_repeat", "fork_burst", "arrivals_2", "rollouts_2",
+                      "spare_idle_cpu_ms_per_s", "actor_uss_mb", "exec_actor", "warm", "hot", "prewarmed"}
+    assert figures["failures"] == []
+    assert "targets:" in result.stdout and "failures: 0" in result.stdout and "clean" in result.stdout
     def of_bench(items):  # the bench's pools are named bench-...: anything else is not its to judge
         return [item for item in items if (item.labels or {}).get("sandbox-actors.pool", "").startswith("bench-")]
 

@@ -26,4 +26,7 @@ def test_the_rollouts_job_runs_forks_scores_and_leaves_nothing(ray_address, pool
     assert report["from_snapshot"] == 8  # every rollout started from the prepared environment
     assert report["left_in_pool"] == 0 and report["leaks"] == {}
     assert "rollouts/s" in done.stdout and "acquire  p50" in done.stdout and "exec     p50" in done.stdout
+    # The floor, measured in the same run: the same episodes through the engine, no Ray.
+    assert report["floor"]["ok"] == 8 and report["floor"]["per_s"] > 0
+    assert "of that rate" in done.stdout
     assert_no_actors_left(pool_name)

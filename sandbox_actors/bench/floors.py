@@ -1,0 +1,191 @@
+"""What the machine does without us: bare container starts through the engine, no Ray; and
+Ray's own cost (trivial actors), which a sandbox's actor cannot go below."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class FloorEngine:
+    """Bare container starts through the engine, no Ray: create + start + readiness (polled from
+    10 ms on) of the image on an isolated network of its own (or none, under ``runtime``), as
+    the pool's sandboxes get. Engine calls are shielded and kept: an interrupt cancels the caller,
+    never the call in the engine's thread, and :meth:`close` waits for every one before it removes
+    what exists (a create it missed, or a removal half done, would keep the network)."""
+
+    def __init__(self, image: str, pool: str, runtime: str | None = None) -> None:
+        from backends import DockerBackend
+        from backends.firewall import NetworkPolicy
+
+        self._image, self._pool, self._runtime = image, pool, runtime
+        self._loop = asyncio.new_event_loop()
+        self._backend = DockerBackend(pool, policy=NetworkPolicy(egress="none") if runtime else None)
+        self._calls: set[asyncio.Future[Any]] = set()
+
+    def _spec(self) -> Any:
+        from backends import Limits, SandboxSpec
+
+        return SandboxSpec(sandbox_id=secrets.token_hex(12), pool=self._pool, image=self._image,
+                           token=secrets.token_urlsafe(16), limits=Limits(), runtime=self._runtime)
+
+    async def _engine(self, call: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(call)
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+        return await asyncio.shield(task)
+
+    async def _start(self, spec: Any, first_command: bool = False) -> float:
+        """One container up and answering; with ``first_command``, also ``true`` run in it (what
+        each thread of a burst does). Seconds."""
+        from backends import SandboxAPI
+
+        backend = self._backend
+        started = time.perf_counter()
+        record = await self._engine(backend.create(spec))
+        api = SandboxAPI(record.url, record.token)
+        try:
+            await api.wait_ready(60, lambda: backend.is_running(spec.sandbox_id),
+                                 lambda: backend.logs_tail(spec.sandbox_id), interval=0.01)
+            if first_command:
+                await api.exec("true", timeout=60)
+        finally:
+            await api.aclose()
+        return time.perf_counter() - started
+
+    def _run(self, work: Awaitable[T]) -> T:
+        """Run ``work`` on this floor's loop; an interrupt cancels it (as ``asyncio.run`` does), so
+        its ``finally`` clauses run, and is raised again."""
+        task = asyncio.ensure_future(work, loop=self._loop)
+        try:
+            return self._loop.run_until_complete(task)
+        except BaseException:
+            task.cancel()
+            self._loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
+            raise
+
+    def single(self) -> float:
+        """One start, then its removal (not timed). Seconds."""
+        spec = self._spec()
+
+        async def body() -> float:
+            try:
+                return await self._start(spec)
+            finally:
+                # After an interrupt the create may still run in its thread: a container removed
+                # while the engine starts it can leave its endpoint on the network for good.
+                await asyncio.gather(*self._calls, return_exceptions=True)
+                await self._engine(self._backend.destroy(spec.sandbox_id))
+
+        return self._run(body())
+
+    def burst(self, n: int) -> tuple[int, float]:
+        """``n`` starts at once, each running ``true``, then their removal (not timed). Returns
+        (how many succeeded, wall seconds)."""
+        specs = [self._spec() for _ in range(n)]
+
+        async def body() -> tuple[int, float]:
+            started = time.perf_counter()
+            done = await asyncio.gather(*(self._start(s, first_command=True) for s in specs), return_exceptions=True)
+            wall = time.perf_counter() - started
+            await asyncio.gather(*(self._engine(self._backend.destroy(s.sandbox_id)) for s in specs))
+            return sum(1 for d in done if not isinstance(d, BaseException)), wall
+
+        return self._run(body())
+
+    def close(self) -> None:
+        """Remove every container and the network of this floor (also after an interrupt)."""
+        backend = self._backend
+
+        async def body() -> None:
+            network = backend.network(self._pool)
+
+            async def gone() -> bool:
+                for record in await backend.list(self._pool):
+                    await backend.destroy(record.sandbox_id)
+                await backend.teardown(self._pool)
+                return not network.policy.networked or not await asyncio.to_thread(network.exists)
+
+            try:
+                await asyncio.gather(*self._calls, return_exceptions=True)
+                # The engine may still count a container just removed as on the network ("active
+                # endpoints") for a moment: ask again until the network is gone, then make the
+                # engine drop the endpoints it still lists.
+                deadline = time.monotonic() + 15
+                while not (cleared := await gone()) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                if not cleared:
+                    dropped = await asyncio.to_thread(network.drop_stale_endpoints)
+                    if not await gone():
+                        print(f"  warning: the engine keeps network {network.name} of the floor "
+                              f"(endpoints dropped: {', '.join(dropped) or 'none listed'}); restart dockerd, then "
+                              f"`docker network rm {network.name}` and `sandbox-actors gc` (README, Troubleshooting)",
+                              file=sys.stderr, flush=True)
+            finally:
+                await backend.close()
+
+        try:
+            self._run(body())
+        finally:
+            try:
+                self._loop.run_until_complete(self._loop.shutdown_default_executor())
+            finally:
+                self._loop.close()
+
+
+def trivial_actor() -> Any:
+    """A remote class that imports nothing of ours (defined here, it travels by value)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Trivial:
+        def ping(self) -> int:
+            import os
+
+            return os.getpid()
+
+    return Trivial
+
+
+def wait_gone(pids: set[int], timeout: float = 30.0) -> bool:
+    """Until the processes have exited (a killed actor's worker takes a moment); whether they did."""
+    import psutil
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while any(alive(pid) for pid in pids):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def cpu_ms_per_s(pids: list[int], seconds: float = 5.0) -> float:
+    """The CPU the processes use, per process, in ms per second, over ``seconds``."""
+    import psutil
+
+    procs = [psutil.Process(pid) for pid in pids]
+    if not procs:
+        return 0.0
+    before = [sum(p.cpu_times()[:2]) for p in procs]
+    time.sleep(seconds)
+    used = sum(sum(p.cpu_times()[:2]) - b for p, b in zip(procs, before))
+    return round(used / seconds / len(procs) * 1000, 2)
+
+
+def ray_processes() -> set[int]:
+    """The pids of this process's descendants (a private Ray cluster's, once started)."""
+    import psutil
+
+    return {child.pid for child in psutil.Process().children(recursive=True)}

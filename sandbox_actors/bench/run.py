@@ -1,0 +1,669 @@
+"""One bench run: each stage in a private local Ray cluster of its own, between clean floors.
+
+A clean floor is measured while nothing of ours runs (no Ray, no pool, no spare actors): bare
+container starts, bursts of them, or rollout episodes, driven straight through the engine. Each
+stage measures its floors just before its cluster starts and just after it is gone; a targeted
+figure's ``clean_ratio`` is to their median (see :mod:`sandbox_actors.bench.report`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .. import rollouts
+from ..console import run_all
+from ..demo import summarize
+from ..errors import SandboxError
+from .floors import FloorEngine, cpu_ms_per_s, ray_processes, trivial_actor, wait_gone
+from .report import judge
+
+_CROSS_PROCESS = """
+import json, sys, time, ray, sandbox_actors
+ray.init(address=sys.argv[1], logging_level="ERROR")
+pool = sandbox_actors.connect(pool_name=sys.argv[2], namespace=sys.argv[3])
+pool.acquire(sys.argv[4])  # connected and warmed up: what follows is the steady state
+samples = []
+for _ in range(int(sys.argv[5])):
+    started = time.perf_counter()
+    pool.acquire(sys.argv[4])
+    samples.append(time.perf_counter() - started)
+print(json.dumps(samples))
+"""
+NAMESPACE = "sandbox_actors_bench"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pool of its own (``config``), what is measured on it (``measure(pool, address)``), and
+    the clean floors measured around it (``floors``: 'single', 'burst', 'rollout')."""
+
+    key: str
+    title: str
+    config: Any
+    measure: Callable[[Any, str], None]
+    floors: tuple[str, ...] = ()
+
+
+class Bench:
+    """One benchmark run; :meth:`run` returns the JSON-able results."""
+
+    def __init__(
+        self, samples: int, burst: int, out: Callable[[str], None] = print, scale: int = 0, rounds: int = 3,
+        runtime: str | None = None, episodes: int = 64, concurrency: tuple[int, ...] = (8, 16),
+    ) -> None:
+        self.n = samples
+        self.burst_n = burst
+        self.rounds = rounds
+        self.scale = scale
+        self.runtime = runtime
+        self.episodes = episodes
+        self.concurrency = concurrency
+        self.out = out
+        self.results: dict[str, Any] = {"failures": [], "clean_floors": {}}
+        self._image = ""
+        self._rollout_floor: rollouts.Floor | None = None
+
+    def say(self, text: str) -> None:
+        self.out(f"  {text}")
+
+    def fail(self, what: str) -> None:
+        """A failed thread or a wait that timed out: in the JSON and the table, and the exit code."""
+        self.results["failures"].append(what)
+        self.say(f"FAILED: {what}")
+
+    # ── the run ───────────────────────────────────────────────────────────
+
+    def run(self) -> dict[str, Any]:
+        from sandbox_actors.config import SandboxConfig
+        from sandbox_actors.image import build_image
+
+        self._image = build_image(progress=lambda line: None).tag
+        self.out(f"sandbox-actors bench: {self.n} samples per figure, burst of {self.burst_n}, {self.rounds} "
+                 f"rounds, {self.episodes} rollouts at concurrency {', '.join(map(str, self.concurrency))}"
+                 + (f", scale {self.scale}" if self.scale else ""))
+        with tempfile.TemporaryDirectory(prefix="sandbox-actors-bench-") as base_dir:
+            def config(name: str, **extra: Any) -> SandboxConfig:
+                values: dict[str, Any] = dict(
+                    pool_name=name, namespace=NAMESPACE, container_prefix=name, image=self._image,
+                    base_dir=base_dir, replicas=max(8, self.burst_n, self.scale) + 4, idle_timeout=0)
+                values.update(extra)
+                return SandboxConfig(**values)
+
+            self.out("floor: bare container + readiness through the engine, nothing of ours running")
+            self.floor()
+            try:
+                for stage in self._stages(config):
+                    self._stage(stage)
+            finally:
+                if self._rollout_floor is not None:
+                    self._rollout_floor.close()
+        self.results["targets"] = judge(self.results)
+        return self.results
+
+    def _stages(self, config: Callable[..., Any]) -> list[Stage]:
+        n, rounds = self.burst_n, self.rounds
+        top = max(self.concurrency)
+        stages = [
+            Stage("paths", "acquire paths, exec", config("bench-paths"), self.paths, ("single",)),
+            Stage("prewarm", "pre-warmed new threads", config("bench-prewarm", prewarm=2, thread_mounts=False),
+                  lambda pool, _: self.prewarmed(pool)),
+            Stage("burst", f"burst of {n} new threads, {n} spare actors ready, {rounds} rounds",
+                  config("bench-burst", spare_actors=n), lambda pool, _: self.burst(pool, "burst", rounds), ("burst",)),
+            Stage("default", f"burst of {n} new threads on the default config, then {rounds} more once the pool has "
+                  "learned it", config("bench-burst2"), lambda pool, _: self.default_bursts(pool), ("burst",)),
+            Stage("arrivals", f"new threads arriving at 2/s, then 8/s ({n * 2} each), default config",
+                  config("bench-arrive"), lambda pool, _: self.arrivals(pool, ((2.0, n * 2), (8.0, n * 2))),
+                  ("single",)),
+            Stage("lifecycle", "hibernate and resume, snapshot (default spare actors)",
+                  config("bench-life", idle_action="hibernate"), lambda pool, _: self.lifecycle(pool), ("single",)),
+            Stage("fork", f"{rounds} bursts of {n} forks from one snapshot, {n} spare actors",
+                  config("bench-fork", spare_actors=n), lambda pool, _: self.fork_burst(pool), ("burst",)),
+            Stage("rollouts", f"RL rollouts: {self.episodes} episodes at concurrency "
+                  f"{', '.join(map(str, self.concurrency))}, as examples/rollouts.py runs them",
+                  config("bench-rollouts", replicas=top + 2, spare_actors=top, thread_mounts=False),
+                  lambda pool, _: self.rollout_run(pool), ("rollout",)),
+        ]
+        if self.scale:
+            stages.append(Stage("scale", f"{self.scale} sandboxes held at once", config("bench-scale"),
+                                lambda pool, _: self.scale_run(pool)))
+        if self.runtime:
+            # As the bootstrap registers gVisor here: no network of its own (see docs/security.md).
+            stages.append(Stage("runtime", f"cold start and exec under runtime {self.runtime} (no network)",
+                                config("bench-runtime", runtime=self.runtime, network={"egress": "none"}),
+                                lambda pool, _: self.under_runtime(pool), ("single_runtime",)))
+        return stages
+
+    def _stage(self, stage: Stage) -> None:
+        """Clean floors, the stage in a private Ray cluster with its own pool, clean floors again."""
+        import sandbox_actors
+
+        self.out(stage.title)
+        floors = self.results["clean_floors"].setdefault(stage.key, {})
+        self._clean(stage.floors, floors)
+        with self._private_ray() as address:
+            pool = sandbox_actors.connect(stage.config)
+            try:
+                stage.measure(pool, address)
+            finally:
+                pool.shutdown()
+        self._clean(stage.floors, floors)
+
+    @contextlib.contextmanager
+    def _private_ray(self) -> Iterator[str]:
+        """A local Ray cluster of this stage's own; gone, every process of it, when the stage ends."""
+        import ray
+
+        before = ray_processes()
+        ray.init(address="local", namespace=NAMESPACE, logging_level=logging.ERROR, include_dashboard=False)
+        try:
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            ours = ray_processes() - before
+            ray.shutdown()
+            if not wait_gone(ours, 60):
+                self.fail("the stage's Ray processes were still there 60 s after ray.shutdown()")
+
+    # ── clean floors: nothing of ours runs ────────────────────────────────
+
+    def floor(self) -> None:
+        """The floors of the whole run (and of the table's p50/floor column), before anything."""
+        engine = FloorEngine(self._image, "bench-floor")
+        try:
+            engine.single()  # the engine client's own start-up is not the floor
+            self.results["floor"] = summarize([engine.single() for _ in range(self.n)])
+            rounds = []
+            for r in range(self.rounds):
+                rounds.append(engine.burst(self.burst_n))
+                self.say(f"burst round {r + 1}/{self.rounds}: {rounds[-1][0]}/{self.burst_n} ok "
+                         f"in {rounds[-1][1]:.2f}s")
+            self.results["floor_burst"] = self._burst_row(rounds, "floor_burst")
+        finally:
+            engine.close()
+        if self.runtime:
+            engine = FloorEngine(self._image, "bench-floor-rt", self.runtime)
+            try:
+                engine.single()
+                self.results[f"floor_{self.runtime}"] = summarize([engine.single() for _ in range(self.n)])
+            finally:
+                engine.close()
+
+    def _clean(self, kinds: tuple[str, ...], into: dict[str, Any]) -> None:
+        """Measure the floors ``kinds`` once more (nothing of ours runs), adding to ``into``."""
+        if not kinds:
+            return
+        if "rollout" in kinds:
+            self._clean_rollouts(into)
+        runtime = self.runtime if "single_runtime" in kinds else None
+        if "single" not in kinds and "burst" not in kinds and runtime is None:
+            return
+        engine = FloorEngine(self._image, "bench-clean", runtime)
+        try:
+            engine.single()
+            if "single" in kinds or runtime:
+                singles = [engine.single() for _ in range(self.n)]
+                into.setdefault("single_s", []).extend(round(s, 4) for s in singles)
+                self.say(f"clean floor: {self.n} single starts, p50 {summarize(singles)['p50']:.0f} ms")
+            if "burst" in kinds:
+                ok, wall = engine.burst(self.burst_n)
+                if ok < self.burst_n:
+                    self.fail(f"clean floor burst: {ok}/{self.burst_n} started")
+                into.setdefault("burst_s", []).append(round(wall, 3))
+                self.say(f"clean floor: burst of {self.burst_n} in {wall:.2f}s")
+        finally:
+            engine.close()
+
+    def _clean_rollouts(self, into: dict[str, Any]) -> None:
+        if self._rollout_floor is None:
+            self._rollout_floor = rollouts.Floor(self._image, "bench-rollout-floor")
+            self._rollout_floor.prepare()
+        for concurrency in self.concurrency:
+            row = self._rollout_floor.run(self.episodes, concurrency)
+            if row["ok"] < row["n"]:
+                self.fail(f"rollout floor at concurrency {concurrency}: {row['ok']}/{row['n']} scored "
+                          f"({'; '.join(row['failures'][:3])})")
+            into.setdefault("rollout_per_s", {}).setdefault(str(concurrency), []).append(row["per_s"])
+            self.say(f"clean floor: {row['n']} rollouts at concurrency {concurrency}: {row['per_s']:.2f}/s")
+
+    # ── through the pool ──────────────────────────────────────────────────
+
+    def _wait_spares(self, pool: Any, actors: int = 0, sandboxes: int = 0, timeout: float = 120.0) -> None:
+        """Until the pool has its spares (and none is still starting: a new worker process costs
+        ~0.3 s of CPU, which would slow what is measured next); a timeout is a failure of the run."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = pool.stats()
+            if (stats["spare_actors"] >= actors and stats["states"]["spare"] >= sandboxes
+                    and not stats.get("spares_starting")):
+                return
+            if time.monotonic() >= deadline:
+                self.fail(f"after {timeout:.0f}s the pool had {stats['spare_actors']}/{actors} spare actors, "
+                          f"{stats['states']['spare']}/{sandboxes} spare sandboxes, "
+                          f"{stats.get('spares_starting', 0)} starting")
+                return
+            time.sleep(0.05)
+
+    @staticmethod
+    def _timed(call: Callable[[], Any]) -> tuple[Any, float]:
+        started = time.perf_counter()
+        value = call()
+        return value, time.perf_counter() - started
+
+    def cold(self, pool: Any, key: str = "cold") -> None:
+        """New threads one at a time, each after the spare actors are back."""
+        samples: list[float] = []
+        for i in range(self.n):
+            self._wait_spares(pool, actors=pool.config.spare_actors)
+            box, seconds = self._timed(lambda: pool.acquire(f"cold-{i}"))
+            assert box.path == "cold", box.path
+            samples.append(seconds)
+            pool.destroy(box)
+        self.results[key] = summarize(samples)
+
+    def under_runtime(self, pool: Any) -> None:
+        """Cold start and exec of sandboxes under ``self.runtime`` (rows suffixed with its name)."""
+        self.cold(pool, f"cold_{self.runtime}")
+        self._exec(pool.acquire("steady"), f"_{self.runtime}")
+
+    def paths(self, pool: Any, address: str) -> None:
+        config = pool.config
+        self.cold(pool)
+        box = pool.acquire("steady")
+        self._wait_spares(pool, actors=config.spare_actors)  # measure the steady state, not a refill
+        hot = [self._timed(lambda: pool.acquire("steady"))[1] for _ in range(self.n * 5)]
+        warm = []
+        for _ in range(self.n * 3):
+            pool.release(box)
+            box, seconds = self._timed(lambda: pool.acquire("steady"))
+            warm.append(seconds)
+        self.results["hot"], self.results["warm"] = summarize(hot), summarize(warm)
+        child = subprocess.run(
+            [sys.executable, "-c", _CROSS_PROCESS, address, config.pool_name, config.namespace, "steady",
+             str(self.n * 5)],
+            capture_output=True, text=True, timeout=300, check=True,
+        )
+        self.results["cross_process"] = summarize(json.loads(child.stdout.strip().splitlines()[-1]))
+        self._exec(box)
+
+    def _exec(self, box: Any, suffix: str = "") -> None:
+        """``true`` through the SandboxActor and straight over HTTP to the same container, in
+        alternating blocks, so both see the same machine."""
+        from backends import DockerBackend, SandboxAPI
+
+        async def direct_block(api: SandboxAPI) -> list[float]:
+            samples = []
+            for _ in range(self.n):
+                started = time.perf_counter()
+                await api.exec("true", timeout=60)
+                samples.append(time.perf_counter() - started)
+            return samples
+
+        loop = asyncio.new_event_loop()
+        backend = DockerBackend(box.info["container_name"].rsplit("-", 1)[0])
+        try:
+            record = loop.run_until_complete(backend.discover(box.sandbox_id))
+            if record is None:
+                raise SandboxError(f"the container of sandbox {box.sandbox_id} is gone")
+            api = SandboxAPI(record.url, record.token)
+            actor: list[float] = []
+            direct: list[float] = []
+            for _ in range(10):
+                actor += [self._timed(lambda: box.exec("true"))[1] for _ in range(self.n)]
+                direct += loop.run_until_complete(direct_block(api))
+            loop.run_until_complete(api.aclose())
+            loop.run_until_complete(backend.close())
+        finally:
+            loop.close()
+        self.results[f"exec_actor{suffix}"] = summarize(actor)
+        self.results[f"exec_direct{suffix}"] = summarize(direct)
+
+    def prewarmed(self, pool: Any) -> None:
+        samples = []
+        for i in range(self.n * 2):
+            self._wait_spares(pool, actors=pool.config.spare_actors, sandboxes=pool.config.prewarm)
+            box, seconds = self._timed(lambda: pool.acquire(f"new-{i}"))
+            assert box.path == "prewarmed", box.path
+            samples.append(seconds)
+            pool.destroy(box)
+        self.results["prewarmed"] = summarize(samples)
+
+    def _burst_row(self, rounds: list[tuple[int, float]], key: str) -> dict[str, Any]:
+        """A burst figure over its rounds: the median wall time, and the successes of the worst
+        round (fewer than all is a failure of the run)."""
+        walls = sorted(wall for _, wall in rounds)
+        worst = min(ok for ok, _ in rounds)
+        if worst < self.burst_n:
+            self.fail(f"{key}: a round had {worst}/{self.burst_n} threads ok")
+        return {"n": self.burst_n, "ok": worst, "wall_s": round(walls[len(walls) // 2], 3),
+                "rounds_wall_s": [round(wall, 3) for _, wall in rounds]}
+
+    def _burst_round(self, pool: Any, threads: list[str]) -> tuple[int, float, list[float]]:
+        """One burst: every thread acquires and runs ``true`` at once. Returns (ok, wall seconds,
+        each thread's acquire + first command in seconds)."""
+        def one(thread: str) -> float | None:
+            started = time.perf_counter()
+            return time.perf_counter() - started if _try(lambda: pool.acquire(thread).exec("true")) is True else None
+
+        started = time.perf_counter()
+        outcomes = run_all(one, threads, len(threads))
+        wall = time.perf_counter() - started
+        latencies = [o for o in outcomes if isinstance(o, float)]
+        return len(latencies), wall, latencies
+
+    def burst(self, pool: Any, key: str, rounds: int, wait_spares: int | None = None, keep_last: bool = True) -> None:
+        """``rounds`` bursts of new threads, each thread acquiring and running ``true``; before
+        each, the spare actors are awaited (``wait_spares``, else the config's). The last round's
+        sandboxes are kept with ``keep_last`` (the memory figures read them)."""
+        measured, per_round = [], []
+        for r in range(rounds):
+            self._wait_spares(pool, actors=pool.config.spare_actors if wait_spares is None else wait_spares,
+                              timeout=600)
+            spares = pool.stats()["spare_actors"]
+            ok, wall, latencies = self._burst_round(pool, [f"{key}-{r}-{i}" for i in range(self.burst_n)])
+            measured.append((ok, wall))
+            per_round.append({"wall_s": round(wall, 3), "ok": ok, "spare_actors": spares,
+                              **{k: v for k, v in summarize(latencies).items() if k in ("p50", "p95")}})
+            self.say(f"round {r + 1}/{rounds}: {ok}/{self.burst_n} ok in {wall:.2f}s (spare actors {spares}, "
+                     f"per thread p50 {per_round[-1]['p50']:.0f} ms, p95 {per_round[-1]['p95']:.0f} ms)")
+            if r < rounds - 1 or not keep_last:
+                for row in pool.list():
+                    pool.destroy(row["sandbox_id"])
+        self.results[key] = {**self._burst_row(measured, key), "spare_actors": per_round[-1]["spare_actors"],
+                             "rounds": per_round}
+
+    def default_bursts(self, pool: Any) -> None:
+        """On the default config: Ray's own floor, a first burst (nothing learned: ``burst_default``,
+        beside both floors at once), then, once the pool has grown its spares to that burst, the
+        idle cost of spares against trivial actors, and ``burst_repeat``."""
+        self.ray_floor()
+        at_once = self._at_once_round()
+        self.say(f"both floors at once: {self.burst_n} trivial actors created while {self.burst_n} bare "
+                 f"containers start, in {at_once:.2f}s")
+        self.burst(pool, "burst_default", 1, keep_last=False)
+        self.results["burst_default"]["at_once_s"] = round(at_once, 3)
+        self.say("waiting for the pool to grow its spare actors to the burst")
+        self._wait_spares(pool, actors=self.burst_n, timeout=600)
+        time.sleep(2)  # let the last spare's start-up settle: measure the steady state
+        self.idle_cost(pool)
+        self.burst(pool, "burst_repeat", self.rounds, wait_spares=self.burst_n)
+        self.memory(pool)
+
+    def idle_cost(self, pool: Any) -> None:
+        """What idle spare actors hold (count, USS, CPU), and the idle CPU of as many trivial Ray
+        actors measured right after, in the same cluster: the least any actor costs here."""
+        import psutil
+        import ray
+
+        from ..spawn import sandbox_actors
+
+        pids = []
+        for handle in sandbox_actors(pool.config).values():
+            info = ray.get(handle.describe.remote(), timeout=10)
+            if info.get("sandbox_id") is None:
+                pids.append(info["pid"])
+        spare_cpu = cpu_ms_per_s(pids)
+        uss = sum(psutil.Process(pid).memory_full_info().uss for pid in pids) / 2**20
+        self.results["spares_idle"] = {"n": len(pids), "uss_mb": round(uss, 1),
+                                       "cpu_cores": round(spare_cpu * len(pids) / 1000, 3)}
+        self.results["spare_idle_cpu_ms_per_s"] = spare_cpu
+        trivial = trivial_actor()
+        actors = [trivial.remote() for _ in range(max(1, len(pids)))]
+        answered = ray.get([a.ping.remote() for a in actors], timeout=600)
+        try:
+            time.sleep(2)  # past their start-up
+            self.results["trivial_actor_idle_cpu_ms_per_s"] = cpu_ms_per_s(answered)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            wait_gone(set(answered))
+        self.say(f"idle: a spare actor {spare_cpu:.2f} ms of CPU per second, a trivial Ray actor "
+                 f"{self.results['trivial_actor_idle_cpu_ms_per_s']:.2f} ({len(pids)} of each)")
+
+    def arrivals(self, pool: Any, phases: tuple[tuple[float, int], ...] = ((2.0, 64), (8.0, 64))) -> None:
+        """New threads arriving at a steady rate (per phase: rate per second, threads), each
+        acquiring and running ``true``, then destroying its sandbox. p50/p95 per phase."""
+        self._wait_spares(pool, actors=pool.config.spare_actors)
+        rows = []
+        with concurrent.futures.ThreadPoolExecutor(max(n for _, n in phases)) as threads:
+            for p, (rate, count) in enumerate(phases):
+                def one(thread: str) -> float | None:
+                    started = time.perf_counter()
+                    try:
+                        box = pool.acquire(thread)
+                        box.exec("true")
+                    except SandboxError:  # counted as a failure and reported
+                        return None
+                    seconds = time.perf_counter() - started
+                    _try(lambda: pool.destroy(box))
+                    return seconds
+
+                begun = time.perf_counter()
+                futures = []
+                for i in range(count):
+                    time.sleep(max(0.0, begun + i / rate - time.perf_counter()))
+                    futures.append(threads.submit(one, f"arrive-{p}-{i}"))
+                done = [f.result() for f in futures]
+                latencies = [d for d in done if d is not None]
+                row = {"rate": rate, "count": count, "ok": len(latencies),
+                       "wall_s": round(time.perf_counter() - begun, 1),
+                       "spare_actors": pool.stats()["spare_actors"], **summarize(latencies)}
+                if row["ok"] < count:
+                    self.fail(f"arrivals at {rate:g}/s: {row['ok']}/{count} ok")
+                rows.append(row)
+                self.say(f"{rate:g}/s: {row['ok']}/{count} ok, p50 {row['p50']:.0f} ms, p95 {row['p95']:.0f} ms, "
+                         f"max {row['max']:.0f} ms")
+        self.results["arrivals"] = rows
+
+    def ray_floor(self) -> None:
+        """Ray's own cost here: ``burst_n`` trivial actors (num_cpus=0, nothing imported) created at
+        once, until all answer; the median of ``rounds``."""
+        measured = []
+        for r in range(self.rounds):
+            measured.append(self._ray_round())
+            self.say(f"Ray's floor, round {r + 1}/{self.rounds}: {self.burst_n} trivial actors answering "
+                     f"in {measured[-1][1]:.2f}s")
+        self.results["ray_floor_burst"] = self._burst_row(measured, "ray_floor_burst")
+
+    def _ray_round(self) -> tuple[int, float]:
+        """One round of Ray's floor, its processes gone after it. Returns (answered, wall seconds)."""
+        import ray
+
+        trivial = trivial_actor()
+        started = time.perf_counter()
+        actors = [trivial.remote() for _ in range(self.burst_n)]
+        answered = ray.get([a.ping.remote() for a in actors], timeout=600)
+        wall = time.perf_counter() - started
+        for actor in actors:
+            ray.kill(actor)
+        wait_gone(set(answered))
+        return len(answered), wall
+
+    def _at_once_round(self) -> float:
+        """Both floors of a first burst at once: ``burst_n`` trivial actors created while a floor
+        burst of ``burst_n`` bare containers runs, until all answer. What a first burst asks of the
+        machine (a new worker process and a container per thread) without any of our code. Wall
+        seconds."""
+        import ray
+
+        engine = FloorEngine(self._image, "bench-at-once")
+        trivial = trivial_actor()
+        answered: list[int] = []
+        try:
+            engine.single()
+            with concurrent.futures.ThreadPoolExecutor(1) as executor:
+                started = time.perf_counter()
+                actors = [trivial.remote() for _ in range(self.burst_n)]
+                pings = executor.submit(ray.get, [a.ping.remote() for a in actors], timeout=600)
+                try:
+                    engine.burst(self.burst_n)
+                    answered = pings.result()
+                    wall = time.perf_counter() - started
+                finally:
+                    for actor in actors:
+                        ray.kill(actor)
+        finally:
+            engine.close()
+        wait_gone(set(answered))
+        return wall
+
+    def memory(self, pool: Any) -> None:
+        import psutil
+        import ray
+
+        from backends import DockerBackend
+
+        rows = pool.list()
+        uss = []
+
+        async def usage(prefix: str, ids: list[str]) -> list[int | None]:
+            backend = DockerBackend(prefix)
+            try:
+                return [await backend.memory_usage(i) for i in ids]
+            finally:
+                await backend.close()
+
+        for row in rows:
+            box = pool.get(row["sandbox_id"])
+            if box is None:
+                continue
+            pid = ray.get(box.actor.describe.remote())["pid"]
+            uss.append(psutil.Process(pid).memory_full_info().uss / 2**20)
+        container = [u / 2**20 for u in asyncio.run(usage(pool.config.container_prefix, [r["sandbox_id"] for r in rows]))
+                     if u is not None]
+        stats = pool.stats()
+        self.results["actor_uss_mb"] = round(sorted(uss)[len(uss) // 2], 1) if uss else None
+        self.results["actor_uss_mb_max"] = round(max(uss), 1) if uss else None
+        self.results["container_mb"] = round(sorted(container)[len(container) // 2], 1) if container else None
+        self.results["pool_uss_mb"] = round(psutil.Process(stats["pid"]).memory_full_info().uss / 2**20, 1)
+        self.results["pool_sandboxes"] = stats["total"]
+
+    def lifecycle(self, pool: Any) -> None:
+        """Hibernate and resume (and what hibernation frees), and snapshots."""
+        import psutil
+        import ray
+
+        from backends import DockerBackend
+
+        async def container_mb(sandbox_id: str) -> float | None:
+            backend = DockerBackend(pool.config.container_prefix)
+            try:
+                used = await backend.memory_usage(sandbox_id)
+                return None if used is None else used / 2**20
+            finally:
+                await backend.close()
+
+        def actor_mb(pid: int) -> float:
+            try:
+                return psutil.Process(pid).memory_full_info().uss / 2**20
+            except psutil.NoSuchProcess:
+                return 0.0  # ended: all of it came back
+
+        sleep, wake, freed, gone = [], [], [], []
+        for i in range(self.n):
+            box = pool.acquire(f"sleeper-{i}")
+            box.exec("echo kept > /tmp/kept.txt")
+            pid = ray.get(box.actor.describe.remote())["pid"]
+            held = actor_mb(pid) + (asyncio.run(container_mb(box.sandbox_id)) or 0.0)
+            sleep.append(self._timed(lambda: pool.hibernate(box))[1])
+            # Measured again once hibernated: what the actor's process and the container still hold.
+            gone.append(_until(lambda: not psutil.pid_exists(pid), 10))
+            freed.append(held - actor_mb(pid) - (asyncio.run(container_mb(box.sandbox_id)) or 0.0))
+            self._wait_spares(pool, actors=pool.config.spare_actors)
+            again, seconds = self._timed(lambda: pool.acquire(f"sleeper-{i}"))
+            assert again.path == "resumed" and again.read_file("/tmp/kept.txt").strip() == "kept", again.path
+            wake.append(seconds)
+            pool.destroy(again)
+        self.results["hibernate"] = summarize(sleep)
+        self.results["resume"] = summarize(wake)
+        self.results["hibernate_frees_mb"] = round(sorted(freed)[len(freed) // 2], 1)
+        self.results["hibernate_actor_ended"] = sum(gone) / len(gone)  # share of hibernations whose actor ended
+
+        source = pool.acquire("snapshot-source")
+        source.exec("echo prepared > /tmp/env.txt")
+        snaps = [self._timed(lambda: source.snapshot(f"bench-{i}")) for i in range(self.n)]
+        self.results["snapshot"] = summarize([seconds for _, seconds in snaps])
+        self.results["snapshot_image_mb"] = round((snaps[0][0].size or 0) / 1e6, 1)
+
+    def fork_burst(self, pool: Any) -> None:
+        """Bursts of new threads started from one snapshot (``fork``), each running ``true`` as its
+        handle comes, on a thread of its own (as every thread of ``burst`` and every container of
+        the floor's burst runs it)."""
+        source = pool.acquire("fork-source")
+        source.exec("echo prepared > /tmp/env.txt")
+        snap = source.snapshot("bench-fork")
+        pool.destroy(source)
+        measured = []
+        for r in range(self.rounds):
+            self._wait_spares(pool, actors=pool.config.spare_actors, timeout=600)
+            threads = [f"fork-{r}-{i}" for i in range(self.burst_n)]
+            started = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(len(threads)) as commands:
+                runs = [commands.submit(_try, functools.partial(box.exec, "true")) for box in pool.fork(snap, threads)]
+                outcomes = [run.result() for run in runs]
+            measured.append((sum(1 for o in outcomes if o is True), time.perf_counter() - started))
+            self.say(f"fork round {r + 1}/{self.rounds}: {measured[-1][0]}/{self.burst_n} ok in {measured[-1][1]:.2f}s")
+            for row in pool.list():
+                pool.destroy(row["sandbox_id"])
+        self.results["fork_burst"] = {**self._burst_row(measured, "fork_burst"),
+                                      "spare_actors": pool.config.spare_actors}
+
+    def rollout_run(self, pool: Any) -> None:
+        """The rollout workload through the pool at each concurrency (the floors around the stage
+        run the same episodes with no Ray)."""
+        prepare = pool.acquire("prepare")
+        prepare.exec(rollouts.PREPARE)
+        snapshot = prepare.snapshot("rollout-env").name
+        prepare.destroy()
+        rows = self.results.setdefault("rollouts", [])
+        for concurrency in self.concurrency:
+            self._wait_spares(pool, actors=pool.config.spare_actors, timeout=600)
+            got = rollouts.run(pool.config.pool_name, pool.config.namespace, self.episodes, concurrency, snapshot)
+            got.pop("episodes")
+            if got["ok"] < got["n"]:
+                self.fail(f"rollouts at concurrency {concurrency}: {got['ok']}/{got['n']} scored "
+                          f"({'; '.join(got['failures'][:3])})")
+            rows.append(got)
+            self.say(f"concurrency {concurrency}: {got['per_s']:.2f} rollouts/s, acquire p50 {got['acquire_p50']:.0f} "
+                     f"ms, exec p50 {got['exec_p50']:.1f} ms")
+        pool.remove_snapshot(snapshot)
+
+    def scale_run(self, pool: Any) -> None:
+        started = time.perf_counter()
+        outcomes = run_all(lambda i: _try(lambda: pool.acquire(f"scale-{i}").exec("true")), range(self.scale), 8)
+        ok = sum(1 for o in outcomes if o is True)
+        held = [_try(lambda: pool.acquire(f"scale-{i}").exec("echo still").output.strip() == "still")
+                for i in range(self.scale)]
+        self.results["scale"] = {"n": self.scale, "ok": ok, "still_ok": sum(1 for h in held if h is True),
+                                 "wall_s": round(time.perf_counter() - started, 1)}
+        if ok < self.scale:
+            self.fail(f"scale: {ok}/{self.scale} sandboxes started")
+        self.memory(pool)
+
+
+def _try(call: Callable[[], Any]) -> Any:
+    try:
+        call()
+        return True
+    except SandboxError as exc:
+        return exc
+
+
+def _until(done: Callable[[], bool], seconds: float) -> bool:
+    """Whether ``done()`` came true within ``seconds`` (asked every 50 ms)."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
