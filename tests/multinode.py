@@ -129,8 +129,10 @@ def main(image: str) -> dict:
         victim_node = pool.acquire("a").info["node_id"]
         out["victim_node"] = victim_node
         # A sandbox that stays active on the lost node: "shared", when Ray put it there, else one
-        # pinned there.
+        # pinned there, and "shared" goes (the survivor's two slots must take what the lost node
+        # held: the mover, and "a" when it resumes).
         if all(r["thread_id"] == "a" for r in pool.list() if r["node_id"] == victim_node):
+            pool.destroy(pool.sandbox_id("shared"))
             pool.acquire("mover", node_id=victim_node)
         on_victim = sorted(r["thread_id"] for r in pool.list() if r["node_id"] == victim_node)
         out["threads_on_victim"] = on_victim
