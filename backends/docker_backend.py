@@ -18,6 +18,7 @@ from __future__ import annotations
 import builtins
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -168,6 +169,7 @@ class DockerBackend(Backend):
         self._ready_networks: set[str] = set()  # pools whose network this process has checked
         self._images: dict[str, ImageAPI] = {}
         self._warned: set[str] = set()
+        self._sockets: dict[str, str] = {}  # container id -> its API socket, for containers seen here
 
     # ── plumbing ───────────────────────────────────────────────────────────
 
@@ -264,6 +266,9 @@ class DockerBackend(Backend):
         token = labels.pop(LABEL_TOKEN, "")  # kept out of ``labels``, which get printed
         if labels.get(LABEL_SOCKET):
             url = f"unix:{labels[LABEL_SOCKET]}"
+            if len(self._sockets) >= 4096:  # containers removed by others are never popped: bounded
+                self._sockets.clear()
+            self._sockets[container_id] = labels[LABEL_SOCKET]
         else:
             url = f"http://127.0.0.1:{host_port}" if host_port else ""
         return SandboxRecord(
@@ -491,6 +496,8 @@ class DockerBackend(Backend):
         return await asyncio.to_thread(self._destroy, sandbox_id, container_id)
 
     def _destroy(self, sandbox_id: str, container_id: str | None = None) -> bool:
+        if container_id is not None and container_id in self._sockets:
+            return self._destroy_seen(sandbox_id, container_id)
         container = self._get(sandbox_id)
         if container is None or (container_id is not None and container.id != container_id):
             return False  # gone, or the name now belongs to a newer container: not ours to remove
@@ -504,6 +511,22 @@ class DockerBackend(Backend):
                     raise
         self._remove_socket_dir(container.labels.get(LABEL_SOCKET))
         logger.info("sandbox %s: removed container %s", sandbox_id, container.name)
+        return True
+
+    def _destroy_seen(self, sandbox_id: str, container_id: str) -> bool:
+        """Remove a container this backend made or inspected, by its id: no inspect first (its
+        socket directory is known), and never a newer namesake."""
+        with engine_errors(f"remove container {container_id[:12]} of sandbox {sandbox_id}"):
+            try:
+                self._docker().api.remove_container(container_id, force=True, v=True)
+            except docker.errors.NotFound:
+                self._sockets.pop(container_id, None)
+                return False
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: removal already in progress elsewhere
+                    raise
+        self._remove_socket_dir(self._sockets.pop(container_id, None))
+        logger.info("sandbox %s: removed container %s", sandbox_id, container_id[:12])
         return True
 
     def _remove_socket_dir(self, socket_path: str | None) -> None:
@@ -753,12 +776,19 @@ class DockerBackend(Backend):
                     sandbox_id = (summary.get("Labels") or {}).get(LABEL_SANDBOX_ID)  # ...and what came before
                     if sandbox_id:
                         yield ContainerEvent(sandbox_id, str(summary.get("Id") or ""), "exited")
+                died: collections.OrderedDict[str, None] = collections.OrderedDict()  # the latest "die"s told
                 for event in stream:
                     attributes = (event.get("Actor") or {}).get("Attributes") or {}
                     sandbox_id = attributes.get(LABEL_SANDBOX_ID)
                     if not sandbox_id:
                         continue
                     container_id, status = str(event.get("id") or ""), str(event.get("status") or "")
+                    if status == "destroy" and died.pop(container_id, False) is None:
+                        continue  # its death was told already (a removal sends "die", then "destroy")
+                    if status == "die":
+                        died[container_id] = None
+                        if len(died) > 1024:
+                            died.popitem(last=False)
                     if status == "die" and container_id:
                         # The engine sends "die" before it is done with the exit (the network's and
                         # mounts' cleanup, then its container list, which says "running" until then):

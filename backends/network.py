@@ -12,6 +12,7 @@ backend calls it from worker threads.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -36,6 +37,7 @@ _BRIDGE_NAME = "com.docker.network.bridge.name"
 MAX_SOCKET_DIR = 60
 
 
+@functools.lru_cache(maxsize=256)
 def pool_tag(pool: str) -> str:
     """A short, stable tag for a pool: names its network, bridge, chains and socket directory."""
     return hashlib.sha256(pool.encode("utf-8")).hexdigest()[:10]

@@ -17,6 +17,7 @@ image's server, add its one-line faces, test it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
@@ -50,9 +51,9 @@ class Operation(Generic[P, R]):
     def doc(self) -> str:
         return inspect.getdoc(self.stub) or ""
 
-    @property
+    @functools.cached_property
     def signature(self) -> inspect.Signature:
-        return inspect.signature(self.stub)
+        return inspect.signature(self.stub)  # once: every call binds its arguments to it
 
     def wire(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
         """The arguments of a call, positional in declared order with defaults filled in, as the

@@ -407,7 +407,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InvalidRequest("bench: --samples, --burst, --rounds, --rollouts and each --concurrency must be at "
                              "least 1, --scale at least 0")
     results = Bench(samples, burst, out=lambda line: print(line, flush=True), scale=args.scale, rounds=rounds,
-                    runtime=args.runtime, episodes=episodes, concurrency=concurrency).run()
+                    runtime=args.runtime, episodes=episodes, concurrency=concurrency,
+                    only=tuple(args.only.split(",")) if args.only else ()).run()
     print()
     print(table(results))
     if args.json:
@@ -520,6 +521,8 @@ def _tool_commands(commands: _Commands) -> None:
                        help="RL rollout episodes at each concurrency (default 64)")
     bench.add_argument("--concurrency", type=_concurrencies, default=[8, 16], metavar="C[,C...]",
                        help="rollout episodes at once, one run per value (default 8,16)")
+    bench.add_argument("--only", metavar="STAGE[,STAGE]", help="run only these stages (paths, prewarm, burst, "
+                       "default, arrivals, lifecycle, fork, rollouts, scale, runtime)")
     bench.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     bench.add_argument("--tiny", action="store_true", help="2 samples, one burst of 3, 4 rollouts: a smoke run")
     demo = commands.add("demo", cmd_demo, "run agent threads against a private local pool and check everything")

@@ -420,6 +420,13 @@ def connect(
             configured (the pool did not start and left nothing behind).
     """
     explicit = config is not None
+    if not explicit:
+        ensure_ray(address)
+        attached = _ATTACHED.get((raycalls.session_name(), pool_name, namespace))
+        # The same pool again in this process (e.g. one connect per task of a job): its client,
+        # unless it was shut down since (then this connect is what brings the pool back).
+        if attached is not None and not attached._closed and not PoolRecords.for_config(attached.config).was_shut_down():
+            return attached
     cfg = load_config(config)
     overrides = {k: v for k, v in (("pool_name", pool_name), ("namespace", namespace)) if v is not None}
     if overrides:
@@ -444,7 +451,13 @@ def connect(
         # cause and connecting again starts afresh.
         raycalls.kill(pool)
         raise
+    if not explicit:
+        _ATTACHED[(raycalls.session_name(), pool_name, namespace)] = client
     return client
+
+
+# A connect() without a config, per Ray cluster and (pool_name, namespace) as given: its client.
+_ATTACHED: dict[tuple[str, str | None, str | None], PoolClient] = {}
 
 
 __all__ = ["FILE_CHUNK", "AsyncPoolClient", "AsyncSandboxHandle", "BackgroundCommand", "PoolClient", "SandboxHandle",

@@ -407,7 +407,7 @@ class Lifecycle:
             raise
         self.tally.count(_COUNTED_AS.get(why, why.value))
         self.state.removed(sandbox_id)
-        await asyncio.to_thread(self._forget_records, sandbox_id, entry.spare)
+        await asyncio.to_thread(self._forget_records, sandbox_id, entry.spare, entry.hibernated_at is not None)
         logger.info("sandbox %s %s", sandbox_id, "reaped" if why is StopReason.IDLE else why.value)
         self.top_up()
         return True
@@ -471,9 +471,12 @@ class Lifecycle:
                 pass  # its container may outlive it: remove that directly
         return await self.fleet.remove_everywhere(entry.sandbox_id, entry.container_id, entry.info.get("engine_id"))
 
-    def _forget_records(self, sandbox_id: str, spare: bool) -> None:
+    def _forget_records(self, sandbox_id: str, spare: bool, asleep: bool) -> None:
+        """A removed sandbox's records go: its owed destroy; its hibernation record, when it was
+        stopped asleep (a resume drops that record itself); a spare's claim."""
         self.records.clear_doomed(sandbox_id)
-        self.records.drop_hibernated(sandbox_id)
+        if asleep:
+            self.records.drop_hibernated(sandbox_id)
         if spare:
             self.records.drop_claim(sandbox_id)
 
@@ -604,4 +607,4 @@ class Lifecycle:
         entry = self.state.entry(sandbox_id)
         if entry is not None and entry.state is not SandboxState.STARTING:
             self.state.removed(sandbox_id)
-        await asyncio.to_thread(self._forget_records, sandbox_id, True)
+        await asyncio.to_thread(self._forget_records, sandbox_id, True, True)

@@ -44,6 +44,7 @@ class PoolMetrics:
 
     def __init__(self, pool: str) -> None:
         self._tags = {"pool": pool}
+        self._last_counts: dict[str, int] = {}
         self._sandboxes = metrics.Gauge(
             "sandbox_actors_sandboxes", "Sandboxes of the pool per state.", tag_keys=("pool", "state")
         )
@@ -57,8 +58,11 @@ class PoolMetrics:
         )
 
     def states(self, counts: Mapping[str, int]) -> None:
+        """Set the gauge of each state whose count changed (every change of state calls this)."""
         for state, value in counts.items():
-            self._sandboxes.set(value, {**self._tags, "state": state})
+            if self._last_counts.get(state) != value:
+                self._sandboxes.set(value, {**self._tags, "state": state})
+                self._last_counts[state] = value
 
     def count(self, event: str, amount: int = 1) -> None:
         counter = self._counters.get(event)

@@ -44,22 +44,30 @@ SPARE_MEMORY_SHARE = 0.25  # learned spares take at most this share of the free 
 class Demand:
     """How many new sandboxes were asked for at once lately: the spare actors worth keeping.
 
-    A burst is the number of starts within ``BURST_WINDOW`` seconds; :meth:`peak` is the
-    largest burst of the last ``decay`` seconds (a sliding-window maximum: a newer, larger
-    burst replaces older ones, a smaller one waits behind them for its turn).
+    A burst is the number of starts within ``BURST_WINDOW`` seconds, less the destroyed
+    sandboxes' actors kept as spares within it (under steady churn each start takes the actor a
+    destroy just gave back: no spare is missing); :meth:`peak` is the largest burst of the last
+    ``decay`` seconds (a sliding-window maximum: a newer, larger burst replaces older ones, a
+    smaller one waits behind them for its turn).
     """
 
     def __init__(self, window: float = BURST_WINDOW) -> None:
         self._window = window
         self._recent: deque[float] = deque()  # start times within the window
+        self._returned: deque[float] = deque()  # times actors were given back within the window
         self._peaks: deque[tuple[float, int]] = deque()  # (time, burst): bursts decrease front to back
+
+    def returned(self, now: float) -> None:
+        """A destroyed sandbox's actor was kept as a spare at ``now``."""
+        self._returned.append(now)
 
     def note(self, now: float) -> int:
         """A start asked for at ``now``; returns the burst it belongs to so far."""
         self._recent.append(now)
-        while self._recent[0] < now - self._window:
-            self._recent.popleft()
-        burst = len(self._recent)
+        for times in (self._recent, self._returned):
+            while times and times[0] < now - self._window:
+                times.popleft()
+        burst = max(0, len(self._recent) - len(self._returned))
         while self._peaks and self._peaks[-1][1] <= burst:
             self._peaks.pop()
         self._peaks.append((now, burst))
@@ -239,6 +247,7 @@ class Spares:
     def keep(self, actor: Any, name: str, node: str) -> None:
         """A destroyed sandbox's actor, its container removed, is a spare now."""
         self._recycled_at = time.monotonic()
+        self.demand.returned(self._recycled_at)
         self._hand_over(actor, name, node)
 
     @contextlib.contextmanager
@@ -276,6 +285,13 @@ class Spares:
             # theirs at once (refill), not from here.
             while self.starting and not self.closed:
                 await asyncio.sleep(0.1)
+            # While destroyed sandboxes' actors are being kept as spares, they are what tops the
+            # spares up: a worker started now would make one of them surplus (ended, then started
+            # again for the next sandbox: ~1 s of a core each time, under steady churn).
+            since_recycle = time.monotonic() - self._recycled_at
+            if since_recycle < RECYCLE_GAP:
+                await asyncio.sleep(RECYCLE_GAP - since_recycle)
+                continue
             target = self.target()
             if len(self._spares) > target:
                 if not self.starting and not self._adding:

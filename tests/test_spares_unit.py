@@ -86,3 +86,16 @@ def test_starts_waiting_for_a_spare_get_one_each_unless_destroyed_sandboxes_feed
     # and once they stopped, one for each again.
     assert waiter_spawns(waiting=30, starting=0, since_recycle=RECYCLE_WINDOW + 0.1) == 30
     assert waiter_spawns(waiting=0, starting=3, since_recycle=never) == 0
+
+
+def test_steady_churn_that_gives_actors_back_learns_no_burst():
+    """Starts that each take the actor a destroy just gave back (rollouts: fork, run, destroy)
+    are no burst: the spares kept stay at spare_actors. A burst on top of them still counts."""
+    demand = Demand(window=2.0)
+    for i in range(200):  # 4 starts a second, each after a destroy gave its actor back
+        demand.returned(100.0 + i * 0.25 - 0.01)
+        demand.note(100.0 + i * 0.25)
+    assert demand.peak(150.0, decay=600) <= 1
+    for i in range(32):
+        demand.note(160.0 + i * 0.01)
+    assert demand.peak(161.0, decay=600) == 32

@@ -25,7 +25,7 @@ from typing import Any
 from .. import rollouts
 from ..console import run_all
 from ..demo import summarize
-from ..errors import SandboxError
+from ..errors import InvalidRequest, SandboxError
 from .floors import FloorEngine, cpu_ms_per_s, ray_processes, trivial_actor, wait_gone
 from .report import judge
 
@@ -62,6 +62,7 @@ class Bench:
     def __init__(
         self, samples: int, burst: int, out: Callable[[str], None] = print, scale: int = 0, rounds: int = 3,
         runtime: str | None = None, episodes: int = 64, concurrency: tuple[int, ...] = (8, 16),
+        only: tuple[str, ...] = (),
     ) -> None:
         self.n = samples
         self.burst_n = burst
@@ -70,6 +71,7 @@ class Bench:
         self.runtime = runtime
         self.episodes = episodes
         self.concurrency = concurrency
+        self.only = only  # stage keys to run (all when empty)
         self.out = out
         self.results: dict[str, Any] = {"failures": [], "clean_floors": {}}
         self._image = ""
@@ -101,11 +103,17 @@ class Bench:
                 values.update(extra)
                 return SandboxConfig(**values)
 
+            stages = self._stages(config)
+            unknown = set(self.only) - {stage.key for stage in stages}
+            if unknown:
+                raise InvalidRequest(f"bench: no stage {', '.join(sorted(unknown))}; the stages are "
+                                     f"{', '.join(stage.key for stage in stages)}")
             self.out("floor: bare container + readiness through the engine, nothing of ours running")
             self.floor()
             try:
-                for stage in self._stages(config):
-                    self._stage(stage)
+                for stage in stages:
+                    if not self.only or stage.key in self.only:
+                        self._stage(stage)
             finally:
                 if self._rollout_floor is not None:
                     self._rollout_floor.close()
@@ -132,7 +140,7 @@ class Bench:
                   config("bench-fork", spare_actors=n), lambda pool, _: self.fork_burst(pool), ("burst",)),
             Stage("rollouts", f"RL rollouts: {self.episodes} episodes at concurrency "
                   f"{', '.join(map(str, self.concurrency))}, as examples/rollouts.py runs them",
-                  config("bench-rollouts", replicas=top + 2, spare_actors=top, thread_mounts=False),
+                  config("bench-rollouts", replicas=top + 2, thread_mounts=False),
                   lambda pool, _: self.rollout_run(pool), ("rollout",)),
         ]
         if self.scale:
@@ -627,6 +635,10 @@ class Bench:
         prepare.destroy()
         rows = self.results.setdefault("rollouts", [])
         for concurrency in self.concurrency:
+            # A job's first tasks wait for Ray to start its worker processes (~0.35 s of CPU each)
+            # and the pool to learn its spares: the figure is the steady state after that.
+            warm = rollouts.run(pool.config.pool_name, pool.config.namespace, 2 * concurrency, concurrency, snapshot)
+            self.say(f"warm-up at concurrency {concurrency}: {warm['ok']}/{warm['n']} in {warm['wall_s']:.1f}s")
             self._wait_spares(pool, actors=pool.config.spare_actors, timeout=600)
             got = rollouts.run(pool.config.pool_name, pool.config.namespace, self.episodes, concurrency, snapshot)
             got.pop("episodes")
