@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from . import unixhttp
 from .errors import (
     CommandTimeout,
     InvalidRequest,
@@ -242,6 +243,8 @@ class SandboxAPI:
         self.url = url
         self._timeout = timeout
         self._socket = url[len(UNIX_SCHEME):] if url.startswith(UNIX_SCHEME) else None
+        # Plain requests on the unix socket take the lean client; streams (and TCP) take httpx.
+        self._unix = unixhttp.UnixHTTP(self._socket, headers) if self._socket is not None else None
         if url.startswith(UNIX_SCHEME):
             self._http = httpx.AsyncClient(
                 base_url="http://sandbox", headers=headers, timeout=timeout, trust_env=False,
@@ -256,11 +259,21 @@ class SandboxAPI:
         )
 
     async def aclose(self) -> None:
+        if self._unix is not None:
+            await self._unix.aclose()
         await self._http.aclose()
 
     # ── transport ──────────────────────────────────────────────────────────
 
-    async def _request(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> httpx.Response:
+    async def _request(self, method: str, path: str, *, timeout: float | None = None,
+                       **kwargs: Any) -> httpx.Response | unixhttp.Response:
+        if self._unix is not None:
+            try:
+                return await self._unix.request(method, path, timeout=timeout or self._timeout, **kwargs)
+            except TimeoutError as exc:
+                raise SandboxUnreachable(f"sandbox at {self.url} did not answer {path} in time") from exc
+            except OSError as exc:
+                raise SandboxUnreachable(f"sandbox at {self.url} is not answering ({type(exc).__name__})") from exc
         try:
             return await self._http.request(method, path, timeout=timeout or self._timeout, **kwargs)
         except httpx.TimeoutException as exc:
@@ -301,8 +314,8 @@ class SandboxAPI:
     async def health(self, timeout: float = 2.0) -> bool:
         """Whether the server answers at all (``GET /health``), within ``timeout``."""
         try:
-            response = await self._http.get("/health", timeout=timeout)
-        except httpx.HTTPError:
+            response = await self._request("GET", "/health", timeout=timeout)
+        except SandboxUnreachable:
             return False
         return response.status_code < 500
 
@@ -368,9 +381,10 @@ class SandboxAPI:
             SandboxAuthError: it refused our token.
         """
         try:
-            response = await self._http.get("/v1/sandbox", timeout=min(2.0, max(0.2, timeout)))
-        except httpx.HTTPError as exc:
-            return f"{type(exc).__name__}: {exc}".strip()
+            response = await self._request("GET", "/v1/sandbox", timeout=min(2.0, max(0.2, timeout)))
+        except SandboxUnreachable as exc:
+            cause = exc.__cause__
+            return f"{type(cause).__name__}: {cause}".rstrip(": ") if cause is not None else exc.message
         if response.status_code == 200:
             return None
         if response.status_code == 401:
@@ -661,7 +675,7 @@ def _drop_none(payload: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in payload.items() if value is not None}
 
 
-def _json(response: httpx.Response) -> dict[str, Any]:
+def _json(response: httpx.Response | unixhttp.Response) -> dict[str, Any]:
     try:
         body = response.json()
     except ValueError:

@@ -48,9 +48,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ray.init(address=args.address or "local", logging_level=logging.ERROR, namespace=args.namespace, **local)
     pool_name = args.pool or f"rollouts-{uuid.uuid4().hex[:8]}"
     base_dir = args.base_dir or tempfile.mkdtemp(prefix="sandbox-actors-rollouts-")
-    pool = sandbox_actors.connect({"pool_name": pool_name, "namespace": args.namespace, "base_dir": base_dir,
-                                   "replicas": args.concurrency + 2, "container_prefix": pool_name,
-                                   "spare_actors": args.concurrency, "thread_mounts": False})
+    pool = sandbox_actors.connect(_config(args, pool_name, base_dir))
     report["pool"] = pool_name
     try:
         snapshot = None
@@ -97,12 +95,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _config(args: argparse.Namespace, pool_name: str, base_dir: str) -> dict[str, Any]:
+    return {"pool_name": pool_name, "namespace": args.namespace, "base_dir": base_dir,
+            "replicas": args.concurrency + 2, "container_prefix": pool_name, "spare_actors": args.concurrency,
+            "thread_mounts": False}
+
+
 def _floor(args: argparse.Namespace) -> dict[str, Any]:
     """The same episodes straight through this machine's engine, before any Ray runs: the rate
-    the machine allows without us."""
+    the machine allows without us (the containers the run's pool starts, started from one process)."""
+    from sandbox_actors.config import SandboxConfig
     from sandbox_actors.image import build_image
 
-    floor = rollouts.Floor(build_image(progress=lambda line: None).tag, "rollouts-floor")
+    with tempfile.TemporaryDirectory(prefix="sandbox-actors-rollouts-floor-") as base_dir:
+        return _floor_in(args, SandboxConfig(**_config(args, "rollouts-floor", base_dir)),
+                         build_image(progress=lambda line: None).tag)
+
+
+def _floor_in(args: argparse.Namespace, config: Any, image: str) -> dict[str, Any]:
+    floor = rollouts.Floor(image, "rollouts-floor", config)
     try:
         floor.prepare()
         got = floor.run(args.rollouts, args.concurrency)

@@ -108,25 +108,27 @@ def _ms(ordered: list[float], q: float) -> float:
 
 
 class Floor:
-    """The same episodes with no Ray and nothing of ours: from one process, each creates a
-    container of the prepared image on an isolated network through the engine, waits until it
-    answers, makes the three calls, reads the answer and removes the container. Prepare once
-    (:meth:`prepare`: the environment committed as an image, as a snapshot is), run as often as
-    needed, :meth:`close` removes the image, containers and network."""
+    """The same episodes with no Ray and nothing of ours: from one process, each creates the
+    container the pool (``config``) would, of the prepared image, through the engine, waits
+    until it answers, makes the three calls, reads the answer and removes the container.
+    Prepare once (:meth:`prepare`: the environment committed as an image, as a snapshot is),
+    run as often as needed, :meth:`close` removes the image, containers and network."""
 
-    def __init__(self, image: str, pool: str) -> None:
-        from backends import DockerBackend
+    def __init__(self, image: str, pool: str, config: Any) -> None:
+        from .actorconfig import ActorConfig
+        from .runtime import make_backend
 
         self._base, self._pool = image, pool
-        self._backend = DockerBackend(pool)
+        self._config = ActorConfig.of(config.model_copy(update={"pool_name": pool, "container_prefix": pool}))
+        self._backend = make_backend(self._config)
         self._loop = asyncio.new_event_loop()
         self.image: str | None = None
 
     def _spec(self, image: str) -> Any:
-        from backends import Limits, SandboxSpec
+        from .runtime import container_spec
 
-        return SandboxSpec(sandbox_id=secrets.token_hex(12), pool=self._pool, image=image,
-                           token=secrets.token_urlsafe(16), limits=Limits())
+        sandbox_id = secrets.token_hex(12)
+        return container_spec(self._config, sandbox_id, f"floor-{sandbox_id}", image)
 
     async def _up(self, spec: Any) -> Any:
         from backends import SandboxAPI

@@ -239,25 +239,8 @@ class SandboxRuntime:
                 raise SandboxOwned(f"sandbox {self.sandbox_id} is owned by live actor {other}", owner=other)
 
     async def _spec(self, image: str | None) -> SandboxSpec:
-        """What a new container of this sandbox is created with (the thread's directories made)."""
-        config = self.config
-        try:
-            # Host directories only where the backend mounts them: a provisioner decides what its sandboxes get.
-            mounts = (
-                await asyncio.to_thread(sandbox_mounts, config, self.thread_id, self._mounts)
-                if Capability.HOST_MOUNTS in config.backend.capabilities else ()
-            )
-        except OSError as exc:
-            raise SandboxStartError(
-                f"could not create the thread directories under {config.base_dir}: {exc.strerror}"
-            ) from exc
-        return SandboxSpec(
-            sandbox_id=self.sandbox_id, pool=config.pool_name, image=image or config.image, thread_id=self.thread_id,
-            port=config.port, mounts=mounts, environment=_resolve_env(config), token=secrets.token_urlsafe(32),
-            limits=config.limits, capabilities=tuple(config.capabilities), bind_host=config.bind_host,
-            extra_labels={**self._extra_labels, LABEL_ACTOR: self.owner}, user=config.user, runtime=config.runtime,
-            read_only_rootfs=config.read_only_rootfs,
-        )
+        return await asyncio.to_thread(container_spec, self.config, self.sandbox_id, self.thread_id, image,
+                                       self._mounts, {**self._extra_labels, LABEL_ACTOR: self.owner})
 
     async def _create(self, image: str | None = None) -> None:
         config = self.config
@@ -604,6 +587,32 @@ async def read_owner(api: SandboxAPI) -> dict[str, Any] | None:
     except (SandboxError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def container_spec(config: ActorConfig, sandbox_id: str, thread_id: str | None, image: str | None = None,
+                   mounts: tuple[Mount, ...] = (), labels: Mapping[str, str] | None = None) -> SandboxSpec:
+    """What a new container of a sandbox is created with, the thread's directories made: one
+    place for the pool's sandboxes and for the bench's floor, which starts the same containers
+    with no Ray.
+
+    Raises:
+        SandboxStartError: the thread directories could not be made.
+    """
+    try:
+        # Host directories only where the backend mounts them: a provisioner decides what its sandboxes get.
+        made = (sandbox_mounts(config, thread_id, mounts)
+                if Capability.HOST_MOUNTS in config.backend.capabilities else ())
+    except OSError as exc:
+        raise SandboxStartError(
+            f"could not create the thread directories under {config.base_dir}: {exc.strerror}"
+        ) from exc
+    return SandboxSpec(
+        sandbox_id=sandbox_id, pool=config.pool_name, image=image or config.image, thread_id=thread_id,
+        port=config.port, mounts=made, environment=_resolve_env(config), token=secrets.token_urlsafe(32),
+        limits=config.limits, capabilities=tuple(config.capabilities), bind_host=config.bind_host,
+        extra_labels=dict(labels or {}), user=config.user, runtime=config.runtime,
+        read_only_rootfs=config.read_only_rootfs,
+    )
 
 
 def _resolve_env(config: ActorConfig) -> dict[str, str]:

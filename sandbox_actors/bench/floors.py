@@ -15,24 +15,35 @@ T = TypeVar("T")
 
 class FloorEngine:
     """Bare container starts through the engine, no Ray: create + start + readiness (polled from
-    10 ms on) of the image on an isolated network of its own (or none, under ``runtime``), as
-    the pool's sandboxes get. Engine calls are shielded and kept: an interrupt cancels the caller,
+    10 ms on). Given the pool's ``config``, each container is the one that pool would create
+    (its image, network policy, limits, user, and a new thread's directories mounted), under a
+    pool name of the floor's own; else the image on an isolated network of its own (or none,
+    under ``runtime``). Engine calls are shielded and kept: an interrupt cancels the caller,
     never the call in the engine's thread, and :meth:`close` waits for every one before it removes
     what exists (a create it missed, or a removal half done, would keep the network)."""
 
-    def __init__(self, image: str, pool: str, runtime: str | None = None) -> None:
+    def __init__(self, image: str, pool: str, runtime: str | None = None, config: Any = None) -> None:
         from backends import DockerBackend
         from backends.firewall import NetworkPolicy
+        from sandbox_actors.actorconfig import ActorConfig
+        from sandbox_actors.runtime import make_backend
 
         self._image, self._pool, self._runtime = image, pool, runtime
         self._loop = asyncio.new_event_loop()
-        self._backend = DockerBackend(pool, policy=NetworkPolicy(egress="none") if runtime else None)
+        self._config = None if config is None else ActorConfig.of(config.model_copy(
+            update={"pool_name": pool, "container_prefix": pool, "image": image, "runtime": runtime or config.runtime}))
+        self._backend: Any = (make_backend(self._config) if self._config is not None  # a DockerBackend
+                              else DockerBackend(pool, policy=NetworkPolicy(egress="none") if runtime else None))
         self._calls: set[asyncio.Future[Any]] = set()
 
     def _spec(self) -> Any:
         from backends import Limits, SandboxSpec
+        from sandbox_actors.runtime import container_spec
 
-        return SandboxSpec(sandbox_id=secrets.token_hex(12), pool=self._pool, image=self._image,
+        sandbox_id = secrets.token_hex(12)
+        if self._config is not None:
+            return container_spec(self._config, sandbox_id, f"floor-{sandbox_id}")
+        return SandboxSpec(sandbox_id=sandbox_id, pool=self._pool, image=self._image,
                            token=secrets.token_urlsafe(16), limits=Limits(), runtime=self._runtime)
 
     async def _engine(self, call: Awaitable[T]) -> T:
@@ -171,17 +182,14 @@ def wait_gone(pids: set[int], timeout: float = 30.0) -> bool:
     return True
 
 
-def cpu_ms_per_s(pids: list[int], seconds: float = 5.0) -> float:
-    """The CPU the processes use, per process, in ms per second, over ``seconds``."""
+def cpu_ms_per_s(pids: list[int], seconds: float = 5.0) -> dict[int, float]:
+    """The CPU each process uses over the same ``seconds``, in ms per second."""
     import psutil
 
     procs = [psutil.Process(pid) for pid in pids]
-    if not procs:
-        return 0.0
     before = [sum(p.cpu_times()[:2]) for p in procs]
     time.sleep(seconds)
-    used = sum(sum(p.cpu_times()[:2]) - b for p, b in zip(procs, before))
-    return round(used / seconds / len(procs) * 1000, 2)
+    return {p.pid: round((sum(p.cpu_times()[:2]) - b) / seconds * 1000, 2) for p, b in zip(procs, before)}
 
 
 def ray_processes() -> set[int]:

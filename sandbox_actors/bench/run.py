@@ -75,6 +75,7 @@ class Bench:
         self.out = out
         self.results: dict[str, Any] = {"failures": [], "clean_floors": {}}
         self._image = ""
+        self._default: Any = None  # the default config (the whole run's floor starts its containers)
         self._rollout_floor: rollouts.Floor | None = None
 
     def say(self, text: str) -> None:
@@ -103,6 +104,7 @@ class Bench:
                 values.update(extra)
                 return SandboxConfig(**values)
 
+            self._default = config("bench-floor")
             stages = self._stages(config)
             unknown = set(self.only) - {stage.key for stage in stages}
             if unknown:
@@ -159,14 +161,14 @@ class Bench:
 
         self.out(stage.title)
         floors = self.results["clean_floors"].setdefault(stage.key, {})
-        self._clean(stage.floors, floors)
+        self._clean(stage.floors, floors, stage.config)
         with self._private_ray() as address:
             pool = sandbox_actors.connect(stage.config)
             try:
                 stage.measure(pool, address)
             finally:
                 pool.shutdown()
-        self._clean(stage.floors, floors)
+        self._clean(stage.floors, floors, stage.config)
 
     @contextlib.contextmanager
     def _private_ray(self) -> Iterator[str]:
@@ -187,7 +189,7 @@ class Bench:
 
     def floor(self) -> None:
         """The floors of the whole run (and of the table's p50/floor column), before anything."""
-        engine = FloorEngine(self._image, "bench-floor")
+        engine = FloorEngine(self._image, "bench-floor", config=self._default)
         try:
             engine.single()  # the engine client's own start-up is not the floor
             self.results["floor"] = summarize([engine.single() for _ in range(self.n)])
@@ -200,23 +202,26 @@ class Bench:
         finally:
             engine.close()
         if self.runtime:
-            engine = FloorEngine(self._image, "bench-floor-rt", self.runtime)
+            engine = FloorEngine(self._image, "bench-floor-rt", self.runtime,
+                                 config=type(self._default)(**{**self._default.model_dump(),
+                                                               "network": {"egress": "none"}}))
             try:
                 engine.single()
                 self.results[f"floor_{self.runtime}"] = summarize([engine.single() for _ in range(self.n)])
             finally:
                 engine.close()
 
-    def _clean(self, kinds: tuple[str, ...], into: dict[str, Any]) -> None:
-        """Measure the floors ``kinds`` once more (nothing of ours runs), adding to ``into``."""
+    def _clean(self, kinds: tuple[str, ...], into: dict[str, Any], config: Any) -> None:
+        """Measure the floors ``kinds`` once more (nothing of ours runs), adding to ``into``: the
+        containers the stage's pool (``config``) would start, started straight through the engine."""
         if not kinds:
             return
         if "rollout" in kinds:
-            self._clean_rollouts(into)
+            self._clean_rollouts(into, config)
         runtime = self.runtime if "single_runtime" in kinds else None
         if "single" not in kinds and "burst" not in kinds and runtime is None:
             return
-        engine = FloorEngine(self._image, "bench-clean", runtime)
+        engine = FloorEngine(self._image, "bench-clean", runtime, config=config)
         try:
             engine.single()
             if "single" in kinds or runtime:
@@ -232,9 +237,9 @@ class Bench:
         finally:
             engine.close()
 
-    def _clean_rollouts(self, into: dict[str, Any]) -> None:
+    def _clean_rollouts(self, into: dict[str, Any], config: Any) -> None:
         if self._rollout_floor is None:
-            self._rollout_floor = rollouts.Floor(self._image, "bench-rollout-floor")
+            self._rollout_floor = rollouts.Floor(self._image, "bench-rollout-floor", config)
             self._rollout_floor.prepare()
         for concurrency in self.concurrency:
             row = self._rollout_floor.run(self.episodes, concurrency)
@@ -420,21 +425,23 @@ class Bench:
             info = ray.get(handle.describe.remote(), timeout=10)
             if info.get("sandbox_id") is None:
                 pids.append(info["pid"])
-        spare_cpu = cpu_ms_per_s(pids)
-        uss = sum(psutil.Process(pid).memory_full_info().uss for pid in pids) / 2**20
-        self.results["spares_idle"] = {"n": len(pids), "uss_mb": round(uss, 1),
-                                       "cpu_cores": round(spare_cpu * len(pids) / 1000, 3)}
-        self.results["spare_idle_cpu_ms_per_s"] = spare_cpu
         trivial = trivial_actor()
         actors = [trivial.remote() for _ in range(max(1, len(pids)))]
         answered = ray.get([a.ping.remote() for a in actors], timeout=600)
         try:
             time.sleep(2)  # past their start-up
-            self.results["trivial_actor_idle_cpu_ms_per_s"] = cpu_ms_per_s(answered)
+            # Both over the same seconds: this machine's speed drifts from one minute to the next.
+            used = cpu_ms_per_s([*pids, *answered], seconds=10.0)
         finally:
             for actor in actors:
                 ray.kill(actor)
             wait_gone(set(answered))
+        spare_cpu = round(sum(used[pid] for pid in pids) / max(1, len(pids)), 2)
+        self.results["trivial_actor_idle_cpu_ms_per_s"] = round(sum(used[pid] for pid in answered) / len(answered), 2)
+        uss = sum(psutil.Process(pid).memory_full_info().uss for pid in pids) / 2**20
+        self.results["spares_idle"] = {"n": len(pids), "uss_mb": round(uss, 1),
+                                       "cpu_cores": round(spare_cpu * len(pids) / 1000, 3)}
+        self.results["spare_idle_cpu_ms_per_s"] = spare_cpu
         self.say(f"idle: a spare actor {spare_cpu:.2f} ms of CPU per second, a trivial Ray actor "
                  f"{self.results['trivial_actor_idle_cpu_ms_per_s']:.2f} ({len(pids)} of each)")
 
@@ -504,7 +511,7 @@ class Bench:
         seconds."""
         import ray
 
-        engine = FloorEngine(self._image, "bench-at-once")
+        engine = FloorEngine(self._image, "bench-at-once", config=self._default)
         trivial = trivial_actor()
         answered: list[int] = []
         try:
