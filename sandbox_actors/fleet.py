@@ -63,7 +63,7 @@ class Fleet(Protocol):
     async def start(self, actor: Any, sandbox_id: str, thread_id: str | None, resume: bool = False,
                     image: str | None = None, image_from: str | None = None,
                     container_id: str | None = None, mounts: tuple[Mount, ...] = ()) -> dict[str, Any]: ...
-    async def owner_of(self, sandbox_id: str, owned: SandboxOwned) -> tuple[Any, dict[str, Any]]: ...
+    async def owner_of(self, sandbox_id: str, owner: str) -> tuple[Any, dict[str, Any]]: ...
     async def hibernate(self, actor: Any, sandbox_id: str) -> dict[str, Any]: ...
     async def snapshot(self, actor: Any, sandbox_id: str, image: str, labels: dict[str, str]) -> dict[str, Any]: ...
     async def claim(self, actor: Any, thread_id: str | None) -> dict[str, Any]: ...
@@ -176,8 +176,10 @@ class RayFleet(EngineCalls):
         ``image``, fetched from the reaper named ``image_from`` when this node's engine lacks it;
         mounting ``mounts`` instead of the pool's thread directories when given).
 
+        Answers ``outcome`` owned and the ``owner``'s name when another live actor owns the
+        container (nothing served).
+
         Raises:
-            SandboxOwned: another live actor owns the container.
             ImageNotFound, ReadinessTimeout, SandboxStartError, ...: the container did not start.
         """
         return await raycalls.call(
@@ -199,25 +201,29 @@ class RayFleet(EngineCalls):
         """Commit the sandbox's filesystem as ``image``; returns its id and size."""
         return await raycalls.call(actor.snapshot.remote(image, labels), IMAGE_TIMEOUT, f"snapshot {sandbox_id}")
 
-    async def owner_of(self, sandbox_id: str, owned: SandboxOwned) -> tuple[Any, dict[str, Any]]:
-        """The live actor that owns ``sandbox_id`` (it refused to let another start it), once its
-        own start of it is done (a start cut short by a pool restart may still be under way there).
+    async def owner_of(self, sandbox_id: str, owner: str) -> tuple[Any, dict[str, Any]]:
+        """The live actor named ``owner`` that serves ``sandbox_id`` (a start found it owning the
+        container), once its own start of it is done (a start cut short by a pool restart may
+        still be under way there).
 
         Raises:
             SandboxOwned: it is gone, serves another sandbox, or did not finish starting this one in time.
         """
-        handle = await asyncio.to_thread(raycalls.get_actor, owned.owner, self._config.namespace)
+        def refused(why: str) -> SandboxOwned:
+            return SandboxOwned(f"sandbox {sandbox_id} is owned by live actor {owner}, which {why}", owner=owner)
+
+        handle = await asyncio.to_thread(raycalls.get_actor, owner, self._config.namespace)
         if handle is None:
-            raise owned
+            raise refused("is gone now")
         deadline = time.monotonic() + self._config.readiness_timeout + OWNER_GRACE
         while True:
-            info = await raycalls.call(handle.describe.remote(), DESCRIBE_TIMEOUT, f"describe {owned.owner}")
+            info = await raycalls.call(handle.describe.remote(), DESCRIBE_TIMEOUT, f"describe {owner}")
             if info.get("sandbox_id") != sandbox_id:
-                raise owned
+                raise refused(f"serves sandbox {info.get('sandbox_id')} now")
             if info.get("started"):
-                return handle, {**info, "adopted": True}
+                return handle, {**info, "adopted": True, "outcome": "adopted"}
             if time.monotonic() > deadline:
-                raise owned
+                raise refused("did not finish starting it in time")
             await asyncio.sleep(0.2)
 
     async def claim(self, actor: Any, thread_id: str | None) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from .errors import (
     PoolExhausted,
     SandboxDied,
     SandboxError,
-    SandboxOwned,
     SandboxStartError,
 )
 from .fleet import WATCH_SECONDS, Fleet
@@ -35,7 +34,7 @@ from .reconcile import RepairFacts, RepairPlan, plan_repair, repair_needs_probe
 from .records import PoolRecords
 from .state import Entry, MustCheck, PoolState, SandboxState, StopReason
 from .threads import anonymous_sandbox_id
-from .views import ActorView, ContainerView, Lease
+from .views import ActorView, ContainerView, Lease, StartOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -264,28 +263,32 @@ class Lifecycle:
                 try:
                     if not spare:  # a spare is placed already: it answered before it became one
                         await self._place(actor, sandbox_id, node_id)
-                    return actor, await fleet.start(actor, sandbox_id, thread_id, resume, image, image_from,
-                                                    container_id, mounts)
+                    info = await fleet.start(actor, sandbox_id, thread_id, resume, image, image_from, container_id,
+                                             mounts)
                 except PoolExhausted:
                     fleet.kill(actor)  # never placed: nothing to stop
                     raise
-                except SandboxOwned as exc:
-                    fleet.kill(actor)
-                    try:
-                        return await fleet.owner_of(sandbox_id, exc)
-                    except ActorGone:
-                        if attempt == _START_ATTEMPTS:
-                            raise
-                        continue  # the owner died while its start was waited for: start it again
                 except SandboxDied:
                     fleet.kill(actor)  # the actor died under us (e.g. a spare): try another
                     if attempt == _START_ATTEMPTS:
                         raise
+                    continue
                 except BaseException:
                     fleet.later(fleet.discard(actor))
                     raise
                 finally:
                     fleet.launched(name)
+                if info.get("outcome") != StartOutcome.OWNED:
+                    return actor, info
+                # Another live actor serves the container (a start a pool restart cut short): this
+                # one served nothing; the sandbox is the owner's once its start is done.
+                fleet.kill(actor)
+                try:
+                    return await fleet.owner_of(sandbox_id, info["owner"])
+                except ActorGone:
+                    if attempt == _START_ATTEMPTS:
+                        raise
+                    # the owner died while its start was waited for: start it again
             raise AssertionError("unreachable")
         finally:
             fleet.start_ended()
@@ -337,7 +340,8 @@ class Lifecycle:
         try:
             await self._create(entry)
         except SandboxError as exc:
-            logger.warning("could not pre-warm a spare sandbox: %s", exc.message)
+            # Shutting down ends the spares on their way: nothing to warn of.
+            (logger.info if self.closed else logger.warning)("could not pre-warm a spare sandbox: %s", exc.message)
 
     # ── handing out ────────────────────────────────────────────────────────
 

@@ -31,7 +31,6 @@ from backends.errors import (
     SandboxDied,
     SandboxError,
     SandboxNotFound,
-    SandboxOwned,
     SandboxStartError,
     SandboxUnreachable,
 )
@@ -39,6 +38,7 @@ from backends.sandbox_api import BashResult, CommandView, FileInfo, ShellResult
 
 from .actorconfig import ENV_NAME, ActorConfig
 from .threads import sandbox_mounts
+from .views import Found, StartOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,10 @@ class SandboxRuntime:
 
     async def start(self, resume: bool = False, image: str | None = None,
                     container_id: str | None = None) -> dict[str, Any]:
-        """Adopt this sandbox's running container, or create one and wait until it answers.
+        """Adopt this sandbox's running container, or create one and wait until it answers; say
+        which (``outcome``, a :class:`StartOutcome`). A running container that another live actor
+        owns is neither served nor touched: the answer is ``outcome`` OWNED and that ``owner``'s
+        name, for the pool to decide.
 
         Args:
             resume: a stopped container of this sandbox is started again (it was hibernated:
@@ -126,7 +129,7 @@ class SandboxRuntime:
             container_id: with ``resume``, the stopped container's id as the pool recorded it:
                 started at once, without a look-up by name first.
 
-        Idempotent: a second call returns the same description.
+        Idempotent: a second call (once served) returns the same description.
 
         Raises:
             SandboxNotFound: a resume found no container of this sandbox.
@@ -140,27 +143,33 @@ class SandboxRuntime:
             if self._stopping:
                 raise SandboxDied(f"sandbox {self.sandbox_id} was destroyed")
             started = time.monotonic()
-            # Only a resume deals with its container first: a create finds a container of this
-            # sandbox that already exists by its name (and adopts or replaces it, as below).
-            existing, resumed = await self._wake(container_id) if resume else (None, None)
-            if existing is not None and existing.running:
-                await self._refuse_if_owned(existing)
-            if resumed is not None:
-                await self._serve_resumed(resumed)
-            elif existing is not None and existing.running and await self._try_adopt(existing):
-                logger.info("sandbox %s: adopted running container %s", self.sandbox_id, existing.container_name)
-            elif existing is not None and resume:
-                record, _ = await self.backend.start_container(self.sandbox_id, existing.container_id)
-                await self._serve_resumed(record)
-            else:
-                if existing is not None:
-                    logger.info("sandbox %s: removing unusable container %s", self.sandbox_id, existing.container_name)
-                    await self.backend.destroy(self.sandbox_id, existing.container_id)
-                await self._create(image)
+            found = await self._serve(resume, image, container_id)
+            if found.outcome is StartOutcome.OWNED:
+                return {"sandbox_id": self.sandbox_id, "started": False, **found.report()}
             self._pid_start = _process_start(self.record.pid) if self.record and self.record.pid else None
-            info = self.describe()
-            info["start_seconds"] = time.monotonic() - started
-            return info
+            return {**self.describe(), **found.report(), "start_seconds": time.monotonic() - started}
+
+    async def _serve(self, resume: bool, image: str | None, container_id: str | None) -> Found:
+        """What :meth:`start` found, and served unless another live actor owns it."""
+        # Only a resume deals with its container first: a create finds a container of this
+        # sandbox that already exists by its name (and adopts or replaces it, as below).
+        existing, resumed = await self._wake(container_id) if resume else (None, None)
+        if existing is not None and existing.running and (owner := await self._live_owner(existing)):
+            return Found(StartOutcome.OWNED, owner)
+        if resumed is not None:
+            await self._serve_resumed(resumed)
+            return Found(StartOutcome.RESUMED)
+        if existing is not None and existing.running and (adopted := await self._try_adopt(existing)):
+            logger.info("sandbox %s: adopted running container %s", self.sandbox_id, existing.container_name)
+            return adopted
+        if existing is not None and resume:
+            record, _ = await self.backend.start_container(self.sandbox_id, existing.container_id)
+            await self._serve_resumed(record)
+            return Found(StartOutcome.RESUMED)
+        if existing is not None:
+            logger.info("sandbox %s: removing unusable container %s", self.sandbox_id, existing.container_name)
+            await self.backend.destroy(self.sandbox_id, existing.container_id)
+        return await self._create(image)
 
     async def _wake(self, container_id: str | None) -> tuple[SandboxRecord | None, SandboxRecord | None]:
         """A resume's first step: (the container found, the container started now). By the id
@@ -202,7 +211,9 @@ class SandboxRuntime:
         self._owner_written = asyncio.ensure_future(self._write_owner())
         logger.info("sandbox %s: resumed container %s", self.sandbox_id, record.container_name)
 
-    async def _try_adopt(self, record: SandboxRecord) -> bool:
+    async def _try_adopt(self, record: SandboxRecord) -> Found | None:
+        """Serve ``record``'s running container when it answers and no other live actor owns it
+        (then it is found OWNED, not served); None when it does not answer."""
         api = SandboxAPI(record.url, record.token)
         try:
             await api.wait_ready(
@@ -216,19 +227,17 @@ class SandboxRuntime:
         except SandboxError as exc:
             logger.info("sandbox %s: running container does not answer (%s)", self.sandbox_id, type(exc).__name__)
             await api.aclose()
-            return False
-        owner = (await read_owner(api)) or {}
-        try:
-            await self._refuse_if_owned(record, str(owner.get("actor") or ""))
-        except SandboxOwned:
+            return None
+        owner = await self._live_owner(record, str(((await read_owner(api)) or {}).get("actor") or ""))
+        if owner is not None:
             await api.aclose()
-            raise
+            return Found(StartOutcome.OWNED, owner)
         self.record, self._api, self.adopted = record, api, True
         await self._write_owner()
-        return True
+        return Found(StartOutcome.ADOPTED)
 
-    async def _refuse_if_owned(self, record: SandboxRecord, recorded_owner: str = "") -> None:
-        """Raise SandboxOwned when another actor that still lives owns ``record``'s container.
+    async def _live_owner(self, record: SandboxRecord, recorded_owner: str = "") -> str | None:
+        """Another actor that still lives and owns ``record``'s container, if any.
 
         The creating actor is in a label (immutable); a later adopter is in the
         owner record inside the container. Neither is trusted for more than
@@ -236,23 +245,25 @@ class SandboxRuntime:
         """
         for other in {record.labels.get(LABEL_ACTOR, ""), recorded_owner}:
             if other and other != self.owner and self._owner_alive is not None and await self._owner_alive(other):
-                raise SandboxOwned(f"sandbox {self.sandbox_id} is owned by live actor {other}", owner=other)
+                return other
+        return None
 
     async def _spec(self, image: str | None) -> SandboxSpec:
         return await asyncio.to_thread(container_spec, self.config, self.sandbox_id, self.thread_id, image,
                                        self._mounts, {**self._extra_labels, LABEL_ACTOR: self.owner})
 
-    async def _create(self, image: str | None = None) -> None:
+    async def _create(self, image: str | None = None) -> Found:
         config = self.config
         spec = await self._spec(image)
         record = await self.backend.create(spec)
         if record.labels.get(LABEL_ACTOR, "") != self.owner:
             # The sandbox's container exists already (the engine handed it back): adopt it when it
             # answers and no live actor owns it, else replace it once.
-            await self._refuse_if_owned(record)
-            if await self._try_adopt(record):
+            if owner := await self._live_owner(record):
+                return Found(StartOutcome.OWNED, owner)
+            if adopted := await self._try_adopt(record):
                 logger.info("sandbox %s: adopted running container %s", self.sandbox_id, record.container_name)
-                return
+                return adopted
             logger.info("sandbox %s: removing unusable container %s", self.sandbox_id, record.container_name)
             await self.backend.destroy(self.sandbox_id, record.container_id)
             record = await self.backend.create(spec)
@@ -277,6 +288,7 @@ class SandboxRuntime:
         if not self.backend.records_creator:
             await self._write_owner()
         logger.info("sandbox %s: container %s ready at %s", self.sandbox_id, record.container_name, record.url)
+        return Found(StartOutcome.CREATED)
 
     async def claim(self, thread_id: str) -> dict[str, Any]:
         """Give this (pre-warmed, anonymous) sandbox to ``thread_id`` (the pool records the claim)."""

@@ -128,8 +128,10 @@ class SandboxActor:
         directories when given), and wait until it answers. A snapshot image this node's engine
         lacks is fetched from the reaper named ``image_from`` (once per node).
 
-        Idempotent for the same sandbox. Raises SandboxOwned when another live
-        actor owns the container, and the start errors of a new container.
+        Idempotent for the same sandbox. Says what it found (``outcome``: created, adopted,
+        resumed); when another live actor owns the container, serves nothing and answers
+        ``outcome`` owned with that ``owner``'s name, for the pool to decide. Raises the start
+        errors of a new container.
         """
         if self._runtime is None:
             self._runtime = SandboxRuntime(
@@ -151,7 +153,9 @@ class SandboxActor:
                 raise
             await self._fetch_image(image, image_from)
             started = await self._runtime.start(resume=resume, image=image)
-        return {**await self.describe(), "start_seconds": started.get("start_seconds")}
+        if not started.get("started"):
+            return started  # owned by another live actor: nothing served here
+        return {**await self.describe(), "outcome": started.get("outcome"), "start_seconds": started.get("start_seconds")}
 
     async def _fetch_image(self, image: str, source_name: str) -> None:
         began = time.monotonic()

@@ -8,9 +8,33 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from backends.base import Mount
+
+
+class StartOutcome(StrEnum):
+    """What an actor's start of a sandbox found: it created a container, adopted the running one,
+    resumed the stopped one, or found the running one OWNED by another actor that lives (and
+    served nothing: the pool decides, handing the thread to that owner)."""
+
+    CREATED = "created"
+    ADOPTED = "adopted"
+    RESUMED = "resumed"
+    OWNED = "owned"
+
+
+@dataclass(frozen=True)
+class Found:
+    """A start's outcome, and the owner's actor name when OWNED."""
+
+    outcome: StartOutcome
+    owner: str | None = None
+
+    def report(self) -> dict[str, str]:
+        """As a start's answer carries it: ``outcome``, and ``owner`` when OWNED."""
+        return {"outcome": self.outcome.value, **({"owner": self.owner} if self.owner else {})}
 
 
 @dataclass(frozen=True)

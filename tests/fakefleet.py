@@ -13,7 +13,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sandbox_actors.errors import BackendUnavailable, SandboxNotFound, SandboxOwned
+from sandbox_actors.errors import BackendUnavailable, SandboxNotFound
 from sandbox_actors.raycalls import ActorGone
 from sandbox_actors.views import ActorView, ContainerView
 
@@ -155,7 +155,7 @@ class FakeFleet:
         owner = next((a for a in self.actors.values() if a.sandbox_id == sandbox_id and a.alive and a is not actor
                       and a.container_id is not None), None)
         if owner is not None:
-            raise SandboxOwned(f"owned by {owner.name}", owner=owner.name)
+            return {"sandbox_id": sandbox_id, "started": False, "outcome": "owned", "owner": owner.name}
         existing = next((c for c in self.boxes.values() if c.sandbox_id == sandbox_id and c.running), None)
         stopped = next((c for c in self.boxes.values() if c.sandbox_id == sandbox_id and not c.running), None)
         if container_id is not None and container_id not in self.boxes:
@@ -174,8 +174,8 @@ class FakeFleet:
         await self._pass("started")  # a gate here holds a start whose container answered, not yet settled
         return actor.describe()
 
-    async def owner_of(self, sandbox_id: str, owned: SandboxOwned) -> tuple[FakeActor, dict[str, Any]]:
-        actor = self.actors[owned.owner]
+    async def owner_of(self, sandbox_id: str, owner: str) -> tuple[FakeActor, dict[str, Any]]:
+        actor = self.actors[owner]
         return actor, {**actor.describe(), "adopted": True}
 
     def kill(self, actor: FakeActor) -> None:

@@ -15,7 +15,7 @@ from sandbox_actors.records import MemoryRecords, MemoryStore
 from sandbox_actors.state import SandboxState
 from sandbox_actors.threads import sandbox_id_for
 from sandbox_actors.views import HostDirs
-from tests.fakefleet import FakeFleet
+from tests.fakefleet import FakeActor, FakeContainer, FakeFleet
 
 
 class Clock:
@@ -441,3 +441,22 @@ def test_a_client_fills_in_the_handle_it_keeps_and_forgets_the_oldest():
 
     travelled = pickle.loads(pickle.dumps(known))  # a handle sent to another task carries its client
     assert travelled.get("b") is None and travelled._size == 2
+
+
+def test_a_start_that_finds_a_live_owner_hands_the_thread_to_that_owner():
+    """A start can find the sandbox's container served already by another actor that lives (one a
+    restarted pool lost track of). The start says so instead of serving it; the pool ends its own
+    new actor and hands the thread to the owner: one actor per container, none made twice."""
+    async def body():
+        pool, fleet = make()
+        await pool.ping()
+        sandbox_id = sandbox_id_for("unit", "t1")
+        fleet.boxes["c-old"] = FakeContainer(sandbox_id, "c-old", "t1")
+        owner = FakeActor("sbx-owner", sandbox_id, "t1", "c-old")
+        fleet.actors[owner.name] = owner
+        box = await pool.acquire("t1")
+        assert box.actor is owner and box.info["container_id"] == "c-old"
+        assert [a.name for a in fleet.actors.values() if a.alive] == ["sbx-owner"]  # the new one was ended
+        assert fleet.creates == 0
+
+    run(body)
