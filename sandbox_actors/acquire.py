@@ -106,13 +106,36 @@ async def _carry_out(life: Lifecycle, decision: Decision, sandbox_id: str, deadl
         return await asyncio.shield(resume_later(life, decision.entry))
     if isinstance(decision, MustCreate):
         if decision.over_soft_cap:
-            logger.warning("all %d replica slots are in use; creating sandbox %s beyond the soft limit",
-                           config.replicas, sandbox_id)
+            _OVER_SOFT_CAP.note(config.replicas, sandbox_id)
         started = await asyncio.shield(life.create(decision.entry))
         # Else e.g. its container died as it started: repaired (replaced) first.
         return started if _untouched(life, decision.entry.sandbox_id) else STARTED
     await _wait_for(life, decision, deadline)
     return None
+
+
+class _SoftCapWarning:
+    """A warning that sandboxes are created past ``replicas``: at once the first time, then at
+    most once a minute with how many came meanwhile (under churn it came with every acquire)."""
+
+    EVERY = 60.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock, self._last, self._since = clock, float("-inf"), 0
+
+    def note(self, replicas: int, sandbox_id: str) -> bool:
+        """Count one sandbox created past the limit; whether it was logged."""
+        self._since += 1
+        if self._clock() - self._last < self.EVERY:
+            return False
+        more = f" (and {self._since - 1} more since the last warning)" if self._since > 1 else ""
+        logger.warning("all %d replica slots are in use; creating sandbox %s beyond the soft limit%s",
+                       replicas, sandbox_id, more)
+        self._last, self._since = self._clock(), 0
+        return True
+
+
+_OVER_SOFT_CAP = _SoftCapWarning()
 
 
 def _untouched(life: Lifecycle, sandbox_id: str) -> bool:

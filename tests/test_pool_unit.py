@@ -460,3 +460,19 @@ def test_a_start_that_finds_a_live_owner_hands_the_thread_to_that_owner():
         assert fleet.creates == 0
 
     run(body)
+
+
+def test_creating_past_the_soft_limit_warns_once_a_minute_with_the_count(caplog):
+    from sandbox_actors.acquire import _SoftCapWarning
+
+    clock = Clock()
+    warning = _SoftCapWarning(clock)
+    with caplog.at_level("WARNING", logger="sandbox_actors.acquire"):
+        said = [warning.note(4, f"s{i}") for i in range(5)]
+        clock.now += 61
+        said.append(warning.note(4, "s5"))
+    assert said == [True, False, False, False, False, True]
+    assert [r.getMessage() for r in caplog.records] == [
+        "all 4 replica slots are in use; creating sandbox s0 beyond the soft limit",
+        "all 4 replica slots are in use; creating sandbox s5 beyond the soft limit (and 4 more since the last warning)",
+    ]
