@@ -267,18 +267,13 @@ class SandboxAPI:
 
     async def _request(self, method: str, path: str, *, timeout: float | None = None,
                        **kwargs: Any) -> httpx.Response | unixhttp.Response:
-        if self._unix is not None:
-            try:
-                return await self._unix.request(method, path, timeout=timeout or self._timeout, **kwargs)
-            except TimeoutError as exc:
-                raise SandboxUnreachable(f"sandbox at {self.url} did not answer {path} in time") from exc
-            except OSError as exc:
-                raise SandboxUnreachable(f"sandbox at {self.url} is not answering ({type(exc).__name__})") from exc
         try:
+            if self._unix is not None:
+                return await self._unix.request(method, path, timeout=timeout or self._timeout, **kwargs)
             return await self._http.request(method, path, timeout=timeout or self._timeout, **kwargs)
-        except httpx.TimeoutException as exc:
+        except (TimeoutError, httpx.TimeoutException) as exc:  # (TimeoutError is an OSError: first)
             raise SandboxUnreachable(f"sandbox at {self.url} did not answer {path} in time") from exc
-        except httpx.TransportError as exc:
+        except (OSError, httpx.TransportError) as exc:
             raise SandboxUnreachable(f"sandbox at {self.url} is not answering ({type(exc).__name__})") from exc
 
     async def _call(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> dict[str, Any]:

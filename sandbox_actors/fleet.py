@@ -24,7 +24,7 @@ from .engines import STOP_TIMEOUT, EngineCalls, Engines
 from .errors import SandboxError, SandboxOwned
 from .raycalls import ActorGone
 from .spares import Spares
-from .views import ActorView, ContainerView
+from .views import ActorView, ContainerView, StartOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class RayFleet(EngineCalls):
             if info.get("sandbox_id") != sandbox_id:
                 raise refused(f"serves sandbox {info.get('sandbox_id')} now")
             if info.get("started"):
-                return handle, {**info, "adopted": True, "outcome": "adopted"}
+                return handle, {**info, "adopted": True, "outcome": StartOutcome.ADOPTED.value}
             if time.monotonic() > deadline:
                 raise refused("did not finish starting it in time")
             await asyncio.sleep(0.2)
