@@ -181,6 +181,11 @@ class Backend(abc.ABC):
         error here: the create reports it."""
         return await self.engine_id()
 
+    async def reached_over_tcp(self, image: str) -> bool:
+        """Whether sandboxes of ``image`` answer on a TCP port (their client is httpx, which a
+        spare loads ahead of need) rather than on a unix socket; True when unsure."""
+        return True
+
     @abc.abstractmethod
     async def create(self, spec: SandboxSpec) -> SandboxRecord:
         """Start a container for ``spec``.

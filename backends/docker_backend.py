@@ -300,6 +300,10 @@ class DockerBackend(Backend):
 
         return await asyncio.to_thread(_warm)
 
+    async def reached_over_tcp(self, image: str) -> bool:
+        api = self._images.get(image) or await asyncio.to_thread(self._try_image_api, image)
+        return api is None or not api.socket_path
+
     async def create(self, spec: SandboxSpec) -> SandboxRecord:
         return await asyncio.to_thread(self._create, spec)
 

@@ -22,8 +22,6 @@ import logging
 import time
 from typing import Any
 
-import httpx
-
 from .base import (
     Capability,
     LABEL_ACTOR,
@@ -82,6 +80,8 @@ class ProvisionerBackend(Backend):
         self._pool = pool
         self._timeouts = {"create": create_timeout, "delete": delete_timeout, "request": request_timeout}
         headers = {"X-API-Key": api_key} if api_key else {}
+        import httpx  # here: a SandboxActor of a Docker pool never loads it
+
         # The provisioner is ours to reach as configured: no proxy from the environment.
         self._http = httpx.AsyncClient(base_url=self.url, headers=headers, trust_env=False, verify=context_for(self.url))
         self._engine_id = "provisioner-" + hashlib.sha256(self.url.encode()).hexdigest()[:16]
@@ -93,6 +93,8 @@ class ProvisionerBackend(Backend):
 
     async def _call(self, method: str, path: str, timeout: str, body: Any = None) -> tuple[int, Any]:
         """(status, JSON body or None). Raises BackendUnavailable, BackendUnauthorized, BackendError (5xx)."""
+        import httpx
+
         what = f"{method} {path}"
         try:
             response = await self._http.request(method, path, json=body, timeout=self._timeouts[timeout])

@@ -1,15 +1,16 @@
 """A small async client for the sandbox HTTP API (the AIO sandbox subset).
 
 Field names follow the ``agent-sandbox`` SDK's models, so the same client
-drives our minimal image and the public AIO image. One client per sandbox; it
-owns one ``httpx.AsyncClient`` and must be closed (``aclose``), which never
-touches the container.
+drives our minimal image and the public AIO image. One client per sandbox: on a unix socket
+it speaks through :mod:`backends.unixhttp` (httpx is not even imported), over TCP through an
+``httpx.AsyncClient``; it must be closed (``aclose``), which never touches the container.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import json
 import ipaddress
@@ -22,9 +23,7 @@ import urllib.parse
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from . import unixhttp
 from .errors import (
@@ -38,6 +37,9 @@ from .errors import (
     SandboxOperationError,
     SandboxUnreachable,
 )
+
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +131,8 @@ def _bypassed(host: str, no_proxy: str) -> bool:
 @functools.cache
 def tls_context() -> ssl.SSLContext:
     """One TLS context per process: building one costs ~20 ms of CPU, and a client is made per sandbox."""
+    import httpx
+
     return httpx.create_ssl_context()
 
 
@@ -163,13 +167,16 @@ async def warm_http_stack() -> None:
 
     # An abstract socket (Linux): nothing on disk, so a spare killed in the middle (a pool's
     # shutdown ends its spares with ray.kill) leaves no directory behind.
+    import httpx
+
     path = f"\0sandbox-actors-warm-{os.getpid()}-{secrets.token_hex(6)}"
     server = await asyncio.start_unix_server(answer, path)
-    api = SandboxAPI(f"{UNIX_SCHEME}{path}")
+    http = httpx.AsyncClient(base_url="http://sandbox", trust_env=False,
+                             transport=httpx.AsyncHTTPTransport(uds=path, verify=_no_tls_context()))
     try:
-        await api._http.get("/", timeout=5.0)
+        await http.get("/", timeout=5.0)
     finally:
-        await api.aclose()
+        await http.aclose()
         server.close()
         await server.wait_closed()
 
@@ -243,15 +250,13 @@ class SandboxAPI:
         self.url = url
         self._timeout = timeout
         self._socket = url[len(UNIX_SCHEME):] if url.startswith(UNIX_SCHEME) else None
-        # Plain requests on the unix socket take the lean client; streams (and TCP) take httpx.
+        # On the unix socket, the lean client for everything; over TCP, httpx.
         self._unix = unixhttp.UnixHTTP(self._socket, headers) if self._socket is not None else None
-        if url.startswith(UNIX_SCHEME):
-            self._http = httpx.AsyncClient(
-                base_url="http://sandbox", headers=headers, timeout=timeout, trust_env=False,
-                # A transport builds a TLS context of its own unless given one, even for a unix socket.
-                transport=httpx.AsyncHTTPTransport(uds=url[len(UNIX_SCHEME):], verify=_no_tls_context()),
-            )
+        self._http: httpx.AsyncClient | None = None
+        if self._unix is not None:
             return
+        import httpx
+
         proxy = proxy_for(url)
         self._http = httpx.AsyncClient(
             base_url=url, headers=headers, timeout=timeout, trust_env=False, verify=context_for(url, proxy),
@@ -261,7 +266,8 @@ class SandboxAPI:
     async def aclose(self) -> None:
         if self._unix is not None:
             await self._unix.aclose()
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
     # ── transport ──────────────────────────────────────────────────────────
 
@@ -270,11 +276,29 @@ class SandboxAPI:
         try:
             if self._unix is not None:
                 return await self._unix.request(method, path, timeout=timeout or self._timeout, **kwargs)
+            assert self._http is not None
             return await self._http.request(method, path, timeout=timeout or self._timeout, **kwargs)
-        except (TimeoutError, httpx.TimeoutException) as exc:  # (TimeoutError is an OSError: first)
-            raise SandboxUnreachable(f"sandbox at {self.url} did not answer {path} in time") from exc
-        except (OSError, httpx.TransportError) as exc:
-            raise SandboxUnreachable(f"sandbox at {self.url} is not answering ({type(exc).__name__})") from exc
+        except Exception as exc:
+            unreachable = self._unreachable(exc, f"did not answer {path} in time")
+            if unreachable is None:
+                raise
+            raise unreachable from exc
+
+    def _unreachable(self, exc: Exception, late: str) -> SandboxUnreachable | None:
+        """A failure to reach the sandbox (either client's) as SandboxUnreachable (``late`` says
+        what a timeout means); None for any other error."""
+        if self._http is not None:
+            import httpx
+
+            if isinstance(exc, httpx.TimeoutException):
+                return SandboxUnreachable(f"sandbox at {self.url} {late}")
+            if isinstance(exc, httpx.TransportError):
+                return SandboxUnreachable(f"sandbox at {self.url} is not answering ({type(exc).__name__})")
+        if isinstance(exc, TimeoutError):  # (an OSError: first)
+            return SandboxUnreachable(f"sandbox at {self.url} {late}")
+        if isinstance(exc, OSError):
+            return SandboxUnreachable(f"sandbox at {self.url} is not answering ({type(exc).__name__})")
+        return None
 
     async def _call(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> dict[str, Any]:
         """The ``data`` of a successful reply.
@@ -487,10 +511,7 @@ class SandboxAPI:
         filled, then ("result", its data)."""
         read_timeout = (timeout + _HTTP_GRACE) if timeout else 3600.0
         try:
-            async with self._http.stream(
-                "POST", path, json=payload, headers={"Accept": "text/event-stream"},
-                timeout=httpx.Timeout(self._timeout, read=read_timeout),
-            ) as response:
+            async with self._stream(path, payload, read_timeout) as response:
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     await response.aread()
                     body = _json(response)
@@ -514,11 +535,25 @@ class SandboxAPI:
                         yield event, data
                         if event == "result":
                             return
-        except httpx.TimeoutException as exc:
-            raise SandboxUnreachable(f"sandbox at {self.url} went silent during a streamed command") from exc
-        except httpx.TransportError as exc:
-            raise SandboxUnreachable(f"sandbox at {self.url} is not answering ({type(exc).__name__})") from exc
+        except Exception as exc:
+            unreachable = self._unreachable(exc, "went silent during a streamed command")
+            if unreachable is None:
+                raise
+            raise unreachable from exc
         raise SandboxUnreachable(f"sandbox at {self.url} ended a streamed command without its result")
+
+    def _stream(self, path: str, payload: dict[str, Any], read_timeout: float
+                ) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A POST whose answer (server-sent events, or one JSON reply) is read as it comes."""
+        headers = {"Accept": "text/event-stream"}
+        if self._unix is not None:
+            return self._unix.stream("POST", path, json=payload, headers=headers, timeout=self._timeout,
+                                     read_timeout=read_timeout)
+        import httpx
+
+        assert self._http is not None
+        return self._http.stream("POST", path, json=payload, headers=headers,
+                                 timeout=httpx.Timeout(self._timeout, read=read_timeout))
 
     @staticmethod
     def _finished(data: Mapping[str, Any], timeout: float | None, idle_timeout: float | None = None,
@@ -670,7 +705,7 @@ def _drop_none(payload: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in payload.items() if value is not None}
 
 
-def _json(response: httpx.Response | unixhttp.Response) -> dict[str, Any]:
+def _json(response: httpx.Response | unixhttp.Response | unixhttp.Streamed) -> dict[str, Any]:
     try:
         body = response.json()
     except ValueError:

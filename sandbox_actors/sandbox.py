@@ -114,10 +114,13 @@ class SandboxActor:
         return self._node_id
 
     async def warm_up(self) -> str:
-        """Connect to the engine, look up the pool's image and network there, and load the HTTP
-        client, ahead of need (a spare does this while it waits); returns the engine id."""
-        await warm_http_stack()
-        return await self._backend.warm(self._config.pool_name, self._config.image)
+        """Connect to the engine and look up the pool's image and network there, ahead of need (a
+        spare does this while it waits); returns the engine id. When the image answers over TCP,
+        also load httpx (its client there): on a unix socket the lean client needs no import."""
+        engine = await self._backend.warm(self._config.pool_name, self._config.image)
+        if await self._backend.reached_over_tcp(self._config.image):
+            await warm_http_stack()
+        return engine
 
     async def start(self, sandbox_id: str, thread_id: str | None, resume: bool = False, image: str | None = None,
                     image_from: str | None = None, container_id: str | None = None,
