@@ -46,6 +46,7 @@ def test_bench_tiny_writes_every_figure(image, tmp_path, docker_client):
     assert set(rollouts) >= {"per_s", "floor_per_s", "clean_ratio", "acquire_p50", "acquire_p95", "exec_p50"}
     assert rollouts["clean_ratio"] == round(rollouts["floor_per_s"] / rollouts["per_s"], 3)
     assert figures["spare_idle_cpu_ms_per_s"] > 0 and figures["trivial_actor_idle_cpu_ms_per_s"] > 0
+    assert 10 < figures["trivial_actor_uss_mb"] < figures["actor_uss_mb_max"] + 20  # Ray's own worker, beside ours
     judged = {target["figure"] for target in figures["targets"]}
     assert judged >= {"cold", "resume", "burst", "burst_repeat", "fork_burst", "arrivals_2", "rollouts_2",
                       "spare_idle_cpu_ms_per_s", "actor_uss_mb", "exec_actor", "warm", "hot", "prewarmed"}

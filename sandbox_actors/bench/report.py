@@ -159,7 +159,8 @@ def _other_lines(results: dict[str, Any]) -> list[str]:
         lines.append(f"idle: {idle['n']} learned spares hold {idle['uss_mb']} MB USS in all; each uses "
                      f"{results.get('spare_idle_cpu_ms_per_s')} ms of CPU a second, a trivial Ray actor "
                      f"{results.get('trivial_actor_idle_cpu_ms_per_s')}")
-    memory = [f"{k} {results[k]}" for k in ("actor_uss_mb", "actor_uss_mb_max", "container_mb", "pool_uss_mb",
+    memory = [f"{k} {results[k]}" for k in ("actor_uss_mb", "actor_uss_mb_max", "trivial_actor_uss_mb", "container_mb",
+                                            "pool_uss_mb",
                                             "pool_sandboxes", "hibernate_frees_mb", "snapshot_image_mb")
               if results.get(k) is not None]
     if memory:

@@ -432,6 +432,9 @@ class Bench:
             time.sleep(2)  # past their start-up
             # Both over the same seconds: this machine's speed drifts from one minute to the next.
             used = cpu_ms_per_s([*pids, *answered], seconds=10.0)
+            # What any actor holds here (Ray's own worker): the floor for ``actor_uss_mb``.
+            trivial_uss = sorted(psutil.Process(pid).memory_full_info().uss / 2**20 for pid in answered)
+            self.results["trivial_actor_uss_mb"] = round(trivial_uss[len(trivial_uss) // 2], 1)
         finally:
             for actor in actors:
                 ray.kill(actor)
