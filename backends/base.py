@@ -145,6 +145,7 @@ class Capability(enum.Enum):
     """What a backend can do beyond creating, listing and removing sandboxes."""
 
     HIBERNATE = "hibernate"  # stop a sandbox keeping its filesystem, and start it again
+    LIVE_CHECKPOINT = "live checkpoint"  # save a sandbox's processes and memory too, and restore them (gVisor)
     SNAPSHOT = "snapshot"  # save a sandbox's filesystem as an image to start others from
     HOST_MOUNTS = "host mounts"  # mount directories of the node's host (thread directories, skills, mounts)
     NETWORK_POLICY = "network policy"  # a network of the pool's own, with the isolation rules
@@ -252,10 +253,31 @@ class Backend(abc.ABC):
         """Stop the container, keeping its filesystem (for hibernation). False: it is gone."""
         raise self._cannot("hibernate")
 
-    async def start_container(self, sandbox_id: str, container_id: str) -> tuple[SandboxRecord, bool]:
+    async def start_container(self, sandbox_id: str, container_id: str,
+                              checkpoint: str | None = None) -> tuple[SandboxRecord, bool]:
         """Start a stopped container of ours again (resume): its record, and whether it was
-        running already. Raises SandboxNotFound when it is gone."""
+        running already. With ``checkpoint``, its processes and memory come back from that live
+        checkpoint (RestoreFailed when they cannot; the container is left as it was). Raises
+        SandboxNotFound when it is gone."""
         raise self._cannot("resume")
+
+    async def checkpoint(self, sandbox_id: str, container_id: str, name: str) -> dict[str, object]:
+        """Save the running container's processes and memory as checkpoint ``name``, stopping it
+        (its API server must have let go of its socket first: :meth:`signal` SIGUSR1). Returns
+        the checkpoint's ``path`` and ``bytes``."""
+        raise self._cannot("live checkpoint")
+
+    async def remove_checkpoint(self, sandbox_id: str, container_id: str, name: str) -> None:
+        """Remove a live checkpoint of the container (one restored, no longer needed)."""
+        raise self._cannot("live checkpoint")
+
+    async def signal(self, sandbox_id: str, container_id: str, signal: str) -> None:
+        """Send ``signal`` (e.g. SIGUSR1) to the container's main process."""
+        raise self._cannot("live checkpoint")
+
+    async def listen_again(self, record: SandboxRecord, timeout: float = 10.0) -> None:
+        """After a restore from a live checkpoint: have the sandbox's API server listen again."""
+        raise self._cannot("live checkpoint")
 
     async def commit(self, sandbox_id: str, container_id: str, image: str, labels: Mapping[str, str]) -> dict[str, object]:
         """Save the container's filesystem as ``image`` (snapshot); returns its id and size."""

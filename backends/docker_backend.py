@@ -24,8 +24,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -61,6 +63,8 @@ from .errors import (
     ImageNotFound,
     IsolationUnavailable,
     NotSupported,
+    ReadinessTimeout,
+    RestoreFailed,
     SandboxError,
     SandboxNotFound,
     SandboxStartError,
@@ -186,7 +190,9 @@ class DockerBackend(Backend):
         if self._engine is None:
             with engine_errors("read engine info"):
                 info = self._docker().info()
-            self._engine = {"id": str(info.get("ID") or ""), "name": str(info.get("Name") or socket.gethostname())}
+            self._engine = {"id": str(info.get("ID") or ""), "name": str(info.get("Name") or socket.gethostname()),
+                            "root": str(info.get("DockerRootDir") or "/var/lib/docker"),
+                            "experimental": "yes" if info.get("ExperimentalBuild") else ""}
         return self._engine
 
     def network(self, pool: str) -> PoolNetwork:
@@ -674,29 +680,180 @@ class DockerBackend(Backend):
 
         return await asyncio.to_thread(_stop)
 
-    async def start_container(self, sandbox_id: str, container_id: str) -> tuple[SandboxRecord, bool]:
+    async def checkpoint(self, sandbox_id: str, container_id: str, name: str) -> dict[str, object]:
+        """Save the running container's processes and memory as checkpoint ``name``, stopping it
+        (gVisor only, with the engine's experimental mode; its server must be quiet first:
+        :meth:`signal` SIGUSR1). Returns the checkpoint's directory and size in bytes.
+
+        Raises:
+            NotSupported: the engine or the container's runtime cannot checkpoint.
+            SandboxStartError: the runtime refused (the container may have stopped: ask).
+        """
+        def _checkpoint() -> dict[str, object]:
+            api = self._docker().api
+            if not self._engine_info()["experimental"]:
+                raise NotSupported(
+                    f"live checkpoints: the Docker engine on {self._engine_info()['name']} runs without experimental "
+                    'mode; set "experimental": true in /etc/docker/daemon.json and restart dockerd',
+                    feature="live checkpoint")
+            with engine_errors(f"checkpoint the container of sandbox {sandbox_id}"):
+                try:
+                    response = api._post_json(  # type: ignore[attr-defined]
+                        api._url("/containers/{0}/checkpoints", container_id),  # type: ignore[attr-defined]
+                        data={"CheckpointID": name, "Exit": True})
+                    api._raise_for_status(response)  # type: ignore[attr-defined]
+                except docker.errors.NotFound:
+                    raise SandboxNotFound(f"the container of sandbox {sandbox_id} is gone") from None
+                except docker.errors.APIError as exc:
+                    raise _checkpoint_refused(sandbox_id, exc) from exc
+                # The engine answers before it has seen the container exit: done is stopped.
+                deadline = time.monotonic() + 10
+                while api.inspect_container(container_id)["State"]["Running"]:
+                    if time.monotonic() > deadline:
+                        raise SandboxStartError(f"sandbox {sandbox_id} still runs 10 s after its checkpoint")
+                    time.sleep(0.02)
+            where = os.path.join(self._engine_info()["root"], "containers", container_id, "checkpoints", name)
+            return {"checkpoint": name, "path": where, "bytes": _tree_bytes(where)}
+
+        return await asyncio.to_thread(_checkpoint)
+
+    async def remove_checkpoint(self, sandbox_id: str, container_id: str, name: str) -> None:
+        def _remove() -> None:
+            api = self._docker().api
+            with engine_errors(f"remove checkpoint {name} of sandbox {sandbox_id}"):
+                with contextlib.suppress(docker.errors.NotFound):  # gone already, or with its container
+                    api._raise_for_status(api._delete(  # type: ignore[attr-defined]
+                        api._url("/containers/{0}/checkpoints/{1}", container_id, name)))  # type: ignore[attr-defined]
+
+        await asyncio.to_thread(_remove)
+
+    async def fork_from_checkpoint(self, spec: SandboxSpec, source_id: str, name: str) -> SandboxRecord:
+        """A new sandbox (``spec``: its own id, mounts and token) that goes on from checkpoint
+        ``name`` of container ``source_id`` on this node's engine: its processes and memory are
+        the source's at the checkpoint, its files its own from then on (a live fork). Its server
+        is quiet until :meth:`signal` SIGUSR2. Docker 20.10 refuses a checkpoint directory of
+        another container, so a copy goes where the engine looks for the new container's own.
+
+        Raises:
+            SandboxNotFound: no such checkpoint here; SandboxStartError: the restore failed
+            (the new container is removed).
+        """
+        def _fork() -> SandboxRecord:
+            root = os.path.join(self._engine_info()["root"], "containers")
+            source = os.path.join(root, source_id, "checkpoints", name)
+            if not os.path.isdir(source):
+                raise SandboxNotFound(f"checkpoint {name} of container {source_id[:12]} is not on this node")
+            container = self._create_container(spec, self.container_name(spec.sandbox_id))
+            try:
+                try:
+                    copy = os.path.join(root, container.id, "checkpoints", name)
+                    shutil.copytree(source, copy)
+                    # A file of its own: containerd receives each restore's checkpoint as a blob named
+                    # by its digest, and two forks restoring the same bytes at once would collide.
+                    with open(os.path.join(copy, "sandbox-actors-fork"), "w") as mark:
+                        mark.write(spec.sandbox_id)
+                except OSError as exc:
+                    raise SandboxStartError(f"could not copy checkpoint {name} for sandbox {spec.sandbox_id}: "
+                                            f"{exc.strerror or exc}") from exc
+                with engine_errors(f"restore sandbox {spec.sandbox_id} from checkpoint {name}"):
+                    self._start_request(spec.sandbox_id, container.id, name)
+                    return self._record_attrs(self._docker().api.inspect_container(container.id))
+            except BaseException:
+                with contextlib.suppress(SandboxError):
+                    self._destroy(spec.sandbox_id, container.id)
+                raise
+
+        return await asyncio.to_thread(_fork)
+
+    async def listen_again(self, record: SandboxRecord, timeout: float = 10.0) -> None:
+        """After a restore from a checkpoint: SIGUSR2 to the sandbox's server until its socket is
+        back (a signal sent while gVisor still restores can be lost, so it is sent again).
+
+        Raises:
+            ReadinessTimeout: no socket within ``timeout``.
+        """
+        socket_path = record.url[len("unix:"):] if record.url.startswith("unix:") else ""
+        if not socket_path:
+            raise NotSupported("live checkpoints need a sandbox whose API is on a unix socket", feature="live checkpoint")
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(socket_path):
+            if time.monotonic() > deadline:
+                raise ReadinessTimeout(f"sandbox {record.sandbox_id} did not listen again within {timeout:.0f}s "
+                                       f"of its restore; log tail:\n{await self.logs_tail(record.sandbox_id)}")
+            await self.signal(record.sandbox_id, record.container_id, "SIGUSR2")
+            for _ in range(10):
+                if os.path.exists(socket_path):
+                    return
+                await asyncio.sleep(0.02)
+
+    async def signal(self, sandbox_id: str, container_id: str, signal: str) -> None:
+        """Send ``signal`` (e.g. SIGUSR1) to the container's main process (through its init)."""
+        def _signal() -> None:
+            with engine_errors(f"signal the container of sandbox {sandbox_id}"):
+                try:
+                    self._docker().api.kill(container_id, signal=signal)
+                except docker.errors.NotFound:
+                    raise SandboxNotFound(f"the container of sandbox {sandbox_id} is gone") from None
+
+        await asyncio.to_thread(_signal)
+
+    async def start_container(self, sandbox_id: str, container_id: str,
+                              checkpoint: str | None = None) -> tuple[SandboxRecord, bool]:
         """Start the stopped container ``container_id`` (a resume knows its id: no look-up by name
         first, ~3 ms a resume would wait for) again, with one inspect after the start for its new
         host port and process. Returns its record and whether it was running already (the engine
         started nothing: it answers 304, which the SDK's ``start`` does not tell apart from 204,
         hence the request made here as ``start`` makes it).
 
+        With ``checkpoint``, the container's processes and memory come back from that checkpoint
+        (see :meth:`checkpoint`; its server is quiet until :meth:`signal` SIGUSR2).
+
         Raises:
             SandboxNotFound: the container is gone.
         """
         def _start() -> tuple[SandboxRecord, bool]:
-            api = self._docker().api
             with engine_errors(f"start the container of sandbox {sandbox_id}"):
                 try:
-                    # The low-level call: the SDK's start() hides the engine's 304 (it ran already).
-                    response = api._post(api._url("/containers/{0}/start", container_id))  # type: ignore[attr-defined]
-                    api._raise_for_status(response)  # type: ignore[attr-defined]
-                    attrs = api.inspect_container(container_id)
+                    ran_already = self._start_request(sandbox_id, container_id, checkpoint)
+                    attrs = self._docker().api.inspect_container(container_id)
                 except docker.errors.NotFound:
                     raise SandboxNotFound(f"the container of sandbox {sandbox_id} is gone") from None
-            return self._record_attrs(attrs), response.status_code == 304
+            return self._record_attrs(attrs), ran_already
 
         return await asyncio.to_thread(_start)
+
+    def _start_request(self, sandbox_id: str, container_id: str, checkpoint: str | None) -> bool:
+        """Start the container (from ``checkpoint`` when given); whether it ran already (the
+        engine's 304, which the SDK's ``start`` does not tell apart from 204: hence the request
+        made here as ``start`` makes it).
+
+        Raises:
+            RestoreFailed: the engine could not restore the checkpoint.
+        """
+        api = self._docker().api
+        params = {"checkpoint": checkpoint} if checkpoint else None
+        for attempt in range(1, _RESTORE_ATTEMPTS + 1):
+            try:
+                response = api._post(api._url("/containers/{0}/start", container_id),  # type: ignore[attr-defined]
+                                     params=params)
+                api._raise_for_status(response)  # type: ignore[attr-defined]
+                return bool(response.status_code == 304)
+            except docker.errors.NotFound:
+                raise
+            except docker.errors.APIError as exc:
+                if not checkpoint:
+                    raise
+                why = str(exc.explanation or exc)
+                # Docker 20.10 hands the checkpoint to containerd as a blob at each restore, and
+                # now and then containerd holds that blob already (seen in about one restore in
+                # twenty here, and every time the same checkpoint is restored twice): drop it, again.
+                if "already exists" in why and attempt < _RESTORE_ATTEMPTS and _drop_containerd_blob(why):
+                    logger.info("sandbox %s: containerd held checkpoint %s already; restoring again",
+                                sandbox_id, checkpoint)
+                    continue
+                raise RestoreFailed(f"sandbox {sandbox_id} could not be restored from checkpoint "
+                                    f"{checkpoint}: {why[-300:]}") from exc
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def commit(self, sandbox_id: str, container_id: str, image: str, labels: Mapping[str, str]) -> dict[str, object]:
         def _commit() -> dict[str, object]:
@@ -877,6 +1034,51 @@ class DockerBackend(Backend):
             client, self._client = self._client, None
         if client is not None:
             await asyncio.to_thread(client.close)
+
+
+def _checkpoint_refused(sandbox_id: str, exc: docker.errors.APIError) -> SandboxError:
+    """The engine's refusal of a checkpoint, typed: a runtime that cannot checkpoint is
+    NotSupported (runc here: CRIU fails on this kernel); anything else, a refusal to act on."""
+    why = str(exc.explanation or exc)
+    if "runsc" not in why:
+        return NotSupported(f"live checkpoints need gVisor (runtime: runsc); the engine said: {why[:300]}",
+                            feature="live checkpoint")
+    if "bound host socket" in why:
+        return SandboxStartError(f"sandbox {sandbox_id} still held a socket on the host (its server was not "
+                                 "quiet) and could not be checkpointed")
+    return SandboxStartError(f"gVisor could not checkpoint sandbox {sandbox_id}: {why[-300:]}")
+
+
+_RESTORE_ATTEMPTS = 3
+_BLOB = re.compile(r"content (sha256:[0-9a-f]{64}): already exists")
+
+
+def _drop_containerd_blob(why: str) -> bool:
+    """Remove the blob a restore found already in containerd's content store (the engine's
+    namespace, moby), with containerd's own client; whether it could."""
+    found = _BLOB.search(why)
+    ctr = shutil.which("ctr")
+    if found is None or ctr is None:
+        return False
+    address = next((a for a in ("/var/run/docker/containerd/containerd.sock", "/run/containerd/containerd.sock")
+                    if os.path.exists(a)), None)
+    if address is None:
+        return False
+    done = subprocess.run([ctr, "--address", address, "--namespace", "moby", "content", "rm", found.group(1)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode != 0:
+        logger.info("could not drop containerd blob %s: %s", found.group(1), done.stderr.strip()[:200])
+    return True  # dropped, or gone meanwhile: worth one more try either way
+
+
+def _tree_bytes(path: str) -> int:
+    """Bytes in the files under ``path`` (0 when it cannot be read here: another node's engine)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 class _NameConflict(Exception):

@@ -96,6 +96,11 @@ class SandboxExited(SandboxStartError):
     """The container exited while we waited for it to become ready."""
 
 
+class RestoreFailed(SandboxStartError):
+    """A stopped sandbox could not be brought back from its live checkpoint (its processes and
+    memory); its container and filesystem are as they were."""
+
+
 class SandboxOwned(SandboxStartError):
     """Another live actor already owns this sandbox's container.
 

@@ -197,15 +197,17 @@ async def destroy(life: Lifecycle, sandbox_id: str) -> bool:
     return False if found is None else await asyncio.shield(life.stop_later(found))
 
 
-async def hibernate(life: Lifecycle, sandbox_id: str) -> bool:
-    """Hibernate a running sandbox once no other operation is under way on it; True when it is
-    hibernated (also already), False when it is not a sandbox that runs.
+async def hibernate(life: Lifecycle, sandbox_id: str, live: bool = False) -> bool:
+    """Hibernate a running sandbox once no other operation is under way on it (``live``: keeping
+    its processes and memory); True when it is hibernated (also already), False when it is not
+    a sandbox that runs.
 
     Raises:
-        BackendUnavailable: the engine did not stop it; it serves on.
+        BackendUnavailable: the engine did not stop it; NotSupported, SandboxStartError: no live
+            checkpoint. It serves on.
     """
     found = await _when_free(life, sandbox_id, life.state.begin_hibernate)
     if found is None:
         entry = life.state.entry(sandbox_id)
         return entry is not None and entry.state is SandboxState.HIBERNATED
-    return await asyncio.shield(life.hibernate_later(found))
+    return await asyncio.shield(life.hibernate_later(found, live))

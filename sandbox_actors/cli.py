@@ -271,9 +271,10 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 def cmd_hibernate(args: argparse.Namespace) -> int:
     client, sandbox_id, what = _named(args)
-    if not client.hibernate(sandbox_id):
+    if not client.hibernate(sandbox_id, live=args.live):
         raise NotFound(f"{what} is not running in pool {client.config.pool_name!r}")
-    print(f"hibernated {sandbox_id} (container stopped with its files, actor ended; the next acquire resumes it)")
+    kept = "its files, processes and memory" if args.live else "its files"
+    print(f"hibernated {sandbox_id} (container stopped with {kept}, actor ended; the next acquire resumes it)")
     return 0
 
 
@@ -493,6 +494,9 @@ def _sandbox_commands(commands: _Commands, common: argparse.ArgumentParser, as_j
         named = commands.add(name, func, f"{help_text}; name it by THREAD, or by --id SANDBOX_ID", common)
         named.add_argument("thread", nargs="?", help="the thread whose sandbox it is")
         named.add_argument("--id", metavar="SANDBOX_ID", help="the sandbox's id instead (see `status`)")
+        if name == "hibernate":
+            named.add_argument("--live", action="store_true",
+                               help="keep its processes and memory too (gVisor pools: runtime runsc)")
 
 
 def _concurrencies(text: str) -> list[int]:

@@ -251,16 +251,20 @@ class PoolClient:
             pending.pop(ready)
             yield SandboxHandle(raycalls.value(ready), self)
 
-    def hibernate(self, handle_or_id: SandboxHandle | str) -> bool:
+    def hibernate(self, handle_or_id: SandboxHandle | str, *, live: bool = False) -> bool:
         """Hibernate a sandbox (its handle or its sandbox id): its container stops with its
-        filesystem kept, its actor ends; the next acquire of the thread resumes it. False when
-        there is no such running sandbox.
+        filesystem kept, its actor ends; the next acquire of the thread resumes it. With
+        ``live`` (gVisor pools: ``runtime: runsc``), its processes and memory are kept too: its
+        background commands, servers and shell go on after the resume. False when there is no
+        such running sandbox.
 
         Raises:
-            NotSupported: a provisioner's sandboxes cannot hibernate.
-            BackendUnavailable: the engine did not stop it (it serves on).
+            NotSupported: a provisioner's sandboxes cannot hibernate; ``live`` on a pool that
+                cannot checkpoint says what is missing.
+            BackendUnavailable, SandboxStartError: the engine did not stop it, or could not
+                checkpoint it (it serves on).
         """
-        return self._retrying("hibernate", _id(handle_or_id))
+        return self._retrying("hibernate", _id(handle_or_id), live)
 
     def snapshot(self, handle_or_id: SandboxHandle | str, name: str | None = None) -> Snapshot:
         """Snapshot a running sandbox (see :meth:`SandboxHandle.snapshot`); ``name`` defaults to
@@ -356,8 +360,8 @@ class AsyncPoolClient:
         for ready in asyncio.as_completed([self._call("acquire", t, None, _snap(snapshot)) for t in threads]):
             yield SandboxHandle(await ready, self._client)
 
-    async def hibernate(self, handle_or_id: SandboxHandle | str) -> bool:
-        return await self._call("hibernate", _id(handle_or_id))
+    async def hibernate(self, handle_or_id: SandboxHandle | str, *, live: bool = False) -> bool:
+        return await self._call("hibernate", _id(handle_or_id), live)
 
     async def snapshot(self, handle_or_id: SandboxHandle | str, name: str | None = None) -> Snapshot:
         return Snapshot.from_record(await self._call("snapshot", _id(handle_or_id), name))

@@ -190,6 +190,12 @@ class SandboxConfig(_Closed):
         description="What idle_timeout does: 'destroy' the sandbox, or 'hibernate' it (container stopped, its "
         "filesystem kept, its actor ended; the next acquire resumes it).",
     )
+    hibernate_live: bool = Field(
+        default=False,
+        description="idle_action 'hibernate' keeps each sandbox's processes and memory too (a live checkpoint: "
+        "its servers, background commands and shell go on after the resume). Needs runtime: runsc (gVisor) and "
+        "the Docker engine's experimental mode.",
+    )
     hibernate_ttl: float = Field(
         default=86400, ge=0, description="Seconds a sandbox stays hibernated before it is removed; 0 keeps it."
     )
@@ -317,6 +323,12 @@ class SandboxConfig(_Closed):
         given = [key for key, capability in needs.items() if getattr(self, key) and capability not in can]
         given += ["idle_action: hibernate"] if self.idle_action == "hibernate" and Capability.HIBERNATE not in can else []
         given += ["limits.disk"] if self.limits.disk and Capability.SANDBOX_SETTINGS not in can else []
+        given += ["hibernate_live"] if self.hibernate_live and Capability.LIVE_CHECKPOINT not in can else []
+        if self.hibernate_live and self.runtime != "runsc":
+            raise ValueError(
+                "hibernate_live keeps processes and memory through gVisor's checkpoints: it needs runtime: runsc "
+                "(runc would need a CRIU that passes `criu check`, which Debian's does not on this kind of kernel)"
+            )
         given += ["network"] if self.network != NetworkConfig() and Capability.NETWORK_POLICY not in can else []
         if given:
             raise ValueError(

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 DESCRIBE_TIMEOUT = 3.0
 IMAGE_TIMEOUT = 600.0  # committing, saving or loading an image of a few GB
+LIVE_TIMEOUT = 300.0  # a live checkpoint of a sandbox holding a few GB of memory
 CLAIM_TIMEOUT = 10.0
 WATCH_SECONDS = 300.0  # how long one watch call on an actor lasts (the pool calls again while it needs the actor)
 OWNER_GRACE = 30.0  # seconds past readiness_timeout to wait for another actor's start of a sandbox
@@ -62,9 +63,10 @@ class Fleet(Protocol):
     def refill(self) -> None: ...
     async def start(self, actor: Any, sandbox_id: str, thread_id: str | None, resume: bool = False,
                     image: str | None = None, image_from: str | None = None,
-                    container_id: str | None = None, mounts: tuple[Mount, ...] = ()) -> dict[str, Any]: ...
+                    container_id: str | None = None, mounts: tuple[Mount, ...] = (),
+                    checkpoint: str | None = None) -> dict[str, Any]: ...
     async def owner_of(self, sandbox_id: str, owner: str) -> tuple[Any, dict[str, Any]]: ...
-    async def hibernate(self, actor: Any, sandbox_id: str) -> dict[str, Any]: ...
+    async def hibernate(self, actor: Any, sandbox_id: str, live: bool = False) -> dict[str, Any]: ...
     async def snapshot(self, actor: Any, sandbox_id: str, image: str, labels: dict[str, str]) -> dict[str, Any]: ...
     async def claim(self, actor: Any, thread_id: str | None) -> dict[str, Any]: ...
     async def alive(self, actor: Any) -> bool: ...
@@ -170,9 +172,11 @@ class RayFleet(EngineCalls):
 
     async def start(self, actor: Any, sandbox_id: str, thread_id: str | None, resume: bool = False,
                     image: str | None = None, image_from: str | None = None,
-                    container_id: str | None = None, mounts: tuple[Mount, ...] = ()) -> dict[str, Any]:
+                    container_id: str | None = None, mounts: tuple[Mount, ...] = (),
+                    checkpoint: str | None = None) -> dict[str, Any]:
         """Have ``actor`` serve ``sandbox_id``: adopt its running container, start its stopped one
-        again (``resume``, by its ``container_id`` when known), or create one (of a snapshot's
+        again (``resume``, by its ``container_id`` when known; from its live ``checkpoint`` when
+        given), or create one (of a snapshot's
         ``image``, fetched from the reaper named ``image_from`` when this node's engine lacks it;
         mounting ``mounts`` instead of the pool's thread directories when given).
 
@@ -183,17 +187,20 @@ class RayFleet(EngineCalls):
             ImageNotFound, ReadinessTimeout, SandboxStartError, ...: the container did not start.
         """
         return await raycalls.call(
-            actor.start.remote(sandbox_id, thread_id, resume, image, image_from, container_id, mounts),
+            actor.start.remote(sandbox_id, thread_id, resume, image, image_from, container_id, mounts, checkpoint),
             self._config.readiness_timeout + 120 + (IMAGE_TIMEOUT if image else 0), f"starting sandbox {sandbox_id}",
         )
 
-    async def hibernate(self, actor: Any, sandbox_id: str) -> dict[str, Any]:
-        """Have the actor stop its container, keeping the filesystem (then end the actor).
+    async def hibernate(self, actor: Any, sandbox_id: str, live: bool = False) -> dict[str, Any]:
+        """Have the actor stop its container, keeping the filesystem (with ``live``, its processes
+        and memory too: the answer's ``checkpoint``), then end the actor.
 
         Raises:
-            ActorGone: the actor is gone; BackendUnavailable: the engine did not stop it.
+            ActorGone: the actor is gone; BackendUnavailable: the engine did not stop it;
+            NotSupported, SandboxStartError: no live checkpoint (the sandbox serves on).
         """
-        info = await raycalls.call(actor.hibernate.remote(), STOP_TIMEOUT, f"hibernate {sandbox_id}")
+        info = await raycalls.call(actor.hibernate.remote(live), STOP_TIMEOUT + (LIVE_TIMEOUT if live else 0),
+                                   f"hibernate {sandbox_id}")
         raycalls.kill(actor)
         return info
 

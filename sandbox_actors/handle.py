@@ -36,7 +36,7 @@ class PoolClient(Protocol):
 
     def release(self, handle_or_id: Any) -> bool: ...
     def destroy(self, handle_or_id: Any) -> bool: ...
-    def hibernate(self, handle_or_id: Any) -> bool: ...
+    def hibernate(self, handle_or_id: Any, *, live: bool = False) -> bool: ...
     def snapshot(self, handle_or_id: Any, name: str | None = None) -> Snapshot: ...
     def _report_dead(self, sandbox_id: str) -> None: ...
 
@@ -112,10 +112,11 @@ class SandboxHandle:
         """Destroy the sandbox (container and actor)."""
         return self._require_pool().destroy(self)
 
-    def hibernate(self) -> bool:
+    def hibernate(self, *, live: bool = False) -> bool:
         """Stop the container keeping its filesystem and end the actor; the next acquire of the
-        thread resumes it (this handle is spent)."""
-        return self._require_pool().hibernate(self)
+        thread resumes it (this handle is spent). ``live`` keeps its processes and memory too
+        (gVisor pools)."""
+        return self._require_pool().hibernate(self, live=live)
 
     def snapshot(self, name: str | None = None) -> Snapshot:
         """Save the sandbox's filesystem (not its processes, not the thread mounts) as a snapshot."""
@@ -206,8 +207,8 @@ class AsyncSandboxHandle:
     async def destroy(self) -> bool:
         return await self._handle._require_pool().aio.destroy(self._handle)
 
-    async def hibernate(self) -> bool:
-        return await self._handle._require_pool().aio.hibernate(self._handle)
+    async def hibernate(self, *, live: bool = False) -> bool:
+        return await self._handle._require_pool().aio.hibernate(self._handle, live=live)
 
     async def snapshot(self, name: str | None = None) -> Snapshot:
         return await self._handle._require_pool().aio.snapshot(self._handle, name)

@@ -64,13 +64,19 @@ async def _start_on_its_engine(life: Lifecycle, entry: Entry) -> tuple[Any, dict
     for index, node_id in enumerate(nodes):
         try:
             return await life.start_sandbox(entry.sandbox_id, entry.thread_id, node_id=node_id, resume=True,
-                                            container_id=entry.container_id)
+                                            container_id=entry.container_id, checkpoint=_checkpoint_of(entry))
         except PoolExhausted as exc:
             if index == len(nodes) - 1:
                 raise
             logger.info("sandbox %s: no room on node %s to resume it (%s); trying node %s", entry.sandbox_id,
                         node_id[:12], exc.message, nodes[index + 1][:12])
     raise AssertionError("unreachable: _nodes_with_engine returns at least one node")
+
+
+def _checkpoint_of(entry: Entry) -> str | None:
+    """The live checkpoint a hibernated sandbox's resume restores, if it has one."""
+    checkpoint = entry.info.get("checkpoint")
+    return str(checkpoint["name"]) if isinstance(checkpoint, dict) and checkpoint.get("name") else None
 
 
 async def _nodes_with_engine(life: Lifecycle, engine_id: str | None, was_on: str | None) -> list[str]:
@@ -125,7 +131,8 @@ def load(life: Lifecycle, records: dict[str, dict[str, Any]], changed: set[str])
     for sandbox_id, record in records.items():
         if sandbox_id in changed or life.state.entry(sandbox_id) is not None:
             continue
-        info = {key: record.get(key) for key in ("container_id", "engine_id", "node_id", "container_name")}
+        info = {key: record.get(key) for key in ("container_id", "engine_id", "node_id", "container_name", "checkpoint")
+                if key != "checkpoint" or record.get(key)}
         thread_id = record.get("thread_id")
         since = float(record.get("since") or now)
         life.state.hibernated_found(sandbox_id, str(thread_id) if thread_id else None, info, now - since)

@@ -243,11 +243,12 @@ class Lifecycle:
     async def start_sandbox(
         self, sandbox_id: str, thread_id: str | None, node_id: str | None = None, resume: bool = False,
         image: str | None = None, image_from: str | None = None, container_id: str | None = None,
-        mounts: tuple[Mount, ...] = (),
+        mounts: tuple[Mount, ...] = (), checkpoint: str | None = None,
     ) -> tuple[Any, dict[str, Any]]:
         """An actor serving ``sandbox_id`` with its container up and answering (pinned to
         ``node_id`` when given). Adopts the live actor that already owns the container, if any;
-        starts its stopped container again with ``resume`` (by ``container_id`` when known);
+        starts its stopped container again with ``resume`` (by ``container_id`` when known; from
+        its live ``checkpoint`` when given);
         creates a new one of ``image`` (a snapshot's) when given, mounting ``mounts`` (host
         directories of ``node_id``) instead of the pool's thread directories when given.
 
@@ -264,7 +265,7 @@ class Lifecycle:
                     if not spare:  # a spare is placed already: it answered before it became one
                         await self._place(actor, sandbox_id, node_id)
                     info = await fleet.start(actor, sandbox_id, thread_id, resume, image, image_from, container_id,
-                                             mounts)
+                                             mounts, checkpoint)
                 except PoolExhausted:
                     fleet.kill(actor)  # never placed: nothing to stop
                     raise
@@ -397,7 +398,7 @@ class Lifecycle:
             # A hibernating pool keeps what idles or is evicted: stopped, not removed.
             if (why in (StopReason.IDLE, StopReason.EVICTED) and self.config.idle_action == "hibernate"
                     and self.state.stop_to_hibernate(sandbox_id)):
-                return await self._hibernate(entry)
+                return await self._hibernate(entry, self.config.hibernate_live)
             # The intent first: a pool that dies from here on leaves it for the next one.
             await asyncio.to_thread(self.records.mark_doomed, sandbox_id, entry.container_id)
             if not await self._remove(entry):
@@ -416,16 +417,18 @@ class Lifecycle:
         self.top_up()
         return True
 
-    def hibernate_later(self, entry: Entry) -> asyncio.Task[bool]:
-        """Hibernate a HIBERNATING sandbox (the 'hibernate' operation). The task returns True when
-        it is hibernated, and raises when it could not be (the sandbox serves on)."""
-        return self.ops.start(entry.sandbox_id, OpKind.HIBERNATE, self._hibernate(entry))
+    def hibernate_later(self, entry: Entry, live: bool = False) -> asyncio.Task[bool]:
+        """Hibernate a HIBERNATING sandbox (the 'hibernate' operation; ``live``: keeping its
+        processes and memory). The task returns True when it is hibernated, and raises when it
+        could not be (the sandbox serves on)."""
+        return self.ops.start(entry.sandbox_id, OpKind.HIBERNATE, self._hibernate(entry, live))
 
-    async def _hibernate(self, entry: Entry) -> bool:
-        """Stop the container (its filesystem stays), end the actor, record the sandbox as hibernated."""
+    async def _hibernate(self, entry: Entry, live: bool = False) -> bool:
+        """Stop the container (its filesystem stays; with ``live``, its processes and memory in a
+        checkpoint), end the actor, record the sandbox as hibernated."""
         sandbox_id = entry.sandbox_id
         try:
-            await self.fleet.hibernate(entry.actor, sandbox_id)
+            info = await self.fleet.hibernate(entry.actor, sandbox_id, live)
         except SandboxError as exc:
             self.state.hibernate_failed(sandbox_id)
             # It serves on as it was; an actor that died meanwhile is the next reconcile's to repair.
@@ -433,11 +436,14 @@ class Lifecycle:
             raise
         record = {"thread_id": entry.thread_id, "container_id": entry.container_id, "image": entry.image,
                   "engine_id": entry.info.get("engine_id"), "node_id": entry.info.get("node_id"),
-                  "container_name": entry.info.get("container_name"), "since": time.time()}
+                  "container_name": entry.info.get("container_name"), "since": time.time(),
+                  "checkpoint": info.get("checkpoint")}
         await asyncio.to_thread(self.records.put_hibernated, sandbox_id, record)
-        self.state.hibernated(sandbox_id)
-        self.tally.count("hibernated")
-        logger.info("sandbox %s hibernated (container %s stopped, actor ended)", sandbox_id, record["container_name"])
+        self.state.hibernated(sandbox_id, info.get("checkpoint"))
+        self.tally.count("hibernated_live" if info.get("checkpoint") else "hibernated")
+        logger.info("sandbox %s hibernated (container %s stopped%s, actor ended)", sandbox_id, record["container_name"],
+                    f", processes and memory in a checkpoint of {info['checkpoint'].get('bytes', 0)} bytes"
+                    if info.get("checkpoint") else "")
         self.top_up()
         return True
 

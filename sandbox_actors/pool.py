@@ -191,17 +191,19 @@ class SandboxPool:
 
     # ── hibernate and snapshot ─────────────────────────────────────────────
 
-    async def hibernate(self, sandbox_id: str) -> bool:
-        """Stop a sandbox's container keeping its filesystem, and end its actor; the next acquire
-        of its thread resumes it. True when it is hibernated (also already), False when unknown.
+    async def hibernate(self, sandbox_id: str, live: bool = False) -> bool:
+        """Stop a sandbox's container keeping its filesystem (``live``: its processes and memory
+        too, gVisor only), and end its actor; the next acquire of its thread resumes it. True
+        when it is hibernated (also already), False when unknown.
 
         Raises:
-            NotSupported: the backend cannot stop and start a sandbox (a provisioner).
+            NotSupported: the backend cannot stop and start a sandbox (a provisioner), or ``live``
+                on a pool that cannot checkpoint (says what is missing).
             BackendUnavailable: the engine did not stop it; it serves on.
         """
         await self._ready()
         self._require(Capability.HIBERNATE)
-        return await hibernate(self._life, sandbox_id)
+        return await hibernate(self._life, sandbox_id, live)
 
     async def snapshot(self, sandbox_id: str, name: str | None = None) -> dict[str, Any]:
         """Save a running sandbox's filesystem (not its processes, not the thread mounts) as a

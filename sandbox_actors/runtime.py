@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -28,13 +29,16 @@ from backends.base import LABEL_ACTOR, LABEL_CLUSTER, LABEL_ENGINE_ID, Capabilit
 from backends.errors import (
     BackendUnavailable,
     InvalidRequest,
+    NotSupported,
+    ReadinessTimeout,
+    RestoreFailed,
     SandboxDied,
     SandboxError,
     SandboxNotFound,
     SandboxStartError,
     SandboxUnreachable,
 )
-from backends.sandbox_api import BashResult, CommandView, FileInfo, ShellResult
+from backends.sandbox_api import UNIX_SCHEME, BashResult, CommandView, FileInfo, ShellResult
 
 from .actorconfig import ENV_NAME, ActorConfig
 from .threads import sandbox_mounts
@@ -54,6 +58,9 @@ _BACKGROUND_CHECK_SECONDS = 1.0  # the pool waits 3 s for begin_stop; a slow ans
 # whom to ask, never trusted for which thread a sandbox serves. Best effort: an image where the
 # path is not writable has none.
 OWNER_FILE = "/run/sandbox-actors/owner.json"
+# A live hibernation: how long the sandbox's API server may take to let go of its socket (its
+# signal is looked at every 0.2 s), and to listen again after a restore.
+_QUIET_SECONDS = 10.0
 
 
 def make_backend(config: ActorConfig, cluster: str | None = None) -> Backend:
@@ -105,6 +112,7 @@ class SandboxRuntime:
         self.inflight = 0
         self._background: dict[str, None] = {}  # background commands started here (oldest first), maybe running
         self.last_activity = clock()
+        self.resumed_live: bool | None = None  # after a resume asked to restore processes: whether they came back
         self.dead_reason: str | None = None
         self._api: SandboxAPI | None = None
         self._start_lock = asyncio.Lock()
@@ -116,7 +124,7 @@ class SandboxRuntime:
     # ── lifecycle ──────────────────────────────────────────────────────────
 
     async def start(self, resume: bool = False, image: str | None = None,
-                    container_id: str | None = None) -> dict[str, Any]:
+                    container_id: str | None = None, checkpoint: str | None = None) -> dict[str, Any]:
         """Adopt this sandbox's running container, or create one and wait until it answers; say
         which (``outcome``, a :class:`StartOutcome`). A running container that another live actor
         owns is neither served nor touched: the answer is ``outcome`` OWNED and that ``owner``'s
@@ -128,6 +136,9 @@ class SandboxRuntime:
             image: the image of a new container (a snapshot's), instead of the config's.
             container_id: with ``resume``, the stopped container's id as the pool recorded it:
                 started at once, without a look-up by name first.
+            checkpoint: with ``resume`` and ``container_id``, the live checkpoint its processes
+                and memory come back from (a live hibernation's). When they cannot, the container
+                starts with its files only (``resumed_live`` False in the description, logged).
 
         Idempotent: a second call (once served) returns the same description.
 
@@ -143,17 +154,18 @@ class SandboxRuntime:
             if self._stopping:
                 raise SandboxDied(f"sandbox {self.sandbox_id} was destroyed")
             started = time.monotonic()
-            found = await self._serve(resume, image, container_id)
+            found = await self._serve(resume, image, container_id, checkpoint)
             if found.outcome is StartOutcome.OWNED:
                 return {"sandbox_id": self.sandbox_id, "started": False, **found.report()}
             self._pid_start = _process_start(self.record.pid) if self.record and self.record.pid else None
             return {**self.describe(), **found.report(), "start_seconds": time.monotonic() - started}
 
-    async def _serve(self, resume: bool, image: str | None, container_id: str | None) -> Found:
+    async def _serve(self, resume: bool, image: str | None, container_id: str | None,
+                     checkpoint: str | None = None) -> Found:
         """What :meth:`start` found, and served unless another live actor owns it."""
         # Only a resume deals with its container first: a create finds a container of this
         # sandbox that already exists by its name (and adopts or replaces it, as below).
-        existing, resumed = await self._wake(container_id) if resume else (None, None)
+        existing, resumed = await self._wake(container_id, checkpoint) if resume else (None, None)
         if existing is not None and existing.running and (owner := await self._live_owner(existing)):
             return Found(StartOutcome.OWNED, owner)
         if resumed is not None:
@@ -171,7 +183,8 @@ class SandboxRuntime:
             await self.backend.destroy(self.sandbox_id, existing.container_id)
         return await self._create(image)
 
-    async def _wake(self, container_id: str | None) -> tuple[SandboxRecord | None, SandboxRecord | None]:
+    async def _wake(self, container_id: str | None,
+                    checkpoint: str | None = None) -> tuple[SandboxRecord | None, SandboxRecord | None]:
         """A resume's first step: (the container found, the container started now). By the id
         the pool recorded, the stopped container is started at once; one found running already,
         or looked up by name (no id), is returned as found, for :meth:`start` to adopt or start.
@@ -183,7 +196,7 @@ class SandboxRuntime:
         """
         try:
             if container_id is not None:
-                record, was_running = await self.backend.start_container(self.sandbox_id, container_id)
+                record, was_running = await self._start_stopped(container_id, checkpoint)
                 return (record, None) if was_running else (None, record)
             found = await self.backend.discover(self.sandbox_id)
             if found is not None:
@@ -192,6 +205,37 @@ class SandboxRuntime:
             pass
         raise SandboxNotFound(f"the stopped container of hibernated sandbox {self.sandbox_id} is gone "
                               "(removed meanwhile), and what was left in it with it")
+
+    async def _start_stopped(self, container_id: str, checkpoint: str | None) -> tuple[SandboxRecord, bool]:
+        """Start the stopped container: from its live ``checkpoint`` when given (its server then
+        listens again, and the checkpoint, used, is removed), else, or when that fails, with its
+        files only."""
+        if checkpoint:
+            try:
+                record, was_running = await self.backend.start_container(self.sandbox_id, container_id, checkpoint)
+            except RestoreFailed as exc:
+                logger.warning("%s; starting it with its files only (its processes and memory are lost)", exc.message)
+                self.resumed_live = False
+            else:
+                try:
+                    if not was_running:
+                        await self.backend.listen_again(record, _QUIET_SECONDS)
+                except ReadinessTimeout as exc:
+                    logger.warning("sandbox %s: restored, but its API server did not listen again (%s); starting it "
+                                   "with its files only", self.sandbox_id, exc.message)
+                    await self.backend.stop_container(self.sandbox_id, container_id)
+                    self.resumed_live = False
+                else:
+                    self.resumed_live = True
+                    await self._drop_checkpoint(container_id, checkpoint)
+                    return record, was_running
+        return await self.backend.start_container(self.sandbox_id, container_id)
+
+    async def _drop_checkpoint(self, container_id: str, checkpoint: str) -> None:
+        try:
+            await self.backend.remove_checkpoint(self.sandbox_id, container_id, checkpoint)
+        except SandboxError as exc:  # it goes with the container at the latest
+            logger.info("sandbox %s: could not remove checkpoint %s (%s)", self.sandbox_id, checkpoint, exc.message)
 
     async def _serve_resumed(self, record: SandboxRecord) -> None:
         """Wait until the hibernated container, started again, answers; then serve it. Its owner
@@ -316,23 +360,75 @@ class SandboxRuntime:
         except SandboxError as exc:
             logger.info("sandbox %s: could not record its owner (%s)", self.sandbox_id, type(exc).__name__)
 
-    async def hibernate(self) -> dict[str, Any]:
+    async def hibernate(self, live: bool = False) -> dict[str, Any]:
         """Stop serving and stop the container, keeping its filesystem (the pool then ends this
-        actor; a new one resumes the container).
+        actor; a new one resumes the container). With ``live``, its processes and memory are kept
+        too, in a checkpoint (gVisor): the description then has ``checkpoint`` (name, bytes).
 
         Raises:
-            BackendUnavailable: the engine did not answer; the sandbox serves on.
+            NotSupported: ``live`` on a sandbox that cannot be checkpointed (says what is missing).
+            BackendUnavailable: the engine did not answer; SandboxStartError: the checkpoint
+                failed. Either way the sandbox serves on (unless the failure ended it).
         """
         if self.record is None:
             raise SandboxNotFound(f"sandbox {self.sandbox_id} has not been started")
+        if live:
+            self._check_live()
         self._stopping = True
+        saved: dict[str, object] | None = None
         try:
-            await self.backend.stop_container(self.sandbox_id, self.record.container_id)
-        except BackendUnavailable:
+            if live:
+                saved = await self._checkpoint(self.record)
+            else:
+                await self.backend.stop_container(self.sandbox_id, self.record.container_id)
+        except SandboxError:
             self._stopping = False
             raise
         await self._close_api()
-        return self.describe()
+        return {**self.describe(), **({"checkpoint": saved} if saved is not None else {})}
+
+    def _check_live(self) -> None:
+        if self.config.runtime != "runsc":
+            raise NotSupported(
+                f"a live hibernation keeps processes and memory through gVisor's checkpoints: this pool runs its "
+                f"sandboxes under {self.config.runtime or 'runc'!r} (Debian's CRIU, which runc would need, does not "
+                "pass `criu check` on this kind of kernel); set runtime: runsc, or hibernate without live",
+                feature="live hibernate")
+        if Capability.LIVE_CHECKPOINT not in self.backend.capabilities:
+            raise NotSupported(f"a live hibernation: the {type(self.backend).__name__} cannot checkpoint",
+                               feature="live hibernate")
+
+    async def _checkpoint(self, record: SandboxRecord) -> dict[str, object]:
+        """Quiet the sandbox's API server (gVisor cannot save a socket bound on the host: on
+        SIGUSR1 it lets go of it and of every connection), then checkpoint the container, which
+        stops it. When the checkpoint fails with the container still running, the server listens
+        again and the failure is raised."""
+        socket_path = record.url[len(UNIX_SCHEME):] if record.url.startswith(UNIX_SCHEME) else ""
+        if not socket_path:
+            raise NotSupported("a live hibernation needs the sandbox's API on a unix socket (an image that serves it "
+                               "there, as ours does)", feature="live hibernate")
+        await self._close_api()  # our kept-alive connections first
+        await self.backend.signal(self.sandbox_id, record.container_id, "SIGUSR1")
+        deadline = time.monotonic() + _QUIET_SECONDS
+        while os.path.exists(socket_path):
+            if time.monotonic() > deadline:
+                await self._serve_again(record)
+                raise SandboxStartError(f"sandbox {self.sandbox_id}'s API server did not let go of its socket within "
+                                        f"{_QUIET_SECONDS:.0f}s (an image without our server's SIGUSR1?); it serves on")
+            await asyncio.sleep(0.02)
+        name = f"hibernated-{secrets.token_hex(4)}"
+        try:
+            saved = await self.backend.checkpoint(self.sandbox_id, record.container_id, name)
+        except SandboxError:
+            if await self.backend.is_running(self.sandbox_id):
+                await self._serve_again(record)
+            raise
+        return {"name": name, "bytes": saved.get("bytes", 0)}
+
+    async def _serve_again(self, record: SandboxRecord) -> None:
+        """After a live hibernation that did not happen: the server listens again, and we use it."""
+        await self.backend.listen_again(record, _QUIET_SECONDS)
+        self._api = SandboxAPI(record.url, record.token)
 
     async def snapshot(self, image: str, labels: Mapping[str, str]) -> dict[str, Any]:
         """Save the container's filesystem (not its processes, not the mounts) as ``image``."""
@@ -439,6 +535,7 @@ class SandboxRuntime:
             "inflight": self.inflight,
             "dead_reason": self.dead_reason,
             "actor_name": self.owner,
+            **({"resumed_live": self.resumed_live} if self.resumed_live is not None else {}),
         }
 
     # ── operations ─────────────────────────────────────────────────────────

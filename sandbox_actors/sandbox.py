@@ -124,12 +124,13 @@ class SandboxActor:
 
     async def start(self, sandbox_id: str, thread_id: str | None, resume: bool = False, image: str | None = None,
                     image_from: str | None = None, container_id: str | None = None,
-                    mounts: tuple[Mount, ...] = ()) -> dict[str, Any]:
+                    mounts: tuple[Mount, ...] = (), checkpoint: str | None = None) -> dict[str, Any]:
         """Serve ``sandbox_id``: adopt its running container, resume its stopped one (``resume``; by
         its ``container_id`` when the pool knows it), or create one (of ``image``, a snapshot's,
         when given; mounting ``mounts``, this node's directories, instead of the pool's thread
         directories when given), and wait until it answers. A snapshot image this node's engine
-        lacks is fetched from the reaper named ``image_from`` (once per node).
+        lacks is fetched from the reaper named ``image_from`` (once per node). A resume with
+        ``checkpoint`` brings the container's processes and memory back from that live checkpoint.
 
         Idempotent for the same sandbox. Says what it found (``outcome``: created, adopted,
         resumed); when another live actor owns the container, serves nothing and answers
@@ -150,7 +151,8 @@ class SandboxActor:
         elif self._runtime.sandbox_id != sandbox_id:
             raise InvalidRequest(f"actor {self._name} already serves sandbox {self._runtime.sandbox_id}")
         try:
-            started = await self._runtime.start(resume=resume, image=image, container_id=container_id)
+            started = await self._runtime.start(resume=resume, image=image, container_id=container_id,
+                                                checkpoint=checkpoint)
         except ImageNotFound:
             if image is None or image_from is None:
                 raise
@@ -172,9 +174,10 @@ class SandboxActor:
         logger.info("image %s fetched from another node's engine: %d bytes in %.1fs", image, len(archive),
                     time.monotonic() - began)
 
-    async def hibernate(self) -> dict[str, Any]:
-        """Stop the container, keeping its filesystem; the pool then ends this actor."""
-        return await self._runtime_or_raise().hibernate()
+    async def hibernate(self, live: bool = False) -> dict[str, Any]:
+        """Stop the container, keeping its filesystem (with ``live``, its processes and memory
+        too, in a checkpoint); the pool then ends this actor."""
+        return await self._runtime_or_raise().hibernate(live)
 
     async def snapshot(self, image: str, labels: Mapping[str, str]) -> dict[str, Any]:
         """Save the container's filesystem as ``image`` (a snapshot); returns its id and size."""

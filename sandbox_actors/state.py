@@ -553,12 +553,16 @@ class PoolState:
             return None
         return self._move(entry, S.HIBERNATING, stop_phase=None)
 
-    def hibernated(self, sandbox_id: str) -> Entry | None:
+    def hibernated(self, sandbox_id: str, checkpoint: dict[str, Any] | None = None) -> Entry | None:
+        """HIBERNATING -> HIBERNATED; with the live ``checkpoint`` (name, bytes) its resume restores."""
         entry = self.entries.get(sandbox_id)
         if entry is None or entry.state is not S.HIBERNATING:
             return None
+        info = {key: value for key, value in entry.info.items() if key != "checkpoint"}
+        if checkpoint:
+            info["checkpoint"] = dict(checkpoint)
         return self._move(entry, S.HIBERNATED, actor=None, hibernated_at=self.clock(), resume_state=None, stop=None,
-                          released_at=None)
+                          released_at=None, info=info)
 
     def hibernate_failed(self, sandbox_id: str) -> None:
         """The engine did not stop the container: the sandbox serves on as it was."""

@@ -148,7 +148,7 @@ class FakeFleet:
 
     async def start(self, actor: FakeActor, sandbox_id: str, thread_id: str | None, resume: bool = False,
                     image: str | None = None, image_from: str | None = None,
-                    container_id: str | None = None, mounts: tuple = ()) -> dict[str, Any]:
+                    container_id: str | None = None, mounts: tuple = (), checkpoint: str | None = None) -> dict[str, Any]:
         await self._pass("start")
         if self.engine_down:
             raise BackendUnavailable("engine down")
@@ -235,7 +235,7 @@ class FakeFleet:
         actor.alive = False
         return True
 
-    async def hibernate(self, actor: FakeActor, sandbox_id: str) -> dict[str, Any]:
+    async def hibernate(self, actor: FakeActor, sandbox_id: str, live: bool = False) -> dict[str, Any]:
         await self._pass("hibernate")
         if not actor.alive:
             raise ActorGone("gone")

@@ -90,6 +90,9 @@ def test_every_command_against_a_running_pool(ray_address, config_file, config, 
             again = cli("exec", "t1", *opts, "--", "cat", "/tmp/kept.txt")
             assert (again.returncode, again.stdout) == (0, "kept\n"), again.stderr
         assert cli("hibernate", "never-acquired", *opts).returncode == 3
+        live = cli("hibernate", "t1", "--live", *opts)  # a runc pool: processes cannot be kept here
+        assert live.returncode == 1 and "runsc" in live.stderr, live.stderr
+        assert state("t1") == "active"  # it serves on
         assert cli("hibernate", *opts).returncode == 2  # neither THREAD nor --id
         assert cli("hibernate", "t1", "--id", sandbox_id, *opts).returncode == 2  # both
         gc = cli("gc", *opts, "--json")

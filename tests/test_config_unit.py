@@ -153,6 +153,14 @@ def test_lifecycle_keys_are_validated_and_hibernation_needs_the_docker_backend()
         load_config({"idle_action": "hibernate", "provisioner_url": "http://127.0.0.1:9"})
 
 
+def test_a_live_hibernation_needs_gvisor_and_says_so():
+    live = load_config({"idle_action": "hibernate", "hibernate_live": True, "runtime": "runsc",
+                        "network": {"egress": "none"}})
+    assert live.hibernate_live and SandboxConfig().hibernate_live is False
+    with pytest.raises(ConfigError, match="runtime: runsc"):
+        load_config({"idle_action": "hibernate", "hibernate_live": True})
+
+
 def test_ray_worker_start_warnings_are_replaced_by_one_line_of_ours():
     import io
 

@@ -259,7 +259,7 @@ def _life_with(answering: dict[str, str], full: set[str], alive=frozenset({"lost
 
     tried: list[str] = []
 
-    async def start_sandbox(sandbox_id, thread_id, node_id=None, resume=False, container_id=None):
+    async def start_sandbox(sandbox_id, thread_id, node_id=None, resume=False, container_id=None, checkpoint=None):
         assert resume and container_id == "c1"  # started by the id the pool recorded
         tried.append(node_id)
         if node_id in full:

@@ -1204,10 +1204,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
+        self.server.connections.add(self.connection)
         # Headers and body go out in separate writes; without NODELAY, Nagle plus the
         # client's delayed ACK adds ~40 ms to every keep-alive request.
         with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def finish(self):
+        self.server.connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def log_message(self, format, *args):
         pass   # no per-request lines; errors are logged explicitly
@@ -1436,6 +1442,53 @@ class UnixServer(socketserver.ThreadingUnixStreamServer):
     request_queue_size = 64
 
 
+class Listener:
+    """The server's listening socket and its open connections, which a checkpoint must not hold.
+
+    gVisor cannot save a socket bound or connected on the host (``--host-uds``: our unix socket),
+    so before a live checkpoint SIGUSR1 makes the server let go of them all (the socket file
+    goes: the host sees it is quiet), and after the restore SIGUSR2 makes it listen again. The
+    app (sessions, background commands, their processes and memory) is untouched by both.
+    """
+
+    def __init__(self, cfg, app, ended):
+        self._cfg, self._app, self._ended = cfg, app, ended
+        self._lock = threading.Lock()
+        self.httpd, self.where = None, None
+
+    def _serve(self, httpd):
+        try:
+            httpd.serve_forever(poll_interval=0.2)
+        finally:
+            if self.httpd is httpd:   # not closed on purpose: the server is broken, end it
+                self._ended()
+
+    def open(self):
+        with self._lock:
+            if self.httpd is not None:
+                return
+            httpd, self.where = listen(self._cfg)
+            httpd.app, httpd.connections = self._app, set()
+            self.httpd = httpd
+            threading.Thread(target=self._serve, args=(httpd,), name="http", daemon=True).start()
+
+    def close(self):
+        with self._lock:
+            httpd, self.httpd = self.httpd, None
+            if httpd is None:
+                return
+            httpd.shutdown()   # serve_forever returns: no new connection is accepted
+            httpd.server_close()
+            for connection in list(httpd.connections):
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    connection.close()
+            if self._cfg.socket_path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._cfg.socket_path)
+
+
 def listen(cfg):
     """The server for cfg: on its unix socket when one is given, else on TCP."""
     if cfg.socket_path:
@@ -1470,31 +1523,46 @@ def main():
             cfg.run_as.own(path)   # the thread's mounted directories are the command user's to write
         except OSError as exc:
             log(f"cannot give {path} to {cfg.run_as.name}: {exc}")
+    # The main thread waits for signals: to stop; to be quiet for a checkpoint and back after a
+    # restore (see Listener). A handler only notes what is wanted and wakes the loop, which also
+    # looks every 0.2 s: a signal that lands on another thread does not cut the main thread's wait
+    # short (its handler runs once that wait ends), and after a restore one such wait was seen to
+    # last 10 s and more (1 restore in 6 never listened again while it waited 1 s at a time).
+    wanted = {"open": True, "stop": False}
+    poke = threading.Event()
+
+    def want(**what):
+        wanted.update(what)
+        poke.set()
+
     app = App(cfg)
+    listener = Listener(cfg, app, ended=lambda: want(stop=True))
     try:
-        httpd, where = listen(cfg)
+        listener.open()
     except OSError as exc:
         log(f"cannot listen on {cfg.socket_path or f'{cfg.bind}:{cfg.port}'}: {exc}")
         return 1
-    httpd.app = app
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-
-    def serve():
-        try:
-            httpd.serve_forever(poll_interval=0.2)
-        finally:
-            stop.set()
-
-    threading.Thread(target=serve, name="http", daemon=True).start()
-    log(f"listening on {where} (auth {'on' if cfg.token else 'off'}, commands as {cfg.run_as.name}, "
+    signal.signal(signal.SIGTERM, lambda *_: want(stop=True))
+    signal.signal(signal.SIGINT, lambda *_: want(stop=True))
+    signal.signal(signal.SIGUSR1, lambda *_: want(open=False))
+    signal.signal(signal.SIGUSR2, lambda *_: want(open=True))
+    log(f"listening on {listener.where} (auth {'on' if cfg.token else 'off'}, commands as {cfg.run_as.name}, "
         f"home {cfg.home}, max output {cfg.max_output} bytes)")
-    while not stop.wait(0.2):
-        pass
+    while not wanted["stop"]:
+        poke.wait(0.2)
+        poke.clear()
+        if wanted["open"] and listener.httpd is None and not wanted["stop"]:
+            try:
+                listener.open()
+                log(f"listening again on {listener.where}")
+            except OSError as exc:
+                log(f"cannot listen again on {listener.where}: {exc}")
+        elif not wanted["open"] and listener.httpd is not None:
+            listener.close()
+            log("quiet: no listening socket, no connection (for a checkpoint)")
     log("shutting down")
     app.shutdown()
-    httpd.server_close()
+    listener.close()
     sys.stderr.flush()
     # Handler threads may be blocked on pipes or sockets; don't wait for them.
     os._exit(0)
