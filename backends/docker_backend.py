@@ -712,6 +712,7 @@ class DockerBackend(Backend):
                     if time.monotonic() > deadline:
                         raise SandboxStartError(f"sandbox {sandbox_id} still runs 10 s after its checkpoint")
                     time.sleep(0.02)
+            _clear_stale_task(container_id)
             where = os.path.join(self._engine_info()["root"], "containers", container_id, "checkpoints", name)
             return {"checkpoint": name, "path": where, "bytes": _tree_bytes(where)}
 
@@ -781,10 +782,10 @@ class DockerBackend(Backend):
                 raise ReadinessTimeout(f"sandbox {record.sandbox_id} did not listen again within {timeout:.0f}s "
                                        f"of its restore; log tail:\n{await self.logs_tail(record.sandbox_id)}")
             await self.signal(record.sandbox_id, record.container_id, "SIGUSR2")
-            for _ in range(10):
+            for _ in range(40):  # the signal again after 0.2 s without a socket
                 if os.path.exists(socket_path):
                     return
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.005)
 
     async def signal(self, sandbox_id: str, container_id: str, signal: str) -> None:
         """Send ``signal`` (e.g. SIGUSR1) to the container's main process (through its init)."""
@@ -1053,22 +1054,66 @@ _RESTORE_ATTEMPTS = 3
 _BLOB = re.compile(r"content (sha256:[0-9a-f]{64}): already exists")
 
 
-def _drop_containerd_blob(why: str) -> bool:
-    """Remove the blob a restore found already in containerd's content store (the engine's
-    namespace, moby), with containerd's own client; whether it could."""
-    found = _BLOB.search(why)
+def _ctr(*args: str) -> subprocess.CompletedProcess[str] | None:
+    """Run containerd's own client on the engine's containerd (namespace moby); None when this
+    machine has no ``ctr`` or no such containerd socket."""
     ctr = shutil.which("ctr")
-    if found is None or ctr is None:
-        return False
     address = next((a for a in ("/var/run/docker/containerd/containerd.sock", "/run/containerd/containerd.sock")
                     if os.path.exists(a)), None)
-    if address is None:
-        return False
-    done = subprocess.run([ctr, "--address", address, "--namespace", "moby", "content", "rm", found.group(1)],
+    if ctr is None or address is None:
+        return None
+    return subprocess.run([ctr, "--address", address, "--namespace", "moby", *args],
                           capture_output=True, text=True, timeout=30, check=False)
+
+
+def _drop_containerd_blob(why: str) -> bool:
+    """Remove the blob a restore found already in containerd's content store; whether it could."""
+    found = _BLOB.search(why)
+    done = _ctr("content", "rm", found.group(1)) if found is not None else None
+    if done is None:
+        return False
     if done.returncode != 0:
-        logger.info("could not drop containerd blob %s: %s", found.group(1), done.stderr.strip()[:200])
+        logger.info("could not drop containerd blob %s: %s", found.group(1) if found else "", done.stderr.strip()[:200])
     return True  # dropped, or gone meanwhile: worth one more try either way
+
+
+def _clear_stale_task(container_id: str) -> bool:
+    """After a checkpoint of a container that was itself restored from one, Docker 20.10 with
+    this gVisor leaves containerd's task of it behind, stopped yet undeletable, with its shim
+    process: the container could not start again ("id already in use"), and the shim would
+    outlive it. End that shim, then remove the task and containerd's container object (Docker
+    makes a new one at the next start). Whether there was one."""
+    listed = _ctr("task", "ls", "--quiet")
+    if listed is None or container_id not in listed.stdout.split():
+        return False
+    for pid in _shims_of(container_id):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    deadline = time.monotonic() + 5
+    while _shims_of(container_id) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    _ctr("task", "rm", "--force", container_id)
+    _ctr("container", "rm", container_id)
+    logger.info("container %s: cleared the task containerd kept after its checkpoint", container_id[:12])
+    return True
+
+
+def _shims_of(container_id: str) -> list[int]:
+    """The containerd shim processes serving ``container_id`` (running, not yet reaped)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as handle:
+                state = handle.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and argv and b"containerd-shim" in argv[0] and container_id.encode() in argv:
+            found.append(int(entry))
+    return found
 
 
 def _tree_bytes(path: str) -> int:

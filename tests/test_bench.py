@@ -9,7 +9,7 @@ import sys
 import pytest
 
 TIME_KEYS = ["floor", "cold", "warm", "hot", "prewarmed", "cross_process", "exec_actor", "exec_direct", "hibernate",
-             "resume", "snapshot"]
+             "resume", "snapshot", "live_hibernate", "live_resume"]
 
 
 @pytest.mark.slow
@@ -47,9 +47,14 @@ def test_bench_tiny_writes_every_figure(image, tmp_path, docker_client):
     assert rollouts["clean_ratio"] == round(rollouts["floor_per_s"] / rollouts["per_s"], 3)
     assert figures["spare_idle_cpu_ms_per_s"] > 0 and figures["trivial_actor_idle_cpu_ms_per_s"] > 0
     assert 10 < figures["trivial_actor_uss_mb"] < figures["actor_uss_mb_max"] + 20  # Ray's own worker, beside ours
+    # Live checkpoints (this machine's engine has gVisor and the experimental mode; CI's too).
+    assert figures["live_resume"]["clean_ratio"] > 0 and len(figures["clean_floors"]["live"]["single_s"]) == 4
+    assert 0 < figures["checkpoint_idle_mb"] < figures["checkpoint_200mb_mb"]
+    assert figures["checkpoint_200mb_mb"] > 150  # 200 MB of random bytes cannot shrink much
     judged = {target["figure"] for target in figures["targets"]}
     assert judged >= {"cold", "resume", "burst", "burst_repeat", "fork_burst", "arrivals_2", "rollouts_2",
-                      "spare_idle_cpu_ms_per_s", "actor_uss_mb", "exec_actor", "warm", "hot", "prewarmed"}
+                      "spare_idle_cpu_ms_per_s", "actor_uss_mb", "exec_actor", "warm", "hot", "prewarmed",
+                      "live_resume"}
     assert figures["failures"] == []
     assert "targets:" in result.stdout and "failures: 0" in result.stdout and "clean" in result.stdout
     def of_bench(items):  # the bench's pools are named bench-...: anything else is not its to judge

@@ -20,13 +20,14 @@ RATIO_TARGETS: dict[str, tuple[str, str, float]] = {
     "burst_repeat": ("default", "burst", 1.15),
     "fork_burst": ("fork", "burst", 1.15),
     "arrivals_2": ("arrivals", "single", 2.0),
+    "live_resume": ("live", "single", 1.0),  # a live resume, to gVisor's cold start
 }
 ROLLOUT_TARGET = 1 / 0.85  # ours at least 85% of the floor's rate
 ABSOLUTE_TARGETS_MS = {"warm": 3.0, "hot": 3.0, "cross_process": 3.0, "prewarmed": 50.0}
 EXEC_OVER_DIRECT_MS = 1.5
 ACTOR_USS_MB = 45.0
 TIME_KEYS = ["floor", "cold", "warm", "hot", "prewarmed", "cross_process", "exec_actor", "exec_direct", "hibernate",
-             "resume", "snapshot"]
+             "resume", "snapshot", "live_hibernate", "live_resume"]
 
 
 def _clean_floor(results: dict[str, Any], stage: str, kind: str) -> float | None:
@@ -159,6 +160,10 @@ def _other_lines(results: dict[str, Any]) -> list[str]:
         lines.append(f"idle: {idle['n']} learned spares hold {idle['uss_mb']} MB USS in all; each uses "
                      f"{results.get('spare_idle_cpu_ms_per_s')} ms of CPU a second, a trivial Ray actor "
                      f"{results.get('trivial_actor_idle_cpu_ms_per_s')}")
+    live = [f"{k} {results[k]}" for k in ("checkpoint_idle_mb", "checkpoint_200mb_mb", "live_hibernate_200mb_s",
+                                          "live_resume_200mb_s") if results.get(k) is not None]
+    if live:
+        lines.append("live checkpoints: " + ", ".join(live))
     memory = [f"{k} {results[k]}" for k in ("actor_uss_mb", "actor_uss_mb_max", "trivial_actor_uss_mb", "container_mb",
                                             "pool_uss_mb",
                                             "pool_sandboxes", "hibernate_frees_mb", "snapshot_image_mb")

@@ -43,6 +43,25 @@ print(json.dumps(samples))
 """
 NAMESPACE = "sandbox_actors_bench"
 
+# A Python process holding 200 MB of data in a dict (random bytes: a checkpoint cannot squeeze
+# them) and a counter; it writes "count entries digest" to /tmp/state every 50 ms, the digest
+# taken over the whole dict every 40 counts. The live stage and tests/test_live_checkpoint.py.
+LIVE_HOLDER = """
+import hashlib, os, random, time
+random.seed(7)
+held = {i: random.randbytes(1000) for i in range(200_000)}
+def digest():
+    return hashlib.sha256(b"".join(held[i][:8] for i in range(len(held)))).hexdigest()[:16]
+count, seen = 0, digest()
+while True:
+    count += 1
+    if count % 40 == 0:
+        seen = digest()
+    open("/tmp/state.new", "w").write(f"{count} {len(held)} {seen}")
+    os.replace("/tmp/state.new", "/tmp/state")
+    time.sleep(0.05)
+"""
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -148,6 +167,14 @@ class Bench:
         if self.scale:
             stages.append(Stage("scale", f"{self.scale} sandboxes held at once", config("bench-scale"),
                                 lambda pool, _: self.scale_run(pool)))
+        live = _live_missing()
+        if live is None:
+            stages.append(Stage("live", "live hibernate and resume under gVisor (processes and memory kept)",
+                                config("bench-live", runtime="runsc", network={"egress": "none"},
+                                       limits={"memory": "1g", "cpus": 1.0, "pids": 512}),
+                                lambda pool, _: self.live(pool), ("single_runsc",)))
+        else:
+            self.out(f"live stage skipped: it needs {live}")
         if self.runtime:
             # As the bootstrap registers gVisor here: no network of its own (see docs/security.md).
             stages.append(Stage("runtime", f"cold start and exec under runtime {self.runtime} (no network)",
@@ -218,7 +245,7 @@ class Bench:
             return
         if "rollout" in kinds:
             self._clean_rollouts(into, config)
-        runtime = self.runtime if "single_runtime" in kinds else None
+        runtime = self.runtime if "single_runtime" in kinds else "runsc" if "single_runsc" in kinds else None
         if "single" not in kinds and "burst" not in kinds and runtime is None:
             return
         engine = FloorEngine(self._image, "bench-clean", runtime, config=config)
@@ -283,6 +310,39 @@ class Bench:
             samples.append(seconds)
             pool.destroy(box)
         self.results[key] = summarize(samples)
+
+    def live(self, pool: Any) -> None:
+        """Live hibernations and their resumes (a sleeping process kept), held to gVisor's cold
+        start; the checkpoint's size for an idle sandbox and for one holding a 200 MB process."""
+        sleep, wake, sizes = [], [], []
+        for i in range(self.n):
+            box = pool.acquire(f"live-{i}")
+            pid = box.exec("sleep 3600 > /dev/null 2>&1 & echo $!").output.strip()
+            sleep.append(self._timed(lambda: box.hibernate(live=True))[1])
+            sizes.append(next(r for r in pool.list() if r["thread_id"] == f"live-{i}")["checkpoint_bytes"])
+            self._wait_spares(pool, actors=pool.config.spare_actors)
+            again, seconds = self._timed(lambda: pool.acquire(f"live-{i}"))
+            if not again.info.get("resumed_live") or again.exec(f"kill -0 {pid}").exit_code != 0:
+                self.fail(f"live resume {i}: its processes did not come back ({again.info.get('resumed_live')})")
+            wake.append(seconds)
+            pool.destroy(again)
+        self.results["live_hibernate"], self.results["live_resume"] = summarize(sleep), summarize(wake)
+        self.results["checkpoint_idle_mb"] = round(sorted(sizes)[len(sizes) // 2] / 1e6, 1)
+        holder = pool.acquire("live-holder")
+        holder.write_file("/tmp/holder.py", LIVE_HOLDER)
+        holder.start("python3 /tmp/holder.py")
+        if not _until(lambda: holder.exec("cat /tmp/state 2>/dev/null || echo 0").output.split()[0] != "0", 120):
+            self.fail("the 200 MB process did not start within 120 s")
+        began = time.perf_counter()
+        holder.hibernate(live=True)
+        self.results["live_hibernate_200mb_s"] = round(time.perf_counter() - began, 3)
+        row = next(r for r in pool.list() if r["thread_id"] == "live-holder")
+        self.results["checkpoint_200mb_mb"] = round((row["checkpoint_bytes"] or 0) / 1e6, 1)
+        again, seconds = self._timed(lambda: pool.acquire("live-holder"))
+        self.results["live_resume_200mb_s"] = round(seconds, 3)
+        if not again.info.get("resumed_live"):
+            self.fail("the 200 MB process's sandbox did not resume live")
+        pool.destroy(again)
 
     def under_runtime(self, pool: Any) -> None:
         """Cold start and exec of sandboxes under ``self.runtime`` (rows suffixed with its name)."""
@@ -689,3 +749,22 @@ def _until(done: Callable[[], bool], seconds: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def _live_missing() -> str | None:
+    """What this machine's engine lacks for live checkpoints (gVisor's runsc registered, the
+    experimental mode), or None when it has both."""
+    import docker
+
+    from backends.engine import connect
+
+    client = connect(None, 30)
+    try:
+        info = client.info()
+    except docker.errors.DockerException as exc:
+        return f"a Docker engine that answers ({exc})"
+    finally:
+        client.close()
+    missing = [what for what, ok in (("gVisor's runsc registered with Docker", "runsc" in (info.get("Runtimes") or {})),
+                                     ("the engine's experimental mode", info.get("ExperimentalBuild"))) if not ok]
+    return " and ".join(missing) or None

@@ -1429,12 +1429,21 @@ def content_disposition(name):
     return value
 
 
-class Server(ThreadingHTTPServer):
+class _Tracked:
+    """Each accepted connection is in ``connections`` before its thread starts: once serve_forever
+    has returned, Listener.close() sees every connection there is (a checkpoint must hold none)."""
+
+    def process_request(self, request, client_address):
+        self.connections.add(request)
+        super().process_request(request, client_address)
+
+
+class Server(_Tracked, ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
 
-class UnixServer(socketserver.ThreadingUnixStreamServer):
+class UnixServer(_Tracked, socketserver.ThreadingUnixStreamServer):
     """HTTP on a unix socket: the sandbox then needs no network to be reached, and nothing
     on the host's network can reach it."""
 
@@ -1477,8 +1486,12 @@ class Listener:
             httpd, self.httpd = self.httpd, None
             if httpd is None:
                 return
-            httpd.shutdown()   # serve_forever returns: no new connection is accepted
-            httpd.server_close()
+            stopping = threading.Thread(target=httpd.shutdown, daemon=True)   # serve_forever returns
+            stopping.start()
+            while stopping.is_alive():
+                self._wake(httpd)   # now, not at its next look (every 0.2 s)
+                stopping.join(0.01)
+            httpd.server_close()   # no new connection is accepted
             for connection in list(httpd.connections):
                 with contextlib.suppress(OSError):
                     connection.shutdown(socket.SHUT_RDWR)
@@ -1487,6 +1500,14 @@ class Listener:
             if self._cfg.socket_path:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._cfg.socket_path)
+
+
+    def _wake(self, httpd):
+        """Make the server's wait for connections end: a connection of our own (it ends at once)."""
+        if not self._cfg.socket_path:
+            return   # TCP: shutdown waits for the next look
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as poke:
+            poke.connect(self._cfg.socket_path)
 
 
 def listen(cfg):
@@ -1524,16 +1545,19 @@ def main():
         except OSError as exc:
             log(f"cannot give {path} to {cfg.run_as.name}: {exc}")
     # The main thread waits for signals: to stop; to be quiet for a checkpoint and back after a
-    # restore (see Listener). A handler only notes what is wanted and wakes the loop, which also
-    # looks every 0.2 s: a signal that lands on another thread does not cut the main thread's wait
-    # short (its handler runs once that wait ends), and after a restore one such wait was seen to
-    # last 10 s and more (1 restore in 6 never listened again while it waited 1 s at a time).
+    # restore (see Listener). A handler only notes what is wanted. The wait is a select on a pipe
+    # that every signal writes to (signal.set_wakeup_fd), whichever thread the signal lands on: a
+    # signal landing on another thread would not cut a plain wait short (its handler runs once
+    # that wait ends), which made a quiet take 0.2 s; the loop still looks every 0.2 s (after a
+    # restore one wait was seen to last 10 s and more: 1 restore in 6 never listened again while
+    # it waited 1 s at a time).
     wanted = {"open": True, "stop": False}
-    poke = threading.Event()
+    woken, wake = os.pipe()
+    os.set_blocking(wake, False)
+    signal.set_wakeup_fd(wake)
 
     def want(**what):
         wanted.update(what)
-        poke.set()
 
     app = App(cfg)
     listener = Listener(cfg, app, ended=lambda: want(stop=True))
@@ -1549,8 +1573,8 @@ def main():
     log(f"listening on {listener.where} (auth {'on' if cfg.token else 'off'}, commands as {cfg.run_as.name}, "
         f"home {cfg.home}, max output {cfg.max_output} bytes)")
     while not wanted["stop"]:
-        poke.wait(0.2)
-        poke.clear()
+        if select.select([woken], [], [], 0.2)[0]:
+            os.read(woken, 512)  # (the handlers run as this returns)
         if wanted["open"] and listener.httpd is None and not wanted["stop"]:
             try:
                 listener.open()
