@@ -852,6 +852,7 @@ class DockerBackend(Backend):
                     logger.info("sandbox %s: containerd held checkpoint %s already; restoring again",
                                 sandbox_id, checkpoint)
                     continue
+                _clear_stale_task(container_id)  # so that it can start again, with its files only
                 raise RestoreFailed(f"sandbox {sandbox_id} could not be restored from checkpoint "
                                     f"{checkpoint}: {why[-300:]}") from exc
         raise AssertionError("unreachable: the last attempt returns or raises")
