@@ -267,6 +267,15 @@ class Backend(abc.ABC):
         the checkpoint's ``path`` and ``bytes``."""
         raise self._cannot("live checkpoint")
 
+    async def keep_checkpoint(self, sandbox_id: str, container_id: str, name: str, into: str) -> int:
+        """Copy checkpoint ``name`` of the container to directory ``into``; its bytes."""
+        raise self._cannot("live checkpoint")
+
+    async def fork_from_checkpoint(self, spec: SandboxSpec, source: str) -> SandboxRecord:
+        """A new sandbox of ``spec`` restored from the checkpoint in directory ``source`` (a live
+        fork); quiet until :meth:`listen_again`, which gives it ``spec``'s token."""
+        raise self._cannot("live checkpoint")
+
     async def remove_checkpoint(self, sandbox_id: str, container_id: str, name: str) -> None:
         """Remove a live checkpoint of the container (one restored, no longer needed)."""
         raise self._cannot("live checkpoint")

@@ -713,7 +713,7 @@ class DockerBackend(Backend):
                         raise SandboxStartError(f"sandbox {sandbox_id} still runs 10 s after its checkpoint")
                     time.sleep(0.02)
             _clear_stale_task(container_id)
-            where = os.path.join(self._engine_info()["root"], "containers", container_id, "checkpoints", name)
+            where = self.checkpoint_dir(container_id, name)
             return {"checkpoint": name, "path": where, "bytes": _tree_bytes(where)}
 
         return await asyncio.to_thread(_checkpoint)
@@ -728,37 +728,67 @@ class DockerBackend(Backend):
 
         await asyncio.to_thread(_remove)
 
-    async def fork_from_checkpoint(self, spec: SandboxSpec, source_id: str, name: str) -> SandboxRecord:
-        """A new sandbox (``spec``: its own id, mounts and token) that goes on from checkpoint
-        ``name`` of container ``source_id`` on this node's engine: its processes and memory are
-        the source's at the checkpoint, its files its own from then on (a live fork). Its server
-        is quiet until :meth:`signal` SIGUSR2. Docker 20.10 refuses a checkpoint directory of
-        another container, so a copy goes where the engine looks for the new container's own.
+    def checkpoint_dir(self, container_id: str, name: str) -> str:
+        """Where the engine keeps checkpoint ``name`` of a container (on this node)."""
+        return os.path.join(self._engine_info()["root"], "containers", container_id, "checkpoints", name)
+
+    async def keep_checkpoint(self, sandbox_id: str, container_id: str, name: str, into: str) -> int:
+        """Copy checkpoint ``name`` of the container to the directory ``into`` (a live snapshot's,
+        which outlives the container); returns its bytes.
 
         Raises:
-            SandboxNotFound: no such checkpoint here; SandboxStartError: the restore failed
-            (the new container is removed).
+            SandboxStartError: it could not be copied (nothing is left at ``into``).
+        """
+        def _keep() -> int:
+            try:
+                os.makedirs(os.path.dirname(into), mode=0o700, exist_ok=True)
+                shutil.copytree(self.checkpoint_dir(container_id, name), into)
+            except OSError as exc:
+                shutil.rmtree(into, ignore_errors=True)
+                raise SandboxStartError(f"could not keep the checkpoint of sandbox {sandbox_id} in {into}: "
+                                        f"{exc.strerror or exc}") from exc
+            return _tree_bytes(into)
+
+        return await asyncio.to_thread(_keep)
+
+    async def fork_from_checkpoint(self, spec: SandboxSpec, source: str) -> SandboxRecord:
+        """A new sandbox (``spec``: its own id, mounts and token) that goes on from the checkpoint
+        in directory ``source`` (on this node): its processes and memory are the checkpointed
+        sandbox's, its files its own from then on (a live fork). Its server is quiet until
+        :meth:`listen_again`, when it takes ``spec``'s token (it held the source's in memory).
+        Docker 20.10 refuses a checkpoint directory of another container, so a copy goes where
+        the engine looks for the new container's own.
+
+        Raises:
+            SandboxNotFound: no such checkpoint here; RestoreFailed, SandboxStartError: the
+            restore failed (the new container is removed).
         """
         def _fork() -> SandboxRecord:
-            root = os.path.join(self._engine_info()["root"], "containers")
-            source = os.path.join(root, source_id, "checkpoints", name)
             if not os.path.isdir(source):
-                raise SandboxNotFound(f"checkpoint {name} of container {source_id[:12]} is not on this node")
+                raise SandboxNotFound(f"checkpoint {source} is not on this node")
+            name = "fork"
             container = self._create_container(spec, self.container_name(spec.sandbox_id))
             try:
                 try:
-                    copy = os.path.join(root, container.id, "checkpoints", name)
-                    shutil.copytree(source, copy)
+                    copy = self.checkpoint_dir(container.id, name)
+                    shutil.copytree(source, copy, copy_function=_link_or_copy)  # a restore only reads them
                     # A file of its own: containerd receives each restore's checkpoint as a blob named
                     # by its digest, and two forks restoring the same bytes at once would collide.
                     with open(os.path.join(copy, "sandbox-actors-fork"), "w") as mark:
                         mark.write(spec.sandbox_id)
+                    if spec.token:
+                        socket_dir = os.path.join(self._pool_socket_dir(spec.pool), spec.sandbox_id)
+                        with open(os.path.join(socket_dir, FORK_TOKEN_FILE), "w") as token_file:
+                            token_file.write(hashlib.sha256(spec.token.encode()).hexdigest())
                 except OSError as exc:
-                    raise SandboxStartError(f"could not copy checkpoint {name} for sandbox {spec.sandbox_id}: "
+                    raise SandboxStartError(f"could not prepare sandbox {spec.sandbox_id}'s restore from {source}: "
                                             f"{exc.strerror or exc}") from exc
-                with engine_errors(f"restore sandbox {spec.sandbox_id} from checkpoint {name}"):
+                with engine_errors(f"restore sandbox {spec.sandbox_id} from checkpoint {source}"):
                     self._start_request(spec.sandbox_id, container.id, name)
-                    return self._record_attrs(self._docker().api.inspect_container(container.id))
+                    record = self._record_attrs(self._docker().api.inspect_container(container.id))
+                with contextlib.suppress(OSError):  # used: the fork's own stays with it until removed
+                    shutil.rmtree(self.checkpoint_dir(container.id, name))
+                return record
             except BaseException:
                 with contextlib.suppress(SandboxError):
                     self._destroy(spec.sandbox_id, container.id)
@@ -835,8 +865,10 @@ class DockerBackend(Backend):
         params = {"checkpoint": checkpoint} if checkpoint else None
         for attempt in range(1, _RESTORE_ATTEMPTS + 1):
             try:
+                # A restore reads the whole checkpoint (hundreds of MB for a loaded process, and
+                # forks restore at once): longer than any other start may take.
                 response = api._post(api._url("/containers/{0}/start", container_id),  # type: ignore[attr-defined]
-                                     params=params)
+                                     params=params, timeout=_RESTORE_TIMEOUT if checkpoint else self._timeout)
                 api._raise_for_status(response)  # type: ignore[attr-defined]
                 return bool(response.status_code == 304)
             except docker.errors.NotFound:
@@ -1052,6 +1084,8 @@ def _checkpoint_refused(sandbox_id: str, exc: docker.errors.APIError) -> Sandbox
 
 
 _RESTORE_ATTEMPTS = 3
+_RESTORE_TIMEOUT = 600.0
+FORK_TOKEN_FILE = ".token-sha256"  # beside a live fork's socket: its own token's hash (the image's server takes it)
 _BLOB = re.compile(r"content (sha256:[0-9a-f]{64}): already exists")
 
 
@@ -1115,6 +1149,15 @@ def _shims_of(container_id: str) -> list[int]:
         if state != "Z" and argv and b"containerd-shim" in argv[0] and container_id.encode() in argv:
             found.append(int(entry))
     return found
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link (no bytes copied: hundreds of MB per fork of a loaded process), or a copy
+    when the two are on different filesystems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _tree_bytes(path: str) -> int:

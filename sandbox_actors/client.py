@@ -266,10 +266,16 @@ class PoolClient:
         """
         return self._retrying("hibernate", _id(handle_or_id), live)
 
-    def snapshot(self, handle_or_id: SandboxHandle | str, name: str | None = None) -> Snapshot:
+    def snapshot(self, handle_or_id: SandboxHandle | str, name: str | None = None, *, live: bool = False
+                 ) -> Snapshot:
         """Snapshot a running sandbox (see :meth:`SandboxHandle.snapshot`); ``name`` defaults to
-        the thread and the time."""
-        return Snapshot.from_record(self._retrying("snapshot", _id(handle_or_id), name))
+        the thread and the time. ``live`` (gVisor pools) keeps its processes and memory too: each
+        sandbox started from it goes on from them (``box.info["forked_live"]``).
+
+        Raises:
+            NotSupported: ``live`` on a pool that cannot checkpoint (says what is missing).
+        """
+        return Snapshot.from_record(self._retrying("snapshot", _id(handle_or_id), name, live))
 
     def snapshots(self) -> list[Snapshot]:
         """The pool's snapshots, oldest first."""
@@ -363,8 +369,9 @@ class AsyncPoolClient:
     async def hibernate(self, handle_or_id: SandboxHandle | str, *, live: bool = False) -> bool:
         return await self._call("hibernate", _id(handle_or_id), live)
 
-    async def snapshot(self, handle_or_id: SandboxHandle | str, name: str | None = None) -> Snapshot:
-        return Snapshot.from_record(await self._call("snapshot", _id(handle_or_id), name))
+    async def snapshot(self, handle_or_id: SandboxHandle | str, name: str | None = None, *, live: bool = False
+                       ) -> Snapshot:
+        return Snapshot.from_record(await self._call("snapshot", _id(handle_or_id), name, live))
 
     async def snapshots(self) -> list[Snapshot]:
         return [Snapshot.from_record(r) for r in await self._call("snapshots")]

@@ -64,10 +64,11 @@ class Fleet(Protocol):
     async def start(self, actor: Any, sandbox_id: str, thread_id: str | None, resume: bool = False,
                     image: str | None = None, image_from: str | None = None,
                     container_id: str | None = None, mounts: tuple[Mount, ...] = (),
-                    checkpoint: str | None = None) -> dict[str, Any]: ...
+                    checkpoint: str | None = None, restore_from: str | None = None) -> dict[str, Any]: ...
     async def owner_of(self, sandbox_id: str, owner: str) -> tuple[Any, dict[str, Any]]: ...
     async def hibernate(self, actor: Any, sandbox_id: str, live: bool = False) -> dict[str, Any]: ...
-    async def snapshot(self, actor: Any, sandbox_id: str, image: str, labels: dict[str, str]) -> dict[str, Any]: ...
+    async def snapshot(self, actor: Any, sandbox_id: str, image: str, labels: dict[str, str],
+                       keep_checkpoint_in: str | None = None) -> dict[str, Any]: ...
     async def claim(self, actor: Any, thread_id: str | None) -> dict[str, Any]: ...
     async def alive(self, actor: Any) -> bool: ...
     def actor_key(self, actor: Any) -> str: ...
@@ -173,7 +174,7 @@ class RayFleet(EngineCalls):
     async def start(self, actor: Any, sandbox_id: str, thread_id: str | None, resume: bool = False,
                     image: str | None = None, image_from: str | None = None,
                     container_id: str | None = None, mounts: tuple[Mount, ...] = (),
-                    checkpoint: str | None = None) -> dict[str, Any]:
+                    checkpoint: str | None = None, restore_from: str | None = None) -> dict[str, Any]:
         """Have ``actor`` serve ``sandbox_id``: adopt its running container, start its stopped one
         again (``resume``, by its ``container_id`` when known; from its live ``checkpoint`` when
         given), or create one (of a snapshot's
@@ -187,7 +188,8 @@ class RayFleet(EngineCalls):
             ImageNotFound, ReadinessTimeout, SandboxStartError, ...: the container did not start.
         """
         return await raycalls.call(
-            actor.start.remote(sandbox_id, thread_id, resume, image, image_from, container_id, mounts, checkpoint),
+            actor.start.remote(sandbox_id, thread_id, resume, image, image_from, container_id, mounts, checkpoint,
+                               restore_from),
             self._config.readiness_timeout + 120 + (IMAGE_TIMEOUT if image else 0), f"starting sandbox {sandbox_id}",
         )
 
@@ -204,9 +206,12 @@ class RayFleet(EngineCalls):
         raycalls.kill(actor)
         return info
 
-    async def snapshot(self, actor: Any, sandbox_id: str, image: str, labels: dict[str, str]) -> dict[str, Any]:
-        """Commit the sandbox's filesystem as ``image``; returns its id and size."""
-        return await raycalls.call(actor.snapshot.remote(image, labels), IMAGE_TIMEOUT, f"snapshot {sandbox_id}")
+    async def snapshot(self, actor: Any, sandbox_id: str, image: str, labels: dict[str, str],
+                       keep_checkpoint_in: str | None = None) -> dict[str, Any]:
+        """Commit the sandbox's filesystem as ``image`` (and with ``keep_checkpoint_in``, keep its
+        processes and memory there: a live snapshot); returns its id and size."""
+        return await raycalls.call(actor.snapshot.remote(image, labels, keep_checkpoint_in),
+                                   IMAGE_TIMEOUT + (LIVE_TIMEOUT if keep_checkpoint_in else 0), f"snapshot {sandbox_id}")
 
     async def owner_of(self, sandbox_id: str, owner: str) -> tuple[Any, dict[str, Any]]:
         """The live actor named ``owner`` that serves ``sandbox_id`` (a start found it owning the

@@ -37,7 +37,7 @@ class PoolClient(Protocol):
     def release(self, handle_or_id: Any) -> bool: ...
     def destroy(self, handle_or_id: Any) -> bool: ...
     def hibernate(self, handle_or_id: Any, *, live: bool = False) -> bool: ...
-    def snapshot(self, handle_or_id: Any, name: str | None = None) -> Snapshot: ...
+    def snapshot(self, handle_or_id: Any, name: str | None = None, *, live: bool = False) -> Snapshot: ...
     def _report_dead(self, sandbox_id: str) -> None: ...
 
 
@@ -118,9 +118,10 @@ class SandboxHandle:
         (gVisor pools)."""
         return self._require_pool().hibernate(self, live=live)
 
-    def snapshot(self, name: str | None = None) -> Snapshot:
-        """Save the sandbox's filesystem (not its processes, not the thread mounts) as a snapshot."""
-        return self._require_pool().snapshot(self, name)
+    def snapshot(self, name: str | None = None, *, live: bool = False) -> Snapshot:
+        """Save the sandbox's filesystem (not the thread mounts) as a snapshot; with ``live``
+        (gVisor pools), its processes and memory too: sandboxes started from it go on from them."""
+        return self._require_pool().snapshot(self, name, live=live)
 
     # ── plumbing ───────────────────────────────────────────────────────────
 
@@ -210,8 +211,8 @@ class AsyncSandboxHandle:
     async def hibernate(self, *, live: bool = False) -> bool:
         return await self._handle._require_pool().aio.hibernate(self._handle, live=live)
 
-    async def snapshot(self, name: str | None = None) -> Snapshot:
-        return await self._handle._require_pool().aio.snapshot(self._handle, name)
+    async def snapshot(self, name: str | None = None, *, live: bool = False) -> Snapshot:
+        return await self._handle._require_pool().aio.snapshot(self._handle, name, live=live)
 
     async def _await(self, ref: Any) -> Any:
         try:

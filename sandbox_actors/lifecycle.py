@@ -231,7 +231,9 @@ class Lifecycle:
         record = self.snapshot_records.get(entry.image, {})
         node_id = record.get("node_id")
         source = reaper_name(self.config, node_id) if node_id and self.fleet.reaper_on(node_id) is not None else None
-        return {"image": record.get("image", entry.image), "image_from": source}
+        checkpoint = record.get("checkpoint") or {}
+        return {"image": record.get("image", entry.image), "image_from": source,
+                **({"restore_from": checkpoint["path"]} if checkpoint.get("path") else {})}
 
     @staticmethod
     def _host_of(entry: Entry) -> dict[str, Any]:
@@ -243,13 +245,14 @@ class Lifecycle:
     async def start_sandbox(
         self, sandbox_id: str, thread_id: str | None, node_id: str | None = None, resume: bool = False,
         image: str | None = None, image_from: str | None = None, container_id: str | None = None,
-        mounts: tuple[Mount, ...] = (), checkpoint: str | None = None,
+        mounts: tuple[Mount, ...] = (), checkpoint: str | None = None, restore_from: str | None = None,
     ) -> tuple[Any, dict[str, Any]]:
         """An actor serving ``sandbox_id`` with its container up and answering (pinned to
         ``node_id`` when given). Adopts the live actor that already owns the container, if any;
         starts its stopped container again with ``resume`` (by ``container_id`` when known; from
         its live ``checkpoint`` when given);
-        creates a new one of ``image`` (a snapshot's) when given, mounting ``mounts`` (host
+        creates a new one of ``image`` (a snapshot's; from its checkpoint in ``restore_from``, a
+        live one's) when given, mounting ``mounts`` (host
         directories of ``node_id``) instead of the pool's thread directories when given.
 
         Raises:
@@ -265,7 +268,7 @@ class Lifecycle:
                     if not spare:  # a spare is placed already: it answered before it became one
                         await self._place(actor, sandbox_id, node_id)
                     info = await fleet.start(actor, sandbox_id, thread_id, resume, image, image_from, container_id,
-                                             mounts, checkpoint)
+                                             mounts, checkpoint, restore_from)
                 except PoolExhausted:
                     fleet.kill(actor)  # never placed: nothing to stop
                     raise

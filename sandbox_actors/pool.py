@@ -205,16 +205,18 @@ class SandboxPool:
         self._require(Capability.HIBERNATE)
         return await hibernate(self._life, sandbox_id, live)
 
-    async def snapshot(self, sandbox_id: str, name: str | None = None) -> dict[str, Any]:
-        """Save a running sandbox's filesystem (not its processes, not the thread mounts) as a
-        snapshot; returns its record (name, image, size, engine, node, created).
+    async def snapshot(self, sandbox_id: str, name: str | None = None, live: bool = False) -> dict[str, Any]:
+        """Save a running sandbox's filesystem (not the thread mounts; with ``live``, its processes
+        and memory too) as a snapshot; returns its record (name, image, size, engine, node,
+        created; ``checkpoint`` when live).
 
         Raises:
-            NotSupported (a provisioner), InvalidRequest (a bad or used name), SandboxNotFound.
+            NotSupported (a provisioner; ``live`` where no checkpoint can be made), InvalidRequest
+            (a bad or used name), SandboxNotFound.
         """
         await self._ready()
         self._require(Capability.SNAPSHOT)
-        return await snapshots.take(self._life, sandbox_id, name)
+        return await snapshots.take(self._life, sandbox_id, name, live)
 
     def _require(self, capability: Capability) -> None:
         backend = self._config.backend

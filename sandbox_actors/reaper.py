@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import threading
 from typing import Any
 
@@ -22,6 +23,7 @@ from . import raycalls
 from .actorconfig import ActorConfig
 from .config import SandboxConfig
 from .runtime import make_backend, read_owner
+from .threads import checkpoint_dir
 
 _PROBE_TIMEOUT = 3.0
 _RECONNECT_SECONDS = 1.0
@@ -89,8 +91,13 @@ class NodeReaper:
         return await self._backend.snapshot_images(self._pool)
 
     async def remove_image(self, image: str) -> bool:
-        """Remove a snapshot image of this pool here; False when a container still uses it."""
-        return await self._backend.remove_image(image)
+        """Remove a snapshot image of this pool here, and a live snapshot's checkpoint with it;
+        False when a container still uses it."""
+        removed = await self._backend.remove_image(image)
+        if removed:
+            name = image.rpartition(":")[2]
+            await asyncio.to_thread(shutil.rmtree, checkpoint_dir(self._config.base_dir, name), True)
+        return removed
 
     async def export_image(self, image: str) -> bytes:
         """A snapshot image as an archive, for a node whose engine lacks it."""

@@ -113,6 +113,9 @@ class SandboxRuntime:
         self._background: dict[str, None] = {}  # background commands started here (oldest first), maybe running
         self.last_activity = clock()
         self.resumed_live: bool | None = None  # after a resume asked to restore processes: whether they came back
+        self.forked_live: bool | None = None  # a sandbox started from a live snapshot: whether its processes came
+        self._serving = asyncio.Event()  # cleared while a live snapshot checkpoints and restores the container
+        self._serving.set()
         self.dead_reason: str | None = None
         self._api: SandboxAPI | None = None
         self._start_lock = asyncio.Lock()
@@ -124,7 +127,8 @@ class SandboxRuntime:
     # ── lifecycle ──────────────────────────────────────────────────────────
 
     async def start(self, resume: bool = False, image: str | None = None,
-                    container_id: str | None = None, checkpoint: str | None = None) -> dict[str, Any]:
+                    container_id: str | None = None, checkpoint: str | None = None,
+                    restore_from: str | None = None) -> dict[str, Any]:
         """Adopt this sandbox's running container, or create one and wait until it answers; say
         which (``outcome``, a :class:`StartOutcome`). A running container that another live actor
         owns is neither served nor touched: the answer is ``outcome`` OWNED and that ``owner``'s
@@ -139,6 +143,9 @@ class SandboxRuntime:
             checkpoint: with ``resume`` and ``container_id``, the live checkpoint its processes
                 and memory come back from (a live hibernation's). When they cannot, the container
                 starts with its files only (``resumed_live`` False in the description, logged).
+            restore_from: with ``image`` (a live snapshot's), the directory of its checkpoint: the
+                new container goes on from its processes and memory (``forked_live`` True), or
+                when it cannot, starts with the snapshot's files only (False, logged).
 
         Idempotent: a second call (once served) returns the same description.
 
@@ -154,14 +161,14 @@ class SandboxRuntime:
             if self._stopping:
                 raise SandboxDied(f"sandbox {self.sandbox_id} was destroyed")
             started = time.monotonic()
-            found = await self._serve(resume, image, container_id, checkpoint)
+            found = await self._serve(resume, image, container_id, checkpoint, restore_from)
             if found.outcome is StartOutcome.OWNED:
                 return {"sandbox_id": self.sandbox_id, "started": False, **found.report()}
             self._pid_start = _process_start(self.record.pid) if self.record and self.record.pid else None
             return {**self.describe(), **found.report(), "start_seconds": time.monotonic() - started}
 
     async def _serve(self, resume: bool, image: str | None, container_id: str | None,
-                     checkpoint: str | None = None) -> Found:
+                     checkpoint: str | None = None, restore_from: str | None = None) -> Found:
         """What :meth:`start` found, and served unless another live actor owns it."""
         # Only a resume deals with its container first: a create finds a container of this
         # sandbox that already exists by its name (and adopts or replaces it, as below).
@@ -181,7 +188,7 @@ class SandboxRuntime:
         if existing is not None:
             logger.info("sandbox %s: removing unusable container %s", self.sandbox_id, existing.container_name)
             await self.backend.destroy(self.sandbox_id, existing.container_id)
-        return await self._create(image)
+        return await self._create(image, restore_from)
 
     async def _wake(self, container_id: str | None,
                     checkpoint: str | None = None) -> tuple[SandboxRecord | None, SandboxRecord | None]:
@@ -296,10 +303,11 @@ class SandboxRuntime:
         return await asyncio.to_thread(container_spec, self.config, self.sandbox_id, self.thread_id, image,
                                        self._mounts, {**self._extra_labels, LABEL_ACTOR: self.owner})
 
-    async def _create(self, image: str | None = None) -> Found:
+    async def _create(self, image: str | None = None, restore_from: str | None = None) -> Found:
         config = self.config
         spec = await self._spec(image)
-        record = await self.backend.create(spec)
+        forked = await self._fork(spec, restore_from) if restore_from else None
+        record = forked or await self.backend.create(spec)
         if record.labels.get(LABEL_ACTOR, "") != self.owner:
             # The sandbox's container exists already (the engine handed it back): adopt it when it
             # answers and no live actor owns it, else replace it once.
@@ -333,6 +341,29 @@ class SandboxRuntime:
             await self._write_owner()
         logger.info("sandbox %s: container %s ready at %s", self.sandbox_id, record.container_name, record.url)
         return Found(StartOutcome.CREATED)
+
+    async def _fork(self, spec: SandboxSpec, source: str) -> SandboxRecord | None:
+        """A new container restored from the live snapshot's checkpoint in ``source``, listening
+        with its own token; None (logged) when it cannot be: then it starts with the files only."""
+        if await self.backend.discover(self.sandbox_id) is not None:
+            return None  # its container exists already (a start cut short): adopted or replaced as any
+        try:
+            record = await self.backend.fork_from_checkpoint(spec, source)
+        except (RestoreFailed, SandboxNotFound) as exc:
+            logger.warning("sandbox %s: not restored from the live snapshot (%s); it starts with the snapshot's "
+                           "files only", self.sandbox_id, exc.message)
+            self.forked_live = False
+            return None
+        try:
+            await self.backend.listen_again(record, _QUIET_SECONDS)
+        except ReadinessTimeout as exc:
+            logger.warning("sandbox %s: restored from the live snapshot, but its API server did not listen again "
+                           "(%s); it starts with the snapshot's files only", self.sandbox_id, exc.message)
+            await self.backend.destroy(self.sandbox_id, record.container_id)
+            self.forked_live = False
+            return None
+        self.forked_live = True
+        return record
 
     async def claim(self, thread_id: str) -> dict[str, Any]:
         """Give this (pre-warmed, anonymous) sandbox to ``thread_id`` (the pool records the claim)."""
@@ -430,11 +461,34 @@ class SandboxRuntime:
         await self.backend.listen_again(record, _QUIET_SECONDS)
         self._api = SandboxAPI(record.url, record.token)
 
-    async def snapshot(self, image: str, labels: Mapping[str, str]) -> dict[str, Any]:
-        """Save the container's filesystem (not its processes, not the mounts) as ``image``."""
+    async def snapshot(self, image: str, labels: Mapping[str, str], keep_checkpoint_in: str | None = None
+                       ) -> dict[str, Any]:
+        """Save the container's filesystem (not its processes, not the mounts) as ``image``. With
+        ``keep_checkpoint_in`` (a live snapshot, gVisor), its processes and memory too: the
+        container is checkpointed (which stops it), committed while stopped, its checkpoint kept
+        in that directory (``checkpoint``: path and bytes in the answer), and restored: it goes
+        on as it was. Calls made meanwhile wait; one in flight then is cut (SandboxUnreachable).
+        """
         if self.record is None or self._stopping or self.dead_reason is not None:
             raise SandboxDied(f"sandbox {self.sandbox_id} is not running; acquire it first")
-        return await self.backend.commit(self.sandbox_id, self.record.container_id, image, labels)
+        if keep_checkpoint_in is None:
+            return await self.backend.commit(self.sandbox_id, self.record.container_id, image, labels)
+        self._check_live()
+        record = self.record
+        self._serving.clear()
+        try:
+            saved = await self._checkpoint(record)
+            try:
+                committed = await self.backend.commit(self.sandbox_id, record.container_id, image, labels)
+                kept = await self.backend.keep_checkpoint(self.sandbox_id, record.container_id, str(saved["name"]),
+                                                          keep_checkpoint_in)
+            finally:
+                # The sandbox goes on, from the checkpoint (its files only if that cannot be).
+                again, _ = await self._start_stopped(record.container_id, str(saved["name"]))
+                await self._serve_resumed(again)
+            return {**committed, "checkpoint": {"path": keep_checkpoint_in, "bytes": kept}}
+        finally:
+            self._serving.set()
 
     async def begin_stop(self, if_idle_for: float) -> bool:
         """Stop serving if idle that long with nothing in flight and no background command of its
@@ -536,6 +590,7 @@ class SandboxRuntime:
             "dead_reason": self.dead_reason,
             "actor_name": self.owner,
             **({"resumed_live": self.resumed_live} if self.resumed_live is not None else {}),
+            **({"forked_live": self.forked_live} if self.forked_live is not None else {}),
         }
 
     # ── operations ─────────────────────────────────────────────────────────
@@ -546,6 +601,8 @@ class SandboxRuntime:
             raise SandboxDied(f"sandbox {self.sandbox_id} is dead: {self.dead_reason}; acquire the thread again")
         if self._stopping:
             raise SandboxDied(f"sandbox {self.sandbox_id} is being destroyed; acquire the thread again")
+        if not self._serving.is_set():
+            await self._serving.wait()  # a live snapshot under way
         if self._api is None:
             raise SandboxNotFound(f"sandbox {self.sandbox_id} has not been started")
         self.inflight += 1
@@ -554,8 +611,8 @@ class SandboxRuntime:
             yield self._api
         except SandboxUnreachable as exc:
             # Gone, or only slow? Ask the engine. If the engine does not answer
-            # either, that is BackendUnavailable, never "dead".
-            if await self._still_running():
+            # either, that is BackendUnavailable, never "dead". (Cut by a live snapshot: alive.)
+            if not self._serving.is_set() or await self._still_running():
                 raise
             self.dead_reason = "its container stopped"
             raise SandboxDied(

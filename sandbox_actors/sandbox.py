@@ -124,13 +124,15 @@ class SandboxActor:
 
     async def start(self, sandbox_id: str, thread_id: str | None, resume: bool = False, image: str | None = None,
                     image_from: str | None = None, container_id: str | None = None,
-                    mounts: tuple[Mount, ...] = (), checkpoint: str | None = None) -> dict[str, Any]:
+                    mounts: tuple[Mount, ...] = (), checkpoint: str | None = None,
+                    restore_from: str | None = None) -> dict[str, Any]:
         """Serve ``sandbox_id``: adopt its running container, resume its stopped one (``resume``; by
         its ``container_id`` when the pool knows it), or create one (of ``image``, a snapshot's,
         when given; mounting ``mounts``, this node's directories, instead of the pool's thread
         directories when given), and wait until it answers. A snapshot image this node's engine
         lacks is fetched from the reaper named ``image_from`` (once per node). A resume with
-        ``checkpoint`` brings the container's processes and memory back from that live checkpoint.
+        ``checkpoint`` brings the container's processes and memory back from that live checkpoint;
+        a new container of a live snapshot's ``image`` goes on from the checkpoint in ``restore_from``.
 
         Idempotent for the same sandbox. Says what it found (``outcome``: created, adopted,
         resumed); when another live actor owns the container, serves nothing and answers
@@ -152,7 +154,7 @@ class SandboxActor:
             raise InvalidRequest(f"actor {self._name} already serves sandbox {self._runtime.sandbox_id}")
         try:
             started = await self._runtime.start(resume=resume, image=image, container_id=container_id,
-                                                checkpoint=checkpoint)
+                                                checkpoint=checkpoint, restore_from=restore_from)
         except ImageNotFound:
             if image is None or image_from is None:
                 raise
@@ -179,9 +181,11 @@ class SandboxActor:
         too, in a checkpoint); the pool then ends this actor."""
         return await self._runtime_or_raise().hibernate(live)
 
-    async def snapshot(self, image: str, labels: Mapping[str, str]) -> dict[str, Any]:
-        """Save the container's filesystem as ``image`` (a snapshot); returns its id and size."""
-        return await self._guard(self._runtime_or_raise().snapshot(image, labels))
+    async def snapshot(self, image: str, labels: Mapping[str, str], keep_checkpoint_in: str | None = None
+                       ) -> dict[str, Any]:
+        """Save the container's filesystem as ``image`` (a snapshot); returns its id and size.
+        With ``keep_checkpoint_in``, its processes and memory too (a live snapshot)."""
+        return await self._guard(self._runtime_or_raise().snapshot(image, labels, keep_checkpoint_in))
 
     async def claim(self, thread_id: str) -> dict[str, Any]:
         """Hand this pre-warmed sandbox to ``thread_id``."""

@@ -28,6 +28,7 @@ from .errors import InvalidRequest, SandboxError, SandboxNotFound
 from .lifecycle import Lifecycle
 from .operations import OpKind
 from .state import SandboxState
+from .threads import checkpoint_dir
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def validate_name(name: str) -> str:
     return name
 
 
-async def take(life: Lifecycle, sandbox_id: str, name: str | None) -> dict[str, Any]:
+async def take(life: Lifecycle, sandbox_id: str, name: str | None, live: bool = False) -> dict[str, Any]:
     """Snapshot a running sandbox (once no other operation is under way on it); returns its record.
 
     Raises:
@@ -64,15 +65,17 @@ async def take(life: Lifecycle, sandbox_id: str, name: str | None) -> dict[str, 
     name = validate_name(name or f"{stem[:80]}-{time.strftime('%Y%m%d-%H%M%S')}")
     if name in life.snapshot_records:
         raise InvalidRequest(f"snapshot {name!r} exists already; remove it first or choose another name")
-    return await asyncio.shield(life.ops.start(sandbox_id, OpKind.SNAPSHOT, _commit(life, entry, name)))
+    return await asyncio.shield(life.ops.start(sandbox_id, OpKind.SNAPSHOT, _commit(life, entry, name, live)))
 
 
-async def _commit(life: Lifecycle, entry: Any, name: str) -> dict[str, Any]:
+async def _commit(life: Lifecycle, entry: Any, name: str, live: bool = False) -> dict[str, Any]:
     image, created = image_for(life.config.pool_name, name), time.time()
     began = time.monotonic()
     labels = {LABEL_SNAPSHOT: name, LABEL_SNAPSHOT_CREATED: f"{created:.3f}"}
-    committed = await life.fleet.snapshot(entry.actor, entry.sandbox_id, image, labels)
+    keep = checkpoint_dir(life.config.base_dir, name) if live else None
+    committed = await life.fleet.snapshot(entry.actor, entry.sandbox_id, image, labels, keep)
     record = {"name": name, "image": image, "image_id": committed.get("image_id"), "size": committed.get("size"),
+              **({"checkpoint": committed["checkpoint"]} if committed.get("checkpoint") else {}),
               "engine_id": entry.info.get("engine_id"), "node_id": entry.info.get("node_id"), "created": created,
               "sandbox_id": entry.sandbox_id, "thread_id": entry.thread_id,
               "seconds": round(time.monotonic() - began, 3)}

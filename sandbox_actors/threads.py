@@ -83,6 +83,12 @@ def thread_dir(base_dir: str, thread_id: str) -> Path:
     return Path(base_dir) / "threads" / thread_dir_name(thread_id) / "user-data"
 
 
+def checkpoint_dir(base_dir: str, snapshot: str) -> str:
+    """``<base_dir>/checkpoints/<snapshot>``: where a live snapshot's checkpoint is kept on the
+    node it was taken on (a cluster whose ``base_dir`` is shared finds it on every node)."""
+    return os.path.join(base_dir, "checkpoints", snapshot)
+
+
 def ensure_thread_dirs(config: SandboxConfig | ActorConfig, thread_id: str) -> Path:
     """Create the thread's workspace/uploads/outputs (on the local filesystem) and return their parent."""
     root = thread_dir(config.base_dir, thread_id)

@@ -116,6 +116,8 @@ class Snapshot:
         size: the image's size in bytes; seconds: how long the commit took.
         engine_id, node_id: where it was taken (other nodes fetch it from there on first use).
         created: when (unix time); sandbox_id, thread_id: of what.
+        checkpoint_bytes: a live snapshot's checkpoint (its processes and memory) on disk; None
+            for a snapshot of files only.
     """
 
     name: str
@@ -127,8 +129,16 @@ class Snapshot:
     created: float = 0.0
     sandbox_id: str | None = None
     thread_id: str | None = None
+    checkpoint_bytes: int | None = None
+
+    @property
+    def live(self) -> bool:
+        """Whether sandboxes started from it go on from its processes and memory."""
+        return self.checkpoint_bytes is not None
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Snapshot:
         given: dict[str, Any] = {key: record[key] for key in cls.__dataclass_fields__ if key in record}
+        if isinstance(record.get("checkpoint"), Mapping):
+            given["checkpoint_bytes"] = int(record["checkpoint"].get("bytes") or 0)
         return cls(**given)

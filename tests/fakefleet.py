@@ -148,7 +148,8 @@ class FakeFleet:
 
     async def start(self, actor: FakeActor, sandbox_id: str, thread_id: str | None, resume: bool = False,
                     image: str | None = None, image_from: str | None = None,
-                    container_id: str | None = None, mounts: tuple = (), checkpoint: str | None = None) -> dict[str, Any]:
+                    container_id: str | None = None, mounts: tuple = (), checkpoint: str | None = None,
+                    restore_from: str | None = None) -> dict[str, Any]:
         await self._pass("start")
         if self.engine_down:
             raise BackendUnavailable("engine down")
@@ -248,7 +249,8 @@ class FakeFleet:
     async def snapshot_images(self, engines: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         return {ENGINE: []}
 
-    async def snapshot(self, actor: FakeActor, sandbox_id: str, image: str, labels: dict[str, str]) -> dict[str, Any]:
+    async def snapshot(self, actor: FakeActor, sandbox_id: str, image: str, labels: dict[str, str],
+                       keep_checkpoint_in: str | None = None) -> dict[str, Any]:
         return {"image_id": f"sha256:{image}", "size": 0}
 
     async def remove_image(self, engines: dict[str, Any], engine_id: str, image: str) -> bool:

@@ -51,10 +51,11 @@ def test_bench_tiny_writes_every_figure(image, tmp_path, docker_client):
     assert figures["live_resume"]["clean_ratio"] > 0 and len(figures["clean_floors"]["live"]["single_s"]) == 4
     assert 0 < figures["checkpoint_idle_mb"] < figures["checkpoint_200mb_mb"]
     assert figures["checkpoint_200mb_mb"] > 150  # 200 MB of random bytes cannot shrink much
+    assert figures["live_fork_burst"]["ok"] == 3 and figures["live_fork_burst"]["clean_ratio"] > 0
     judged = {target["figure"] for target in figures["targets"]}
     assert judged >= {"cold", "resume", "burst", "burst_repeat", "fork_burst", "arrivals_2", "rollouts_2",
                       "spare_idle_cpu_ms_per_s", "actor_uss_mb", "exec_actor", "warm", "hot", "prewarmed",
-                      "live_resume"}
+                      "live_resume", "live_fork_burst"}
     assert figures["failures"] == []
     assert "targets:" in result.stdout and "failures: 0" in result.stdout and "clean" in result.stdout
     def of_bench(items):  # the bench's pools are named bench-...: anything else is not its to judge

@@ -119,11 +119,12 @@ def test_live_forks_go_on_from_the_checkpoint_each_on_its_own(pool_name, image, 
                 await asyncio.sleep(0.02)
             await backend.checkpoint(parent.sandbox_id, parent.container_id, "base")
             for _ in range(2):
-                # The restored server holds the parent's token hash in its memory: a fork answers the
-                # parent's token (until the server learns a token of its own at SIGUSR2: to do).
+                # Each with a token of its own: the restored server held the parent's in memory, and
+                # takes the fork's as it listens again.
                 fork = await backend.fork_from_checkpoint(
-                    spec_for(pool_name, image, runtime="runsc", limits=limits, token=parent.token),
-                    parent.container_id, "base")
+                    spec_for(pool_name, image, runtime="runsc", limits=limits),
+                    backend.checkpoint_dir(parent.container_id, "base"))
+                assert fork.token != parent.token
                 forks.append(fork)
                 await backend.listen_again(fork)
             apis = [await ready_api(backend, fork) for fork in forks]
@@ -293,3 +294,48 @@ def test_a_runc_pool_asked_for_a_live_hibernation_says_what_is_missing_and_serve
     finally:
         client.shutdown()
     assert_no_actors_left(config.pool_name)
+
+
+def test_eight_live_forks_of_a_200mb_process_each_go_on_and_diverge(ray_address, config, docker_client):
+    """A live snapshot of a sandbox running a Python process that holds a 200 MB dict: each of 8
+    sandboxes forked from it goes on from that process (its data whole, its counter from where
+    it was) and from the shell's state, each on its own from then on; the parent goes on too.
+    The checkpoint goes with the snapshot."""
+    _require_live(docker_client)
+    from tests.conftest import assert_no_actors_left, containers_of, wait_until
+
+    cfg = _live_config(config, replicas=10, max_sandboxes=12, spare_actors=8)
+    client = sandbox_actors.connect(cfg)
+    try:
+        parent = client.acquire("parent")
+        parent.write_file("/tmp/holder.py", LIVE_HOLDER)
+        parent.exec("export ROLE=forked; cd /tmp")
+        parent.start("python3 /tmp/holder.py")
+        assert wait_until(lambda: _state(parent)[0] >= 45, timeout=60)
+        snap = client.snapshot(parent, "env-live", live=True)
+        assert snap.live and snap.checkpoint_bytes > 150e6  # 200 MB of random bytes, kept
+        count, entries, digest = _state(parent)
+        assert wait_until(lambda: _state(parent)[0] > count, timeout=10)  # the parent goes on
+
+        forks = list(client.fork(snap, [f"fork-{i}" for i in range(8)]))
+        assert len(forks) == 8 and all(f.info.get("forked_live") is True for f in forks)
+        for fork in forks:
+            forked = _state(fork)
+            assert forked[1:] == (entries, digest) and forked[0] >= count - 40  # its process, from the snapshot
+            assert fork.exec("echo $ROLE $PWD").output.strip() == "forked /tmp"
+        for i, fork in enumerate(forks):
+            fork.exec(f"echo {i} > /tmp/mine")
+        assert [f.exec("cat /tmp/mine").output.strip() for f in forks] == [str(i) for i in range(8)]
+        assert parent.exec("cat /tmp/mine 2>/dev/null || echo none").output.strip() == "none"
+        assert all(wait_until(lambda f=f: _state(f)[0] > count + 40, timeout=30) for f in forks)  # all go on
+        assert len({f.info["container_id"] for f in forks} | {parent.info["container_id"]}) == 9
+        for fork in forks:
+            client.destroy(fork)
+        kept = os.path.join(cfg.base_dir, "checkpoints", "env-live")
+        assert os.path.isdir(kept)
+        assert client.remove_snapshot(snap) and not os.path.exists(kept)  # the checkpoint went with it
+    finally:
+        client.shutdown()
+    assert_no_actors_left(cfg.pool_name)
+    assert containers_of(docker_client, cfg.pool_name) == []
+    assert _shims_left() == []

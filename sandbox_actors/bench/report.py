@@ -21,6 +21,7 @@ RATIO_TARGETS: dict[str, tuple[str, str, float]] = {
     "fork_burst": ("fork", "burst", 1.15),
     "arrivals_2": ("arrivals", "single", 2.0),
     "live_resume": ("live", "single", 1.0),  # a live resume, to gVisor's cold start
+    "live_fork_burst": ("live", "burst", 1.0),  # live forks, to gVisor's bare burst
 }
 ROLLOUT_TARGET = 1 / 0.85  # ours at least 85% of the floor's rate
 ABSOLUTE_TARGETS_MS = {"warm": 3.0, "hot": 3.0, "cross_process": 3.0, "prewarmed": 50.0}
@@ -116,7 +117,8 @@ def _time_lines(results: dict[str, Any]) -> list[str]:
 
 def _burst_lines(results: dict[str, Any]) -> list[str]:
     lines = []
-    for key in ("floor_burst", "ray_floor_burst", "burst", "burst_default", "burst_repeat", "fork_burst"):
+    for key in ("floor_burst", "ray_floor_burst", "burst", "burst_default", "burst_repeat", "fork_burst",
+                "live_fork_burst"):
         row = results.get(key)
         if not row:
             continue

@@ -169,10 +169,12 @@ class Bench:
                                 lambda pool, _: self.scale_run(pool)))
         live = _live_missing()
         if live is None:
-            stages.append(Stage("live", "live hibernate and resume under gVisor (processes and memory kept)",
-                                config("bench-live", runtime="runsc", network={"egress": "none"},
+            # The clean floors start the stage pool's own containers: gVisor's, with no network.
+            stages.append(Stage("live", f"live hibernate and resume, a live fork burst of {n}, under gVisor "
+                                "(processes and memory kept)",
+                                config("bench-live", runtime="runsc", network={"egress": "none"}, spare_actors=n,
                                        limits={"memory": "1g", "cpus": 1.0, "pids": 512}),
-                                lambda pool, _: self.live(pool), ("single_runsc",)))
+                                lambda pool, _: self.live(pool), ("single", "burst")))
         else:
             self.out(f"live stage skipped: it needs {live}")
         if self.runtime:
@@ -245,7 +247,7 @@ class Bench:
             return
         if "rollout" in kinds:
             self._clean_rollouts(into, config)
-        runtime = self.runtime if "single_runtime" in kinds else "runsc" if "single_runsc" in kinds else None
+        runtime = self.runtime if "single_runtime" in kinds else None
         if "single" not in kinds and "burst" not in kinds and runtime is None:
             return
         engine = FloorEngine(self._image, "bench-clean", runtime, config=config)
@@ -343,6 +345,33 @@ class Bench:
         if not again.info.get("resumed_live"):
             self.fail("the 200 MB process's sandbox did not resume live")
         pool.destroy(again)
+        self._live_forks(pool)
+
+    def _live_forks(self, pool: Any) -> None:
+        """A burst of forks from a live snapshot (a sleeping process kept), each running ``true``
+        as its handle comes, held to gVisor's clean floor burst."""
+        source = pool.acquire("live-source")
+        pid = source.exec("sleep 3600 > /dev/null 2>&1 & echo $!").output.strip()
+        snap = source.snapshot("bench-live", live=True)
+        pool.destroy(source)
+        self._wait_spares(pool, actors=pool.config.spare_actors, timeout=600)
+        threads = [f"live-fork-{i}" for i in range(self.burst_n)]
+        def first(box: Any) -> tuple[Any, int | None]:
+            return box.info.get("forked_live"), box.exec(f"kill -0 {pid}").exit_code
+
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(len(threads)) as commands:
+            ran = [commands.submit(first, box) for box in pool.fork(snap, threads)]
+            outcomes = [r.result() for r in ran]
+        wall = time.perf_counter() - started
+        ok = sum(1 for live, code in outcomes if live is True and code == 0)
+        if ok < self.burst_n:
+            self.fail(f"live fork burst: {ok}/{self.burst_n} forks went on from the snapshot's processes")
+        self.results["live_fork_burst"] = {"n": self.burst_n, "ok": ok, "wall_s": round(wall, 3),
+                                           "checkpoint_mb": round((snap.checkpoint_bytes or 0) / 1e6, 1)}
+        for row in pool.list():
+            pool.destroy(row["sandbox_id"])
+        pool.remove_snapshot(snap)
 
     def under_runtime(self, pool: Any) -> None:
         """Cold start and exec of sandboxes under ``self.runtime`` (rows suffixed with its name)."""

@@ -1451,6 +1451,9 @@ class UnixServer(_Tracked, socketserver.ThreadingUnixStreamServer):
     request_queue_size = 64
 
 
+TOKEN_FILE = ".token-sha256"   # beside the socket: a live fork's own token's hash (Listener)
+
+
 class Listener:
     """The server's listening socket and its open connections, which a checkpoint must not hold.
 
@@ -1476,6 +1479,7 @@ class Listener:
         with self._lock:
             if self.httpd is not None:
                 return
+            self._take_new_token()
             httpd, self.where = listen(self._cfg)
             httpd.app, httpd.connections = self._app, set()
             self.httpd = httpd
@@ -1501,6 +1505,28 @@ class Listener:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._cfg.socket_path)
 
+
+    def _take_new_token(self):
+        """A sandbox restored from another's checkpoint (a live fork) holds that one's token in its
+        memory: before it listens again, the host leaves the fork's own token's hash beside the
+        socket (a directory the command user cannot enter), and it is taken from then on."""
+        if not self._cfg.socket_path:
+            return
+        path = os.path.join(os.path.dirname(self._cfg.socket_path), TOKEN_FILE)
+        try:
+            with open(path) as handle:
+                token_hash = handle.read().strip().lower()
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log(f"cannot read the new token in {path}: {exc}")
+            return
+        if re.fullmatch(r"[0-9a-f]{64}", token_hash):
+            self._cfg.token_hash = token_hash
+            log("took a new token")
+        else:
+            log(f"ignored {path}: not a SHA-256 hash")
 
     def _wake(self, httpd):
         """Make the server's wait for connections end: a connection of our own (it ends at once)."""
