@@ -58,8 +58,8 @@ _BACKGROUND_CHECK_SECONDS = 1.0  # the pool waits 3 s for begin_stop; a slow ans
 # whom to ask, never trusted for which thread a sandbox serves. Best effort: an image where the
 # path is not writable has none.
 OWNER_FILE = "/run/sandbox-actors/owner.json"
-# A live hibernation: how long the sandbox's API server may take to let go of its socket (its
-# signal is looked at every 0.2 s), and to listen again after a restore.
+# A live hibernation or snapshot: how long the sandbox's API server may take to let go of its
+# socket (~40 ms here), and to listen again after a restore.
 _QUIET_SECONDS = 10.0
 
 

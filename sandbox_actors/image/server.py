@@ -1505,7 +1505,6 @@ class Listener:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._cfg.socket_path)
 
-
     def _take_new_token(self):
         """A sandbox restored from another's checkpoint (a live fork) holds that one's token in its
         memory: before it listens again, the host leaves the fork's own token's hash beside the
