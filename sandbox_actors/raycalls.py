@@ -125,6 +125,12 @@ def pools() -> list[tuple[str, str]]:
     return sorted(found)
 
 
+def named_by(prefix: str, name: str) -> bool:
+    """Whether ``name`` is ``prefix`` and a suffix without a dash (our actors' suffixes are hex):
+    pool 'p''s prefix 'sbx-p-' must not take in pool 'p-b''s 'sbx-p-b-<hex>'."""
+    return name.startswith(prefix) and "-" not in name[len(prefix):]
+
+
 def named_actors(namespace: str, prefix: str, known: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Live named actors in ``namespace`` whose name starts with ``prefix``: name -> handle.
 
@@ -135,7 +141,7 @@ def named_actors(namespace: str, prefix: str, known: Mapping[str, Any] | None = 
     found = {}
     for item in ray.util.list_named_actors(all_namespaces=True):
         name = item["name"]
-        if item["namespace"] != namespace or not name.startswith(prefix):
+        if item["namespace"] != namespace or not named_by(prefix, name):
             continue
         handle = known.get(name) or get_actor(name, namespace)
         if handle is not None:

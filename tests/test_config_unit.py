@@ -214,3 +214,17 @@ def test_the_actors_copy_of_the_config_says_what_the_config_says(tmp_path: Path,
                            capture_output=True, timeout=60)
     assert child.returncode == 0, child.stderr.decode()
     assert child.stdout.decode().split() == ["far", "1g", "k", "[]"]
+
+
+def test_a_pool_s_actors_are_told_from_those_of_a_pool_whose_name_extends_its_own():
+    """Pools 'p' and 'p-b' run side by side: 'p' must not count 'p-b''s SandboxActors or reapers
+    as its own (it ended them as unknown: a sandbox of the other pool died under its user)."""
+    from sandbox_actors.options import reaper_prefix, sandbox_actor_prefix
+    from sandbox_actors.raycalls import named_by
+
+    first, second = SandboxConfig(pool_name="p"), SandboxConfig(pool_name="p-b")
+    theirs = f"{sandbox_actor_prefix(second)}0123456789abcdef"
+    ours = f"{sandbox_actor_prefix(first)}0123456789abcdef"
+    assert named_by(sandbox_actor_prefix(first), ours) and named_by(sandbox_actor_prefix(second), theirs)
+    assert not named_by(sandbox_actor_prefix(first), theirs)
+    assert not named_by(reaper_prefix(first), f"{reaper_prefix(second)}0123456789abcdef")
