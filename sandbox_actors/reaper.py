@@ -19,7 +19,7 @@ from typing import Any
 from backends import SandboxAPI
 from backends.errors import BackendUnavailable, SandboxError
 
-from . import raycalls
+from . import checkpoints, raycalls
 from .actorconfig import ActorConfig
 from .config import SandboxConfig
 from .runtime import make_backend, read_owner
@@ -102,6 +102,11 @@ class NodeReaper:
     async def export_image(self, image: str) -> bytes:
         """A snapshot image as an archive, for a node whose engine lacks it."""
         return await self._backend.export_image(image)
+
+    async def export_checkpoint(self, snapshot: str) -> bytes:
+        """A live snapshot's checkpoint kept on this node, as an archive, for a node that forks
+        from it and does not have it."""
+        return await asyncio.to_thread(checkpoints.pack, checkpoint_dir(self._config.base_dir, snapshot))
 
     async def teardown(self) -> dict[str, int]:
         """Remove the pool's network, rules and socket directories here (once its containers are gone)."""

@@ -23,7 +23,7 @@ from typing import Any
 from backends.base import Mount
 from backends.sandbox_api import warm_http_stack
 
-from . import api, raycalls
+from . import api, checkpoints, raycalls
 from .actorconfig import ActorConfig
 from .errors import (
     ImageNotFound,
@@ -33,6 +33,7 @@ from .errors import (
     SandboxNotFound,
 )
 from .metrics import SandboxMetrics
+from .raycalls import ActorGone
 from .runtime import SandboxRuntime, make_backend
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,8 @@ class SandboxActor:
             )
         elif self._runtime.sandbox_id != sandbox_id:
             raise InvalidRequest(f"actor {self._name} already serves sandbox {self._runtime.sandbox_id}")
+        if restore_from and image_from and not os.path.isdir(restore_from):
+            await self._fetch_checkpoint(restore_from, image_from)
         try:
             started = await self._runtime.start(resume=resume, image=image, container_id=container_id,
                                                 checkpoint=checkpoint, restore_from=restore_from)
@@ -159,7 +162,7 @@ class SandboxActor:
             if image is None or image_from is None:
                 raise
             await self._fetch_image(image, image_from)
-            started = await self._runtime.start(resume=resume, image=image)
+            started = await self._runtime.start(resume=resume, image=image, restore_from=restore_from)
         if not started.get("started"):
             return started  # owned by another live actor: nothing served here
         return {**await self.describe(), "outcome": started.get("outcome"), "start_seconds": started.get("start_seconds")}
@@ -172,9 +175,31 @@ class SandboxActor:
                                 f"({source_name}) is gone; take a new snapshot")
         archive = await raycalls.call(source.export_image.remote(image), _IMAGE_TIMEOUT, f"export {image}")
         await self._backend.import_image(archive)
-        self._fetched = {"image": image, "bytes": len(archive), "seconds": round(time.monotonic() - began, 3)}
+        self._fetched = {**(self._fetched or {}), "image": image, "bytes": len(archive),
+                         "seconds": round(time.monotonic() - began, 3)}
         logger.info("image %s fetched from another node's engine: %d bytes in %.1fs", image, len(archive),
                     time.monotonic() - began)
+
+    async def _fetch_checkpoint(self, path: str, source_name: str) -> None:
+        """Bring a live snapshot's checkpoint to ``path`` on this node from the reaper named
+        ``source_name`` (on the node that took it). When it cannot be had, the fork starts with the
+        snapshot's files only (logged by the runtime, which finds no checkpoint)."""
+        began = time.monotonic()
+        try:
+            source = await asyncio.to_thread(raycalls.get_actor, source_name, self._config.namespace)
+            if source is None:
+                raise ActorGone(f"the reaper of the node that took it ({source_name}) is gone")
+            archive = await raycalls.call(source.export_checkpoint.remote(os.path.basename(path)), _IMAGE_TIMEOUT,
+                                          f"export checkpoint {path}")
+            written = await asyncio.to_thread(checkpoints.unpack, archive, path)
+        except (SandboxError, OSError) as exc:
+            logger.warning("checkpoint %s could not be fetched from another node: %s", path,
+                           getattr(exc, "message", None) or exc)
+            return
+        if written:
+            logger.info("checkpoint %s fetched from another node: %d bytes in %.1fs", path, written,
+                        time.monotonic() - began)
+            self._fetched = {**(self._fetched or {}), "checkpoint": path, "checkpoint_bytes": written}
 
     async def hibernate(self, live: bool = False) -> dict[str, Any]:
         """Stop the container, keeping its filesystem (with ``live``, its processes and memory

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import tempfile
 import threading
@@ -21,6 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sandbox_actors
 from sandbox_actors.config import SandboxConfig
+from sandbox_actors.threads import checkpoint_dir
 from tests.conftest import wait_until
 
 WORKSPACE = "/mnt/user-data/workspace"
@@ -35,6 +37,52 @@ class Driver:
         box.write_file(f"{WORKSPACE}/{ray.get_runtime_context().get_node_id()[:8]}.txt", "hello")
         return {"node": ray.get_runtime_context().get_node_id(), "sandbox_id": box.sandbox_id,
                 "container": box.info["container_name"]}
+
+
+# A process whose counter lives in memory (and is written to /tmp/n every 50 ms).
+COUNTER = ("python3 -c \"import os, time\ni = 0\nwhile True:\n i += 1; open('/tmp/n.new', 'w').write(str(i));"
+           " os.replace('/tmp/n.new', '/tmp/n'); time.sleep(0.05)\"")
+
+
+def live_capable(engine: docker.DockerClient) -> bool:
+    """gVisor's runsc registered and the engine in experimental mode (checkpoints)."""
+    info = engine.info()
+    return "runsc" in (info.get("Runtimes") or {}) and bool(info.get("ExperimentalBuild"))
+
+
+def live_fork_across_nodes(image: str, base: str, worker_ids: list[str], containers) -> dict:
+    """A live snapshot taken on one worker, forked on the other: the fork goes on from the
+    snapshot's process (its counter), not from zero. A pool of its own (gVisor, no network: the
+    only way gVisor runs here), shut down before the rest of the scenario."""
+    config = SandboxConfig(
+        image=image, pool_name="multinode-live", namespace="sandbox_actors_multinode", container_prefix="mnlive",
+        base_dir=base, runtime="runsc", network={"egress": "none"}, replicas=4, spare_actors=0,
+        ray={"resources": {"sandbox_slots": 1}}, limits={"memory": "1g", "cpus": 0.5, "pids": 512},
+    )
+    live = sandbox_actors.connect(config)
+    out: dict = {}
+    try:
+        source = live.acquire("live-source")
+        source.start(COUNTER)
+        count = lambda box: int(box.exec("cat /tmp/n 2>/dev/null || echo 0").output.strip() or 0)  # noqa: E731
+        wait_until(lambda: count(source) >= 20, timeout=30)
+        at = count(source)
+        snap = live.snapshot(source, "multinode-live", live=True)
+        other = next(w for w in worker_ids if w != source.info["node_id"])
+        fork = live.acquire("live-fork", snapshot=snap, node_id=other)
+        first = count(fork)
+        time.sleep(0.3)
+        out = {"snapshot_node": snap.node_id, "source_node": source.info["node_id"], "fork_node": fork.info["node_id"],
+               "forked_live": fork.info.get("forked_live"), "source_at_snapshot": at, "fork_first": first,
+               "fork_later": count(fork), "source_later": count(source), "checkpoint_bytes": snap.checkpoint_bytes}
+        for box in (fork, source):
+            live.destroy(box)
+        out["snapshot_removed"] = live.remove_snapshot(snap)
+        out["checkpoint_left"] = os.path.exists(checkpoint_dir(base, "multinode-live"))
+    finally:
+        out["shutdown"] = live.shutdown()
+        out["left_after_shutdown"] = len(containers.list(all=True, filters={"label": ["sandbox-actors.pool=multinode-live"]}))
+    return out
 
 
 def main(image: str) -> dict:
@@ -60,6 +108,8 @@ def main(image: str) -> dict:
         found = engine.containers.list(all=True, filters={"label": labels})
         return [c for c in found if thread is None or c.labels["sandbox-actors.sandbox-id"] == pool.sandbox_id(thread)]
 
+    if live_capable(engine):
+        out["live_fork"] = live_fork_across_nodes(image, base, worker_ids, containers=engine.containers)
     pool = sandbox_actors.connect(config)
     try:
         out["pool_node"] = ray.get(pool.pool.ping.remote())

@@ -18,6 +18,7 @@ import ray
 
 import sandbox_actors
 from backends import DockerBackend, Limits
+from sandbox_actors import checkpoints
 from sandbox_actors.bench.run import LIVE_HOLDER
 from backends.errors import NotSupported
 from backends.firewall import NetworkPolicy
@@ -96,7 +97,7 @@ def test_a_live_checkpoint_brings_processes_memory_and_the_shell_back(pool_name,
     run(body())
 
 
-def test_live_forks_go_on_from_the_checkpoint_each_on_its_own(pool_name, image, docker_client):
+def test_live_forks_go_on_from_the_checkpoint_each_on_its_own(pool_name, image, docker_client, tmp_path):
     """Two sandboxes restored from one checkpoint of a third: each goes on from the checkpoint's
     processes and memory (the counter, the shell's state), and from then on each is its own."""
     _require_live(docker_client)
@@ -118,12 +119,17 @@ def test_live_forks_go_on_from_the_checkpoint_each_on_its_own(pool_name, image, 
             while os.path.exists(parent.url[len(UNIX_SCHEME):]):
                 await asyncio.sleep(0.02)
             await backend.checkpoint(parent.sandbox_id, parent.container_id, "base")
-            for _ in range(2):
+            kept = backend.checkpoint_dir(parent.container_id, "base")
+            # The second restores from a copy that travelled as another node gets it (packed by
+            # the node that took it, unpacked where the fork starts).
+            shipped = str(tmp_path / "elsewhere" / "base")
+            assert checkpoints.unpack(checkpoints.pack(kept), shipped) > 0
+            assert checkpoints.unpack(checkpoints.pack(kept), shipped) == 0  # there already: kept as is
+            for source in (kept, shipped):
                 # Each with a token of its own: the restored server held the parent's in memory, and
                 # takes the fork's as it listens again.
                 fork = await backend.fork_from_checkpoint(
-                    spec_for(pool_name, image, runtime="runsc", limits=limits),
-                    backend.checkpoint_dir(parent.container_id, "base"))
+                    spec_for(pool_name, image, runtime="runsc", limits=limits), source)
                 assert fork.token != parent.token
                 forks.append(fork)
                 await backend.listen_again(fork)

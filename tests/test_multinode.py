@@ -13,6 +13,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from tests.test_live_checkpoint import _require_live
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,7 +68,8 @@ def observed(image) -> dict:
     data = json.loads(result.stdout.strip().splitlines()[-1])
     data["raylets_left"] = sorted(raylets() - before)
     print(f"multinode figures: node-loss recovery {data['recovered_after']:.1f}s; "
-          f"2 forks from a snapshot of another node {data['fork']['seconds']:.2f}s")
+          f"2 forks from a snapshot of another node {data['fork']['seconds']:.2f}s; live fork on another node: "
+          f"{data.get('live_fork')}")
     return data
 
 
@@ -118,6 +121,21 @@ def test_a_snapshot_forks_onto_both_workers(observed):
     assert fork["env"] == ["prepared", "prepared"]
     assert len(set(fork["nodes"]) | {fork["snapshot_node"]}) == 2  # not all on the snapshot's node
     assert fork["removed"] is True
+
+
+@pytest.mark.slow
+def test_a_live_snapshot_forks_on_another_worker_and_goes_on_from_its_processes(observed, docker_client):
+    live = observed.get("live_fork")
+    if live is None:  # the scenario found no gVisor or no experimental engine
+        _require_live(docker_client)
+    assert live["snapshot_node"] == live["source_node"] != live["fork_node"]
+    assert live["fork_node"] in observed["workers"]
+    assert live["forked_live"] is True and live["checkpoint_bytes"] > 0
+    # The fork's counter went on from the snapshot's process (a fresh start counts from 1), and runs.
+    assert live["fork_first"] >= live["source_at_snapshot"], live
+    assert live["fork_later"] > live["fork_first"]
+    assert live["snapshot_removed"] is True and live["checkpoint_left"] is False
+    assert live["left_after_shutdown"] == 0
 
 
 @pytest.mark.slow
