@@ -743,6 +743,9 @@ class DockerBackend(Backend):
             try:
                 os.makedirs(os.path.dirname(into), mode=0o700, exist_ok=True)
                 shutil.copytree(self.checkpoint_dir(container_id, name), into)
+                # Which Ray cluster kept it: `gc` removes checkpoints of clusters gone from here.
+                with open(os.path.join(into, CHECKPOINT_CLUSTER_FILE), "w") as mark:
+                    mark.write(self._labels.get(LABEL_CLUSTER, ""))
             except OSError as exc:
                 shutil.rmtree(into, ignore_errors=True)
                 raise SandboxStartError(f"could not keep the checkpoint of sandbox {sandbox_id} in {into}: "
@@ -1085,6 +1088,7 @@ def _checkpoint_refused(sandbox_id: str, exc: docker.errors.APIError) -> Sandbox
 
 _RESTORE_ATTEMPTS = 3
 _RESTORE_TIMEOUT = 600.0
+CHECKPOINT_CLUSTER_FILE = "sandbox-actors-cluster"  # in a kept checkpoint: the Ray session that took it
 FORK_TOKEN_FILE = ".token-sha256"  # beside a live fork's socket: its own token's hash (the image's server takes it)
 _BLOB = re.compile(r"content (sha256:[0-9a-f]{64}): already exists")
 

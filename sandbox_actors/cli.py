@@ -306,7 +306,9 @@ def cmd_snapshot_rm(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from . import localray, orphans
 
-    found = orphans.find()  # no cluster needed: the engine and this machine's processes say it all
+    config = _config(args)
+    # No cluster needed: the engine, this machine's processes and files say it all.
+    found = orphans.find(base_dirs=[config.base_dir] if config is not None else [])
     result: dict[str, Any] = {**found, "removed": None if args.dry_run else orphans.remove(found)}
     if not (args.dead_clusters or args.dry_run):
         try:
@@ -317,18 +319,20 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
         return 0
-    left = found["containers"] + found["networks"]
+    left = found["containers"] + found["networks"] + found["checkpoints"]
     for item in found["containers"]:
         print(f"container {item['container']:<48} pool {item['pool']!r:<20} of dead cluster {item['cluster']}")
     for item in found["networks"]:
         print(f"network   {item['network']:<48} pool {item['pool']!r:<20} of dead cluster {item['cluster']}")
+    for item in found["checkpoints"]:
+        print(f"checkpoint {item['checkpoint']} ({item['bytes'] / 1e6:.1f} MB) of dead cluster {item['cluster'] or '?'}")
     if args.dry_run:
         print(f"dry run: {len(left)} thing(s) of dead clusters would be removed" if left else
               "nothing of a dead cluster on this machine")
     elif left:
         removed = result["removed"]
         print(f"removed {removed['containers']} container(s), {removed['networks']} network(s), "
-              f"{removed['rules']} rule set(s) of dead clusters")
+              f"{removed['rules']} rule set(s), {removed['checkpoints']} checkpoint(s) of dead clusters")
     done = result.get("reconcile")
     if done is not None:
         print("reconcile: " + (", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(done.items())) or

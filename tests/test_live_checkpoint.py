@@ -20,6 +20,7 @@ import sandbox_actors
 from backends import DockerBackend, Limits
 from sandbox_actors import checkpoints
 from sandbox_actors.bench.run import LIVE_HOLDER
+from backends.docker_backend import CHECKPOINT_CLUSTER_FILE
 from backends.errors import NotSupported
 from backends.firewall import NetworkPolicy
 from backends.sandbox_api import UNIX_SCHEME
@@ -338,7 +339,9 @@ def test_eight_live_forks_of_a_200mb_process_each_go_on_and_diverge(ray_address,
         for fork in forks:
             client.destroy(fork)
         kept = os.path.join(cfg.base_dir, "checkpoints", "env-live")
-        assert os.path.isdir(kept)
+        # It names the cluster that kept it (`gc` removes it once that cluster is gone from here).
+        with open(os.path.join(kept, CHECKPOINT_CLUSTER_FILE)) as mark:
+            assert mark.read() == docker_client.containers.get(parent.info["container_id"]).labels["sandbox-actors.cluster"]
         assert client.remove_snapshot(snap) and not os.path.exists(kept)  # the checkpoint went with it
     finally:
         client.shutdown()

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 import ray
+import yaml
 
 import sandbox_actors
+from backends.docker_backend import CHECKPOINT_CLUSTER_FILE
 from sandbox_actors import BackendUnavailable, ConfigError
 from tests.conftest import (
     assert_no_actors_left,
@@ -158,6 +160,11 @@ time.sleep(600)
 """
 
 
+def living_container(docker_client, box) -> str:  # noqa: ANN001
+    """The Ray session label of a live sandbox's container."""
+    return docker_client.containers.get(box.info["container_id"]).labels["sandbox-actors.cluster"]
+
+
 def _raylets_of(session: str) -> list[int]:
     found = []
     for proc in Path("/proc").iterdir():
@@ -190,17 +197,31 @@ def test_gc_finds_and_removes_the_containers_of_a_dead_private_cluster(ray_addre
         assert all(c.status == "running" for c in containers_of(docker_client, orphans_config["pool_name"]))
         orphans[0].remove(force=True)  # by other hands: its socket directory stays, and no container names it
         orphans = orphans[1:]
-        cli = [sys.executable, "-m", "sandbox_actors.cli", "gc", "--dead-clusters", "--json"]
+        # Live snapshots' checkpoints name the cluster that kept them: the dead one's go, the living one's stay.
+        kept = {}
+        for name, cluster in (("dead-snap", session), ("living-snap", living_container(docker_client, living))):
+            kept[name] = tmp_path / "o" / "checkpoints" / name
+            kept[name].mkdir(parents=True)
+            (kept[name] / "checkpoint.img").write_bytes(b"x" * 1000)
+            (kept[name] / CHECKPOINT_CLUSTER_FILE).write_text(cluster)
+        config_file = tmp_path / "o.yaml"
+        config_file.write_text(yaml.safe_dump(orphans_config))
+        cli = [sys.executable, "-m", "sandbox_actors.cli", "gc", "--dead-clusters", "--json", "--config", str(config_file)]
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         dry = subprocess.run([*cli, "--dry-run"], capture_output=True, text=True, timeout=120, env=env, check=False)
         assert dry.returncode == 0, dry.stderr
         listed = json.loads(dry.stdout)
         assert sorted(item["container"] for item in listed["containers"]) == sorted(c.name for c in orphans)
         assert all(item["cluster"] == session for item in listed["containers"])
+        assert [item["checkpoint"] for item in listed["checkpoints"]] == [str(kept["dead-snap"])]
+        assert listed["checkpoints"][0]["bytes"] >= 1000
         assert len(containers_of(docker_client, orphans_config["pool_name"])) == 2  # a dry run removes nothing
+        assert kept["dead-snap"].is_dir()
         done = subprocess.run(cli, capture_output=True, text=True, timeout=120, env=env, check=False)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["removed"]["containers"] == 2
+        assert json.loads(done.stdout)["removed"]["checkpoints"] == 1
+        assert not kept["dead-snap"].exists() and kept["living-snap"].is_dir()
         left = leftovers_of(docker_client, orphans_config["pool_name"])  # the socket directories too
         assert not any(left.values()), left
         assert living.exec("echo still").output.strip() == "still"  # the live cluster's sandbox is untouched
