@@ -243,6 +243,11 @@ class Backend(abc.ABC):
         """Remove isolation rules of ours left behind by pools whose network is gone."""
         return 0
 
+    async def sweep_tasks(self) -> int:
+        """End what the engine's runtime kept of containers the engine no longer has (after live
+        checkpoints cut short by a kill, a task and its process can outlive their container)."""
+        return 0
+
     # ── lifecycle beyond create and destroy (hibernation, snapshots) ───────
 
     def _cannot(self, feature: str) -> NotSupported:

@@ -65,6 +65,7 @@ from .errors import (
     NotSupported,
     ReadinessTimeout,
     RestoreFailed,
+    SandboxDied,
     SandboxError,
     SandboxNotFound,
     SandboxStartError,
@@ -705,7 +706,12 @@ class DockerBackend(Backend):
                 except docker.errors.NotFound:
                     raise SandboxNotFound(f"the container of sandbox {sandbox_id} is gone") from None
                 except docker.errors.APIError as exc:
-                    raise _checkpoint_refused(sandbox_id, exc) from exc
+                    _clear_stale_task(container_id)  # cut short (killed meanwhile): containerd may keep its task
+                    try:
+                        running = api.inspect_container(container_id)["State"]["Running"]
+                    except docker.errors.NotFound:
+                        running = False
+                    raise _checkpoint_refused(sandbox_id, exc, running) from exc
                 # The engine answers before it has seen the container exit: done is stopped.
                 deadline = time.monotonic() + 10
                 while api.inspect_container(container_id)["State"]["Running"]:
@@ -824,10 +830,18 @@ class DockerBackend(Backend):
         """Send ``signal`` (e.g. SIGUSR1) to the container's main process (through its init)."""
         def _signal() -> None:
             with engine_errors(f"signal the container of sandbox {sandbox_id}"):
+                api = self._docker().api
                 try:
-                    self._docker().api.kill(container_id, signal=signal)
+                    api.kill(container_id, signal=signal)
                 except docker.errors.NotFound:
                     raise SandboxNotFound(f"the container of sandbox {sandbox_id} is gone") from None
+                except docker.errors.APIError as exc:
+                    # Refused because it stopped meanwhile (killed): it died; else the engine's error.
+                    with contextlib.suppress(docker.errors.NotFound):
+                        if api.inspect_container(container_id)["State"]["Running"]:
+                            raise
+                    raise SandboxDied(f"sandbox {sandbox_id} stopped before it could be signalled "
+                                      f"({signal}): {str(exc.explanation or exc)[:200]}") from exc
 
         await asyncio.to_thread(_signal)
 
@@ -1051,6 +1065,24 @@ class DockerBackend(Backend):
             removed["rules"] += done["rules"]
         return removed
 
+    async def sweep_tasks(self) -> int:
+        """containerd tasks, and their shim processes, of containers this engine no longer has:
+        Docker 20.10 with gVisor leaves one behind when a restored container is killed while it is
+        checkpointed (Docker's own cleanup fails: "cannot delete running task"). Returns how many
+        were ended."""
+        def _sweep() -> int:
+            shims = _shims_by_container()
+            if not shims:
+                return 0
+            with engine_errors("list containers"):
+                known = {c["Id"] for c in self._docker().api.containers(all=True, quiet=True)}
+            gone = [container_id for container_id in shims if container_id not in known]
+            for container_id in gone:
+                _clear_stale_task(container_id, force=True)
+            return len(gone)
+
+        return await asyncio.to_thread(_sweep)
+
     async def sweep_rules(self) -> int:
         """Remove firewall rules of ours (any pool's) whose network no longer exists on this engine.
         Returns how many pools' rules went."""
@@ -1073,10 +1105,13 @@ class DockerBackend(Backend):
             await asyncio.to_thread(client.close)
 
 
-def _checkpoint_refused(sandbox_id: str, exc: docker.errors.APIError) -> SandboxError:
-    """The engine's refusal of a checkpoint, typed: a runtime that cannot checkpoint is
-    NotSupported (runc here: CRIU fails on this kernel); anything else, a refusal to act on."""
+def _checkpoint_refused(sandbox_id: str, exc: docker.errors.APIError, running: bool) -> SandboxError:
+    """The engine's refusal of a checkpoint, typed: a container that stopped meanwhile (killed)
+    died; a runtime that cannot checkpoint is NotSupported (runc here: CRIU fails on this
+    kernel); anything else, a refusal to act on."""
     why = str(exc.explanation or exc)
+    if not running or "not running" in why:  # killed (or stopped) meanwhile: nothing to keep
+        return SandboxDied(f"sandbox {sandbox_id} stopped before its checkpoint: {why[:300]}")
     if "runsc" not in why:
         return NotSupported(f"live checkpoints need gVisor (runtime: runsc); the engine said: {why[:300]}",
                             feature="live checkpoint")
@@ -1116,14 +1151,15 @@ def _drop_containerd_blob(why: str) -> bool:
     return True  # dropped, or gone meanwhile: worth one more try either way
 
 
-def _clear_stale_task(container_id: str) -> bool:
+def _clear_stale_task(container_id: str, force: bool = False) -> bool:
     """After a checkpoint of a container that was itself restored from one, Docker 20.10 with
     this gVisor leaves containerd's task of it behind, stopped yet undeletable, with its shim
     process: the container could not start again ("id already in use"), and the shim would
     outlive it. End that shim, then remove the task and containerd's container object (Docker
-    makes a new one at the next start). Whether there was one."""
+    makes a new one at the next start). Whether there was one (``force``: its shim is ended
+    even when containerd no longer lists the task)."""
     listed = _ctr("task", "ls", "--quiet")
-    if listed is None or container_id not in listed.stdout.split():
+    if not force and (listed is None or container_id not in listed.stdout.split()):
         return False
     for pid in _shims_of(container_id):
         with contextlib.suppress(ProcessLookupError):
@@ -1139,19 +1175,28 @@ def _clear_stale_task(container_id: str) -> bool:
 
 def _shims_of(container_id: str) -> list[int]:
     """The containerd shim processes serving ``container_id`` (running, not yet reaped)."""
-    found = []
+    return _shims_by_container().get(container_id, [])
+
+
+def _shims_by_container() -> dict[str, list[int]]:
+    """containerd's shim processes on this machine (running, not yet reaped), by the container
+    each serves."""
+    found: dict[str, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as handle:
                 argv = handle.read().split(b"\0")
+            if not argv or b"containerd-shim" not in argv[0] or b"-id" not in argv:
+                continue
             with open(f"/proc/{entry}/stat") as handle:
                 state = handle.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != "Z" and argv and b"containerd-shim" in argv[0] and container_id.encode() in argv:
-            found.append(int(entry))
+        at = argv.index(b"-id") + 1
+        if state != "Z" and at < len(argv):
+            found.setdefault(argv[at].decode(errors="replace"), []).append(int(entry))
     return found
 
 

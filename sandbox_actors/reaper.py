@@ -14,6 +14,7 @@ import asyncio
 import logging
 import shutil
 import threading
+import time
 from typing import Any
 
 from backends import SandboxAPI
@@ -27,6 +28,7 @@ from .threads import checkpoint_dir
 
 _PROBE_TIMEOUT = 3.0
 _RECONNECT_SECONDS = 1.0
+_TASK_SWEEP_SECONDS = 30.0
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class NodeReaper:
         self._watcher: threading.Thread | None = None
         self._closing = threading.Event()
         self._preparing = asyncio.Lock()  # a teardown waits for a prepare under way, never races it
+        self._tasks_swept_at = 0.0
 
     async def identity(self) -> tuple[str, str]:
         """(engine id, Ray node id)."""
@@ -112,10 +115,24 @@ class NodeReaper:
         """Remove the pool's network, rules and socket directories here (once its containers are gone)."""
         self._closing.set()
         async with self._preparing:
-            return await self._backend.teardown(self._pool)
+            removed = await self._backend.teardown(self._pool)
+        await self._sweep_tasks()
+        return removed
+
+    async def _sweep_tasks(self) -> None:
+        """What the engine's runtime kept of containers gone (see Backend.sweep_tasks); at most
+        every _TASK_SWEEP_SECONDS."""
+        self._tasks_swept_at = time.monotonic()
+        try:
+            if ended := await self._backend.sweep_tasks():
+                logger.info("ended %d runtime task(s) of containers the engine no longer has", ended)
+        except SandboxError as exc:
+            logger.info("could not look for runtime tasks of gone containers: %s", exc.message)
 
     async def containers(self) -> list[dict[str, Any]]:
         """This pool's containers on this engine."""
+        if time.monotonic() - self._tasks_swept_at > _TASK_SWEEP_SECONDS:
+            await self._sweep_tasks()
         engine = await self._backend.engine_id()
         return [
             {

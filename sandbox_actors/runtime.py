@@ -61,6 +61,8 @@ OWNER_FILE = "/run/sandbox-actors/owner.json"
 # A live hibernation or snapshot: how long the sandbox's API server may take to let go of its
 # socket (~40 ms here), and to listen again after a restore.
 _QUIET_SECONDS = 10.0
+# How long calls in flight may take to finish before a live checkpoint quiets the server (and cuts them).
+_DRAIN_SECONDS = 5.0
 
 
 def make_backend(config: ActorConfig, cluster: str | None = None) -> Backend:
@@ -438,6 +440,10 @@ class SandboxRuntime:
         if not socket_path:
             raise NotSupported("a live hibernation needs the sandbox's API on a unix socket (an image that serves it "
                                "there, as ours does)", feature="live hibernate")
+        # Calls in flight may finish first (new ones are held back by the caller), for a while.
+        deadline = time.monotonic() + _DRAIN_SECONDS
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         await self._close_api()  # our kept-alive connections first
         await self.backend.signal(self.sandbox_id, record.container_id, "SIGUSR1")
         deadline = time.monotonic() + _QUIET_SECONDS
@@ -467,7 +473,8 @@ class SandboxRuntime:
         ``keep_checkpoint_in`` (a live snapshot, gVisor), its processes and memory too: the
         container is checkpointed (which stops it), committed while stopped, its checkpoint kept
         in that directory (``checkpoint``: path and bytes in the answer), and restored: it goes
-        on as it was. Calls made meanwhile wait; one in flight then is cut (SandboxUnreachable).
+        on as it was. Calls made meanwhile wait; those in flight get 5 s to finish, then are cut
+        (SandboxUnreachable).
         """
         if self.record is None or self._stopping or self.dead_reason is not None:
             raise SandboxDied(f"sandbox {self.sandbox_id} is not running; acquire it first")
@@ -612,6 +619,9 @@ class SandboxRuntime:
         except SandboxUnreachable as exc:
             # Gone, or only slow? Ask the engine. If the engine does not answer
             # either, that is BackendUnavailable, never "dead". (Cut by a live snapshot: alive.)
+            if self._stopping:  # cut by a hibernation (a live one quiets the server first)
+                raise SandboxDied(f"sandbox {self.sandbox_id} was hibernated meanwhile; acquire the thread again "
+                                  "to resume it") from exc
             if not self._serving.is_set() or await self._still_running():
                 raise
             self.dead_reason = "its container stopped"

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.engine import LocalEngine
+from tests.engine import LocalEngine, shims_left
 
 THREADS = [f"chaos-{i}" for i in range(6)]
 WORKSPACE = "/mnt/user-data/workspace"
@@ -45,8 +45,10 @@ NOTICE_SECONDS = 2.0
 ENGINE_RESTART_EVERY = 90.0  # seconds between engine restarts, at most
 
 
-def driver(address: str, pool_name: str, namespace: str, seed: int, duration: float, name: str) -> None:
-    """Random operations; prints one JSON line of counts and the files it wrote."""
+def driver(address: str, pool_name: str, namespace: str, seed: int, duration: float, name: str,
+           live: bool = False) -> None:
+    """Random operations (hibernations and snapshots ``live`` on a gVisor pool); prints one JSON
+    line of counts and the files it wrote."""
     import ray
 
     import sandbox_actors
@@ -107,10 +109,10 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
             elif op == "hibernate":  # its actor ends: the other driver's handle is spent too
                 sleeper = held.pop(thread)
                 ended.append((time.time(), "hibernate", sleeper.sandbox_id))
-                pool.hibernate(sleeper)
+                pool.hibernate(sleeper, live=live)
             elif op == "snapshot":  # a snapshot, one fork from it, both removed again
                 tries += 1  # names never reused: a failed try may leave its snapshot for the shutdown
-                snap = box.snapshot(f"{name}-{tries}")
+                snap = box.snapshot(f"{name}-{tries}", live=live)
                 fork_thread = f"{name}-fork-{tries}"
                 try:
                     for fork in pool.fork(snap, [fork_thread]):
@@ -282,20 +284,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--duration", type=float, default=300.0, help="seconds of chaos (the run adds ~30 s)")
+    parser.add_argument("--live", action="store_true",
+                        help="a gVisor pool whose hibernations and snapshots are live (processes and memory)")
     parser.add_argument("role", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role and args.role[0] == "driver":
-        address, pool_name, namespace, seed, duration, name = args.role[1:]
-        driver(address, pool_name, namespace, int(seed), float(duration), name)
+        address, pool_name, namespace, seed, duration, name, live = args.role[1:]
+        driver(address, pool_name, namespace, int(seed), float(duration), name, live == "live")
         return 0
     if args.role and args.role[0] == "killer":
         address, pool_name, namespace, seed, duration = args.role[1:]
         killer(address, pool_name, namespace, int(seed), float(duration))
         return 0
-    return run(args.seed, args.duration)
+    return run(args.seed, args.duration, args.live)
 
 
-def run(seed: int, duration: float) -> int:
+def run(seed: int, duration: float, live: bool = False) -> int:
     import docker
     import ray
 
@@ -305,11 +309,14 @@ def run(seed: int, duration: float) -> int:
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="sandbox-actors-chaos-") as base_dir:
-        config = SandboxConfig(
-            pool_name=f"chaos-{seed}", namespace="sandbox_actors_chaos", container_prefix=f"chaos-{seed}",
-            base_dir=base_dir, replicas=4, reconcile_interval=2, idle_check_interval=1, readiness_timeout=30,
-            limits={"memory": "256m", "cpus": 0.5, "pids": 128},
-        )
+        kind = "live" if live else "plain"
+        # gVisor runs here only without a network namespace; its own threads count toward the limits.
+        gvisor = {"runtime": "runsc", "network": {"egress": "none"}, "limits": {"memory": "512m", "cpus": 0.5, "pids": 256}}
+        config = SandboxConfig.model_validate({
+            "pool_name": f"chaos-{seed}", "namespace": "sandbox_actors_chaos", "container_prefix": f"chaos-{seed}",
+            "base_dir": base_dir, "replicas": 4, "reconcile_interval": 2, "idle_check_interval": 1,
+            "readiness_timeout": 30, "limits": {"memory": "256m", "cpus": 0.5, "pids": 128}, **(gvisor if live else {}),
+        })
         ray.init(address="local", logging_level=logging.ERROR, include_dashboard=False)
         client = docker.from_env()
         pool = None
@@ -319,7 +326,7 @@ def run(seed: int, duration: float) -> int:
             address = ray.get_runtime_context().gcs_address
             common = [address, config.pool_name, config.namespace]
             me = [sys.executable, "-m", "tests.chaos"]
-            roles = [["driver", *common, str(seed * 10 + i), str(duration), f"d{i}"] for i in (1, 2)]
+            roles = [["driver", *common, str(seed * 10 + i), str(duration), f"d{i}", kind] for i in (1, 2)]
             roles.append(["killer", *common, str(seed), str(duration)])
             procs = [subprocess.Popen([*me, *role], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                      for role in roles]
@@ -363,9 +370,13 @@ def run(seed: int, duration: float) -> int:
             for image in images_left:
                 client.api.remove_image(image, force=True)
             networks_left = client.api.networks(filters={"label": f"sandbox-actors.pool={config.pool_name}"})
+            # Live snapshots' checkpoints (kept under base_dir) go with their snapshots.
+            checkpoints_left = sorted(str(p) for p in Path(base_dir, "checkpoints").glob("*"))
             client.close()
             ray.shutdown()
-    print(f"chaos run: seed {seed}, {duration:.0f}s of chaos, {time.monotonic() - started:.0f}s in all")
+        shims = shims_left() if live else []
+    print(f"chaos run: seed {seed}, {duration:.0f}s of chaos on a {'gVisor pool, live' if live else 'runc pool'}, "
+          f"{time.monotonic() - started:.0f}s in all")
     print(f"  operations: {sum(ops.values())} ({', '.join(f'{k} {v}' for k, v in sorted(ops.items()))})")
     print(f"  faults injected: {sum(faults.values())} ({', '.join(f'{k} {v}' for k, v in sorted(faults.items()))})")
     print(f"  errors by type: {dict(sorted(errors.items())) or 'none'}")
@@ -379,8 +390,9 @@ def run(seed: int, duration: float) -> int:
               f"{failure[4]} at {failure[1]:.3f}; before it: {last_fault_on(failure, faults_and_ends)}")
         print(timeline(failure, faults_and_ends))
     print(f"  shutdown destroyed {shut.get('destroyed', 0)}, containers left {len(left)}, snapshot images left "
-          f"{len(images_left)}, networks left {len(networks_left)}")
-    leaks += len(left) + len(images_left) + len(networks_left)
+          f"{len(images_left)}, networks left {len(networks_left)}, checkpoints left {len(checkpoints_left)}, "
+          f"containerd shims left {len(shims)}")
+    leaks += len(left) + len(images_left) + len(networks_left) + len(checkpoints_left) + len(shims)
     print(f"  leaks found = {leaks}")
     for line in crashed:
         print(f"  CRASHED: {line}")

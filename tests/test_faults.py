@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -199,12 +200,9 @@ def test_engine_restart_is_unavailable_not_dead_then_reconciles(ray_address, con
     assert_no_actors_left(config.pool_name)
 
 
-@pytest.mark.slow
-def test_chaos_run_leaves_no_leaks(local_engine):
-    """Three minutes of random operations under random faults, engine restarts and pool kills included
-    (CI's share; longer runs by hand: ``python -m tests.chaos --seed N --duration 300``)."""
+def _chaos(*args: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "tests.chaos", "--seed", "11", "--duration", "180"],
+        [sys.executable, "-m", "tests.chaos", *args],
         capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1], check=False,
     )
     print(result.stdout)
@@ -212,5 +210,26 @@ def test_chaos_run_leaves_no_leaks(local_engine):
     assert result.returncode == 0, result.stderr[-2000:] + "\n" + result.stdout[-3000:]
     assert "leaks found = 0" in result.stdout and "lost 0" in result.stdout
     assert "with no fault to explain it: 0" in result.stdout
-    assert "engine_restart" in result.stdout and "pool_kill" in result.stdout  # both faults did happen
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_chaos_run_leaves_no_leaks(local_engine):
+    """Two minutes of random operations under random faults, engine restarts and pool kills included
+    (CI's share; longer runs by hand: ``python -m tests.chaos --seed N --duration 300``)."""
+    out = _chaos("--seed", "11", "--duration", "120")
+    assert "engine_restart" in out and "pool_kill" in out  # both faults did happen
+
+
+@pytest.mark.slow
+def test_a_live_chaos_run_leaves_no_checkpoint_or_runtime_task(local_engine, docker_client):
+    """A minute of the same on a gVisor pool whose hibernations and snapshots are live: every
+    checkpoint goes with its sandbox or snapshot, and no runtime task outlives its container
+    (``python -m tests.chaos --live --seed N --duration 300`` by hand)."""
+    from tests.test_live_checkpoint import _require_live
+
+    _require_live(docker_client)
+    out = _chaos("--live", "--seed", "11", "--duration", "60")
+    assert "checkpoints left 0, containerd shims left 0" in out
+    assert re.search(r"hibernate [1-9]", out) and re.search(r"snapshot [1-9]", out)  # live ones went through
 

@@ -25,6 +25,7 @@ from backends.errors import NotSupported
 from backends.firewall import NetworkPolicy
 from backends.sandbox_api import UNIX_SCHEME
 from tests.conftest import run
+from tests.engine import shims_left
 from tests.test_backend_docker import ready_api, spec_for
 
 # The background process: 64 MB held in memory, a counter written every 50 ms (whole: a reader
@@ -237,31 +238,7 @@ def test_a_live_hibernation_keeps_a_200mb_process_the_shell_and_a_background_com
     assert_no_actors_left(cfg.pool_name)
     assert containers_of(docker_client, cfg.pool_name) == []
     assert not os.path.exists(_container_dir(docker_client, container_id))  # its checkpoint with it
-    assert _shims_left() == []  # nor a containerd task or shim of a container restored and checkpointed again
-
-
-def _shims_left() -> list[str]:
-    """containerd shims of containers the engine no longer has (ours leaked one per checkpoint of
-    a restored container, until the backend cleared containerd's task after each checkpoint)."""
-    import docker
-
-    client = docker.from_env()
-    try:
-        known = {c.id for c in client.containers.list(all=True)}
-    finally:
-        client.close()
-    left = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                argv = handle.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if argv and "containerd-shim" in argv[0] and "-id" in argv:
-            container = argv[argv.index("-id") + 1]
-            if container not in known:
-                left.append(container)
-    return left
+    assert shims_left() == []  # nor a containerd task or shim of a container restored and checkpointed again
 
 
 def test_an_idle_sandbox_hibernates_live_and_comes_back_running(ray_address, config, docker_client):
@@ -286,7 +263,7 @@ def test_an_idle_sandbox_hibernates_live_and_comes_back_running(ray_address, con
         client.shutdown()
     assert_no_actors_left(cfg.pool_name)
     assert containers_of(docker_client, cfg.pool_name) == []
-    assert _shims_left() == []
+    assert shims_left() == []
 
 
 def test_a_runc_pool_asked_for_a_live_hibernation_says_what_is_missing_and_serves_on(ray_address, config):
@@ -347,4 +324,4 @@ def test_eight_live_forks_of_a_200mb_process_each_go_on_and_diverge(ray_address,
         client.shutdown()
     assert_no_actors_left(cfg.pool_name)
     assert containers_of(docker_client, cfg.pool_name) == []
-    assert _shims_left() == []
+    assert shims_left() == []
