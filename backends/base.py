@@ -94,6 +94,34 @@ class SandboxSpec:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """What one sandbox uses, from its engine's statistics (the figures ``docker stats`` shows).
+
+    ``cpu_percent``: of one core, over ``interval`` seconds up to ``at`` (0 for a first look);
+    ``memory_bytes``: resident use as the engine reports it (page cache that could be dropped
+    left out); ``disk_bytes``: the container's own writable layer (None: not measured);
+    ``commands``: run through the sandbox's actor (exec, bash, streams, background starts).
+    """
+
+    at: float
+    cpu_percent: float
+    cpu_seconds: float
+    memory_bytes: int
+    memory_limit_bytes: int
+    pids: int
+    net_rx_bytes: int
+    net_tx_bytes: int
+    block_read_bytes: int
+    block_write_bytes: int
+    disk_bytes: int | None = None
+    interval: float = 0.0
+    commands: int = 0
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
 class ContainerEvent:
     """The engine saw a container of ours die ('die', 'oom') or go ('destroy'), or found it stopped when
     following began ('exited')."""
@@ -242,6 +270,16 @@ class Backend(abc.ABC):
     async def sweep_rules(self) -> int:
         """Remove isolation rules of ours left behind by pools whose network is gone."""
         return 0
+
+    async def usage(self, sandbox_id: str, container_id: str, since: Usage | None = None,
+                    disk: bool = True) -> Usage:
+        """What the container uses now (:class:`Usage`); its CPU percent since the look ``since``
+        (a first look measures over a short wait); its writable layer's size with ``disk``.
+
+        Raises:
+            SandboxNotFound: the container is gone. NotSupported: the backend cannot tell.
+        """
+        raise self._cannot("usage")
 
     async def sweep_tasks(self) -> int:
         """End what the engine's runtime kept of containers the engine no longer has (after live

@@ -16,6 +16,7 @@ read-only root filesystem and disk limit.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 
 import asyncio
 import collections
@@ -55,6 +56,7 @@ from .base import (
     ContainerEvent,
     SandboxRecord,
     SandboxSpec,
+    Usage,
     encode_label_value,
 )
 from .engine import connect, engine_errors
@@ -1065,6 +1067,36 @@ class DockerBackend(Backend):
             removed["rules"] += done["rules"]
         return removed
 
+    async def usage(self, sandbox_id: str, container_id: str, since: Usage | None = None,
+                    disk: bool = True) -> Usage:
+        def _sample() -> tuple[float, dict[str, Any]]:
+            with engine_errors(f"read the statistics of sandbox {sandbox_id}"):
+                try:
+                    stats = self._docker().api.stats(container_id, stream=False, one_shot=True)
+                except docker.errors.NotFound:
+                    raise SandboxNotFound(f"the container of sandbox {sandbox_id} is gone") from None
+            return time.time(), stats
+
+        def _disk() -> int | None:
+            with engine_errors(f"measure the writable layer of sandbox {sandbox_id}"):
+                api = self._docker().api
+                try:  # the SDK's inspect has no size: the engine's own query
+                    found = api._result(api._get(api._url("/containers/{0}/json", container_id),  # type: ignore[attr-defined]
+                                                 params={"size": 1}), True)  # type: ignore[attr-defined]
+                    return int(found.get("SizeRw") or 0)
+                except docker.errors.NotFound:
+                    raise SandboxNotFound(f"the container of sandbox {sandbox_id} is gone") from None
+
+        first = None
+        if since is None or time.time() - since.at > _USAGE_STALE_SECONDS:
+            first = _usage_of(*await asyncio.to_thread(_sample))
+            await asyncio.sleep(_USAGE_FIRST_WAIT)
+        at, stats = await asyncio.to_thread(_sample)
+        now = _usage_of(at, stats, since=first or since)
+        if disk:
+            now = dataclasses.replace(now, disk_bytes=await asyncio.to_thread(_disk))
+        return now
+
     async def sweep_tasks(self) -> int:
         """containerd tasks, and their shim processes, of containers this engine no longer has:
         Docker 20.10 with gVisor leaves one behind when a restored container is killed while it is
@@ -1103,6 +1135,35 @@ class DockerBackend(Backend):
             client, self._client = self._client, None
         if client is not None:
             await asyncio.to_thread(client.close)
+
+
+_USAGE_FIRST_WAIT = 0.5  # a first look at a sandbox's CPU measures over this long
+_USAGE_STALE_SECONDS = 60.0  # a previous look older than this is not measured from
+
+
+def _usage_of(at: float, stats: Mapping[str, Any], since: Usage | None = None) -> Usage:
+    """A :class:`Usage` from the engine's statistics of a container (computed as ``docker stats``
+    computes them); its CPU percent over the time since the look ``since``."""
+    cpu = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
+    cpu_seconds = float(cpu.get("total_usage") or 0) / 1e9
+    memory = stats.get("memory_stats") or {}
+    detail = memory.get("stats") or {}
+    used = int(memory.get("usage") or 0)
+    cache = int(detail.get("inactive_file", detail.get("total_inactive_file", 0)) or 0)
+    networks = (stats.get("networks") or {}).values()
+    blocks = (stats.get("blkio_stats") or {}).get("io_service_bytes_recursive") or []
+    interval = at - since.at if since is not None else 0.0
+    percent = (cpu_seconds - since.cpu_seconds) / interval * 100 if since is not None and interval > 0 else 0.0
+    return Usage(
+        at=at, cpu_percent=round(max(0.0, percent), 2), cpu_seconds=round(cpu_seconds, 3),
+        memory_bytes=used - cache if cache < used else used, memory_limit_bytes=int(memory.get("limit") or 0),
+        pids=int((stats.get("pids_stats") or {}).get("current") or 0),
+        net_rx_bytes=sum(int(n.get("rx_bytes") or 0) for n in networks),
+        net_tx_bytes=sum(int(n.get("tx_bytes") or 0) for n in networks),
+        block_read_bytes=sum(int(b.get("value") or 0) for b in blocks if str(b.get("op")).lower() == "read"),
+        block_write_bytes=sum(int(b.get("value") or 0) for b in blocks if str(b.get("op")).lower() == "write"),
+        interval=round(interval, 3),
+    )
 
 
 def _checkpoint_refused(sandbox_id: str, exc: docker.errors.APIError, running: bool) -> SandboxError:

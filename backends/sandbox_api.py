@@ -190,10 +190,37 @@ class ShellResult:
     session_id: str
     status: str = "completed"
     limits_hit: tuple[str, ...] = ()
+    # What the command's processes used (None from a server that does not say): CPU seconds, and
+    # the most memory they held resident at once (sampled every 50 ms: a shorter command may show 0).
+    cpu_seconds: float | None = None
+    peak_memory_bytes: int | None = None
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+
+def _figures(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A command's CPU seconds and peak memory from the server's answer (None when it has none)."""
+    cpu, peak = data.get("cpu_seconds"), data.get("peak_memory_bytes")
+    return {"cpu_seconds": float(cpu) if isinstance(cpu, (int, float)) else None,
+            "peak_memory_bytes": int(peak) if isinstance(peak, int) else None}
+
+
+@dataclass(frozen=True)
+class TerminalOutput:
+    """What a terminal printed: ``data`` (raw bytes, as a terminal shows them) from byte
+    ``offset`` of everything it printed since it began."""
+
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class TerminalExit:
+    """A terminal's shell ended (the last item of its output)."""
+
+    exit_code: int | None
 
 
 @dataclass(frozen=True)
@@ -220,6 +247,8 @@ class BashResult:
     exit_code: int | None
     status: str = "completed"
     limits_hit: tuple[str, ...] = ()
+    cpu_seconds: float | None = None  # as ShellResult's
+    peak_memory_bytes: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -448,6 +477,7 @@ class SandboxAPI:
             session_id=data.get("session_id") or "",
             status=data.get("status") or "completed",
             limits_hit=tuple(data.get("limits_hit") or ()),
+            **_figures(data),
         )
         _check_limits(result.limits_hit, result.exit_code, output=result.output)
         if result.status in _TIMEOUT_STATUSES:
@@ -495,7 +525,7 @@ class SandboxAPI:
                     continue
                 result = BashResult(stdout="", stderr="", exit_code=data.get("exit_code"),
                                     status=data.get("status") or "completed",
-                                    limits_hit=tuple(data.get("limits_hit") or ()))
+                                    limits_hit=tuple(data.get("limits_hit") or ()), **_figures(data))
                 _check_limits(result.limits_hit, result.exit_code, output="", stderr="")
                 if result.status in _TIMEOUT_STATUSES:
                     raise CommandTimeout(f"command timed out after {timeout}s and was killed", output="", stderr="")
@@ -503,8 +533,52 @@ class SandboxAPI:
         finally:
             await events.aclose()
 
+    async def pty_open(self, cols: int = 80, rows: int = 24) -> str:
+        """``POST /v1/pty/open``: a new terminal (an interactive bash) of that size; its id."""
+        data = await self._call("POST", "/v1/pty/open", json={"cols": cols, "rows": rows})
+        return str(data["id"])
+
+    async def pty_write(self, terminal_id: str, data: str) -> int:
+        """Type ``data`` into the terminal (keys as text: "\x03" is Ctrl-C); the bytes written."""
+        answer = await self._terminal_call("/v1/pty/write", {"id": terminal_id, "data": data})
+        return int(answer.get("written") or 0)
+
+    async def pty_resize(self, terminal_id: str, cols: int, rows: int) -> None:
+        await self._terminal_call("/v1/pty/resize", {"id": terminal_id, "cols": cols, "rows": rows})
+
+    async def pty_close(self, terminal_id: str) -> int | None:
+        """End the terminal's shell; its exit code."""
+        answer = await self._terminal_call("/v1/pty/close", {"id": terminal_id})
+        code = answer.get("exit_code")
+        return int(code) if isinstance(code, int) else None
+
+    async def pty_output(self, terminal_id: str, offset: int = 0
+                         ) -> AsyncGenerator[TerminalOutput | TerminalExit, None]:
+        """``POST /v1/pty/output`` streamed: what the terminal prints from ``offset`` (the last
+        64 KB when that is older) as it comes, then TerminalExit when its shell ends. Leaving
+        early only stops reading: the terminal goes on."""
+        import base64
+
+        events = self._events("/v1/pty/output", {"id": terminal_id, "offset": offset}, None, final="exit")
+        try:
+            async for event, data in events:
+                if event == "output":
+                    yield TerminalOutput(int(data["offset"]), base64.b64decode(data["data"]))
+                elif event == "exit":
+                    yield TerminalExit(data.get("exit_code"))
+        except SandboxFileNotFound as exc:
+            raise InvalidRequest(exc.message) from None
+        finally:
+            await events.aclose()
+
+    async def _terminal_call(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self._call("POST", path, json=payload)
+        except SandboxFileNotFound as exc:  # the server's 404: no such terminal
+            raise InvalidRequest(exc.message) from None
+
     async def _events(
-        self, path: str, payload: dict[str, Any], timeout: float | None,
+        self, path: str, payload: dict[str, Any], timeout: float | None, final: str = "result",
     ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
         """A command's server-sent events: ("output", data)..., then ("result", data). A server
         that answers one JSON reply instead gives ("output", its data) for each stream it
@@ -533,7 +607,7 @@ class SandboxAPI:
                         if event == "error":
                             raise SandboxOperationError(f"{path} failed: {data.get('message')}")
                         yield event, data
-                        if event == "result":
+                        if event == final:
                             return
         except Exception as exc:
             unreachable = self._unreachable(exc, "went silent during a streamed command")
@@ -559,7 +633,8 @@ class SandboxAPI:
     def _finished(data: Mapping[str, Any], timeout: float | None, idle_timeout: float | None = None,
                   output: str = "") -> ShellResult:
         result = ShellResult(output="", exit_code=data.get("exit_code"), session_id=data.get("session_id") or "",
-                             status=data.get("status") or "completed", limits_hit=tuple(data.get("limits_hit") or ()))
+                             status=data.get("status") or "completed", limits_hit=tuple(data.get("limits_hit") or ()),
+                             **_figures(data))
         _check_limits(result.limits_hit, result.exit_code, output=output)
         if result.status in _TIMEOUT_STATUSES:
             raise CommandTimeout(_timed_out(result.status, timeout, idle_timeout), output=output)
@@ -626,6 +701,7 @@ class SandboxAPI:
             exit_code=data.get("exit_code"),
             status=data.get("status") or "completed",
             limits_hit=tuple(data.get("limits_hit") or ()),
+            **_figures(data),
         )
         _check_limits(result.limits_hit, result.exit_code, output=result.stdout, stderr=result.stderr)
         if result.status in _TIMEOUT_STATUSES:

@@ -53,6 +53,7 @@ class ActorConfig:
     skills_path: str | None
     host_skills_path: str | None
     skills_container_path: str
+    usage_interval: float = 0.0
 
     @classmethod
     def of(cls, config: SandboxConfig) -> ActorConfig:
@@ -68,7 +69,7 @@ class ActorConfig:
             thread_mounts=config.thread_mounts, base_dir=config.base_dir, host_dir=config.host_dir,
             mounts=tuple(Mount(m.host_path, m.container_path, m.read_only) for m in config.mounts),
             skills_path=config.skills_path, host_skills_path=config.host_skills_path,
-            skills_container_path=config.skills_container_path,
+            skills_container_path=config.skills_container_path, usage_interval=config.usage_interval,
         )
 
     def resolved_environment(self, source: Mapping[str, str] | None = None) -> dict[str, str]:

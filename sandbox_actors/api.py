@@ -22,7 +22,8 @@ import inspect
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
-from backends.sandbox_api import BashResult, CommandView, FileInfo, ShellResult
+from backends.base import Usage
+from backends.sandbox_api import BashResult, CommandView, FileInfo, ShellResult, TerminalExit, TerminalOutput
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -33,7 +34,9 @@ class Operation(Generic[P, R]):
     """One operation on a sandbox (see the module's docstring).
 
     Attributes:
-        stub: its typed declaration. route: the AIO sandbox API route that serves it. stream:
+        stub: its typed declaration. route: the AIO sandbox API route that serves it, or ENGINE:
+            the runtime answers it from the container's engine (no request to the sandbox), or
+            RUNTIME: from what the runtime keeps itself. stream:
             its result comes as items (a Ray streaming generator), the last one final.
             retry_safe: calling it again after a lost answer does no harm.
     """
@@ -73,6 +76,10 @@ def operation(route: str, *, stream: bool = False, retry_safe: bool = False
         return Operation(stub, route, stream, retry_safe)
 
     return declare
+
+
+ENGINE = "engine"  # the route of an operation the runtime answers from the sandbox's engine
+RUNTIME = "runtime"  # the route of an operation the runtime answers from what it keeps itself
 
 
 # ── the operations ──────────────────────────────────────────────────────────
@@ -186,9 +193,82 @@ def list_files(path: str, recursive: bool = False, show_hidden: bool = False) ->
     raise NotImplementedError
 
 
+@operation(ENGINE, retry_safe=True)
+def usage() -> Usage:
+    """What the sandbox uses now, from its engine's own statistics (as ``docker stats`` shows
+    them): CPU (percent of one core since the previous look, and seconds in all), memory (and
+    its limit), processes, network in and out, disk (its own writable layer), and the commands
+    run through this actor."""
+    raise NotImplementedError
+
+
+@operation("POST /v1/pty/open")
+def pty_open(cols: int = 80, rows: int = 24) -> str:
+    """Open an interactive terminal (a bash on a pseudo-terminal of ``cols`` x ``rows``) in
+    the sandbox; returns its id. It lives until :func:`pty_close`, its shell's exit, or the
+    sandbox's end, whoever reads it or not (see :func:`pty_output`); 16 at most at a time."""
+    raise NotImplementedError
+
+
+@operation("POST /v1/pty/write")
+def pty_write(terminal_id: str, data: str) -> int:
+    """Type ``data`` into the terminal (keys as text: "\r" Enter, "\x03" Ctrl-C); returns the
+    bytes written."""
+    raise NotImplementedError
+
+
+@operation("POST /v1/pty/resize", retry_safe=True)
+def pty_resize(terminal_id: str, cols: int, rows: int) -> None:
+    """Resize the terminal (its programs get SIGWINCH)."""
+    raise NotImplementedError
+
+
+@operation("POST /v1/pty/output", stream=True, retry_safe=True)
+def pty_output(terminal_id: str, offset: int = 0) -> TerminalOutput | TerminalExit:
+    """What the terminal prints, as it prints it: TerminalOutput(offset, data) items from byte
+    ``offset`` of all it printed (the last 64 KB when ``offset`` is older: a client that comes
+    back sees what it missed), then TerminalExit(exit_code) when its shell ends. Leaving early
+    (detaching) only stops the reading: the terminal goes on."""
+    raise NotImplementedError
+
+
+@operation("POST /v1/pty/close", retry_safe=True)
+def pty_close(terminal_id: str) -> int | None:
+    """End the terminal (its shell and what runs in it); returns the shell's exit code."""
+    raise NotImplementedError
+
+
+@operation(RUNTIME, retry_safe=True)
+def expose(port: int) -> str:
+    """A URL on the sandbox's node (config ``bind_host``) at which ``port``, served inside the
+    sandbox, answers: only requests that carry the URL's token (its ``sandbox_token`` query
+    parameter, or an ``X-Sandbox-Token`` header) reach it, through the sandbox's API (no network
+    of the sandbox's own needed). The same URL for a port exposed already. It lasts until
+    :func:`unexpose`, or until the sandbox stops (a hibernation, a destroy, its actor's end)."""
+    raise NotImplementedError
+
+
+@operation(RUNTIME, retry_safe=True)
+def unexpose(port: int) -> bool:
+    """Revoke ``port``'s URL: nothing answers there any more and its open connections end.
+    False when it was not exposed."""
+    raise NotImplementedError
+
+
+@operation(RUNTIME, retry_safe=True)
+def audit(limit: int = 100) -> list[dict[str, Any]]:
+    """The last ``limit`` commands run in the sandbox, oldest first: each with ``at`` (epoch
+    seconds), ``kind`` (exec, bash, stream, bash_stream, start), ``command`` (its first 2,000
+    characters; never ``bash``'s env), ``exit_code``, ``status``, ``seconds``, ``cpu_seconds``,
+    ``peak_memory_bytes``, or ``error`` (the error's type). A thread's trail outlives its actor
+    (kept on the host beside the thread's directories)."""
+    raise NotImplementedError
+
+
 OPERATIONS: tuple[Operation[..., Any], ...] = (
     exec, bash, stream, bash_stream, start_command, view_command, wait_command, kill_command, upload_chunk,
-    download_chunk, read_file, read_bytes, write_file, list_files,
+    download_chunk, read_file, read_bytes, write_file, list_files, usage, audit, expose, unexpose,
+    pty_open, pty_write, pty_resize, pty_output, pty_close,
 )
 
 

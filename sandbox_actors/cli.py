@@ -278,6 +278,45 @@ def cmd_hibernate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from . import watch
+
+    client = _client(args)
+    while True:
+        rows = watch.usage_rows(client)
+        if args.json:
+            _print_json(rows)
+            return 0
+        table = watch.render_usage(rows, client.config.pool_name)
+        if args.once:
+            print(table)
+            return 0
+        print("\033[H\033[2J" + table, flush=True)  # the screen cleared, then the table
+        time.sleep(args.interval)
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    from . import shell
+
+    client = _client(args)
+    box = client.acquire(args.thread)
+    return shell.run(box, attach=args.attach)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from . import watch
+
+    client = _client(args)
+    if args.limit <= 0:
+        raise InvalidRequest(f"--limit must be positive, not {args.limit}")
+    entries = watch.audit_entries(client, args.thread, args.limit)
+    if args.json:
+        _print_json(entries)
+    else:
+        print(watch.render_audit(entries))
+    return 0
+
+
 def cmd_snapshots(args: argparse.Namespace) -> int:
     snaps = _client(args).snapshots()
     if args.json:
@@ -501,6 +540,17 @@ def _sandbox_commands(commands: _Commands, common: argparse.ArgumentParser, as_j
         if name == "hibernate":
             named.add_argument("--live", action="store_true",
                                help="keep its processes and memory too (gVisor pools: runtime runsc)")
+    top = commands.add("top", cmd_top, "each sandbox's use, live: CPU, memory, disk, network, processes, commands "
+                       "(Ctrl-C ends it)", common, as_json)
+    top.add_argument("--once", action="store_true", help="print the table once")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    shell = commands.add("shell", cmd_shell, "an interactive terminal in a thread's sandbox (acquired if needed); "
+                         "Ctrl-] detaches, --attach comes back", common)
+    shell.add_argument("thread", help="thread id")
+    shell.add_argument("--attach", metavar="TERMINAL_ID", help="come back to this terminal (its last 64 KB replayed)")
+    audit = commands.add("audit", cmd_audit, "the commands run in a thread's sandbox, oldest first", common, as_json)
+    audit.add_argument("thread", help="thread id")
+    audit.add_argument("--limit", type=int, default=100, help="at most this many, the newest (default 100)")
 
 
 def _concurrencies(text: str) -> list[int]:

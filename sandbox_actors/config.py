@@ -165,6 +165,10 @@ class SandboxConfig(_Closed):
     namespace: str = Field(default="sandbox_actors", min_length=1, description="Ray namespace of all our actors.")
     readiness_timeout: float = Field(default=60, gt=0, description="Seconds a new sandbox may take to answer.")
     idle_check_interval: float = Field(default=60, gt=0, description="Seconds between idle checks.")
+    usage_interval: float = Field(
+        default=15, ge=0, description="Seconds between looks at each running sandbox's use for its metrics "
+        "(sandbox_actors_sandbox_*); 0: none (box.usage() and `sandbox-actors top` still look when asked)."
+    )
     reconcile_interval: float = Field(default=30, gt=0, description="Seconds between reconcile passes.")
     max_sandboxes: int | None = Field(default=None, ge=1, description="Hard cap; acquire waits, then fails.")
     capacity_timeout: float = Field(

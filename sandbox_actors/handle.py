@@ -20,6 +20,7 @@ from . import api, raycalls
 from .api import AsyncCall, AsyncStream, SyncCall, SyncStream
 from .errors import PoolUnavailable, SandboxDied
 from .raycalls import ActorGone
+from .terminal import AsyncTerminal, Terminal
 from .views import Lease, Snapshot
 
 FILE_CHUNK = 2 * 1024 * 1024  # bytes per upload/download call (8 MiB ones made the actor hold 100+ MB)
@@ -69,6 +70,15 @@ class SandboxHandle:
     read_bytes = SyncCall(api.read_bytes)
     write_file = SyncCall(api.write_file)
     list_files = SyncCall(api.list_files)
+    usage = SyncCall(api.usage)
+    audit = SyncCall(api.audit)
+    expose = SyncCall(api.expose)
+    unexpose = SyncCall(api.unexpose)
+    pty_open = SyncCall(api.pty_open)
+    pty_write = SyncCall(api.pty_write)
+    pty_resize = SyncCall(api.pty_resize)
+    pty_output = SyncStream(api.pty_output)
+    pty_close = SyncCall(api.pty_close)
 
     def __init__(self, lease: Lease, pool: PoolClient | None = None) -> None:
         self.sandbox_id = lease.sandbox_id
@@ -101,6 +111,14 @@ class SandboxHandle:
         binary stream, ``chunk_size`` bytes at a time. Returns the bytes copied."""
         with _local(target, "wb") as f:
             return self._drive(download_steps(f, path, chunk_size))
+
+    def pty(self, cols: int = 80, rows: int = 24, *, attach: str | None = None) -> Terminal:
+        """An interactive terminal in the sandbox (see :class:`~sandbox_actors.terminal.Terminal`):
+        a new one of ``cols`` x ``rows``, or, with ``attach``, the terminal of that id, read
+        from the last 64 KB it printed."""
+        if attach is not None:
+            return Terminal(self, attach)
+        return Terminal(self, self.pty_open(cols, rows))
 
     # ── the pool's calls on this sandbox ───────────────────────────────────
 
@@ -185,6 +203,15 @@ class AsyncSandboxHandle:
     read_bytes = AsyncCall(api.read_bytes)
     write_file = AsyncCall(api.write_file)
     list_files = AsyncCall(api.list_files)
+    usage = AsyncCall(api.usage)
+    audit = AsyncCall(api.audit)
+    expose = AsyncCall(api.expose)
+    unexpose = AsyncCall(api.unexpose)
+    pty_open = AsyncCall(api.pty_open)
+    pty_write = AsyncCall(api.pty_write)
+    pty_resize = AsyncCall(api.pty_resize)
+    pty_output = AsyncStream(api.pty_output)
+    pty_close = AsyncCall(api.pty_close)
 
     def __init__(self, handle: SandboxHandle) -> None:
         self._handle = handle
@@ -201,6 +228,11 @@ class AsyncSandboxHandle:
     async def download(self, path: str, target: Source, chunk_size: int = FILE_CHUNK) -> int:
         with _local(target, "wb") as f:
             return await self._drive(download_steps(f, path, chunk_size))
+
+    async def pty(self, cols: int = 80, rows: int = 24, *, attach: str | None = None) -> AsyncTerminal:
+        if attach is not None:
+            return AsyncTerminal(self, attach)
+        return AsyncTerminal(self, await self.pty_open(cols, rows))
 
     async def release(self) -> bool:
         return await self._handle._require_pool().aio.release(self._handle)

@@ -12,7 +12,8 @@ from typing import Any
 
 from . import api
 
-LAYERS = ("box", "box.aio", "actor", "runtime", "http client", "server")
+LAYERS = ("box", "box.aio", "actor", "runtime", "http client", "server", "engine")
+NOT_HERE = "n/a"  # a layer an operation does not pass through (the engine's, or the sandbox API's)
 
 
 def _params(function: Callable[..., Any], skip: int) -> list[tuple[str, Any]]:
@@ -54,8 +55,19 @@ def _runtime(op: api.Operation[..., Any]) -> str:
     return "ok"
 
 
+def _engine(op: api.Operation[..., Any]) -> str:
+    from backends.base import Backend
+
+    if op.route != api.ENGINE:
+        return NOT_HERE
+    return "ok" if callable(getattr(Backend, op.name, None)) else f"missing: Backend.{op.name}"
+
+
 def _http(op: api.Operation[..., Any]) -> str:
     from backends.sandbox_api import SandboxAPI
+
+    if op.route in (api.ENGINE, api.RUNTIME):
+        return NOT_HERE
 
     method = getattr(SandboxAPI, op.name, None)
     if method is None:
@@ -68,6 +80,8 @@ def _http(op: api.Operation[..., Any]) -> str:
 def _server(op: api.Operation[..., Any]) -> str:
     from .image import server
 
+    if op.route in (api.ENGINE, api.RUNTIME):
+        return NOT_HERE
     verb, path = op.route.split(" ", 1)
     handler = server.ROUTES.get(path, {}).get(verb)
     # JSON routes are App methods; the streamed file routes are the request handler's own.
@@ -88,6 +102,7 @@ def served(op: api.Operation[..., Any]) -> dict[str, str]:
         "runtime": _runtime(op),
         "http client": _http(op),
         "server": _server(op),
+        "engine": _engine(op),
     }
 
 
@@ -96,11 +111,12 @@ def table() -> tuple[str, bool]:
     rows, whole = [], True
     for op in api.OPERATIONS:
         layers = served(op)
-        whole = whole and all(v == "ok" for v in layers.values())
+        whole = whole and all(v in ("ok", NOT_HERE) for v in layers.values())
         params = ", ".join(name if default is inspect.Parameter.empty else f"{name}={default!r}"
                            for name, default in _declared(op))
         kind = ("stream" if op.stream else "call") + (", retry-safe" if op.retry_safe else "")
-        marks = " ".join(f"{layer}:{'✓' if state == 'ok' else '✗'}" for layer, state in layers.items())
+        marks = " ".join(f"{layer}:{'✓' if state == 'ok' else '✗'}" for layer, state in layers.items()
+                         if state != NOT_HERE)
         rows.append(f"{op.name}({params})  [{kind}]  {op.route}\n    {marks}")
-        rows += [f"    ✗ {state}" for state in layers.values() if state != "ok"]
+        rows += [f"    ✗ {state}" for state in layers.values() if state not in ("ok", NOT_HERE)]
     return "\n".join(rows), whole

@@ -14,7 +14,17 @@ sandbox_actors_failed_total               counter    pool (sandboxes that failed
 sandbox_actors_readopted_total            counter    pool (containers re-adopted by a new actor)
 sandbox_actors_acquire_seconds            histogram  pool, path (hot/warm/cold/adopted)
 sandbox_actors_exec_seconds               histogram  pool, op (exec/bash)
+sandbox_actors_sandbox_cpu_seconds        gauge      pool, thread, sandbox (CPU used in all)
+sandbox_actors_sandbox_cpu_percent        gauge      pool, thread, sandbox (of one core, lately)
+sandbox_actors_sandbox_memory_bytes       gauge      pool, thread, sandbox
+sandbox_actors_sandbox_pids               gauge      pool, thread, sandbox
+sandbox_actors_sandbox_net_rx_bytes       gauge      pool, thread, sandbox
+sandbox_actors_sandbox_net_tx_bytes       gauge      pool, thread, sandbox
+sandbox_actors_sandbox_commands           gauge      pool, thread, sandbox (commands run)
 ========================================  =========  ====================================
+
+The per-sandbox gauges are set by each SandboxActor every ``usage_interval`` seconds from its
+engine's statistics (the same figures as ``box.usage()``), and set to 0 when its sandbox ends.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ import collections
 from collections.abc import Mapping
 
 from ray.util import metrics
+
+from backends.base import Usage
 
 _LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 COUNTERS = {
@@ -36,6 +48,17 @@ COUNTERS = {
     "resumed": "Hibernated sandboxes resumed by their thread.",
     "resume_failed": "Hibernated sandboxes that could not be resumed (their thread got a new one).",
     "snapshots": "Snapshots taken.",
+}
+
+
+USAGE_GAUGES = {
+    "cpu_seconds": "CPU seconds the sandbox used in all.",
+    "cpu_percent": "CPU the sandbox used lately, in percent of one core.",
+    "memory_bytes": "Memory the sandbox holds.",
+    "pids": "Processes in the sandbox.",
+    "net_rx_bytes": "Bytes the sandbox received.",
+    "net_tx_bytes": "Bytes the sandbox sent.",
+    "commands": "Commands run in the sandbox.",
 }
 
 
@@ -82,9 +105,21 @@ class SandboxMetrics:
             "sandbox_actors_exec_seconds", "Command latency through the SandboxActor.", _LATENCY_BOUNDARIES,
             tag_keys=("pool", "op"),
         )
+        self._usage: dict[str, metrics.Gauge] | None = None  # made at the first look (spares never look)
 
     def executed(self, op: str, seconds: float) -> None:
         self._exec.observe(seconds, {**self._tags, "op": op})
+
+    def used(self, thread_id: str | None, sandbox_id: str, usage: Usage | None) -> None:
+        """Set the sandbox's usage gauges (to 0 when ``usage`` is None: the sandbox ended)."""
+        if self._usage is None:
+            self._usage = {
+                name: metrics.Gauge(f"sandbox_actors_sandbox_{name}", text, tag_keys=("pool", "thread", "sandbox"))
+                for name, text in USAGE_GAUGES.items()
+            }
+        tags = {**self._tags, "thread": thread_id or "", "sandbox": sandbox_id}
+        for name, gauge in self._usage.items():
+            gauge.set(float(getattr(usage, name)) if usage is not None else 0.0, tags)
 
 
 class Tally:

@@ -30,7 +30,8 @@ async def rows(life: Lifecycle, state: PoolState) -> list[dict[str, Any]]:
          "url": entry.info.get("url"), "age_s": round(now - entry.created_at, 3),
          "idle_s": round(now - entry.last_active, 3), "inflight": entry.inflight,
          "hibernated_s": None if entry.hibernated_at is None else round(now - entry.hibernated_at, 3),
-         "checkpoint_bytes": (entry.info.get("checkpoint") or {}).get("bytes"), "image": entry.image}
+         "checkpoint_bytes": (entry.info.get("checkpoint") or {}).get("bytes"), "image": entry.image,
+         "actor_name": entry.info.get("actor_name") if entry.actor is not None else None}
         for entry in state.entries.values()
     ]
 

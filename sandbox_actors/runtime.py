@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from backends import (
@@ -25,7 +27,7 @@ from backends import (
     SandboxRecord,
     SandboxSpec,
 )
-from backends.base import LABEL_ACTOR, LABEL_CLUSTER, LABEL_ENGINE_ID, Capability
+from backends.base import LABEL_ACTOR, LABEL_CLUSTER, LABEL_ENGINE_ID, Capability, Usage
 from backends.errors import (
     BackendUnavailable,
     InvalidRequest,
@@ -38,10 +40,20 @@ from backends.errors import (
     SandboxStartError,
     SandboxUnreachable,
 )
-from backends.sandbox_api import UNIX_SCHEME, BashResult, CommandView, FileInfo, ShellResult
+from backends.preview import Exposure
+from backends.sandbox_api import (
+    UNIX_SCHEME,
+    BashResult,
+    CommandView,
+    FileInfo,
+    ShellResult,
+    TerminalExit,
+    TerminalOutput,
+)
 
 from .actorconfig import ENV_NAME, ActorConfig
-from .threads import sandbox_mounts
+from .audit import AuditLog
+from .threads import sandbox_mounts, thread_dir
 from .views import Found, StartOutcome
 
 logger = logging.getLogger(__name__)
@@ -125,6 +137,9 @@ class SandboxRuntime:
         self._stopping = False
         self._pid_start: str | None = None  # when the container's init process started, if visible here
         self._owner_written: asyncio.Task[None] | None = None  # a resume's owner record, on its way
+        self.audit_log = AuditLog(self._audit_path(thread_id))
+        self._usage_seen: Usage | None = None  # the last look at its use (its CPU percent is since then)
+        self._exposed: dict[int, Exposure] = {}  # its preview URLs, by port inside
 
     # ── lifecycle ──────────────────────────────────────────────────────────
 
@@ -372,6 +387,7 @@ class SandboxRuntime:
         if self._api is None:
             raise SandboxNotFound(f"sandbox {self.sandbox_id} has not been started")
         self.thread_id = thread_id  # the owner (this actor) is unchanged: nothing to record
+        self.audit_log.path = self._audit_path(thread_id)
         self.last_activity = self._clock()
         return self.describe()
 
@@ -417,6 +433,7 @@ class SandboxRuntime:
         except SandboxError:
             self._stopping = False
             raise
+        await self._unexpose_all()
         await self._close_api()
         return {**self.describe(), **({"checkpoint": saved} if saved is not None else {})}
 
@@ -560,6 +577,7 @@ class SandboxRuntime:
             BackendUnavailable: the engine did not answer; the container may still exist.
         """
         self._stopping = True  # new operations are refused from here on
+        await self._unexpose_all()
         try:
             if self.record is not None:  # only the container this sandbox owns, never a namesake
                 await self.backend.destroy(self.sandbox_id, self.record.container_id)
@@ -570,7 +588,8 @@ class SandboxRuntime:
         return True
 
     async def close(self) -> None:
-        """Release client resources; the container is untouched."""
+        """Release client resources (and preview URLs); the container is untouched."""
+        await self._unexpose_all()
         await self._close_api()
         await self.backend.close()
 
@@ -652,8 +671,11 @@ class SandboxRuntime:
                    idle_timeout: float | None = None) -> ShellResult:
         """Run ``command`` in the persistent shell (one at a time per sandbox)."""
         async with self._operation() as api, self._shell_lock:
-            return await api.exec(command, timeout=self._shell_timeout(timeout, idle_timeout), exec_dir=exec_dir,
-                                        idle_timeout=idle_timeout)
+            with self.audit_log.command("exec", command) as entry:
+                result = await api.exec(command, timeout=self._shell_timeout(timeout, idle_timeout),
+                                        exec_dir=exec_dir, idle_timeout=idle_timeout)
+                self.audit_log.ended(entry, result)
+                return result
 
     async def stream(
         self, command: str, timeout: float | None = None, exec_dir: str | None = None,
@@ -664,11 +686,14 @@ class SandboxRuntime:
         async with self._operation() as api, self._shell_lock:
             stream = api.stream(command, timeout=self._shell_timeout(timeout, idle_timeout), exec_dir=exec_dir,
                                 idle_timeout=idle_timeout)
-            try:
-                async for item in stream:
-                    yield item
-            finally:
-                await stream.aclose()
+            with self.audit_log.command("stream", command) as entry:
+                try:
+                    async for item in stream:
+                        if isinstance(item, ShellResult):
+                            self.audit_log.ended(entry, item)
+                        yield item
+                finally:
+                    await stream.aclose()
 
     async def bash_stream(
         self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
@@ -678,15 +703,20 @@ class SandboxRuntime:
         _check_env(env)
         async with self._operation() as api:
             stream = api.bash_stream(command, env=env, timeout=timeout or self.config.exec_timeout, exec_dir=exec_dir)
-            try:
-                async for item in stream:
-                    yield item
-            finally:
-                await stream.aclose()
+            with self.audit_log.command("bash_stream", command) as entry:
+                try:
+                    async for item in stream:
+                        if isinstance(item, BashResult):
+                            self.audit_log.ended(entry, item)
+                        yield item
+                finally:
+                    await stream.aclose()
 
     async def start_command(self, command: str, session_id: str | None = None, exec_dir: str | None = None) -> str:
         async with self._operation() as api:
-            session_id = await api.start_command(command, session_id=session_id, exec_dir=exec_dir)
+            with self.audit_log.command("start", command) as entry:
+                session_id = await api.start_command(command, session_id=session_id, exec_dir=exec_dir)
+                entry["session_id"] = session_id
         self._background[session_id] = None
         while len(self._background) > _BACKGROUND_TRACKED:  # the oldest are forgotten
             del self._background[next(iter(self._background))]
@@ -719,7 +749,11 @@ class SandboxRuntime:
         """Run ``command`` in a fresh session with extra ``env`` (for secrets)."""
         _check_env(env)
         async with self._operation() as api:
-            return await api.bash(command, env=env, timeout=timeout or self.config.exec_timeout, exec_dir=exec_dir)
+            with self.audit_log.command("bash", command) as entry:
+                result = await api.bash(command, env=env, timeout=timeout or self.config.exec_timeout,
+                                        exec_dir=exec_dir)
+                self.audit_log.ended(entry, result)
+                return result
 
     async def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> str:
         async with self._operation() as api:
@@ -736,6 +770,95 @@ class SandboxRuntime:
     async def list_files(self, path: str, recursive: bool = False, show_hidden: bool = False) -> list[FileInfo]:
         async with self._operation() as api:
             return await api.list_files(path, recursive=recursive, show_hidden=show_hidden)
+
+    async def usage(self) -> Usage:
+        """What the sandbox uses now (see api.usage). Not an activity: watching a sandbox does
+        not keep it from its idle timeout."""
+        return await self.measure(disk=True)
+
+    async def measure(self, disk: bool) -> Usage:
+        """:meth:`usage`; its writable layer measured only with ``disk`` (a walk of its files)."""
+        await self._serving.wait()  # a live snapshot under way
+        if self.dead_reason is not None or self._stopping or self.record is None:
+            raise SandboxDied(f"sandbox {self.sandbox_id} is not running; acquire it first")
+        seen = await self.backend.usage(self.sandbox_id, self.record.container_id, since=self._usage_seen, disk=disk)
+        self._usage_seen = seen = dataclasses.replace(seen, commands=self.audit_log.count)
+        return seen
+
+    async def pty_open(self, cols: int = 80, rows: int = 24) -> str:
+        async with self._operation() as api:
+            with self.audit_log.command("pty", f"(terminal {cols}x{rows})") as entry:
+                terminal_id = await api.pty_open(cols, rows)
+                entry["terminal_id"] = terminal_id
+                return terminal_id
+
+    async def pty_write(self, terminal_id: str, data: str) -> int:
+        async with self._operation() as api:
+            return await api.pty_write(terminal_id, data)
+
+    async def pty_resize(self, terminal_id: str, cols: int, rows: int) -> None:
+        async with self._operation() as api:
+            await api.pty_resize(terminal_id, cols, rows)
+
+    async def pty_output(self, terminal_id: str, offset: int = 0) -> AsyncIterator[TerminalOutput | TerminalExit]:
+        """The terminal's output as it comes (see api.pty_output). Reading is not an activity
+        (a terminal left open does not keep its sandbox from the idle timeout; typing does)."""
+        if self._api is None or self._stopping or self.dead_reason is not None:
+            raise SandboxDied(f"sandbox {self.sandbox_id} is not running; acquire it first")
+        output = self._api.pty_output(terminal_id, offset)
+        try:
+            async for item in output:
+                yield item
+        finally:
+            await output.aclose()
+
+    async def pty_close(self, terminal_id: str) -> int | None:
+        async with self._operation() as api:
+            return await api.pty_close(terminal_id)
+
+    async def expose(self, port: int) -> str:
+        """A preview URL for ``port`` inside the sandbox (see api.expose)."""
+        async with self._operation():
+            if port in self._exposed:
+                return self._exposed[port].url
+            assert self.record is not None  # served: it has its record
+            exposure = Exposure(self.record.url, self.record.token, port, bind=self.config.bind_host,
+                                on_use=self._touch)
+            try:
+                url = await exposure.open()
+            except OSError as exc:
+                raise SandboxError(f"could not listen on {self.config.bind_host} for port {port}'s URL: "
+                                   f"{exc.strerror or exc}") from exc
+            self._exposed[port] = exposure
+            logger.info("sandbox %s: port %d exposed at %s", self.sandbox_id, port, url.split("?")[0])
+            return url
+
+    async def unexpose(self, port: int) -> bool:
+        """Revoke ``port``'s preview URL (see api.unexpose)."""
+        exposure = self._exposed.pop(port, None)
+        if exposure is None:
+            return False
+        await exposure.close()
+        return True
+
+    async def _unexpose_all(self) -> None:
+        for port in list(self._exposed):
+            await self.unexpose(port)
+
+    def _touch(self) -> None:
+        self.last_activity = self._clock()
+
+    async def audit(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The commands run (see api.audit)."""
+        if limit <= 0:
+            raise InvalidRequest(f"limit must be positive, not {limit}")
+        return await asyncio.to_thread(self.audit_log.entries, limit)
+
+    def _audit_path(self, thread_id: str | None) -> Path | None:
+        """The thread's audit trail on the host, beside (not in) its mounted directories."""
+        if thread_id is None or not self.config.thread_mounts:
+            return None
+        return thread_dir(self.config.base_dir, thread_id).parent / "audit.jsonl"
 
 
 def _check_env(env: Mapping[str, str] | None) -> None:

@@ -109,6 +109,8 @@ class SandboxActor:
         self._reported_dead = False
         self._fetched: dict[str, Any] | None = None  # a snapshot image this actor brought to its node
         self._metrics = SandboxMetrics(config.pool_name)
+        self._usage_task: asyncio.Task[None] | None = None
+        self.usage_looks, self.usage_cpu_seconds = 0, 0.0  # what the periodic looks cost this process
 
     async def ping(self) -> str:
         """Answers once the actor is scheduled and running; returns its node id."""
@@ -165,6 +167,7 @@ class SandboxActor:
             started = await self._runtime.start(resume=resume, image=image, restore_from=restore_from)
         if not started.get("started"):
             return started  # owned by another live actor: nothing served here
+        self._watch_usage()
         return {**await self.describe(), "outcome": started.get("outcome"), "start_seconds": started.get("start_seconds")}
 
     async def _fetch_image(self, image: str, source_name: str) -> None:
@@ -201,6 +204,35 @@ class SandboxActor:
                         time.monotonic() - began)
             self._fetched = {**(self._fetched or {}), "checkpoint": path, "checkpoint_bytes": written}
 
+    def _watch_usage(self) -> None:
+        """Look at the sandbox's use every ``usage_interval`` seconds for its metrics (once per
+        sandbox served)."""
+        if self._config.usage_interval > 0 and (self._usage_task is None or self._usage_task.done()):
+            self._usage_task = asyncio.get_running_loop().create_task(self._look_at_usage(self._runtime_or_raise()))
+
+    async def _look_at_usage(self, runtime: SandboxRuntime) -> None:
+        try:
+            while self._runtime is runtime and runtime.dead_reason is None:
+                await asyncio.sleep(self._config.usage_interval)
+                began = time.process_time()
+                try:
+                    used = await runtime.measure(disk=False)
+                except SandboxDied:
+                    return  # stopped, hibernated or dead: nothing to look at any more
+                except SandboxError as exc:  # the engine busy: the next look tells
+                    logger.debug("sandbox %s: no usage look (%s)", runtime.sandbox_id, exc.message)
+                    continue
+                self._metrics.used(runtime.thread_id, runtime.sandbox_id, used)
+                self.usage_looks += 1
+                self.usage_cpu_seconds += time.process_time() - began
+        finally:
+            self._metrics.used(runtime.thread_id, runtime.sandbox_id, None)
+
+    def _stop_watching_usage(self) -> None:
+        if self._usage_task is not None:
+            self._usage_task.cancel()
+            self._usage_task = None
+
     async def hibernate(self, live: bool = False) -> dict[str, Any]:
         """Stop the container, keeping its filesystem (with ``live``, its processes and memory
         too, in a checkpoint); the pool then ends this actor."""
@@ -219,7 +251,8 @@ class SandboxActor:
 
     async def describe(self) -> dict[str, Any]:
         base = {"actor_name": self._name, "node_id": self._node_id, "pid": os.getpid(), "resources": self._resources,
-                "image_fetched": self._fetched}
+                "image_fetched": self._fetched,
+                "usage_looks": {"count": self.usage_looks, "cpu_seconds": round(self.usage_cpu_seconds, 6)}}
         if self._runtime is None:
             return {**base, "sandbox_id": None, "started": False}
         return {**self._runtime.describe(), **base}
@@ -266,6 +299,7 @@ class SandboxActor:
             return True
         if sandbox_id is not None and runtime.sandbox_id != sandbox_id:
             return None
+        self._stop_watching_usage()
         await runtime.stop()
         if recycle:
             self._runtime, self._reported_dead, self._fetched = None, False, None
@@ -321,6 +355,15 @@ class SandboxActor:
     read_bytes = served(api.read_bytes)
     write_file = served(api.write_file)
     list_files = served(api.list_files)
+    usage = served(api.usage)
+    audit = served(api.audit)
+    expose = served(api.expose)
+    unexpose = served(api.unexpose)
+    pty_open = served(api.pty_open)
+    pty_write = served(api.pty_write)
+    pty_resize = served(api.pty_resize)
+    pty_output = served(api.pty_output)
+    pty_close = served(api.pty_close)
 
     async def _streamed(self, op: str, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
         started, runtime = time.monotonic(), self._runtime

@@ -172,11 +172,12 @@ def test_exit_codes_for_no_capacity_and_a_command_that_cannot_run(ray_address, c
 
 def test_usage_errors_and_help(config_file, tmp_path):
     for command in ("up", "status", "exec", "cp", "release", "destroy", "hibernate", "snapshots", "snapshot", "gc",
-                    "down", "build-image", "demo", "bench"):
+                    "down", "build-image", "demo", "bench", "shell", "top", "audit"):
         shown = cli(command, "--help")
         assert shown.returncode == 0 and "usage: sandbox-actors" in shown.stdout, command
     assert cli("exec", "t1").returncode == 2  # nothing to run
     assert cli("destroy").returncode == 2  # neither THREAD nor --id
+    assert cli("audit").returncode == 2 and cli("shell").returncode == 2  # no thread
     bad = tmp_path / "bad.yaml"
     bad.write_text("replica: 3\n")
     broken = cli("status", "--config", str(bad))

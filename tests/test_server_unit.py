@@ -671,3 +671,59 @@ def test_a_live_fork_takes_its_own_token_when_it_listens_again(tmp_path):
         assert not (socket_path.parent / ".token-sha256").exists()
     finally:
         srv.stop()
+
+
+# A process that holds ~80 MB resident for a while and burns ~0.4 s of CPU.
+HOG = ("python3 -c \"import time; held = bytearray(80 * 2**20); held[::4096] = b'x' * len(held[::4096]); "
+       "end = time.process_time() + 0.4\nwhile time.process_time() < end: pass\ntime.sleep(0.2)\"")
+
+
+def test_each_command_result_carries_its_cpu_seconds_and_peak_memory(server):
+    shell = server.shell(HOG)
+    assert shell["exit_code"] == 0
+    assert 0.35 <= shell["cpu_seconds"] < 2.0, shell
+    assert 80 * 2**20 <= shell["peak_memory_bytes"] < 400 * 2**20, shell
+    quick = server.shell("true")  # the session's earlier command is not counted again
+    assert quick["cpu_seconds"] < 0.1 and quick["peak_memory_bytes"] < 80 * 2**20, quick
+    bash = server.post("/v1/bash/exec", {"command": HOG}).json()["data"]
+    assert 0.35 <= bash["cpu_seconds"] < 2.0, bash
+    assert 80 * 2**20 <= bash["peak_memory_bytes"] < 400 * 2**20, bash
+
+
+def _pty_output(server, term_id, offset, until, timeout=10.0):
+    """Read a terminal's events from ``offset`` until ``until`` shows up in what came; returns
+    (everything read, the next offset)."""
+    seen, deadline = b"", time.monotonic() + timeout
+    with server.client.stream("POST", "/v1/pty/output", json={"id": term_id, "offset": offset},
+                              headers={"Accept": "text/event-stream"}, timeout=timeout) as response:
+        assert response.status_code == 200
+        event = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "output":
+                item = __import__("json").loads(line[6:])
+                seen += base64.b64decode(item["data"])
+                offset = item["offset"] + len(base64.b64decode(item["data"]))
+                if until.encode() in seen or time.monotonic() > deadline:
+                    break
+            elif line.startswith("data: ") and event == "exit":
+                break
+    return seen, offset
+
+
+def test_a_terminal_runs_an_interactive_shell_resizes_and_replays(server):
+    term = server.post("/v1/pty/open", {"cols": 100, "rows": 30}).json()["data"]["id"]
+    server.post("/v1/pty/write", {"id": term, "data": "echo hi-$((6*7)); stty size\n"})
+    seen, offset = _pty_output(server, term, 0, "30 100")
+    assert b"hi-42" in seen and b"30 100" in seen
+    assert server.post("/v1/pty/resize", {"id": term, "cols": 120, "rows": 40}).status_code == 200
+    server.post("/v1/pty/write", {"id": term, "data": "stty size\n"})
+    seen, offset = _pty_output(server, term, offset, "40 120")
+    assert b"40 120" in seen
+    replay, _ = _pty_output(server, term, 0, "40 120")  # a client attaching from 0 sees what it missed
+    assert b"hi-42" in replay and b"40 120" in replay
+    assert server.post("/v1/pty/open", {"cols": 0, "rows": 30}).status_code == 422
+    closed = server.post("/v1/pty/close", {"id": term}).json()["data"]
+    assert closed["exit_code"] is not None
+    assert server.post("/v1/pty/write", {"id": term, "data": "x"}).status_code == 404

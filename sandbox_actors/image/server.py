@@ -367,8 +367,78 @@ def kill_descendants(root, spare=(), spare_pgids=()):
             return
 
 
+def kill_group(pid):
+    """SIGKILL a command's process group and every descendant of ``pid``."""
+    kill_descendants(pid)
+    kill_quietly(os.killpg, pid)
+
+
 def exit_code_of(returncode):
     return returncode if returncode >= 0 else 128 - returncode
+
+
+METER_SECONDS = 0.05                  # a running command's processes are measured this often
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name, or None (gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2:].split()
+
+
+class Meter:
+    """A command's CPU seconds and peak memory, as its processes show them. CPU: the ``root``
+    process's own time and that of the children it waited for (utime, stime, cutime, cstime),
+    from when the command began; exact, for what ended by the command's end. Peak memory: the
+    most the command's processes (``root``'s descendants, those in ``known`` left out, and
+    ``root`` itself when ``own``) held resident at once, sampled every METER_SECONDS: a command
+    shorter than that may show 0."""
+
+    def __init__(self, root, known=(), own=False):
+        self.root, self.known, self.own = root, set(known), own
+        self.start_ticks = self._ticks() if not own else 0
+        self.last_ticks = self.start_ticks
+        self.peak = 0
+        self.next_sample = time.monotonic() + METER_SECONDS
+
+    def _ticks(self):
+        fields = _stat_fields(self.root)
+        return self.last_ticks if fields is None else sum(int(f) for f in fields[11:15])
+
+    def wait_ms(self, now):
+        return max(0.0, self.next_sample - now) * 1000
+
+    def sample(self, now, ticks=False):
+        """Measure when due: the root's CPU and the resident memory of the tree (with ``ticks``,
+        the root's CPU every time: a root about to be reaped shows its last figures)."""
+        if ticks:
+            self.last_ticks = self._ticks()
+        if now < self.next_sample:
+            return
+        self.next_sample = now + METER_SECONDS
+        self.last_ticks = self._ticks()
+        table = proc_table()
+        pids = descendants(self.root, table, skip=self.known) + ([self.root] if self.own else [])
+        resident = 0
+        for pid in pids:
+            fields = _stat_fields(pid)
+            if fields is not None and len(fields) > 21:
+                resident += int(fields[21]) * _PAGE
+        self.peak = max(self.peak, resident)
+
+    def ended(self):
+        """Read the root's CPU once more (it may be a zombie: its figures are final then)."""
+        self.last_ticks = self._ticks()
+
+    def figures(self):
+        return {"cpu_seconds": round((self.last_ticks - self.start_ticks) / _TICKS, 3),
+                "peak_memory_bytes": self.peak}
 
 
 def write_all(fd, data):
@@ -484,14 +554,16 @@ class ShellSession:
             # Background jobs from earlier commands (and what they spawn later) survive a
             # timeout of this command.
             known = set(descendants(self.proc.pid))
+            meter = Meter(self.proc.pid, known)  # before the command: its CPU from here
             try:
                 write_all(self.proc.stdin.fileno(), script)
             except OSError:  # bash died between calls (e.g. killed from outside): start over once
                 self.discard()
                 self._ensure_started()
                 known = set()
+                meter = Meter(self.proc.pid, known)
                 write_all(self.proc.stdin.fileno(), script)
-            return SessionRead(self, token, hard_timeout, idle_timeout, known, on_output, client).run()
+            return SessionRead(self, token, hard_timeout, idle_timeout, meter, on_output, client).run()
 
 
 class SessionRead:
@@ -499,14 +571,15 @@ class SessionRead:
     ``on_output`` as it comes, and kills the command's new processes when a limit passes or
     the client hangs up. A session whose sentinel never comes (or whose bash ends) is discarded."""
 
-    def __init__(self, session, token, hard_timeout, idle_timeout, known, on_output=None, client=None):
+    def __init__(self, session, token, hard_timeout, idle_timeout, meter, on_output=None, client=None):
         self.session, self.proc = session, session.proc
         self.marker = token.encode() + b":"   # no newline of ours before it: output keeps its own
-        self.hard_timeout, self.idle_timeout, self.known = hard_timeout, idle_timeout, known
+        self.hard_timeout, self.idle_timeout, self.known = hard_timeout, idle_timeout, meter.known
         self.buf, self.pending = BoundedBuffer(session.cfg.max_output), b""
         self.on_output, self.gone, self.client = on_output, False, client
         self.status, self.exit_code, self.reset, self.kill_deadline = "completed", None, False, None
         self.start = self.last_output = time.monotonic()
+        self.meter = meter
 
     def emit(self, data):
         self.buf.feed(data)
@@ -525,6 +598,7 @@ class SessionRead:
             poller.register(client_fd, select.POLLIN)
         while not self._enforce(time.monotonic()):
             held = self.pending and self.marker not in self.pending
+            self.meter.sample(time.monotonic())
             ready = {f for f, _ in poller.poll(self._wait_ms(time.monotonic(), held))}
             if client_fd in ready:
                 poller.unregister(client_fd)
@@ -538,7 +612,10 @@ class SessionRead:
                 break
         self.emit(self.pending)
         exit_code = self.exit_code if self.status == "completed" else None
-        return {"status": self.status, "output": self.buf.text(), "exit_code": exit_code, "reset": self.reset}
+        if not self.reset:
+            self.meter.ended()
+        return {"status": self.status, "output": self.buf.text(), "exit_code": exit_code, "reset": self.reset,
+                **self.meter.figures()}
 
     def _enforce(self, now):
         """Kill the command once a limit passes; True when the session must go (the sentinel
@@ -567,7 +644,8 @@ class SessionRead:
         waits = [d - now for d in deadlines if d is not None]
         if held:   # see _take: a held-back tail goes out once nothing follows it at once
             waits.append(HOLD_BACK_SECONDS)
-        return None if not waits else max(0, min(waits)) * 1000
+        waits.append(self.meter.wait_ms(now) / 1000)
+        return max(0, min(waits)) * 1000
 
     def _take(self, chunk):
         """Take a read; True when the command is done (its sentinel came, or bash exited)."""
@@ -732,18 +810,19 @@ def run_bash(command, env, cwd, hard_timeout, cap, registry, run_as, client=None
         poller.register(client_fd, select.POLLIN)
     deadline = time.monotonic() + hard_timeout if hard_timeout else None
     timed_out, exited_at, terminated = False, None, False
+    meter = Meter(proc.pid, own=True)
     try:
         while bufs:
             now = time.monotonic()
             if deadline is not None and not timed_out and now >= deadline:
                 timed_out = True
-                kill_descendants(proc.pid)
-                kill_quietly(os.killpg, proc.pid)
-            if exited_at is None and proc.poll() is not None:
-                exited_at = now
+                kill_group(proc.pid)
+            if exited_at is None:
+                meter.sample(now, ticks=True)  # before poll() reaps it: a zombie's figures are its last
+                exited_at = now if proc.poll() is not None else None
             # Background jobs may keep the pipes open after bash exits: drain what is
             # immediately available, then stop waiting for an EOF that may never come.
-            wait = 0.1 if exited_at is None else 0.2
+            wait = min(0.1, meter.wait_ms(now) / 1000) if exited_at is None else 0.2
             if deadline is not None and not timed_out:
                 wait = min(wait, max(0.0, deadline - now))
             events = poller.poll(wait * 1000)
@@ -757,8 +836,7 @@ def run_bash(command, env, cwd, hard_timeout, cap, registry, run_as, client=None
                     client_fd = None
                     if hung_up(client) and not timed_out:
                         timed_out = terminated = True
-                        kill_descendants(proc.pid)
-                        kill_quietly(os.killpg, proc.pid)
+                        kill_group(proc.pid)
                     continue
                 chunk = os.read(fd, READ_SIZE)
                 if chunk:
@@ -770,19 +848,19 @@ def run_bash(command, env, cwd, hard_timeout, cap, registry, run_as, client=None
                             on_output = None
                             if not timed_out:
                                 timed_out = terminated = True
-                                kill_descendants(proc.pid)
-                                kill_quietly(os.killpg, proc.pid)
+                                kill_group(proc.pid)
                 else:
                     poller.unregister(fd)
                     del bufs[fd]
         # Both pipes closed, but the process may still run (it closed its own stdout).
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if proc.returncode is None:
+            meter.ended()
         try:
             returncode = proc.wait(timeout=remaining)
         except subprocess.TimeoutExpired:
             timed_out = True
-            kill_descendants(proc.pid)
-            kill_quietly(os.killpg, proc.pid)
+            kill_group(proc.pid)
             returncode = proc.wait()
     finally:
         if proc.poll() is None:   # the request failed half-way: don't leak the process
@@ -792,7 +870,7 @@ def run_bash(command, env, cwd, hard_timeout, cap, registry, run_as, client=None
         proc.stderr.close()
     exit_code = None if timed_out else exit_code_of(returncode)
     status = "terminated" if terminated else "timed_out" if timed_out else "completed"
-    return status, out_buf.text(), err_buf.text(), exit_code
+    return status, out_buf.text(), err_buf.text(), exit_code, meter.figures()
 
 
 # --------------------------------------------------------------------------- files
@@ -871,6 +949,92 @@ def list_entries(root, recursive, max_depth, show_hidden, file_types):
 
 # --------------------------------------------------------------------------- application
 
+PTY_REPLAY_BYTES = 64 * 1024           # what a terminal keeps of its output, replayed on attach
+PTY_MAX_OPEN = 16
+
+
+class Terminal:
+    """An interactive shell on a pseudo-terminal: its output kept (the last PTY_REPLAY_BYTES),
+    counted from 0 since it began, read by any number of clients from any offset."""
+
+    def __init__(self, term_id, cfg, cols, rows):
+        import fcntl
+        import termios
+        self.id = term_id
+        master, slave = os.openpty()
+        fcntl.ioctl(master, termios.TIOCSWINSZ, _winsize(cols, rows))
+        env = command_env(cfg, {"TERM": "xterm-256color"})
+        try:
+            # setsid -c: a session of its own whose controlling terminal is this one (job control, ^C).
+            self.proc = subprocess.Popen(["setsid", "-c", "bash", "--noprofile", "--norc", "-i"], stdin=slave,
+                                         stdout=slave, stderr=slave, cwd=cfg.home, env=env, close_fds=True,
+                                         **cfg.run_as.popen_kwargs())
+        finally:
+            os.close(slave)
+        self.master = master
+        self.kept = bytearray()
+        self.total = 0                 # bytes of output since it began; kept holds the last ones
+        self.ended = None              # exit code once the shell has ended
+        self.changed = threading.Condition()
+        threading.Thread(target=self._read, name=f"pty-{term_id}", daemon=True).start()
+
+    def _read(self):
+        while True:
+            try:
+                data = os.read(self.master, READ_SIZE)
+            except OSError:            # EIO: every process on the terminal has ended
+                data = b""
+            with self.changed:
+                if not data:
+                    self.ended = exit_code_of(self.proc.wait())
+                    self.changed.notify_all()
+                    return
+                self.kept += data
+                del self.kept[:max(0, len(self.kept) - PTY_REPLAY_BYTES)]
+                self.total += len(data)
+                self.changed.notify_all()
+
+    def output(self, offset, wait):
+        """(offset of the bytes returned, the bytes) from ``offset`` on (from the oldest kept,
+        when ``offset`` is older), waiting up to ``wait`` seconds for some; and the exit code
+        once the shell has ended and all was read."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.total > offset or self.ended is not None, timeout=wait)
+            start = max(offset, self.total - len(self.kept))
+            data = bytes(self.kept[len(self.kept) - (self.total - start):]) if self.total > start else b""
+            return start, data, (self.ended if self.total <= start + len(data) else None)
+
+    def write(self, data):
+        if self.ended is not None:
+            raise ApiError(409, f"terminal {self.id} has ended (exit code {self.ended})")
+        write_all(self.master, data)
+
+    def resize(self, cols, rows):
+        import fcntl
+        import termios
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, _winsize(cols, rows))  # the kernel sends SIGWINCH
+
+    def close(self):
+        if self.ended is None:
+            kill_descendants(self.proc.pid)
+            kill_quietly(os.killpg, self.proc.pid)
+            kill_quietly(os.kill, self.proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=2)
+        with self.changed:
+            self.changed.wait_for(lambda: self.ended is not None, timeout=2)
+        with contextlib.suppress(OSError):
+            os.close(self.master)
+        return self.ended
+
+
+def _winsize(cols, rows):
+    import struct
+    if not (0 < cols < 10000 and 0 < rows < 10000):
+        raise ApiError(422, f"a terminal's size must be 1-9999 columns and rows, not {cols}x{rows}")
+    return struct.pack("HHHH", rows, cols, 0, 0)
+
+
 class App:
     """The endpoint implementations; the HTTP handler only does transport."""
 
@@ -879,6 +1043,7 @@ class App:
         self.registry = ChildRegistry()
         self.sessions = SessionManager(cfg, self.registry)
         self.jobs = JobTable(cfg, self.registry)
+        self.terminals = {}
         self.info = self._build_info()
 
     def _build_info(self):
@@ -956,6 +1121,7 @@ class App:
             message += "; shell session was reset"
         return ok({"session_id": session_id, "command": command, "status": result["status"],
                    "output": output, "exit_code": result["exit_code"], "limits_hit": limits_hit(before),
+                   "cpu_seconds": result["cpu_seconds"], "peak_memory_bytes": result["peak_memory_bytes"],
                    "console": [{"ps1": "$ ", "command": command, "output": output}]}, message)
 
     def _shell_stream(self, session, command, exec_dir, hard, idle, request, before):
@@ -978,7 +1144,8 @@ class App:
                 request.send_event("output", {"output": tail})
             request.send_event("result", {"session_id": session.id, "command": command, "status": result["status"],
                                           "exit_code": result["exit_code"], "reset": result["reset"],
-                                          "limits_hit": limits_hit(before)})
+                                          "limits_hit": limits_hit(before), "cpu_seconds": result["cpu_seconds"],
+                                          "peak_memory_bytes": result["peak_memory_bytes"]})
         return STREAMED
 
     def shell_view(self, body):
@@ -1049,7 +1216,7 @@ class App:
                     request.send_event("output", {"stream": name, "output": text})
             on_output = stream_output
         try:
-            status, out, err, code = run_bash(command, env, cwd, hard or timeout,
+            status, out, err, code, figures = run_bash(command, env, cwd, hard or timeout,
                                               self.cfg.max_output, self.registry, self.cfg.run_as,
                                               client=client, on_output=on_output)
         except OSError as exc:
@@ -1064,12 +1231,12 @@ class App:
                     if tail:
                         request.send_event("output", {"stream": name, "output": tail})
                 request.send_event("result", {"session_id": session_id, "command": command, "status": status,
-                                              "exit_code": code, "limits_hit": limits_hit(before)})
+                                              "exit_code": code, "limits_hit": limits_hit(before), **figures})
             return STREAMED
         out, err = middle_truncate(out, max_len), middle_truncate(err, max_len)
         return ok({"session_id": session_id, "command_id": new_id(), "command": command,
                    "status": status, "stdout": out, "stderr": err, "exit_code": code,
-                   "offset": len(out), "stderr_offset": len(err), "limits_hit": limits_hit(before)},
+                   "offset": len(out), "stderr_offset": len(err), "limits_hit": limits_hit(before), **figures},
                   "ok" if status == "completed" else "command timed out and was killed")
 
     def file_read(self, body):
@@ -1168,7 +1335,67 @@ class App:
         return ok({"path": path, "files": files, "total_count": len(files),
                    "directory_count": dirs, "file_count": len(files) - dirs})
 
+    def _terminal(self, body):
+        term = self.terminals.get(get_field(body, "id", "str", required=True))
+        if term is None:
+            raise ApiError(404, f"no terminal {body.get('id')!r} (it was closed, or the sandbox restarted)")
+        return term
+
+    def pty_open(self, body):
+        """A new terminal of ``cols`` x ``rows`` running an interactive bash."""
+        cols, rows = get_field(body, "cols", "int", default=80), get_field(body, "rows", "int", default=24)
+        open_now = [t for t in self.terminals.values() if t.ended is None]
+        if len(open_now) >= PTY_MAX_OPEN:
+            raise ApiError(429, f"{PTY_MAX_OPEN} terminals are open in this sandbox; close one first")
+        term_id = get_field(body, "id", "str") or new_id()
+        if term_id in self.terminals:
+            raise ApiError(409, f"terminal {term_id!r} exists already")
+        try:
+            self.terminals[term_id] = Terminal(term_id, self.cfg, cols, rows)
+        except OSError as exc:
+            raise spawn_failed(exc) from exc
+        return ok({"id": term_id, "cols": cols, "rows": rows})
+
+    def pty_write(self, body):
+        data = get_field(body, "data", "str", required=True)
+        raw = data.encode("utf-8", "surrogateescape")
+        self._terminal(body).write(raw)
+        return ok({"written": len(raw)})
+
+    def pty_resize(self, body):
+        self._terminal(body).resize(get_field(body, "cols", "int", required=True),
+                                    get_field(body, "rows", "int", required=True))
+        return ok({})
+
+    def pty_close(self, body):
+        term = self._terminal(body)
+        code = term.close()
+        self.terminals.pop(term.id, None)
+        return ok({"exit_code": code})
+
+    def pty_output(self, body, request=None):
+        """The terminal's output from ``offset`` (the oldest kept when older: the last 64 KB
+        replayed), as events 'output' {"offset", "data" (base64)} as it comes, then 'exit'
+        {"exit_code"} when the shell ends; until then, until the client hangs up."""
+        import base64
+        term = self._terminal(body)
+        offset = get_field(body, "offset", "int", default=0)
+        request.start_events()
+        while True:
+            start, data, ended = term.output(offset, wait=1.0)
+            if data:
+                request.send_event("output", {"offset": start, "data": base64.b64encode(data).decode()})
+                request.wfile.flush()
+                offset = start + len(data)
+            if ended is not None:
+                request.send_event("exit", {"exit_code": ended})
+                return STREAMED
+            if not data and hung_up(request.connection):
+                return STREAMED
+
     def shutdown(self):
+        for term in list(self.terminals.values()):
+            term.close()
         self.jobs.kill_all()
         self.sessions.kill_all()
         self.registry.kill_all()
@@ -1189,10 +1416,16 @@ ROUTES = {
     "/v1/file/write": {"POST": "file_write"},
     "/v1/file/list": {"POST": "file_list"},
     "/v1/file/download": {"GET": "download"},
+    "/v1/tunnel": {"GET": "tunnel"},
+    "/v1/pty/open": {"POST": "pty_open"},
+    "/v1/pty/write": {"POST": "pty_write"},
+    "/v1/pty/resize": {"POST": "pty_resize"},
+    "/v1/pty/output": {"POST": "pty_output"},
+    "/v1/pty/close": {"POST": "pty_close"},
 }
 
 
-TAKES_REQUEST = {"shell_exec", "bash_exec"}   # these watch the client: a hang-up kills the command
+TAKES_REQUEST = {"shell_exec", "bash_exec", "pty_output"}   # these watch the client (a hang-up ends them)
 STREAMED = object()                             # the reply went out as events already
 
 
@@ -1250,6 +1483,9 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if name == "upload":
                 self._send_json(200, self._upload(app, parse_qs(url.query)))
+                return
+            if name == "tunnel":
+                self._tunnel(parse_qs(url.query))
                 return
             body = self._read_json() if method == "POST" else {}
             extra = {"request": self} if name in TAKES_REQUEST else {}
@@ -1377,6 +1613,31 @@ class Handler(BaseHTTPRequestHandler):
                 os.replace(part, path)
         return ok({"path": path, "size": offset + length, "final": final})
 
+    def _tunnel(self, query):
+        """``GET /v1/tunnel?port=N`` with ``Upgrade: tcp``: this connection becomes a byte pipe
+        to port N on the sandbox's loopback (a preview URL's way in: the host end checks its
+        own token first). 502 when nothing listens there."""
+        try:
+            port = int((query.get("port") or [""])[0])
+        except ValueError:
+            raise ApiError(422, "port must be a number") from None
+        if not 0 < port < 65536:
+            raise ApiError(422, f"port must be 1-65535, not {port}")
+        if self.headers.get("Upgrade", "").lower() != "tcp":
+            raise ApiError(400, "a tunnel needs the header Upgrade: tcp")
+        try:
+            inner = socket.create_connection(("127.0.0.1", port), timeout=5)
+        except OSError as exc:
+            raise ApiError(502, f"nothing answers on port {port} in the sandbox ({exc.strerror or exc})") from None
+        inner.settimeout(None)
+        self.send_response_only(101)
+        self.send_header("Upgrade", "tcp")
+        self.send_header("Connection", "Upgrade")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        pipe_both_ways(self.connection, inner)
+
     def _send_error(self, status, message, data=None):
         if self._headers_done:   # a streamed download failed half-way: just drop the connection
             self.close_connection = True
@@ -1418,6 +1679,28 @@ class Handler(BaseHTTPRequestHandler):
                 sent += len(chunk)
             if sent < size:   # file shrank under us; the client sees a short body
                 self.close_connection = True
+
+
+def pipe_both_ways(outer, inner):
+    """Copy bytes between two sockets until both directions end. (The tunnel's client sends
+    nothing after its request until it has the 101: nothing of it waits in a read buffer.)"""
+    def copy(source, target):
+        try:
+            while True:
+                data = source.recv(READ_SIZE)
+                if not data:
+                    break
+                target.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
+
+    back = threading.Thread(target=copy, args=(inner, outer), daemon=True)
+    back.start()
+    copy(outer, inner)
+    back.join()
+    inner.close()
 
 
 def content_disposition(name):
