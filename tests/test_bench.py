@@ -52,6 +52,9 @@ def test_bench_tiny_writes_every_figure(image, tmp_path, docker_client):
     assert 0 < figures["checkpoint_idle_mb"] < figures["checkpoint_200mb_mb"]
     assert figures["checkpoint_200mb_mb"] > 150  # 200 MB of random bytes cannot shrink much
     assert figures["live_fork_burst"]["ok"] == 3 and figures["live_fork_burst"]["clean_ratio"] > 0
+    looked = figures["usage_look"]  # what watching a sandbox's use costs
+    assert looked["looks"] >= 4 and looked["actor_cpu_ms"] > 0 and looked["engine_cpu_ms"] > 0
+    assert looked["cpu_ms_per_s_per_sandbox"] == round((looked["actor_cpu_ms"] + looked["engine_cpu_ms"]) / 15, 3)
     judged = {target["figure"] for target in figures["targets"]}
     assert judged >= {"cold", "resume", "burst", "burst_repeat", "fork_burst", "arrivals_2", "rollouts_2",
                       "spare_idle_cpu_ms_per_s", "actor_uss_mb", "exec_actor", "warm", "hot", "prewarmed",

@@ -63,6 +63,9 @@ while True:
 """
 
 
+USAGE_LOOK_EVERY = 0.25  # the usage stage's actors look this often (the default is 15 s)
+
+
 @dataclass(frozen=True)
 class Stage:
     """A pool of its own (``config``), what is measured on it (``measure(pool, address)``), and
@@ -164,6 +167,9 @@ class Bench:
                   config("bench-rollouts", replicas=top + 2, thread_mounts=False),
                   lambda pool, _: self.rollout_run(pool), ("rollout",)),
         ]
+        stages.append(Stage("usage", "the cost of looking at each sandbox's use (box.usage, top, its metrics)",
+                            config("bench-usage", usage_interval=USAGE_LOOK_EVERY, thread_mounts=False),
+                            lambda pool, _: self.usage_cost(pool)))
         if self.scale:
             stages.append(Stage("scale", f"{self.scale} sandboxes held at once", config("bench-scale"),
                                 lambda pool, _: self.scale_run(pool)))
@@ -748,6 +754,51 @@ class Bench:
             self.say(f"concurrency {concurrency}: {got['per_s']:.2f} rollouts/s, acquire p50 {got['acquire_p50']:.0f} "
                      f"ms, exec p50 {got['exec_p50']:.1f} ms")
         pool.remove_snapshot(snapshot)
+
+    def usage_cost(self, pool: Any) -> None:
+        """What a look at a sandbox's use costs: in its actor (the periodic looks behind its
+        metrics, counted by the actor itself) and in the engine (dockerd, containerd and the
+        shims, over looks made straight through the engine, nothing else asking it meanwhile);
+        and what that is per sandbox per second at the default ``usage_interval``."""
+        import psutil
+        import ray
+
+        from backends import DockerBackend
+        from sandbox_actors.config import SandboxConfig
+
+        boxes = [pool.acquire(f"usage-{i}") for i in range(2)]
+        seconds = 3.0 if self.n <= 3 else 10.0
+        time.sleep(seconds)  # the actors look every USAGE_LOOK_EVERY seconds meanwhile
+        looks, actor_cpu = 0, 0.0
+        for box in boxes:
+            counted = ray.get(box.actor.describe.remote(), timeout=30)["usage_looks"]
+            looks, actor_cpu = looks + counted["count"], actor_cpu + counted["cpu_seconds"]
+        if looks == 0:
+            self.fail("usage: no sandbox actor looked at its sandbox's use")
+            return
+        engine = [p for p in psutil.process_iter(["name"]) if p.info["name"] in ("dockerd", "containerd")
+                  or (p.info["name"] or "").startswith("containerd-shim")]
+        backend, record = DockerBackend(pool.config.pool_name), boxes[0].info
+        try:
+            before = sum(sum(p.cpu_times()[:2]) for p in engine)
+            mine = time.process_time()
+            calls = 20 if self.n <= 3 else 100
+            seen = None
+            for _ in range(calls):
+                seen = asyncio.run(backend.usage(record["sandbox_id"], record["container_id"], since=seen, disk=False))
+            engine_ms = (sum(sum(p.cpu_times()[:2]) for p in engine) - before) / calls * 1000
+            client_ms = (time.process_time() - mine) / calls * 1000
+        finally:
+            asyncio.run(backend.close())
+        actor_ms, engine_ms = round(actor_cpu / looks * 1000, 2), round(engine_ms, 2)
+        interval = SandboxConfig.model_fields["usage_interval"].default
+        self.results["usage_look"] = {
+            "looks": looks, "actor_cpu_ms": actor_ms, "engine_cpu_ms": engine_ms,
+            "client_cpu_ms_direct": round(client_ms, 2), "usage_interval_default_s": interval,
+            "cpu_ms_per_s_per_sandbox": round((actor_ms + engine_ms) / interval, 3)}
+        self.say(f"usage: a look costs {actor_ms:.2f} ms of its actor's CPU and {engine_ms:.2f} ms of the engine's; "
+                 f"every {interval:.0f} s (the default), {(actor_ms + engine_ms) / interval:.3f} ms of CPU per second "
+                 "per sandbox")
 
     def scale_run(self, pool: Any) -> None:
         started = time.perf_counter()
