@@ -14,7 +14,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any, BinaryIO, Protocol
 
-from backends.sandbox_api import BashResult, CommandView, ShellResult
+from backends.sandbox_api import BashResult, CommandView, ShellResult, TerminalExit
 
 from . import api, raycalls
 from .api import AsyncCall, AsyncStream, SyncCall, SyncStream
@@ -170,7 +170,7 @@ class SandboxHandle:
         try:
             for ref in generator:
                 item = self._wait(ref)
-                finished = isinstance(item, (ShellResult, BashResult))
+                finished = isinstance(item, (ShellResult, BashResult, TerminalExit))
                 yield item
         finally:
             if not finished:
@@ -261,7 +261,7 @@ class AsyncSandboxHandle:
         try:
             async for ref in generator:
                 item = await self._await(ref)
-                finished = isinstance(item, (ShellResult, BashResult))
+                finished = isinstance(item, (ShellResult, BashResult, TerminalExit))
                 yield item
         finally:
             if not finished:

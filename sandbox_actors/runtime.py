@@ -638,9 +638,9 @@ class SandboxRuntime:
         except SandboxUnreachable as exc:
             # Gone, or only slow? Ask the engine. If the engine does not answer
             # either, that is BackendUnavailable, never "dead". (Cut by a live snapshot: alive.)
-            if self._stopping:  # cut by a hibernation (a live one quiets the server first)
-                raise SandboxDied(f"sandbox {self.sandbox_id} was hibernated meanwhile; acquire the thread again "
-                                  "to resume it") from exc
+            if self._stopping:  # cut by a hibernation (a live one quiets the server first) or a destroy
+                raise SandboxDied(f"sandbox {self.sandbox_id} was hibernated or destroyed meanwhile; acquire the "
+                                  "thread again") from exc
             if not self._serving.is_set() or await self._still_running():
                 raise
             self.dead_reason = "its container stopped"

@@ -727,3 +727,48 @@ def test_a_terminal_runs_an_interactive_shell_resizes_and_replays(server):
     closed = server.post("/v1/pty/close", {"id": term}).json()["data"]
     assert closed["exit_code"] is not None
     assert server.post("/v1/pty/write", {"id": term, "data": "x"}).status_code == 404
+
+
+def test_a_preview_url_tunnels_to_a_port_behind_the_server_with_its_token_only(server, tmp_path):
+    """backends.preview.Exposure against the server (here on the host, its 'sandbox' this machine's
+    loopback): the token in the URL or a header reaches the port; none, a wrong one, nothing
+    listening, or a closed exposure, does not."""
+    import http.server
+
+    from backends.preview import Exposure
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("behind the tunnel\n")
+    seen = []
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path / "site"), **kwargs)
+
+        def log_message(self, format, *args):
+            seen.append(self.path)
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+
+    async def body():
+        exposure = Exposure(server.url, TOKEN, site.server_address[1])
+        url = await exposure.open()
+        async with httpx.AsyncClient(timeout=10) as client:
+            assert (await client.get(url)).text == "behind the tunnel\n"
+            bare = url.split("?")[0] + "index.html?keep=1"
+            assert (await client.get(bare, headers={"X-Sandbox-Token": exposure.token})).status_code == 200
+            assert (await client.get(bare)).status_code == 401
+            assert (await client.get(bare + "&sandbox_token=wrong")).status_code == 401
+            nothing = Exposure(server.url, TOKEN, _free_port())
+            assert (await client.get(await nothing.open())).status_code == 502
+            await nothing.close()
+            await exposure.close()
+            with pytest.raises(httpx.TransportError):
+                await client.get(url)
+
+    try:
+        asyncio.run(body())
+    finally:
+        site.shutdown()
+    assert "/index.html?keep=1" in seen and not any("sandbox_token" in path for path in seen)  # never forwarded

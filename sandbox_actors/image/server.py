@@ -979,6 +979,8 @@ class Terminal:
         threading.Thread(target=self._read, name=f"pty-{term_id}", daemon=True).start()
 
     def _read(self):
+        """Keep what the terminal prints; at its end, its exit code (and its master closed here,
+        by the one thread that reads it: never under a read, never twice)."""
         while True:
             try:
                 data = os.read(self.master, READ_SIZE)
@@ -987,6 +989,7 @@ class Terminal:
             with self.changed:
                 if not data:
                     self.ended = exit_code_of(self.proc.wait())
+                    os.close(self.master)
                     self.changed.notify_all()
                     return
                 self.kept += data
@@ -1005,14 +1008,19 @@ class Terminal:
             return start, data, (self.ended if self.total <= start + len(data) else None)
 
     def write(self, data):
-        if self.ended is not None:
-            raise ApiError(409, f"terminal {self.id} has ended (exit code {self.ended})")
-        write_all(self.master, data)
+        with self.changed:             # the master stays open meanwhile
+            if self.ended is not None:
+                raise ApiError(409, f"terminal {self.id} has ended (exit code {self.ended})")
+            write_all(self.master, data)
 
     def resize(self, cols, rows):
         import fcntl
         import termios
-        fcntl.ioctl(self.master, termios.TIOCSWINSZ, _winsize(cols, rows))  # the kernel sends SIGWINCH
+        size = _winsize(cols, rows)
+        with self.changed:
+            if self.ended is not None:
+                raise ApiError(409, f"terminal {self.id} has ended (exit code {self.ended})")
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)  # the kernel sends SIGWINCH
 
     def close(self):
         if self.ended is None:
@@ -1021,10 +1029,8 @@ class Terminal:
             kill_quietly(os.kill, self.proc.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=2)
-        with self.changed:
+        with self.changed:             # the reader closes the master as it sees the end
             self.changed.wait_for(lambda: self.ended is not None, timeout=2)
-        with contextlib.suppress(OSError):
-            os.close(self.master)
         return self.ended
 
 
@@ -1350,6 +1356,8 @@ class App:
         term_id = get_field(body, "id", "str") or new_id()
         if term_id in self.terminals:
             raise ApiError(409, f"terminal {term_id!r} exists already")
+        for ended in [t.id for t in self.terminals.values() if t.ended is not None][:-PTY_MAX_OPEN]:
+            del self.terminals[ended]  # the oldest ended ones (their replay) go
         try:
             self.terminals[term_id] = Terminal(term_id, self.cfg, cols, rows)
         except OSError as exc:
