@@ -281,6 +281,18 @@ class Backend(abc.ABC):
         """
         raise self._cannot("usage")
 
+    async def egress_gateway(self, pool: str) -> str:
+        """Where the pool's egress proxy listens on this host (network.allow_domains)."""
+        raise self._cannot("egress by domain")
+
+    async def route_egress(self, pool: str, port: int, extra_blocked: Iterable[str] = ()) -> None:
+        """Send the pool's sandboxes to its egress proxy's ``port`` (their DNS and their TCP)."""
+        raise self._cannot("egress by domain")
+
+    async def addresses(self, pool: str) -> dict[str, tuple[str, str | None]]:
+        """The pool's containers here by network address: (sandbox id, thread id)."""
+        raise self._cannot("egress by domain")
+
     async def sweep_tasks(self) -> int:
         """End what the engine's runtime kept of containers the engine no longer has (after live
         checkpoints cut short by a kill, a task and its process can outlive their container)."""

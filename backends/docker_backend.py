@@ -57,6 +57,7 @@ from .base import (
     SandboxRecord,
     SandboxSpec,
     Usage,
+    decode_label_value,
     encode_label_value,
 )
 from .engine import connect, engine_errors
@@ -404,6 +405,9 @@ class DockerBackend(Backend):
         port published on ``bind_host``) and its network: the container's options for both."""
         network = self._network_for(spec.pool)
         options: dict[str, Any] = {"network_mode": "none"} if network is None else {"network": network}
+        if network is not None and self.policy.domains:
+            # Names are resolved by the pool's egress proxy on the gateway (allowed ones only).
+            options["dns"] = [self.network(spec.pool).gateway()]
         if api.socket_path:
             host_dir = self._socket_dir_for(spec)
             mounts.append(docker.types.Mount(target=os.path.dirname(api.socket_path), source=host_dir, type="bind"))
@@ -629,6 +633,38 @@ class DockerBackend(Backend):
                 "run Ray on the engine's own host, or set network.enforce: false"
             )
         return {"network": name, "bridge": network.bridge if name else None, "enforced": self.policy.needs_rules}
+
+    async def egress_gateway(self, pool: str) -> str:
+        """Where the pool's egress proxy listens on this host: its network's gateway."""
+        return await asyncio.to_thread(self.network(pool).gateway)
+
+    async def route_egress(self, pool: str, port: int, extra_blocked: Iterable[str] = ()) -> None:
+        """Send the pool's sandboxes to its egress proxy on ``port`` of the gateway (their DNS
+        there, and their TCP to the gateway redirected to it), and let them reach nothing else
+        of this host (the rules rewritten; ``extra_blocked`` as :meth:`prepare` takes it)."""
+        def _route() -> None:
+            network = self.network(pool)
+            network.proxy = (network.gateway(), port)
+            network.ensure(tuple(extra_blocked), refresh=True)
+
+        await asyncio.to_thread(_route)
+
+    async def addresses(self, pool: str) -> dict[str, tuple[str, str | None]]:
+        """The pool's containers here by their address on its network: (sandbox id, thread id)."""
+        def _addresses() -> dict[str, tuple[str, str | None]]:
+            name = self.network(pool).name
+            with engine_errors("list containers"):
+                found = self._docker().api.containers(filters={"label": f"{LABEL_POOL}={pool}"})
+            owners: dict[str, tuple[str, str | None]] = {}
+            for summary in found:
+                labels = summary.get("Labels") or {}
+                address = (((summary.get("NetworkSettings") or {}).get("Networks") or {}).get(name) or {}).get(
+                    "IPAddress")
+                if address and labels.get(LABEL_SANDBOX_ID):
+                    owners[address] = (labels[LABEL_SANDBOX_ID], decode_label_value(labels.get(LABEL_THREAD_ID, "")))
+            return owners
+
+        return await asyncio.to_thread(_addresses)
 
     def _try_image_api(self, image: str | None) -> ImageAPI | None:
         if not image:

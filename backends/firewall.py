@@ -95,6 +95,8 @@ class NetworkPolicy:
         egress: 'open' (anything but the always-blocked), 'allowlist' (only
             ``allow``) or 'none' (no network at all).
         allow: with 'allowlist': ``CIDR[:PORT[/udp]]`` entries.
+        domains: with 'allowlist': names reached through the pool's egress proxy (which the
+            rules let the sandboxes reach, on the gateway: its DNS and its proxy port).
         blocked: extra IPv4 CIDRs refused even with open egress.
         enforce: False runs without any rule of ours (the host cannot enforce,
             or isolation is someone else's job); sandboxes can then reach the host.
@@ -104,6 +106,7 @@ class NetworkPolicy:
     allow: tuple[str, ...] = ()
     blocked: tuple[str, ...] = ()
     enforce: bool = True
+    domains: tuple[str, ...] = ()  # names reached through the pool's egress proxy (backends.egress)
 
     @property
     def networked(self) -> bool:
@@ -115,7 +118,7 @@ class NetworkPolicy:
 
     def describe(self) -> dict[str, object]:
         return {"egress": self.egress, "allow": list(self.allow), "blocked": list(self.blocked),
-                "enforced": self.enforce}
+                "enforced": self.enforce, **({"domains": list(self.domains)} if self.domains else {})}
 
 
 def chains(tag: str) -> tuple[str, str]:
@@ -123,13 +126,25 @@ def chains(tag: str) -> tuple[str, str]:
     return f"{CHAIN_PREFIX}{tag}-IN", f"{CHAIN_PREFIX}{tag}-FW"
 
 
-def plan_rules(tag: str, policy: NetworkPolicy, extra_blocked: Iterable[str] = ()) -> list[list[str]]:
-    """The rules of our two chains, as ``iptables -A`` argument lists (pure; unit-tested)."""
+def nat_chain(tag: str) -> str:
+    """The nat chain of a pool whose sandboxes reach names through its egress proxy."""
+    return f"{CHAIN_PREFIX}{tag}-NAT"
+
+
+def plan_rules(tag: str, policy: NetworkPolicy, extra_blocked: Iterable[str] = (),
+               proxy: tuple[str, int] | None = None) -> list[list[str]]:
+    """The rules of our two chains, as ``iptables -A`` argument lists (pure; unit-tested). With
+    ``proxy`` (the egress proxy's gateway address and port), the sandboxes may reach it and its
+    DNS there, and nothing else of the host."""
     chain_in, chain_fw = chains(tag)
     comment = ["-m", "comment", "--comment", f"{COMMENT_PREFIX}{tag}"]
     replies = ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"]
-    rules = [
-        [chain_in, *replies],
+    rules = [[chain_in, *replies]]
+    if proxy is not None:
+        gateway, port = proxy
+        rules += [[chain_in, "-d", gateway, "-p", proto, "--dport", "53", "-j", "RETURN"] for proto in ("udp", "tcp")]
+        rules.append([chain_in, "-d", gateway, "-p", "tcp", "--dport", str(port), "-j", "RETURN"])
+    rules += [
         [chain_in, *comment, *REJECT],  # the host itself, on every address it has
         [chain_fw, *replies],
     ]
@@ -145,9 +160,18 @@ def plan_rules(tag: str, policy: NetworkPolicy, extra_blocked: Iterable[str] = (
     return rules
 
 
-def restore_script(tag: str, rules: list[list[str]]) -> str:
+def plan_redirect(tag: str, proxy: tuple[str, int]) -> list[list[str]]:
+    """The nat rule that sends a sandbox's TCP to the gateway (where DNS sent it for an allowed
+    name) to the egress proxy's port, whatever port it asked for (the proxy reads which)."""
+    gateway, port = proxy
+    return [[nat_chain(tag), "-d", gateway, "-p", "tcp", "!", "--dport", "53", "-j", "REDIRECT",
+             "--to-ports", str(port)]]
+
+
+def restore_script(tag: str, rules: list[list[str]], table: str = "filter") -> str:
     """An ``iptables-restore --noflush`` input that (re)creates and fills exactly our chains."""
-    lines = ["*filter", *(f":{chain} - [0:0]" for chain in chains(tag))]
+    names = chains(tag) if table == "filter" else (nat_chain(tag),)
+    lines = [f"*{table}", *(f":{chain} - [0:0]" for chain in names)]
     for rule in rules:
         chain, *spec = rule
         lines.append(" ".join(["-A", chain, *(_quote(word) for word in spec)]))
@@ -254,20 +278,32 @@ class Firewall:
         forward = "DOCKER-USER" if ("-N", "DOCKER-USER") in rules else "FORWARD"
         return all(("-A", chain, *rule) in rules for chain, rule in self._jumps(forward))
 
-    def install(self, policy: NetworkPolicy, extra_blocked: Iterable[str] = (), replace: bool = True) -> bool:
+    def install(self, policy: NetworkPolicy, extra_blocked: Iterable[str] = (), replace: bool = True,
+                proxy: tuple[str, int] | None = None) -> bool:
         """Put our rules in place (idempotent). With ``replace`` False, rules already installed are
-        left as they are (a SandboxActor checks; the node's reaper refreshes). Returns True when
+        left as they are (a SandboxActor checks; the node's reaper refreshes). With ``proxy``
+        (address, port), the sandboxes' way to the pool's egress proxy too. Returns True when
         it changed anything."""
         with self._locked():
             if not replace and self.installed():
                 return False
-            self._iptables("--noflush", stdin=restore_script(self.tag, plan_rules(self.tag, policy, extra_blocked)),
-                           program="iptables-restore")
+            rules = plan_rules(self.tag, policy, extra_blocked, proxy)
+            self._iptables("--noflush", stdin=restore_script(self.tag, rules), program="iptables-restore")
             for chain, rule in self._jumps():
                 if self._iptables("-C", chain, *rule, check=False).returncode != 0:
                     # First in the chain: the host's own ACCEPT rules (ufw, firewalld) come after ours.
                     self._iptables("-I", chain, "1", *rule)
+            if proxy is not None:
+                self._iptables("--noflush", stdin=restore_script(self.tag, plan_redirect(self.tag, proxy), "nat"),
+                               program="iptables-restore")
+                jump = self._nat_jump()
+                if self._iptables("-t", "nat", "-C", "PREROUTING", *jump, check=False).returncode != 0:
+                    self._iptables("-t", "nat", "-I", "PREROUTING", "1", *jump)
             return True
+
+    def _nat_jump(self) -> list[str]:
+        return ["-i", self.bridge, "-m", "comment", "--comment", f"{COMMENT_PREFIX}{self.tag}", "-j",
+                nat_chain(self.tag)]
 
     def remove(self) -> bool:
         """Delete our jumps and chains (idempotent). Returns True when something was removed."""
@@ -281,6 +317,12 @@ class Firewall:
                     self._iptables("-F", chain)
                     self._iptables("-X", chain)
                     removed = True
+            while self._iptables("-t", "nat", "-D", "PREROUTING", *self._nat_jump(), check=False).returncode == 0:
+                removed = True
+            if self._iptables("-t", "nat", "-S", nat_chain(self.tag), check=False).returncode == 0:
+                self._iptables("-t", "nat", "-F", nat_chain(self.tag))
+                self._iptables("-t", "nat", "-X", nat_chain(self.tag))
+                removed = True
         return removed
 
     @staticmethod

@@ -25,7 +25,7 @@ import docker.errors
 
 from .base import LABEL_POOL, LABEL_PROJECT, PROJECT
 from .engine import engine_errors
-from .errors import IsolationUnavailable
+from .errors import IsolationUnavailable, SandboxStartError
 from .firewall import Firewall, NetworkPolicy
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class PoolNetwork:
         self.firewall = Firewall(self.tag, self.bridge, lock_path)
         self._lock = threading.Lock()  # one ensure at a time in this process
         self._labels = dict(labels or {})
+        self.proxy: tuple[str, int] | None = None  # the pool's egress proxy here (gateway, port), when it has one
+        self._gateway: str | None = None
 
     def ensure(self, extra_blocked: Iterable[str] = (), refresh: bool = False) -> str | None:
         """The network's name, after making sure it and its rules exist; None when the policy
@@ -90,7 +92,7 @@ class PoolNetwork:
 
     def _ensure(self, extra_blocked: Iterable[str], refresh: bool) -> str:
         if self.policy.enforce:
-            self.firewall.install(self.policy, extra_blocked, replace=refresh)
+            self.firewall.install(self.policy, extra_blocked, replace=refresh, proxy=self.proxy)
         network = self._get()
         if network is not None and self._icc(network) != self._wanted_icc():
             if network.attrs.get("Containers"):
@@ -104,6 +106,21 @@ class PoolNetwork:
         if network is None:
             self._create()
         return self.name
+
+    def gateway(self) -> str:
+        """The network's gateway address on this host (where the pool's egress proxy listens).
+
+        Raises:
+            SandboxStartError: the network does not exist (yet).
+        """
+        if self._gateway is None:
+            network = self._get()
+            configs = ((network.attrs.get("IPAM") or {}).get("Config") or []) if network is not None else []
+            gateway = next((c.get("Gateway") for c in configs if c.get("Gateway")), None)
+            if gateway is None:
+                raise SandboxStartError(f"network {self.name} of pool {self.pool!r} has no gateway (is it there?)")
+            self._gateway = gateway
+        return self._gateway
 
     def exists(self) -> bool:
         """Whether the policy needs no network, or the network is there."""

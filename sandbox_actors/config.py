@@ -10,6 +10,7 @@ build it in Python (``SandboxConfig(replicas=5)``).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from pydantic import (
 )
 
 from backends.base import Capability
+from backends.egress import EgressRules, Secret, name_allowed
 from backends.firewall import AllowRule, NetworkPolicy, parse_ipv4_network
 from backends.network import MAX_SOCKET_DIR
 
@@ -77,6 +79,23 @@ class LimitsConfig(_Closed):
         return value
 
 
+class SecretSource(_Closed):
+    """Where an injected header's value is read on the host: one of ``env`` and ``file``."""
+
+    env: str | None = Field(default=None, description="an environment variable of the node's Ray processes")
+    file: str | None = Field(default=None, description="a file on the node (its content, stripped)")
+
+    @model_validator(mode="after")
+    def _one(self) -> SecretSource:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("a secret is {env: NAME} or {file: PATH}, one of them")
+        return self
+
+
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.?$",
+                     re.IGNORECASE)
+
+
 class NetworkConfig(_Closed):
     """What a pool's sandboxes may reach over the network."""
 
@@ -94,6 +113,40 @@ class NetworkConfig(_Closed):
         default=True,
         description="Install the isolation rules (iptables; needs root). False runs sandboxes without them.",
     )
+    allow_domains: tuple[str, ...] = Field(
+        default=(), description="With egress 'allowlist': host names reachable through the pool's egress proxy "
+        "(HTTP by Host, HTTPS by SNI, DNS answered only for these), exact or '*.suffix'.",
+    )
+    inject: dict[str, dict[str, SecretSource]] = Field(
+        default_factory=dict, description="Headers the egress proxy adds to plain-HTTP requests for a domain "
+        "(name or '*.suffix'): {DOMAIN: {HEADER: {env: NAME} or {file: PATH}}}, read on the host.",
+    )
+    hosts: dict[str, str] = Field(
+        default_factory=dict, description="Names the egress proxy resolves to these IPv4 addresses "
+        "('ADDRESS' or 'ADDRESS:PORT') instead of by DNS.",
+    )
+
+    @field_validator("allow_domains")
+    @classmethod
+    def _domains(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            name = entry[2:] if entry.startswith("*.") else entry
+            if not _DOMAIN.match(name):
+                raise ValueError(f"{entry!r} is not a host name or '*.suffix' (e.g. api.github.com, *.openai.com)")
+        return tuple(entry.lower().rstrip(".") for entry in value)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, target in value.items():
+            address, _, port = target.partition(":")
+            try:
+                ipaddress.IPv4Address(address)
+            except ValueError:
+                raise ValueError(f"hosts: {name!r} -> {target!r} is not ADDRESS or ADDRESS:PORT (IPv4)") from None
+            if port and not (port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"hosts: {name!r} -> {target!r}: the port must be 1-65535")
+        return value
 
     @field_validator("allow")
     @classmethod
@@ -109,14 +162,30 @@ class NetworkConfig(_Closed):
 
     @model_validator(mode="after")
     def _allow_needs_allowlist(self) -> NetworkConfig:
-        if self.egress == "allowlist" and not self.allow:
-            raise ValueError("egress 'allowlist' needs at least one `allow` entry")
-        if self.allow and self.egress != "allowlist":
-            raise ValueError("`allow` is used only with egress 'allowlist'")
+        if self.egress == "allowlist" and not (self.allow or self.allow_domains):
+            raise ValueError("egress 'allowlist' needs at least one `allow` or `allow_domains` entry")
+        if (self.allow or self.allow_domains) and self.egress != "allowlist":
+            raise ValueError("`allow` and `allow_domains` are used only with egress 'allowlist'")
+        if self.allow_domains and not self.enforce:
+            raise ValueError("`allow_domains` needs network.enforce (the rules send a sandbox's traffic to the proxy)")
+        for domain in self.inject:
+            if domain.lower() not in self.allow_domains and not name_allowed(domain, self.allow_domains):
+                raise ValueError(f"inject: {domain!r} is not in allow_domains (headers go only to allowed domains)")
         return self
 
     def policy(self) -> NetworkPolicy:
-        return NetworkPolicy(self.egress, self.allow, self.blocked, self.enforce)
+        return NetworkPolicy(self.egress, self.allow, self.blocked, self.enforce, self.allow_domains)
+
+    def egress_rules(self) -> EgressRules:
+        """What the pool's egress proxy lets through and adds (see backends.egress)."""
+        return EgressRules(
+            allow=self.allow_domains,
+            inject={domain: {header: Secret(env=source.env, file=source.file) for header, source in headers.items()}
+                    for domain, headers in self.inject.items()},
+            hosts={name.lower(): address for name, address in self.hosts.items()},
+        )
+
+
 
 
 

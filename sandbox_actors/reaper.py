@@ -23,6 +23,7 @@ from backends.errors import BackendUnavailable, SandboxError
 from . import checkpoints, raycalls
 from .actorconfig import ActorConfig
 from .config import SandboxConfig
+from .outbound import Outbound
 from .runtime import make_backend, read_owner
 from .threads import checkpoint_dir
 
@@ -46,6 +47,7 @@ class NodeReaper:
         self._closing = threading.Event()
         self._preparing = asyncio.Lock()  # a teardown waits for a prepare under way, never races it
         self._tasks_swept_at = 0.0
+        self._outbound = Outbound(config, self._backend)
 
     async def identity(self) -> tuple[str, str]:
         """(engine id, Ray node id)."""
@@ -65,6 +67,8 @@ class NodeReaper:
                 self._pool, image=config.image, runtime=config.runtime, limits=self._limits,
                 extra_blocked=cluster_addresses,
             )
+            if config.network.allow_domains:  # its sandboxes reach names through its proxy here
+                found = {**found, **await self._outbound.ensure(cluster_addresses)}
             await self._backend.sweep_rules()
         self._watch()
         return {**found, "node_id": self._node_id}
@@ -115,6 +119,7 @@ class NodeReaper:
         """Remove the pool's network, rules and socket directories here (once its containers are gone)."""
         self._closing.set()
         async with self._preparing:
+            await self._outbound.close()
             removed = await self._backend.teardown(self._pool)
         await self._sweep_tasks()
         return removed

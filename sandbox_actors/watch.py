@@ -86,6 +86,16 @@ def render_audit(entries: list[dict[str, Any]]) -> str:
     lines = []
     for entry in entries:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.get("at", 0)))
+        if entry.get("kind") == "egress":
+            verdict = "allowed" if entry.get("allowed") else "REFUSED"
+            where = entry.get("host") or "?"
+            if entry.get("via") != "dns":
+                where += f":{entry.get('port')}"
+            moved = (f", {_size(entry.get('bytes_out'))} out, {_size(entry.get('bytes_in'))} in"
+                     if entry.get("via") != "dns" else "")
+            headers = f", headers added: {', '.join(entry['injected'])}" if entry.get("injected") else ""
+            lines.append(f"{when}  {'egress':<11}  {verdict:<18}  {entry.get('via', '?'):>8}  {where}{moved}{headers}")
+            continue
         if "error" in entry:
             ended = f"error {entry['error']}"
         else:

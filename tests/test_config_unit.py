@@ -228,3 +228,27 @@ def test_a_pool_s_actors_are_told_from_those_of_a_pool_whose_name_extends_its_ow
     assert named_by(sandbox_actor_prefix(first), ours) and named_by(sandbox_actor_prefix(second), theirs)
     assert not named_by(sandbox_actor_prefix(first), theirs)
     assert not named_by(reaper_prefix(first), f"{reaper_prefix(second)}0123456789abcdef")
+
+
+@pytest.mark.parametrize("network, said", [
+    ({"egress": "open", "allow_domains": ["a.test"]}, "only with egress 'allowlist'"),
+    ({"egress": "allowlist", "allow_domains": ["not a name"]}, "is not a host name"),
+    ({"egress": "allowlist", "allow_domains": ["a.test"], "enforce": False}, "needs network.enforce"),
+    ({"egress": "allowlist", "allow_domains": ["a.test"], "inject": {"b.test": {"X": {"env": "T"}}}},
+     "not in allow_domains"),
+    ({"egress": "allowlist", "allow_domains": ["a.test"], "inject": {"a.test": {"X": {}}}}, "one of them"),
+    ({"egress": "allowlist", "allow_domains": ["a.test"], "hosts": {"a.test": "somewhere"}}, "ADDRESS:PORT"),
+])
+def test_egress_by_domain_is_checked_as_it_is_read(network, said):
+    with pytest.raises(ConfigError, match=said):
+        load_config({"network": network})
+
+
+def test_egress_by_domain_gives_the_proxy_its_rules():
+    config = load_config({"network": {"egress": "allowlist", "allow_domains": ["API.GitHub.com", "*.openai.com"],
+                                      "inject": {"api.github.com": {"Authorization": {"env": "GH_TOKEN"}}},
+                                      "hosts": {"Internal.test": "10.1.2.3:8080"}}})
+    assert config.network.policy().domains == ("api.github.com", "*.openai.com")
+    rules = config.network.egress_rules()
+    assert rules.allow == ("api.github.com", "*.openai.com") and rules.resolve("internal.test", 80) == ("10.1.2.3", 8080)
+    assert rules.inject["api.github.com"]["Authorization"].env == "GH_TOKEN"

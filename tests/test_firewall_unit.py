@@ -15,6 +15,8 @@ from backends.firewall import (
     Firewall,
     NetworkPolicy,
     chains,
+    nat_chain,
+    plan_redirect,
     plan_rules,
     restore_script,
 )
@@ -43,6 +45,22 @@ def test_allowlist_returns_only_what_is_listed_then_refuses_the_rest():
     # Always-blocked addresses come before anything allowed: an allow-list cannot reopen metadata.
     assert forward.index("-d 169.254.0.0/16 -m comment --comment sandbox-actors:abc -j REJECT --reject-with "
                          "icmp-admin-prohibited") < forward.index("-d 10.5.0.0/24 -j RETURN")
+
+
+def test_domains_reach_only_the_proxy_and_its_dns_on_the_gateway():
+    policy = NetworkPolicy(egress="allowlist", domains=("allowed.test",))
+    rules = plan_rules("abc", policy, proxy=("172.30.0.1", 41000))
+    chain_in, chain_fw = chains("abc")
+    inbound = [" ".join(rule[1:]) for rule in rules if rule[0] == chain_in]
+    assert inbound[1:4] == ["-d 172.30.0.1 -p udp --dport 53 -j RETURN", "-d 172.30.0.1 -p tcp --dport 53 -j RETURN",
+                            "-d 172.30.0.1 -p tcp --dport 41000 -j RETURN"]
+    assert inbound[-1].endswith("REJECT --reject-with icmp-admin-prohibited")  # and nothing else of the host
+    forward = [" ".join(rule[1:]) for rule in rules if rule[0] == chain_fw]
+    assert not any("RETURN" in rule and "-d" in rule for rule in forward)  # nothing by address
+    assert forward[-1].endswith("REJECT --reject-with icmp-admin-prohibited")
+    [redirect] = plan_redirect("abc", ("172.30.0.1", 41000))
+    assert " ".join(redirect) == f"{nat_chain('abc')} -d 172.30.0.1 -p tcp ! --dport 53 -j REDIRECT --to-ports 41000"
+    assert restore_script("abc", [redirect], "nat").splitlines()[:2] == ["*nat", f":{nat_chain('abc')} - [0:0]"]
 
 
 def test_restore_script_names_only_our_chains():
@@ -117,3 +135,25 @@ def test_a_missing_jump_is_noticed_and_put_back_by_a_check():
     finally:
         firewall.remove()
     assert _ours(tag) == []
+
+
+def test_the_route_to_an_egress_proxy_is_installed_and_removed_with_the_rest():
+    tag = uuid.uuid4().hex[:10]
+    firewall = Firewall(tag, f"sbx-{tag}")
+
+    def nat() -> list[str]:
+        listed = subprocess.run(["iptables", "-w", "10", "-t", "nat", "-S"], capture_output=True, text=True,
+                                check=False).stdout
+        return [line for line in listed.splitlines() if tag in line]
+
+    try:
+        policy = NetworkPolicy(egress="allowlist", domains=("allowed.test",))
+        assert firewall.install(policy, proxy=("172.30.9.1", 41000))
+        assert firewall.install(policy, proxy=("172.30.9.1", 41001))  # a new proxy's port: replaced, not added
+        rules = nat()
+        assert sum(1 for line in rules if line.startswith("-A PREROUTING")) == 1
+        assert [line for line in rules if "REDIRECT" in line] == [
+            f"-A {nat_chain(tag)} -d 172.30.9.1/32 -p tcp -m tcp ! --dport 53 -j REDIRECT --to-ports 41001"]
+    finally:
+        assert firewall.remove()
+    assert nat() == [] and _ours(tag) == []

@@ -1,0 +1,85 @@
+"""A pool's egress proxy on one node, run by the node's reaper: it starts the proxy on the pool
+network's gateway, routes the sandboxes to it, and writes what each sandbox reached or was
+refused into that sandbox's audit trail (see :mod:`backends.egress` and :mod:`.audit`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from backends.base import Backend
+from backends.egress import EgressProxy
+from backends.errors import IsolationUnavailable, SandboxError
+
+from .audit import AuditLog
+from .config import SandboxConfig
+from .threads import thread_dir
+
+logger = logging.getLogger(__name__)
+
+_LOOKUP_EVERY = 1.0  # an unknown source address looks the pool's containers up again at most this often
+
+
+class Outbound:
+    """The pool's egress proxy here, while the reaper lives."""
+
+    def __init__(self, config: SandboxConfig, backend: Backend) -> None:
+        self._config, self._backend, self._pool = config, backend, config.pool_name
+        self.proxy: EgressProxy | None = None
+        self._owners: dict[str, tuple[str, str | None]] = {}
+        self._looked_at = 0.0
+        self._writing: set[asyncio.Task[None]] = set()
+
+    async def ensure(self, cluster_addresses: list[str]) -> dict[str, Any]:
+        """The proxy running and the sandboxes routed to it (idempotent: the rules are refreshed).
+
+        Raises:
+            IsolationUnavailable: it cannot listen on the gateway, or the backend cannot route.
+        """
+        if self.proxy is None:
+            gateway = await self._backend.egress_gateway(self._pool)
+            proxy = EgressProxy(self._config.network.egress_rules(), gateway, self._log)
+            try:
+                await proxy.start(dns_port=53)
+            except OSError as exc:
+                raise IsolationUnavailable(f"the egress proxy of pool {self._pool!r} cannot listen on {gateway} "
+                                           f"(port 53 for its DNS): {exc.strerror or exc}") from exc
+            self.proxy = proxy
+            logger.info("pool %s: egress proxy on %s (DNS :53, proxy :%d) for %s", self._pool, gateway,
+                        proxy.proxy_port, ", ".join(self._config.network.allow_domains))
+        await self._backend.route_egress(self._pool, self.proxy.proxy_port, cluster_addresses)
+        return {"egress_proxy": f"{self.proxy.address}:{self.proxy.proxy_port}"}
+
+    async def close(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.close()
+            self.proxy = None
+        if self._writing:
+            await asyncio.gather(*self._writing, return_exceptions=True)
+
+    def _log(self, source: str, entry: dict[str, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self._record(source, entry))
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    async def _record(self, source: str, entry: dict[str, Any]) -> None:
+        """Into the audit trail of the sandbox at ``source`` (logged here too when it is unknown)."""
+        owner = self._owners.get(source)
+        if owner is None and time.monotonic() - self._looked_at > _LOOKUP_EVERY:
+            self._looked_at = time.monotonic()
+            try:
+                self._owners = await self._backend.addresses(self._pool)
+            except SandboxError as exc:
+                logger.info("egress from %s not attributed (%s)", source, exc.message)
+            owner = self._owners.get(source)
+        verdict = "allowed" if entry.get("allowed") else "refused"
+        logger.info("pool %s: egress %s %s:%s from %s (%s)", self._pool, verdict, entry.get("host"),
+                    entry.get("port", 53), owner[0] if owner else source, entry.get("kind"))
+        if owner is None or owner[1] is None or not self._config.thread_mounts:
+            return  # an anonymous sandbox's trail lives with its actor only
+        path = thread_dir(self._config.base_dir, owner[1]).parent / "audit.jsonl"
+        record = {"at": round(time.time(), 3), "kind": "egress", "via": entry.get("protocol") or entry.get("kind"),
+                  **{k: v for k, v in entry.items() if k not in ("kind", "protocol")}}
+        await asyncio.to_thread(AuditLog(path).add, record)

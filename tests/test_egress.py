@@ -1,0 +1,82 @@
+"""Egress by domain on real sandboxes: with `allow_domains: [allowed.test]` a sandbox reaches
+allowed.test's server, which sees the header the proxy adds from a file on the host (no file or
+process in the sandbox holds it), and not refused.test's; the audit lists both attempts.
+The "domains" are servers this test starts on this machine, named through the sandbox's
+resolver (the pool's proxy answers it) and mapped to them by `network.hosts`."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+
+import sandbox_actors
+from tests.conftest import assert_no_actors_left
+
+SECRET = "sk-kept-on-the-host-7d41c0"
+FETCH = ("python3 -c \"import urllib.request, sys\ntry:\n print(urllib.request.urlopen('http://{name}/', timeout=10)"
+         ".read().decode())\nexcept Exception as exc:\n print('FAILED', type(exc).__name__, exc); sys.exit(3)\"")
+
+
+def _server(name: str, seen: list) -> http.server.ThreadingHTTPServer:
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append(dict(self.headers))
+            body = f"hello from {name}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_sandbox_reaches_only_allowed_domains_with_headers_added_outside_and_audited(ray_address, config, tmp_path):
+    allowed_seen, refused_seen = [], []
+    allowed, refused = _server("allowed.test", allowed_seen), _server("refused.test", refused_seen)
+    secret = tmp_path / "api-key"
+    secret.write_text(SECRET + "\n")
+    cfg = config.model_copy(update={"network": type(config.network).model_validate({
+        "egress": "allowlist", "allow_domains": ["allowed.test"],
+        "inject": {"allowed.test": {"X-Api-Key": {"file": str(secret)}}},
+        "hosts": {"allowed.test": f"127.0.0.1:{allowed.server_address[1]}",
+                  "refused.test": f"127.0.0.1:{refused.server_address[1]}"},
+    })})
+    client = sandbox_actors.connect(cfg)
+    try:
+        box = client.acquire("egress")
+        reached = box.exec(FETCH.format(name="allowed.test"))
+        assert reached.exit_code == 0 and reached.output.strip() == "hello from allowed.test", reached.output
+        assert [h.get("X-Api-Key") for h in allowed_seen] == [SECRET]  # added on the way, outside
+
+        blocked = box.exec(FETCH.format(name="refused.test"))
+        assert blocked.exit_code == 3 and "FAILED" in blocked.output  # its name does not even resolve
+        # Named by address with the refused name in its Host header: the proxy refuses it too.
+        gateway = box.exec("python3 -c \"import socket; print(socket.gethostbyname('allowed.test'))\"").output.strip()
+        forged = box.exec(f"python3 -c \"import http.client as h; c = h.HTTPConnection('{gateway}', 80, timeout=10); "
+                          "c.request('GET', '/', headers={'Host': 'refused.test'}); print(c.getresponse().status)\"")
+        assert forged.output.strip() == "403"
+        assert refused_seen == []
+
+        # The secret is nowhere in the sandbox: no file, no process's environment.
+        looked = box.exec(f"grep -rls {SECRET} /etc /tmp /root /home /mnt /opt /proc/[0-9]*/environ 2>/dev/null; "
+                          "echo done")
+        assert looked.output.strip() == "done", looked.output
+
+        trail = [e for e in box.audit() if e["kind"] == "egress"]
+        seen = {(e["host"], e["via"], e["allowed"]) for e in trail}
+        assert ("allowed.test", "dns", True) in seen and ("allowed.test", "http", True) in seen, trail
+        assert ("refused.test", "dns", False) in seen and ("refused.test", "http", False) in seen, trail
+        fetched = next(e for e in trail if e["host"] == "allowed.test" and e["via"] == "http")
+        assert fetched["injected"] == ["X-Api-Key"] and fetched["bytes_in"] > 0
+        assert SECRET not in json.dumps(trail)
+    finally:
+        client.shutdown()
+        allowed.shutdown()
+        refused.shutdown()
+    assert_no_actors_left(cfg.pool_name)

@@ -1,0 +1,125 @@
+"""The egress proxy's own logic, on this machine's loopback (no container): names allowed
+exactly or by suffix, DNS answered for allowed names only, HTTP by Host with headers injected
+from the host, TLS by SNI, everything else refused, and each attempt logged."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import socket
+import ssl
+import struct
+import threading
+
+import pytest
+
+from backends.egress import (
+    EgressProxy,
+    EgressRules,
+    Secret,
+    dns_answer,
+    dns_question,
+    http_host,
+    name_allowed,
+    tls_server_name,
+)
+
+
+def test_names_are_allowed_exactly_or_under_a_suffix():
+    patterns = ["api.github.com", "*.openai.com"]
+    assert name_allowed("api.github.com", patterns) and name_allowed("API.GitHub.com.", patterns)
+    assert name_allowed("api.openai.com", patterns) and name_allowed("a.b.openai.com", patterns)
+    assert not name_allowed("openai.com", patterns) and not name_allowed("github.com", patterns)
+    assert not name_allowed("evilopenai.com", patterns) and not name_allowed("api.github.com.evil", patterns)
+
+
+def _query(name: str, qtype: int = 1, ident: int = 0x1234) -> bytes:
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split("."))
+    return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + labels + b"\0" + struct.pack("!HH", qtype, 1)
+
+
+def test_dns_answers_an_allowed_name_with_the_proxy_and_refuses_others():
+    assert dns_question(_query("allowed.test"))[1:3] == ("allowed.test", 1)
+    reply = dns_answer(_query("allowed.test"), "10.9.0.1")
+    ident, flags, _, answers = struct.unpack("!HHHH", reply[:8])
+    assert ident == 0x1234 and flags & 0x000F == 0 and answers == 1 and reply.endswith(socket.inet_aton("10.9.0.1"))
+    refused = dns_answer(_query("refused.test"), None)
+    assert struct.unpack("!H", refused[2:4])[0] & 0x000F == 3  # NXDOMAIN
+    assert struct.unpack("!H", dns_answer(_query("allowed.test", qtype=28), "10.9.0.1")[6:8])[0] == 0  # no AAAA
+
+
+def test_what_a_connection_names():
+    assert http_host(b"GET / HTTP/1.1\r\nHost: allowed.test:8080\r\n\r\n") == ("allowed.test", 8080)
+    assert http_host(b"GET / HTTP/1.1\r\nhost: allowed.test\r\n\r\n") == ("allowed.test", None)
+    assert http_host(b"GET / HTTP/1.1\r\n\r\n") is None
+    # A real ClientHello, as Python's ssl writes it.
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="api.github.com")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    assert tls_server_name(outgoing.read()) == "api.github.com"
+    assert tls_server_name(b"GET / HTTP/1.1\r\n") is None
+
+
+def test_the_proxy_lets_allowed_names_through_with_headers_from_the_host_and_logs_every_attempt(tmp_path):
+    seen: list[dict] = []
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append(dict(self.headers))
+            body = b"hello from allowed.test\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format, *args):
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    port = upstream.server_address[1]
+    secret = tmp_path / "token"
+    secret.write_text("ghp_kept_on_the_host\n")
+    rules = EgressRules(allow=("allowed.test",), inject={"allowed.test": {"Authorization": Secret(file=str(secret))}},
+                        hosts={"allowed.test": "127.0.0.1", "refused.test": "127.0.0.1"})
+    log: list[tuple[str, dict]] = []
+
+    async def body():
+        proxy = EgressProxy(rules, "127.0.0.1", lambda source, entry: log.append((source, entry)))
+        await proxy.start(dns_port=0)
+        try:
+            async def get(host: str) -> bytes:
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy.proxy_port)
+                writer.write(f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: forged\r\n"
+                             "Connection: close\r\n\r\n".encode())
+                answer = await reader.read()
+                writer.close()
+                return answer
+
+            allowed = await get("allowed.test")
+            refused = await get("refused.test")
+            loop = asyncio.get_running_loop()
+            dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            dns.setblocking(False)
+            await loop.sock_connect(dns, ("127.0.0.1", proxy.dns_port))
+            await loop.sock_sendall(dns, _query("refused.test"))
+            nx = await asyncio.wait_for(loop.sock_recv(dns, 512), 5)
+            dns.close()
+            return allowed, refused, nx
+        finally:
+            await proxy.close()
+
+    try:
+        allowed, refused, nx = asyncio.run(body())
+    finally:
+        upstream.shutdown()
+    assert allowed.startswith(b"HTTP/1.0 200") and allowed.endswith(b"hello from allowed.test\n")
+    assert refused.startswith(b"HTTP/1.1 403")
+    assert struct.unpack("!H", nx[2:4])[0] & 0x000F == 3
+    assert [h.get("Authorization") for h in seen] == ["ghp_kept_on_the_host"]  # the forged one replaced
+    entries = {(e["kind"], e["host"], e["allowed"]) for _, e in log}
+    assert entries == {("connect", "allowed.test", True), ("connect", "refused.test", False),
+                       ("dns", "refused.test", False)}
+    done = next(e for _, e in log if e["host"] == "allowed.test")
+    assert done["injected"] == ["Authorization"] and done["bytes_in"] > 0 and done["port"] == port
