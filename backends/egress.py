@@ -169,11 +169,15 @@ class Secret:
 @dataclass
 class EgressRules:
     """What the proxy lets through: ``allow`` (names), ``inject`` (per name or ``*.suffix``:
-    header -> Secret), ``hosts`` (names resolved here to these addresses instead of by DNS)."""
+    header -> Secret), ``hosts`` (names resolved here to these addresses instead of by DNS),
+    ``refused`` (networks an allowed name may not resolve to by DNS: what the sandboxes' own
+    rules refuse, so a name cannot open the way there; ``hosts`` entries are the operator's
+    choice and are not checked)."""
 
     allow: tuple[str, ...]
     inject: Mapping[str, Mapping[str, Secret]] = field(default_factory=dict)
     hosts: Mapping[str, str] = field(default_factory=dict)
+    refused: tuple[str, ...] = ("169.254.0.0/16", "127.0.0.0/8", "0.0.0.0/8", "224.0.0.0/4")
 
     def headers_for(self, name: str) -> dict[str, str]:
         found: dict[str, str] = {}
@@ -187,7 +191,11 @@ class EgressRules:
         port, when it gives one), else what DNS says here."""
         given = self.hosts.get(name.lower())
         if given is None:
-            return socket.gethostbyname(name), port
+            address = socket.gethostbyname(name)
+            found = ipaddress.ip_address(address)
+            if any(found in ipaddress.ip_network(network, strict=False) for network in self.refused):
+                raise LookupError(f"{name} resolves to {address}, which sandboxes may not reach")
+            return address, port
         address, _, fixed = given.partition(":")
         return address, int(fixed) if fixed else port
 
@@ -239,7 +247,16 @@ class EgressProxy:
             head = first
             tls = first[:1] == b"\x16"
             if tls:
-                name = tls_server_name(first)
+                # The whole first record (a ClientHello may span several segments).
+                wanted = 5 + struct.unpack("!H", head[3:5])[0] if len(head) >= 5 else 5
+                while len(head) < min(wanted, _HEAD_LIMIT):
+                    more = await asyncio.wait_for(reader.read(_HEAD_LIMIT), _HEAD_SECONDS)
+                    if not more:
+                        break
+                    head += more
+                    if len(head) >= 5:
+                        wanted = 5 + struct.unpack("!H", head[3:5])[0]
+                name = tls_server_name(head)
                 port = port or 443
             else:
                 while b"\r\n\r\n" not in head and len(head) < _HEAD_LIMIT:

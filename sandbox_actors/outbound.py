@@ -19,9 +19,6 @@ from .threads import thread_dir
 
 logger = logging.getLogger(__name__)
 
-_LOOKUP_EVERY = 1.0  # an unknown source address looks the pool's containers up again at most this often
-
-
 class Outbound:
     """The pool's egress proxy here, while the reaper lives."""
 
@@ -29,7 +26,7 @@ class Outbound:
         self._config, self._backend, self._pool = config, backend, config.pool_name
         self.proxy: EgressProxy | None = None
         self._owners: dict[str, tuple[str, str | None]] = {}
-        self._looked_at = 0.0
+        self._looking: asyncio.Task[dict[str, tuple[str, str | None]]] | None = None
         self._writing: set[asyncio.Task[None]] = set()
 
     async def ensure(self, cluster_addresses: list[str]) -> dict[str, Any]:
@@ -38,9 +35,15 @@ class Outbound:
         Raises:
             IsolationUnavailable: it cannot listen on the gateway, or the backend cannot route.
         """
-        if self.proxy is None:
+        rules = self._config.network.egress_rules()
+        # An allowed name must not lead where the sandboxes' own rules refuse: the cluster's nodes
+        # and the pool's blocked networks besides what is always refused.
+        rules.refused = (*rules.refused, *self._config.network.blocked, *cluster_addresses, *_own_addresses())
+        if self.proxy is not None:
+            self.proxy.rules = rules
+        else:
             gateway = await self._backend.egress_gateway(self._pool)
-            proxy = EgressProxy(self._config.network.egress_rules(), gateway, self._log)
+            proxy = EgressProxy(rules, gateway, self._log)
             try:
                 await proxy.start(dns_port=53)
             except OSError as exc:
@@ -67,10 +70,11 @@ class Outbound:
     async def _record(self, source: str, entry: dict[str, Any]) -> None:
         """Into the audit trail of the sandbox at ``source`` (logged here too when it is unknown)."""
         owner = self._owners.get(source)
-        if owner is None and time.monotonic() - self._looked_at > _LOOKUP_EVERY:
-            self._looked_at = time.monotonic()
+        if owner is None:  # a sandbox new here: look again (one look for all who wait on it)
+            if self._looking is None or self._looking.done():
+                self._looking = asyncio.get_running_loop().create_task(self._backend.addresses(self._pool))
             try:
-                self._owners = await self._backend.addresses(self._pool)
+                self._owners = await asyncio.shield(self._looking)
             except SandboxError as exc:
                 logger.info("egress from %s not attributed (%s)", source, exc.message)
             owner = self._owners.get(source)
@@ -83,3 +87,22 @@ class Outbound:
         record = {"at": round(time.time(), 3), "kind": "egress", "via": entry.get("protocol") or entry.get("kind"),
                   **{k: v for k, v in entry.items() if k not in ("kind", "protocol")}}
         await asyncio.to_thread(AuditLog(path).add, record)
+
+
+def _own_addresses(fib_trie: str = "/proc/net/fib_trie") -> list[str]:
+    """Every IPv4 address of this host (its interfaces, Docker's gateways), as the kernel's
+    routing table marks them local: the sandboxes' rules refuse the host on all of them, and so
+    does the proxy."""
+    found: list[str] = []
+    last = ""
+    try:
+        with open(fib_trie, encoding="ascii") as table:
+            for line in table:
+                words = line.split()
+                if words[:1] == ["|--"] and len(words) == 2:
+                    last = words[1]
+                elif "/32 host LOCAL" in line and last and f"{last}/32" not in found:
+                    found.append(f"{last}/32")
+    except OSError as exc:
+        logger.warning("this host's addresses are unknown (%s): the egress proxy refuses only the rest", exc)
+    return found

@@ -123,3 +123,50 @@ def test_the_proxy_lets_allowed_names_through_with_headers_from_the_host_and_log
                        ("dns", "refused.test", False)}
     done = next(e for _, e in log if e["host"] == "allowed.test")
     assert done["injected"] == ["Authorization"] and done["bytes_in"] > 0 and done["port"] == port
+
+
+def test_an_allowed_name_cannot_lead_where_the_sandboxes_may_not_go():
+    rules = EgressRules(allow=("localhost",), hosts={"mapped.test": "127.0.0.1:8080"},
+                        refused=("127.0.0.0/8", "10.9.0.0/16"))
+    with pytest.raises(LookupError, match="may not reach"):
+        rules.resolve("localhost", 80)  # DNS says 127.0.0.1: the host itself
+    assert rules.resolve("mapped.test", 80) == ("127.0.0.1", 8080)  # the operator's own mapping
+
+
+def test_a_client_hello_in_pieces_is_read_whole():
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="refused.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    log: list[dict] = []
+
+    async def body():
+        proxy = EgressProxy(EgressRules(allow=("allowed.test",)), "127.0.0.1", lambda _s, entry: log.append(entry))
+        await proxy.start(dns_port=0)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.proxy_port)
+            writer.write(hello[:20])
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.write(hello[20:])
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # refused: closed, nothing said
+            writer.close()
+        finally:
+            await proxy.close()
+
+    asyncio.run(body())
+    assert [(e["host"], e["protocol"], e["allowed"]) for e in log] == [("refused.test", "tls", False)]
+
+
+def test_the_proxy_knows_every_address_of_its_host(tmp_path):
+    from sandbox_actors.outbound import _own_addresses
+
+    table = tmp_path / "fib_trie"
+    table.write_text("Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 0.0.0.0\n        /0 universe UNICAST\n"
+                     "     |-- 172.17.0.1\n        /32 host LOCAL\n     |-- 172.17.255.255\n"
+                     "        /32 link BROADCAST\n     |-- 192.0.2.2\n        /32 host LOCAL\n"
+                     "Local:\n     |-- 192.0.2.2\n        /32 host LOCAL\n")
+    assert _own_addresses(str(table)) == ["172.17.0.1/32", "192.0.2.2/32"]
+    assert "127.0.0.1/32" in _own_addresses()  # this machine's own
