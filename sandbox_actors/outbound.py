@@ -19,6 +19,8 @@ from .threads import thread_dir
 
 logger = logging.getLogger(__name__)
 
+_OWNERS_FRESH_SECONDS = 2.0  # a look at which sandbox has which address is trusted this long
+
 class Outbound:
     """The pool's egress proxy here, while the reaper lives."""
 
@@ -27,6 +29,7 @@ class Outbound:
         self.proxy: EgressProxy | None = None
         self._owners: dict[str, tuple[str, str | None]] = {}
         self._looking: asyncio.Task[dict[str, tuple[str, str | None]]] | None = None
+        self._owners_at = 0.0
         self._writing: set[asyncio.Task[None]] = set()
 
     async def ensure(self, cluster_addresses: list[str]) -> dict[str, Any]:
@@ -70,9 +73,12 @@ class Outbound:
     async def _record(self, source: str, entry: dict[str, Any]) -> None:
         """Into the audit trail of the sandbox at ``source`` (logged here too when it is unknown)."""
         owner = self._owners.get(source)
-        if owner is None:  # a sandbox new here: look again (one look for all who wait on it)
+        if owner is None or time.monotonic() - self._owners_at > _OWNERS_FRESH_SECONDS:
+            # A sandbox new here, or a look too old to trust (a gone sandbox's address may be a new
+            # one's now): look again, one look for all who wait on it.
             if self._looking is None or self._looking.done():
                 self._looking = asyncio.get_running_loop().create_task(self._backend.addresses(self._pool))
+                self._owners_at = time.monotonic()
             try:
                 self._owners = await asyncio.shield(self._looking)
             except SandboxError as exc:
