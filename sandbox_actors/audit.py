@@ -11,6 +11,7 @@ sandbox's trail lives with its actor only.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import json
 import logging
 import time
@@ -32,6 +33,9 @@ class AuditLog:
         self.path = path
         self.count = 0
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=KEPT_IN_MEMORY)
+        # Appends go to a thread of their own, in order: the trail may sit on shared storage, and
+        # the runtime records from its event loop.
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
 
     @contextmanager
     def command(self, kind: str, command: str) -> Iterator[dict[str, Any]]:
@@ -59,15 +63,21 @@ class AuditLog:
         self._recent.append(entry)
         if self.path is None:
             return
-        try:
-            with open(self.path, "a", encoding="utf-8") as trail:
-                trail.write(json.dumps(entry) + "\n")
-        except OSError as exc:  # the trail must never fail the command it records
-            logger.warning("audit trail %s not written: %s", self.path, exc.strerror or exc)
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit")
+        self._writer.submit(append, self.path, entry)
+
+    def close(self) -> None:
+        """Finish the appends under way and let their thread go."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)
 
     def entries(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The last ``limit`` entries: the thread's whole trail when it has a file here, else
-        those of this actor."""
+        """The last ``limit`` entries: the thread's whole trail when it has a file here (every
+        entry added before this call written first), else those of this actor."""
+        if self._writer is not None:
+            self._writer.submit(lambda: None).result()  # the appends queued before it are done
         if self.path is not None and self.path.is_file():
             with open(self.path, encoding="utf-8") as trail:
                 lines = collections.deque(trail, maxlen=limit)
@@ -79,3 +89,12 @@ class AuditLog:
                     continue  # a line cut short by a crash mid-write
             return found
         return list(self._recent)[-limit:]
+
+
+def append(path: Path, entry: dict[str, Any]) -> None:
+    """Add ``entry`` to the trail in ``path`` (blocking: call it off any event loop)."""
+    try:
+        with open(path, "a", encoding="utf-8") as trail:
+            trail.write(json.dumps(entry) + "\n")
+    except OSError as exc:  # the trail must never fail the command it records
+        logger.warning("audit trail %s not written: %s", path, exc.strerror or exc)

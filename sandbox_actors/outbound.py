@@ -13,7 +13,7 @@ from backends.base import Backend
 from backends.egress import EgressProxy
 from backends.errors import IsolationUnavailable, SandboxError
 
-from .audit import AuditLog
+from .audit import append
 from .config import SandboxConfig
 from .threads import thread_dir
 
@@ -92,7 +92,7 @@ class Outbound:
         path = thread_dir(self._config.base_dir, owner[1]).parent / "audit.jsonl"
         record = {"at": round(time.time(), 3), "kind": "egress", "via": entry.get("protocol") or entry.get("kind"),
                   **{k: v for k, v in entry.items() if k not in ("kind", "protocol")}}
-        await asyncio.to_thread(AuditLog(path).add, record)
+        await asyncio.to_thread(append, path, record)
 
 
 def _own_addresses(fib_trie: str = "/proc/net/fib_trie") -> list[str]:

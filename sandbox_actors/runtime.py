@@ -435,6 +435,7 @@ class SandboxRuntime:
             raise
         await self._unexpose_all()
         await self._close_api()
+        await asyncio.to_thread(self.audit_log.close)  # its trail whole before the actor ends
         return {**self.describe(), **({"checkpoint": saved} if saved is not None else {})}
 
     def _check_live(self) -> None:
@@ -585,12 +586,14 @@ class SandboxRuntime:
             self._stopping = False  # nothing happened: the sandbox serves on (or dies on its own)
             raise
         await self._close_api()
+        await asyncio.to_thread(self.audit_log.close)
         return True
 
     async def close(self) -> None:
         """Release client resources (and preview URLs); the container is untouched."""
         await self._unexpose_all()
         await self._close_api()
+        await asyncio.to_thread(self.audit_log.close)
         await self.backend.close()
 
     # ── state ──────────────────────────────────────────────────────────────
@@ -686,14 +689,8 @@ class SandboxRuntime:
         async with self._operation() as api, self._shell_lock:
             stream = api.stream(command, timeout=self._shell_timeout(timeout, idle_timeout), exec_dir=exec_dir,
                                 idle_timeout=idle_timeout)
-            with self.audit_log.command("stream", command) as entry:
-                try:
-                    async for item in stream:
-                        if isinstance(item, ShellResult):
-                            self.audit_log.ended(entry, item)
-                        yield item
-                finally:
-                    await stream.aclose()
+            async for item in self._audited("stream", command, stream, ShellResult):
+                yield item
 
     async def bash_stream(
         self, command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
@@ -703,14 +700,20 @@ class SandboxRuntime:
         _check_env(env)
         async with self._operation() as api:
             stream = api.bash_stream(command, env=env, timeout=timeout or self.config.exec_timeout, exec_dir=exec_dir)
-            with self.audit_log.command("bash_stream", command) as entry:
-                try:
-                    async for item in stream:
-                        if isinstance(item, BashResult):
-                            self.audit_log.ended(entry, item)
-                        yield item
-                finally:
-                    await stream.aclose()
+            async for item in self._audited("bash_stream", command, stream, BashResult):
+                yield item
+
+    async def _audited(self, kind: str, command: str, stream: Any, final: type) -> AsyncIterator[Any]:
+        """A streamed command's items, recorded in the audit trail with its ``final`` result;
+        the stream closed at once however the iteration ends (an early end kills the command)."""
+        with self.audit_log.command(kind, command) as entry:
+            try:
+                async for item in stream:
+                    if isinstance(item, final):
+                        self.audit_log.ended(entry, item)
+                    yield item
+            finally:
+                await stream.aclose()
 
     async def start_command(self, command: str, session_id: str | None = None, exec_dir: str | None = None) -> str:
         async with self._operation() as api:

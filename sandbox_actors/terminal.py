@@ -58,12 +58,10 @@ class Terminal:
                     if self._reading is None:
                         return  # detached meanwhile: its cancel cut the stream
                     raise
-                if isinstance(item, TerminalOutput):
-                    self.offset = item.offset + len(item.data)
-                    yield item.data
-                elif isinstance(item, TerminalExit):
-                    self.exit_code, self.ended = item.exit_code, True
+                data = _take(self, item)
+                if data is None:
                     return
+                yield data
         finally:
             self._stop_reading()
 
@@ -115,12 +113,10 @@ class AsyncTerminal:
 
     async def output(self) -> AsyncIterator[bytes]:
         async for item in self.box.pty_output(self.id, self.offset):
-            if isinstance(item, TerminalOutput):
-                self.offset = item.offset + len(item.data)
-                yield item.data
-            elif isinstance(item, TerminalExit):
-                self.exit_code, self.ended = item.exit_code, True
+            data = _take(self, item)
+            if data is None:
                 return
+            yield data
 
     def detach(self) -> str:
         return self.id
@@ -128,3 +124,13 @@ class AsyncTerminal:
     async def close(self) -> int | None:
         self.exit_code, self.ended = await self.box.pty_close(self.id), True
         return self.exit_code
+
+
+def _take(client: Terminal | AsyncTerminal, item: TerminalOutput | TerminalExit) -> bytes | None:
+    """One item of a terminal's output for ``client``: its bytes (the client's offset moved past
+    them), or None when the terminal's shell has ended (its exit code kept)."""
+    if isinstance(item, TerminalExit):
+        client.exit_code, client.ended = item.exit_code, True
+        return None
+    client.offset = item.offset + len(item.data)
+    return item.data
