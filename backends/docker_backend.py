@@ -1203,10 +1203,13 @@ def _usage_of(at: float, stats: Mapping[str, Any], since: Usage | None = None) -
 
 
 def _checkpoint_refused(sandbox_id: str, exc: docker.errors.APIError, running: bool) -> SandboxError:
-    """The engine's refusal of a checkpoint, typed: a container that stopped meanwhile (killed)
-    died; a runtime that cannot checkpoint is NotSupported (runc here: CRIU fails on this
-    kernel); anything else, a refusal to act on."""
+    """The engine's refusal of a checkpoint, typed: a runtime that cannot checkpoint is
+    NotSupported (runc here: CRIU fails on this kernel, and may leave the container stopped); a
+    container that stopped meanwhile (killed) died; anything else, a refusal to act on."""
     why = str(exc.explanation or exc)
+    if "criu" in why.lower():  # runc's checkpoints are CRIU's, which fails on this kind of kernel
+        return NotSupported(f"live checkpoints need gVisor (runtime: runsc); the engine said: {why[:300]}",
+                            feature="live checkpoint")
     if not running or "not running" in why:  # killed (or stopped) meanwhile: nothing to keep
         return SandboxDied(f"sandbox {sandbox_id} stopped before its checkpoint: {why[:300]}")
     if "runsc" not in why:
