@@ -11,7 +11,7 @@ import builtins
 
 import abc
 import enum
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -93,11 +93,17 @@ class SandboxSpec:
     read_only_rootfs: bool = False  # only tmpfs (/tmp, /run, home) and mounts are writable
 
 
+# A CPU percent is measured over at least this long: the engine throttles a limited container in
+# 100 ms periods, so a shorter window measures where in them it started (a 0.3 s window of a
+# sandbox at its 0.5-core limit reads 40-60 %).
+USAGE_CPU_WINDOW = 1.0
+
+
 @dataclass(frozen=True)
 class Usage:
     """What one sandbox uses, from its engine's statistics (the figures ``docker stats`` shows).
 
-    ``cpu_percent``: of one core, over ``interval`` seconds up to ``at`` (0 for a first look);
+    ``cpu_percent``: of one core, over ``interval`` seconds (at least USAGE_CPU_WINDOW) up to ``at``;
     ``memory_bytes``: resident use as the engine reports it (page cache that could be dropped
     left out); ``disk_bytes``: the container's own writable layer (None: not measured);
     ``commands``: run through the sandbox's actor (exec, bash, streams, background starts).
@@ -119,6 +125,13 @@ class Usage:
 
     def as_dict(self) -> dict[str, float | int | None]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def usage_baseline(looks: Sequence[Usage], now: float) -> Usage | None:
+    """Of earlier looks at one sandbox (oldest first), the one to measure its CPU percent from:
+    the newest at least USAGE_CPU_WINDOW old, else the oldest (the backend waits out the rest)."""
+    old_enough = [look for look in looks if now - look.at >= USAGE_CPU_WINDOW]
+    return old_enough[-1] if old_enough else (looks[0] if looks else None)
 
 
 @dataclass(frozen=True)

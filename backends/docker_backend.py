@@ -56,6 +56,7 @@ from .base import (
     ContainerEvent,
     SandboxRecord,
     SandboxSpec,
+    USAGE_CPU_WINDOW,
     Usage,
     decode_label_value,
     encode_label_value,
@@ -1126,7 +1127,9 @@ class DockerBackend(Backend):
         first = None
         if since is None or time.time() - since.at > _USAGE_STALE_SECONDS:
             first = _usage_of(*await asyncio.to_thread(_sample))
-            await asyncio.sleep(_USAGE_FIRST_WAIT)
+            await asyncio.sleep(USAGE_CPU_WINDOW)
+        elif (short := USAGE_CPU_WINDOW - (time.time() - since.at)) > 0:
+            await asyncio.sleep(short)  # a CPU percent over less is the throttle's rhythm, not the use
         at, stats = await asyncio.to_thread(_sample)
         now = _usage_of(at, stats, since=first or since)
         if disk:
@@ -1173,7 +1176,6 @@ class DockerBackend(Backend):
             await asyncio.to_thread(client.close)
 
 
-_USAGE_FIRST_WAIT = 0.5  # a first look at a sandbox's CPU measures over this long
 _USAGE_STALE_SECONDS = 60.0  # a previous look older than this is not measured from
 
 

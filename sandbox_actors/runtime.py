@@ -9,6 +9,7 @@ how the pool's idle check knows a long command is still running.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -27,7 +28,7 @@ from backends import (
     SandboxRecord,
     SandboxSpec,
 )
-from backends.base import LABEL_ACTOR, LABEL_CLUSTER, LABEL_ENGINE_ID, Capability, Usage
+from backends.base import LABEL_ACTOR, LABEL_CLUSTER, LABEL_ENGINE_ID, Capability, Usage, usage_baseline
 from backends.errors import (
     BackendUnavailable,
     InvalidRequest,
@@ -138,7 +139,7 @@ class SandboxRuntime:
         self._pid_start: str | None = None  # when the container's init process started, if visible here
         self._owner_written: asyncio.Task[None] | None = None  # a resume's owner record, on its way
         self.audit_log = AuditLog(self._audit_path(thread_id))
-        self._usage_seen: Usage | None = None  # the last look at its use (its CPU percent is since then)
+        self._usage_seen: collections.deque[Usage] = collections.deque(maxlen=8)  # recent looks at its use
         self._exposed: dict[int, Exposure] = {}  # its preview URLs, by port inside
 
     # ── lifecycle ──────────────────────────────────────────────────────────
@@ -784,8 +785,12 @@ class SandboxRuntime:
         await self._serving.wait()  # a live snapshot under way
         if self.dead_reason is not None or self._stopping or self.record is None:
             raise SandboxDied(f"sandbox {self.sandbox_id} is not running; acquire it first")
-        seen = await self.backend.usage(self.sandbox_id, self.record.container_id, since=self._usage_seen, disk=disk)
-        self._usage_seen = seen = dataclasses.replace(seen, commands=self.audit_log.count)
+        since = usage_baseline(self._usage_seen, time.time())
+        seen = await self.backend.usage(self.sandbox_id, self.record.container_id, since=since, disk=disk)
+        seen = dataclasses.replace(seen, commands=self.audit_log.count)
+        if any(look.cpu_seconds > seen.cpu_seconds for look in self._usage_seen):
+            self._usage_seen.clear()  # its container started again (a resume): its counters with it
+        self._usage_seen.append(seen)
         return seen
 
     async def pty_open(self, cols: int = 80, rows: int = 24) -> str:
