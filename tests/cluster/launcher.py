@@ -4,8 +4,8 @@ The overlay holds only what must differ on this machine (README, "Launch a clust
 each line and why). It is merged into the real ``cluster.yaml`` at run time, so a change to
 that file is what the test runs.
 
-The ``ray`` commands run from the repository root (``file_mounts`` names the repository as
-``.``) with a HOME of the test's own: ``cluster.yaml`` copies ``~/.ray/auth_token``, and the
+The ``ray`` commands run from the repository root (``file_mounts`` names the repository's parts by
+paths relative to it) with a HOME of the test's own: ``cluster.yaml`` copies ``~/.ray/auth_token``, and the
 test generates that token there rather than touch the token of the user who runs it.
 """
 
