@@ -10,10 +10,13 @@ proxy, one per pool and node, listening on the pool network's gateway:
   what the sandbox names, the Host header of plain HTTP or the SNI of a TLS ClientHello, and,
   when that name is allowed, connects to it on the port the sandbox asked for and passes the
   bytes both ways; otherwise it refuses (HTTP 403, or a closed connection) and logs it.
-* Plain HTTP to a domain with ``network.inject`` entries carries those headers, their values
+* A request to a domain with ``network.inject`` entries carries those headers, their values
   read on the host (an environment variable of the proxy's process, or a file): the secret is
-  never inside the sandbox. (HTTPS passes through untouched: injecting there would need the
-  proxy to end TLS with a CA the sandbox trusts.)
+  never inside the sandbox. Plain HTTP is read as it passes; HTTPS to such a domain is ended
+  here, with a certificate from the pool's CA, which the sandbox trusts (:mod:`.tls`), and sent
+  on over TLS of the proxy's own, verified. Each such request goes with ``Connection: close``,
+  so the next one comes on a connection of its own and gets its headers too. HTTPS to any other
+  allowed name passes through untouched.
 
 Names are matched exactly, or by ``*.suffix`` (any name under the suffix, not the suffix itself).
 Nothing here knows about Ray or Docker: the caller gives the addresses, and a function that
@@ -28,17 +31,24 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .tls import TlsServerStream, upstream_context
+
+if TYPE_CHECKING:
+    from .egress_ca import EgressCA
 
 logger = logging.getLogger(__name__)
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h: where a REDIRECTed connection was going
 _HEAD_LIMIT = 64 * 1024
 _HEAD_SECONDS = 15.0
+_REPLY_SECONDS = 900.0  # a server may think long before it answers (a model's completion)
 _DNS_TTL = 5
 
 
@@ -178,6 +188,11 @@ class EgressRules:
     inject: Mapping[str, Mapping[str, Secret]] = field(default_factory=dict)
     hosts: Mapping[str, str] = field(default_factory=dict)
     refused: tuple[str, ...] = ("169.254.0.0/16", "127.0.0.0/8", "0.0.0.0/8", "224.0.0.0/4")
+    ca: EgressCA | None = None  # ends HTTPS to the ``inject`` domains (None: they pass untouched)
+    upstream_ca: str | None = None  # verifies those servers instead of the node's trust
+
+    def injects(self, name: str) -> bool:
+        return any(name_allowed(name, [pattern]) for pattern in self.inject)
 
     def headers_for(self, name: str) -> dict[str, str]:
         found: dict[str, str] = {}
@@ -243,49 +258,43 @@ class EgressProxy:
                            "bytes_in": 0}
         began = time.monotonic()
         try:
-            first = await asyncio.wait_for(reader.read(_HEAD_LIMIT), _HEAD_SECONDS)
-            head = first
-            tls = first[:1] == b"\x16"
-            if tls:
-                # The whole first record (a ClientHello may span several segments).
-                wanted = 5 + struct.unpack("!H", head[3:5])[0] if len(head) >= 5 else 5
-                while len(head) < min(wanted, _HEAD_LIMIT):
-                    more = await asyncio.wait_for(reader.read(_HEAD_LIMIT), _HEAD_SECONDS)
-                    if not more:
-                        break
-                    head += more
-                    if len(head) >= 5:
-                        wanted = 5 + struct.unpack("!H", head[3:5])[0]
-                name = tls_server_name(head)
-                port = port or 443
-            else:
-                while b"\r\n\r\n" not in head and len(head) < _HEAD_LIMIT:
-                    more = await asyncio.wait_for(reader.read(_HEAD_LIMIT), _HEAD_SECONDS)
-                    if not more:
-                        break
-                    head += more
-                host = http_host(head)
-                name = host[0] if host else None
-                port = port or (host[1] if host and host[1] else 80)
+            head, tls, name, port = await _named(reader, port)
             entry.update(host=name, port=port, protocol="tls" if tls else "http")
             if name is None or not name_allowed(name, self.rules.allow):
                 if not tls:
                     writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 return
             entry["allowed"] = True
-            if not tls and b"\r\n\r\n" in head:
-                cut = head.index(b"\r\n\r\n") + 4
-                injected = self.rules.headers_for(name)
-                if injected:
-                    head = with_headers(head[:cut], injected) + head[cut:]
-                    entry["injected"] = sorted(injected)
+            client: _Stream = reader
+            client_out: _Out = writer
+            upstream_tls: ssl.SSLContext | None = None
+            if tls and self.rules.ca is not None and self.rules.injects(name):
+                ended = TlsServerStream(self.rules.ca.server_context(name), reader, writer, head)
+                await asyncio.wait_for(ended.handshake(), _HEAD_SECONDS)
+                client = client_out = ended
+                head = await _request_head(ended)
+                upstream_tls = upstream_context(self.rules.upstream_ca)
+                entry["protocol"] = "https"
+            injected = self.rules.headers_for(name) if not tls or upstream_tls is not None else {}
+            if injected and b"\r\n\r\n" in head:  # one request per connection: the next one gets them too
+                head = _with_headers_at_head(head, {**injected, "Connection": "close"})
+                entry["injected"] = sorted(injected)
             upstream_reader, upstream_writer = await asyncio.wait_for(
-                asyncio.open_connection(*self.rules.resolve(name, port)), _HEAD_SECONDS)
+                asyncio.open_connection(*self.rules.resolve(name, port), ssl=upstream_tls,
+                                        server_hostname=name if upstream_tls else None), _HEAD_SECONDS)
             upstream_writer.write(head)
             entry["bytes_out"] += len(head)
-            counts = await _pipe(reader, writer, upstream_reader, upstream_writer)
+            if "injected" in entry:  # the client is told too: it sends its next request anew
+                reply = await _request_head(upstream_reader, timeout=_REPLY_SECONDS)
+                if b"\r\n\r\n" in reply:
+                    reply = _with_headers_at_head(reply, {"Connection": "close"})
+                client_out.write(reply)
+                entry["bytes_in"] += len(reply)
+            counts = await _pipe(client, client_out, upstream_reader, upstream_writer)
             entry["bytes_out"] += counts[0]
             entry["bytes_in"] += counts[1]
+        except ssl.SSLError as exc:  # before OSError, its base: the sandbox's TLS, or the server's
+            entry["error"] = f"TLS: {exc.reason or exc}"
         except (OSError, asyncio.TimeoutError, LookupError) as exc:
             entry["error"] = f"{type(exc).__name__}: {exc}"
         finally:
@@ -321,10 +330,57 @@ def _original_port(sock: socket.socket | None) -> int | None:
     return None
 
 
-async def _pipe(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
+async def _named(reader: asyncio.StreamReader, port: int | None) -> tuple[bytes, bool, str | None, int]:
+    """What a new connection names, from its first bytes: (those bytes, TLS or not, the name (SNI
+    or Host), the port: the one it was going to, else the Host's, else the protocol's)."""
+    head = await asyncio.wait_for(reader.read(_HEAD_LIMIT), _HEAD_SECONDS)
+    if head[:1] != b"\x16":
+        head = await _request_head(reader, head)
+        host = http_host(head)
+        return head, False, host[0] if host else None, port or (host[1] if host and host[1] else 80)
+    # The whole first record (a ClientHello may span several segments).
+    wanted = 5 + struct.unpack("!H", head[3:5])[0] if len(head) >= 5 else 5
+    while len(head) < min(wanted, _HEAD_LIMIT):
+        more = await asyncio.wait_for(reader.read(_HEAD_LIMIT), _HEAD_SECONDS)
+        if not more:
+            break
+        head += more
+        if len(head) >= 5:
+            wanted = 5 + struct.unpack("!H", head[3:5])[0]
+    return head, True, tls_server_name(head), port or 443
+
+
+def _with_headers_at_head(message: bytes, headers: Mapping[str, str]) -> bytes:
+    """An HTTP message (its head complete) with ``headers`` set in its head."""
+    cut = message.index(b"\r\n\r\n") + 4
+    return with_headers(message[:cut], headers) + message[cut:]
+
+
+class _Stream(Protocol):
+    async def read(self, limit: int = ..., /) -> bytes: ...
+
+
+class _Out(Protocol):
+    def write(self, data: bytes, /) -> None: ...
+    async def drain(self) -> None: ...
+    def can_write_eof(self) -> bool: ...
+    def write_eof(self) -> None: ...
+
+
+async def _request_head(client: _Stream, head: bytes = b"", timeout: float = _HEAD_SECONDS) -> bytes:
+    """The first HTTP message head (and whatever came with it) read from ``client``, after ``head``."""
+    while b"\r\n\r\n" not in head and len(head) < _HEAD_LIMIT:
+        more = await asyncio.wait_for(client.read(_HEAD_LIMIT), timeout)
+        if not more:
+            break
+        head += more
+    return head
+
+
+async def _pipe(client_reader: _Stream, client_writer: _Out,
                 upstream_reader: asyncio.StreamReader, upstream_writer: asyncio.StreamWriter) -> tuple[int, int]:
     """Bytes both ways until both end; (bytes to upstream, bytes back)."""
-    async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    async def copy(reader: _Stream, writer: _Out) -> int:
         moved = 0
         try:
             while data := await reader.read(65536):

@@ -54,6 +54,7 @@ class ActorConfig:
     host_skills_path: str | None
     skills_container_path: str
     usage_interval: float = 0.0
+    egress_ca: bool = False  # its sandboxes trust the pool's egress CA (network.inject: HTTPS ended at the proxy)
 
     @classmethod
     def of(cls, config: SandboxConfig) -> ActorConfig:
@@ -70,6 +71,7 @@ class ActorConfig:
             mounts=tuple(Mount(m.host_path, m.container_path, m.read_only) for m in config.mounts),
             skills_path=config.skills_path, host_skills_path=config.host_skills_path,
             skills_container_path=config.skills_container_path, usage_interval=config.usage_interval,
+            egress_ca=bool(config.network.allow_domains and config.network.inject),
         )
 
     def resolved_environment(self, source: Mapping[str, str] | None = None) -> dict[str, str]:

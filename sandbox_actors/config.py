@@ -118,8 +118,13 @@ class NetworkConfig(_Closed):
         "(HTTP by Host, HTTPS by SNI, DNS answered only for these), exact or '*.suffix'.",
     )
     inject: dict[str, dict[str, SecretSource]] = Field(
-        default_factory=dict, description="Headers the egress proxy adds to plain-HTTP requests for a domain "
-        "(name or '*.suffix'): {DOMAIN: {HEADER: {env: NAME} or {file: PATH}}}, read on the host.",
+        default_factory=dict, description="Headers the egress proxy adds to HTTP and HTTPS requests for a domain "
+        "(name or '*.suffix'): {DOMAIN: {HEADER: {env: NAME} or {file: PATH}}}, read on the host. HTTPS to such a "
+        "domain is ended at the proxy with the pool's CA, which its sandboxes trust.",
+    )
+    upstream_ca: str | None = Field(
+        default=None, description="A CA bundle file on each node that the egress proxy verifies the servers of "
+        "`inject` domains with, instead of the node's trusted CAs (an internal CA).",
     )
     hosts: dict[str, str] = Field(
         default_factory=dict, description="Names the egress proxy resolves to these IPv4 addresses "
@@ -171,6 +176,8 @@ class NetworkConfig(_Closed):
         for domain in self.inject:
             if domain.lower() not in self.allow_domains and not name_allowed(domain, self.allow_domains):
                 raise ValueError(f"inject: {domain!r} is not in allow_domains (headers go only to allowed domains)")
+        if self.upstream_ca is not None and not self.inject:
+            raise ValueError("upstream_ca verifies the servers of `inject` domains, and there are none")
         return self
 
     def policy(self) -> NetworkPolicy:
@@ -183,6 +190,7 @@ class NetworkConfig(_Closed):
             inject={domain: {header: Secret(env=source.env, file=source.file) for header, source in headers.items()}
                     for domain, headers in self.inject.items()},
             hosts={name.lower(): address for name, address in self.hosts.items()},
+            upstream_ca=self.upstream_ca,
         )
 
 

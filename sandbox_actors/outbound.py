@@ -11,11 +11,12 @@ from typing import Any
 
 from backends.base import Backend
 from backends.egress import EgressProxy
+from backends.egress_ca import EgressCA
 from backends.errors import IsolationUnavailable, SandboxError
 
 from .audit import append
 from .config import SandboxConfig
-from .threads import thread_dir
+from .threads import egress_ca_dir, thread_dir
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,15 @@ class Outbound:
         self._looking: asyncio.Task[dict[str, tuple[str, str | None]]] | None = None
         self._owners_at = 0.0
         self._writing: set[asyncio.Task[None]] = set()
+        self._ca: EgressCA | None = None
+
+    def _make_ca(self) -> EgressCA:
+        directory = egress_ca_dir(self._config.base_dir, self._pool)
+        try:
+            return EgressCA(directory).ensure()
+        except (OSError, ValueError) as exc:
+            raise IsolationUnavailable(f"the egress CA of pool {self._pool!r} cannot be made at {directory}: "
+                                       f"{exc}") from exc
 
     async def ensure(self, cluster_addresses: list[str]) -> dict[str, Any]:
         """The proxy running and the sandboxes routed to it (idempotent: the rules are refreshed).
@@ -42,6 +52,8 @@ class Outbound:
         # An allowed name must not lead where the sandboxes' own rules refuse: the cluster's nodes
         # and the pool's blocked networks besides what is always refused.
         rules.refused = (*rules.refused, *self._config.network.blocked, *cluster_addresses, *_own_addresses())
+        if rules.inject:  # HTTPS to those domains is ended here: the CA the sandboxes will trust, made first
+            rules.ca = self._ca = self._ca or await asyncio.to_thread(self._make_ca)
         if self.proxy is not None:
             self.proxy.rules = rules
         else:

@@ -42,6 +42,7 @@ from backends.errors import (
     SandboxUnreachable,
 )
 from backends.preview import Exposure
+from backends.tls import BUNDLE, CA_CONTAINER_DIR, TRUST_ENVIRONMENT
 from backends.sandbox_api import (
     UNIX_SCHEME,
     BashResult,
@@ -54,7 +55,7 @@ from backends.sandbox_api import (
 
 from .actorconfig import ENV_NAME, ActorConfig
 from .audit import AuditLog
-from .threads import sandbox_mounts, thread_dir
+from .threads import egress_ca_dir, sandbox_mounts, thread_dir
 from .views import Found, StartOutcome
 
 logger = logging.getLogger(__name__)
@@ -913,13 +914,27 @@ def container_spec(config: ActorConfig, sandbox_id: str, thread_id: str | None, 
         raise SandboxStartError(
             f"could not create the thread directories under {config.base_dir}: {exc.strerror}"
         ) from exc
+    environment = _resolve_env(config)
+    if config.egress_ca:
+        made, environment = (*made, _egress_ca_mount(config)), {**TRUST_ENVIRONMENT, **environment}
     return SandboxSpec(
         sandbox_id=sandbox_id, pool=config.pool_name, image=image or config.image, thread_id=thread_id,
-        port=config.port, mounts=made, environment=_resolve_env(config), token=secrets.token_urlsafe(32),
+        port=config.port, mounts=made, environment=environment, token=secrets.token_urlsafe(32),
         limits=config.limits, capabilities=tuple(config.capabilities), bind_host=config.bind_host,
         extra_labels=dict(labels or {}), user=config.user, runtime=config.runtime,
         read_only_rootfs=config.read_only_rootfs,
     )
+
+
+def _egress_ca_mount(config: ActorConfig) -> Mount:
+    """The pool's egress CA, certificates only (its key is beside, never mounted), which the
+    sandbox's TLS clients trust (TRUST_ENVIRONMENT): HTTPS to an ``inject`` domain is ended at the
+    proxy. The node's reaper made it when it prepared the node for the pool."""
+    public = egress_ca_dir(config.base_dir, config.pool_name) / "public"
+    if not (public / BUNDLE).is_file():
+        raise SandboxStartError(f"the egress CA of pool {config.pool_name!r} is missing at {public}: the node's "
+                                "reaper makes it when it prepares the node for the pool (see the reaper's log)")
+    return Mount(str(egress_ca_dir(config.host_dir, config.pool_name) / "public"), CA_CONTAINER_DIR, read_only=True)
 
 
 def _resolve_env(config: ActorConfig) -> dict[str, str]:

@@ -83,6 +83,11 @@ def thread_dir(base_dir: str, thread_id: str) -> Path:
     return Path(base_dir) / "threads" / thread_dir_name(thread_id) / "user-data"
 
 
+def egress_ca_dir(base_dir: str, pool: str) -> Path:
+    """``<base_dir>/egress-ca/<pool>``: the pool's egress CA on this node (backends.egress_ca)."""
+    return Path(base_dir) / "egress-ca" / pool
+
+
 def checkpoint_dir(base_dir: str, snapshot: str) -> str:
     """``<base_dir>/checkpoints/<snapshot>``: where a live snapshot's checkpoint is kept on the
     node it was taken on (a cluster whose ``base_dir`` is shared finds it on every node)."""

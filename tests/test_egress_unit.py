@@ -13,6 +13,7 @@ import threading
 
 import pytest
 
+from backends.egress_ca import EgressCA
 from backends.egress import (
     EgressProxy,
     EgressRules,
@@ -170,3 +171,92 @@ def test_the_proxy_knows_every_address_of_its_host(tmp_path):
                      "Local:\n     |-- 192.0.2.2\n        /32 host LOCAL\n")
     assert _own_addresses(str(table)) == ["172.17.0.1/32", "192.0.2.2/32"]
     assert "127.0.0.1/32" in _own_addresses()  # this machine's own
+
+
+def _https_upstream(context: ssl.SSLContext, seen: list[dict]) -> http.server.ThreadingHTTPServer:
+    class Echo(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keeps its connections open unless the request says close
+
+        def do_GET(self):  # noqa: N802
+            seen.append(dict(self.headers))
+            body = f"over TLS, request {len(seen)}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_https_to_an_injected_domain_is_ended_with_the_pools_ca_and_sent_on_verified(tmp_path):
+    # The "real" server's certificate comes from a CA of the test's own, which the proxy is told
+    # to verify it with (network.upstream_ca); the sandbox side trusts the pool's CA's bundle.
+    upstream_ca = EgressCA(tmp_path / "upstream-ca").ensure()
+    seen: list[dict] = []
+    upstream = _https_upstream(upstream_ca.server_context("allowed.test"), seen)
+    port = upstream.server_address[1]
+    secret = tmp_path / "token"
+    secret.write_text("ghp_kept_on_the_host\n")
+    pool_ca = EgressCA(tmp_path / "pool-ca").ensure()  # as the pool makes it, before its sandboxes start
+    rules = EgressRules(allow=("allowed.test", "unverified.test"),
+                        inject={"allowed.test": {"Authorization": Secret(file=str(secret))},
+                                "unverified.test": {"Authorization": Secret(file=str(secret))}},
+                        hosts={"allowed.test": f"127.0.0.1:{port}", "unverified.test": f"127.0.0.1:{port}"},
+                        ca=pool_ca, upstream_ca=str(upstream_ca.public / "ca.pem"))
+    log: list[dict] = []
+
+    def fetch(name: str, proxy_port: int, trust: str, times: int = 1) -> list[tuple[int, bytes]]:
+        import http.client
+
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", proxy_port, timeout=10, context=ssl.create_default_context(cafile=trust))
+        connection._tunnel_host = None  # noqa: SLF001 - not a tunnel: the proxy is where the name leads
+        connection.host = name  # SNI and Host: the name, as a sandbox whose DNS says "the proxy"
+        connection._create_connection = lambda *_a, **_k: socket.create_connection(("127.0.0.1", proxy_port))  # noqa: SLF001
+        answers = []
+        for _ in range(times):
+            connection.request("GET", "/", headers={"Authorization": "forged"})
+            reply = connection.getresponse()
+            answers.append((reply.status, reply.read()))
+        connection.close()
+        return answers
+
+    async def body():
+        proxy = EgressProxy(rules, "127.0.0.1", lambda _s, entry: log.append(entry))
+        await proxy.start(dns_port=0)
+        try:
+            bundle = str(pool_ca.public / "bundle.pem")
+            two = await asyncio.to_thread(fetch, "allowed.test", proxy.proxy_port, bundle, 2)
+            # A client that does not trust the pool's CA refuses the proxy's certificate.
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await asyncio.to_thread(fetch, "allowed.test", proxy.proxy_port, str(upstream_ca.public / "ca.pem"))
+            # A server the proxy cannot verify for the name it serves is not sent the secret.
+            with pytest.raises((ConnectionError, http.client.RemoteDisconnected, ssl.SSLError)):
+                await asyncio.to_thread(fetch, "unverified.test", proxy.proxy_port, bundle)
+            return two
+        finally:
+            await proxy.close()
+
+    import http.client
+
+    try:
+        two = asyncio.run(body())
+    finally:
+        upstream.shutdown()
+    assert [status for status, _ in two] == [200, 200] and two[1][1] == b"over TLS, request 2\n"
+    # Both requests (the second on a connection of its own) carried the host's secret, not the forged one.
+    assert [h.get("Authorization") for h in seen] == ["ghp_kept_on_the_host"] * 2
+    done = [e for e in log if e["host"] == "allowed.test"]
+    assert [(e["protocol"], e["allowed"], e.get("injected"), "error" in e) for e in done[:2]] == [
+        ("https", True, ["Authorization"], False)] * 2
+    assert "TLS" in done[2]["error"]  # the client's refusal, seen from the proxy
+    unverified = next(e for e in log if e["host"] == "unverified.test")
+    assert "CERTIFICATE_VERIFY_FAILED" in unverified["error"] or "certificate" in unverified["error"].lower()
+    assert (tmp_path / "pool-ca" / "ca.key").stat().st_mode & 0o077 == 0  # the CA's key: its owner's only
+    assert "PRIVATE KEY" not in (pool_ca.public / "bundle.pem").read_text()
