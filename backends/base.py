@@ -135,6 +135,15 @@ def usage_baseline(looks: Sequence[Usage], now: float) -> Usage | None:
 
 
 @dataclass(frozen=True)
+class Owner:
+    """Whose a container is: its sandbox, thread (None: anonymous) and actor (its name)."""
+
+    sandbox_id: str
+    thread_id: str | None
+    actor: str
+
+
+@dataclass(frozen=True)
 class ContainerEvent:
     """The engine saw a container of ours die ('die', 'oom') or go ('destroy'), or found it stopped when
     following began ('exited')."""
@@ -302,8 +311,8 @@ class Backend(abc.ABC):
         """Send the pool's sandboxes to its egress proxy's ``port`` (their DNS and their TCP)."""
         raise self._cannot("egress by domain")
 
-    async def addresses(self, pool: str) -> dict[str, tuple[str, str | None]]:
-        """The pool's containers here by network address: (sandbox id, thread id)."""
+    async def addresses(self, pool: str) -> dict[str, Owner]:
+        """The pool's containers here by network address: whose each is."""
         raise self._cannot("egress by domain")
 
     async def sweep_tasks(self) -> int:

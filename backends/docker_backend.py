@@ -43,6 +43,7 @@ from docker.models.containers import _create_container_args  # type: ignore[attr
 
 from .base import (
     Capability,
+    LABEL_ACTOR,
     LABEL_CLUSTER,
     LABEL_ENGINE_ID,
     LABEL_POOL,
@@ -54,6 +55,7 @@ from .base import (
     PROJECT,
     Backend,
     ContainerEvent,
+    Owner,
     SandboxRecord,
     SandboxSpec,
     USAGE_CPU_WINDOW,
@@ -650,19 +652,20 @@ class DockerBackend(Backend):
 
         await asyncio.to_thread(_route)
 
-    async def addresses(self, pool: str) -> dict[str, tuple[str, str | None]]:
-        """The pool's containers here by their address on its network: (sandbox id, thread id)."""
-        def _addresses() -> dict[str, tuple[str, str | None]]:
+    async def addresses(self, pool: str) -> dict[str, Owner]:
+        """The pool's containers here by their address on its network: whose each is."""
+        def _addresses() -> dict[str, Owner]:
             name = self.network(pool).name
             with engine_errors("list containers"):
                 found = self._docker().api.containers(filters={"label": f"{LABEL_POOL}={pool}"})
-            owners: dict[str, tuple[str, str | None]] = {}
+            owners: dict[str, Owner] = {}
             for summary in found:
                 labels = summary.get("Labels") or {}
                 address = (((summary.get("NetworkSettings") or {}).get("Networks") or {}).get(name) or {}).get(
                     "IPAddress")
                 if address and labels.get(LABEL_SANDBOX_ID):
-                    owners[address] = (labels[LABEL_SANDBOX_ID], decode_label_value(labels.get(LABEL_THREAD_ID, "")))
+                    owners[address] = Owner(labels[LABEL_SANDBOX_ID], decode_label_value(labels.get(LABEL_THREAD_ID, "")),
+                                            labels.get(LABEL_ACTOR, ""))
             return owners
 
         return await asyncio.to_thread(_addresses)

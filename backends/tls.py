@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 
 # Where a sandbox finds the bundle, and the variables that point its TLS clients there (OpenSSL's
@@ -26,9 +27,11 @@ TRUST_ENVIRONMENT = {name: f"{CA_CONTAINER_DIR}/{BUNDLE}" for name in
                      ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")}
 
 
+@functools.lru_cache(maxsize=4)
 def upstream_context(cafile: str | None) -> ssl.SSLContext:
     """How the proxy verifies the real server of an ended connection: the node's trust, or
-    ``cafile`` (``network.upstream_ca``) instead."""
+    ``cafile`` (``network.upstream_ca``) instead (read once per proxy process: loading a trust
+    store costs milliseconds)."""
     context = ssl.create_default_context(cafile=cafile)
     context.set_alpn_protocols(["http/1.1"])
     return context

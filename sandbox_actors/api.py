@@ -260,8 +260,10 @@ def audit(limit: int = 100) -> list[dict[str, Any]]:
     """The last ``limit`` commands run in the sandbox, oldest first: each with ``at`` (epoch
     seconds), ``kind`` (exec, bash, stream, bash_stream, start), ``command`` (its first 2,000
     characters; never ``bash``'s env), ``exit_code``, ``status``, ``seconds``, ``cpu_seconds``,
-    ``peak_memory_bytes``, or ``error`` (the error's type). A thread's trail outlives its actor
-    (kept on the host beside the thread's directories)."""
+    ``peak_memory_bytes``, or ``error`` (the error's type); in a pool with ``allow_domains``, each
+    egress attempt too (``kind`` "egress", ``via`` dns, http, https or tls, ``host``, ``port``,
+    ``allowed``, ``bytes_out``/``bytes_in``, ``injected`` header names, ``error``). A thread's
+    trail outlives its actor (kept on the host beside the thread's directories)."""
     raise NotImplementedError
 
 

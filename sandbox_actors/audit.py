@@ -5,7 +5,7 @@ background start), the command's text (its first 2,000 characters; `bash`'s envi
 secrets go, is never recorded), how it ended, and what it used. A thread's trail is appended to
 ``<base_dir>/threads/<thread>/audit.jsonl`` on the host (outside every mount: the sandbox cannot
 read or rewrite it), so it outlives the actor, a hibernation and a pool restart; an anonymous
-sandbox's trail lives with its actor only.
+sandbox's trail lives with its actor only (its egress attempts sent there by the node's proxy).
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ class AuditLog:
         for name in ("exit_code", "status", "cpu_seconds", "peak_memory_bytes"):
             entry[name] = getattr(result, name, None)
 
-    def add(self, entry: dict[str, Any]) -> None:
-        self.count += 1
+    def add(self, entry: dict[str, Any], command: bool = True) -> None:
+        """Into the trail (``command``: a command run, counted in ``count``; else an egress attempt)."""
+        self.count += command
         self._recent.append(entry)
         if self.path is None:
             return

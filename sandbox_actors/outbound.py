@@ -7,16 +7,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from backends.base import Backend
+from backends.base import Backend, Owner
 from backends.egress import EgressProxy
-from backends.egress_ca import EgressCA
 from backends.errors import IsolationUnavailable, SandboxError
 
+from . import raycalls
 from .audit import append
 from .config import SandboxConfig
 from .threads import egress_ca_dir, thread_dir
+
+if TYPE_CHECKING:
+    from backends.egress_ca import EgressCA
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +31,16 @@ class Outbound:
     def __init__(self, config: SandboxConfig, backend: Backend) -> None:
         self._config, self._backend, self._pool = config, backend, config.pool_name
         self.proxy: EgressProxy | None = None
-        self._owners: dict[str, tuple[str, str | None]] = {}
-        self._looking: asyncio.Task[dict[str, tuple[str, str | None]]] | None = None
+        self._owners: dict[str, Owner] = {}
+        self._looking: asyncio.Task[dict[str, Owner]] | None = None
+        self._actors: dict[str, Any] = {}  # sandbox actors by name, for the trails kept by actors
         self._owners_at = 0.0
         self._writing: set[asyncio.Task[None]] = set()
         self._ca: EgressCA | None = None
 
     def _make_ca(self) -> EgressCA:
+        from backends.egress_ca import EgressCA  # cryptography: loaded only by pools that inject
+
         directory = egress_ca_dir(self._config.base_dir, self._pool)
         try:
             return EgressCA(directory).ensure()
@@ -98,13 +104,26 @@ class Outbound:
             owner = self._owners.get(source)
         verdict = "allowed" if entry.get("allowed") else "refused"
         logger.info("pool %s: egress %s %s:%s from %s (%s)", self._pool, verdict, entry.get("host"),
-                    entry.get("port", 53), owner[0] if owner else source, entry.get("kind"))
-        if owner is None or owner[1] is None or not self._config.thread_mounts:
-            return  # an anonymous sandbox's trail lives with its actor only
-        path = thread_dir(self._config.base_dir, owner[1]).parent / "audit.jsonl"
+                    entry.get("port", 53), owner.sandbox_id if owner else source, entry.get("kind"))
+        if owner is None:
+            return
         record = {"at": round(time.time(), 3), "kind": "egress", "via": entry.get("protocol") or entry.get("kind"),
                   **{k: v for k, v in entry.items() if k not in ("kind", "protocol")}}
-        await asyncio.to_thread(append, path, record)
+        if owner.thread_id is not None and self._config.thread_mounts:
+            await asyncio.to_thread(append, thread_dir(self._config.base_dir, owner.thread_id).parent / "audit.jsonl",
+                                    record)
+        elif owner.actor:  # a trail with no file (an anonymous sandbox's): its actor keeps it
+            await self._tell_actor(owner, record)
+
+    async def _tell_actor(self, owner: Owner, record: dict[str, Any]) -> None:
+        actor = self._actors.get(owner.actor)
+        if actor is None:
+            actor = await asyncio.to_thread(raycalls.get_actor, owner.actor, self._config.namespace)
+            if actor is None:
+                logger.info("egress of sandbox %s not kept: its actor %s is gone", owner.sandbox_id, owner.actor)
+                return
+            self._actors[owner.actor] = actor
+        actor.record_egress.remote(owner.sandbox_id, record)  # fire and forget: it drops what is not its own
 
 
 def _own_addresses(fib_trie: str = "/proc/net/fib_trie") -> list[str]:

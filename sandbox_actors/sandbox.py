@@ -272,6 +272,14 @@ class SandboxActor:
         """A cheap check that the sandbox can serve (the pool asks before reclaiming a warm one)."""
         return self._runtime is not None and await self._runtime.alive()
 
+    async def record_egress(self, sandbox_id: str, entry: dict[str, Any]) -> None:
+        """An egress attempt of its sandbox, from the node's egress proxy, into the audit trail it
+        keeps (a sandbox whose trail has no file: an anonymous one). Dropped when this actor
+        serves another sandbox by now."""
+        runtime = self._runtime
+        if runtime is not None and runtime.sandbox_id == sandbox_id:
+            runtime.audit_log.add(entry, command=False)
+
     async def begin_stop(self, if_idle_for: float) -> bool:
         """Stop serving if idle that long with nothing in flight; False: busy. The pool then
         calls :meth:`stop` or :meth:`cancel_stop`."""

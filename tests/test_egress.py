@@ -15,7 +15,7 @@ import threading
 
 import sandbox_actors
 from backends.egress_ca import EgressCA
-from tests.conftest import assert_no_actors_left
+from tests.conftest import assert_no_actors_left, wait_until
 
 SECRET = "sk-kept-on-the-host-7d41c0"
 FETCH = ("python3 -c \"import urllib.request, sys\ntry:\n print(urllib.request.urlopen('{scheme}://{name}/', timeout=10)"
@@ -103,6 +103,13 @@ def test_a_sandbox_reaches_only_allowed_domains_with_headers_added_outside_and_a
         fetched = next(e for e in trail if e["host"] == "allowed.test" and e["via"] == "http")
         assert fetched["injected"] == ["X-Api-Key"] and fetched["bytes_in"] > 0
         assert SECRET not in json.dumps(trail)
+
+        # An anonymous sandbox's trail has no file: its actor keeps its egress attempts too.
+        anonymous = client.acquire()
+        assert anonymous.exec(FETCH.format(scheme="http", name="refused.test")).exit_code == 3
+        assert wait_until(lambda: any(e["kind"] == "egress" and e["host"] == "refused.test" and not e["allowed"]
+                                      for e in anonymous.audit()), timeout=10), anonymous.audit()
+        assert anonymous.usage().commands == 1  # egress attempts are not commands
     finally:
         client.shutdown()
         allowed.shutdown()
