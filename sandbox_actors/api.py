@@ -196,7 +196,7 @@ def list_files(path: str, recursive: bool = False, show_hidden: bool = False) ->
 @operation(ENGINE, retry_safe=True)
 def usage() -> Usage:
     """What the sandbox uses now, from its engine's own statistics (as ``docker stats`` shows
-    them): CPU (percent of one core since the previous look, and seconds in all), memory (and
+    them): CPU (percent of one core over at least the last second, and seconds in all), memory (and
     its limit), processes, network in and out, disk (its own writable layer), and the commands
     run through this actor."""
     raise NotImplementedError

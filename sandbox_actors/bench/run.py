@@ -63,7 +63,9 @@ while True:
 """
 
 
-USAGE_LOOK_EVERY = 0.25  # the usage stage's actors look this often (the default is 15 s)
+# The usage stage's actors look this often (the default is 15 s): no oftener than a look's CPU
+# window (USAGE_CPU_WINDOW), which a look waits out when the last one is younger.
+USAGE_LOOK_EVERY = 1.0
 
 
 @dataclass(frozen=True)
@@ -767,8 +769,8 @@ class Bench:
         from sandbox_actors.config import SandboxConfig
 
         boxes = [pool.acquire(f"usage-{i}") for i in range(2)]
-        seconds = 3.0 if self.n <= 3 else 10.0
-        time.sleep(seconds)  # the actors look every USAGE_LOOK_EVERY seconds meanwhile
+        seconds = 5.0 if self.n <= 3 else 15.0
+        time.sleep(seconds)  # the actors look every USAGE_LOOK_EVERY seconds meanwhile (a first look takes 2 s)
         looks, actor_cpu = 0, 0.0
         for box in boxes:
             counted = ray.get(box.actor.describe.remote(), timeout=30)["usage_looks"]
