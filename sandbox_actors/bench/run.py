@@ -769,7 +769,7 @@ class Bench:
         from sandbox_actors.config import SandboxConfig
 
         boxes = [pool.acquire(f"usage-{i}") for i in range(2)]
-        seconds = 5.0 if self.n <= 3 else 15.0
+        seconds = 8.0 if self.n <= 3 else 15.0
         time.sleep(seconds)  # the actors look every USAGE_LOOK_EVERY seconds meanwhile (a first look takes 2 s)
         looks, actor_cpu = 0, 0.0
         for box in boxes:
