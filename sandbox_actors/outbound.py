@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _OWNERS_FRESH_SECONDS = 2.0  # a look at which sandbox has which address is trusted this long
+_TELL_SECONDS = 10.0  # an actor told of its sandbox's egress answers within this
+_ACTORS_KEPT = 256  # handles of the actors told last, kept for the next attempts
 
 class Outbound:
     """The pool's egress proxy here, while the reaper lives."""
@@ -116,14 +118,21 @@ class Outbound:
             await self._tell_actor(owner, record)
 
     async def _tell_actor(self, owner: Owner, record: dict[str, Any]) -> None:
-        actor = self._actors.get(owner.actor)
+        """Into the trail ``owner``'s actor keeps (it drops what is not its sandbox's any more)."""
+        actor = self._actors.pop(owner.actor, None)
         if actor is None:
             actor = await asyncio.to_thread(raycalls.get_actor, owner.actor, self._config.namespace)
+        try:
             if actor is None:
-                logger.info("egress of sandbox %s not kept: its actor %s is gone", owner.sandbox_id, owner.actor)
-                return
-            self._actors[owner.actor] = actor
-        actor.record_egress.remote(owner.sandbox_id, record)  # fire and forget: it drops what is not its own
+                raise raycalls.ActorGone(f"no actor named {owner.actor}")
+            await raycalls.call(actor.record_egress.remote(owner.sandbox_id, record), _TELL_SECONDS, "record egress")
+        except SandboxError as exc:
+            logger.info("egress of sandbox %s not kept by its actor %s: %s", owner.sandbox_id, owner.actor,
+                        exc.message)
+            return
+        self._actors[owner.actor] = actor  # the most recently told last
+        while len(self._actors) > _ACTORS_KEPT:
+            self._actors.pop(next(iter(self._actors)))
 
 
 def _own_addresses(fib_trie: str = "/proc/net/fib_trie") -> list[str]:
