@@ -269,7 +269,9 @@ class EgressProxy:
             client_out: _Out = writer
             upstream_tls: ssl.SSLContext | None = None
             if tls and self.rules.ca is not None and self.rules.injects(name):
-                ended = TlsServerStream(self.rules.ca.server_context(name), reader, writer, head)
+                # A certificate for the name (made once: a key and files, off the loop).
+                context = await asyncio.to_thread(self.rules.ca.server_context, name)
+                ended = TlsServerStream(context, reader, writer, head)
                 await asyncio.wait_for(ended.handshake(), _HEAD_SECONDS)
                 client = client_out = ended
                 head = await _request_head(ended)

@@ -12,6 +12,7 @@ import os
 import shutil
 import ssl
 import tempfile
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class EgressCA:
         self._key: ec.EllipticCurvePrivateKey | None = None
         self._cert: x509.Certificate | None = None
         self._leaves: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        self._lock = threading.Lock()  # the proxy makes certificates off its event loop, in threads
 
     @property
     def public(self) -> Path:
@@ -100,10 +102,11 @@ class EgressCA:
         """A TLS server context presenting a certificate for ``name`` signed by this CA (made once
         per name and kept, the last few hundred)."""
         name = name.lower()
-        found = self._leaves.get(name)
-        if found is not None:
-            self._leaves.move_to_end(name)
-            return found
+        with self._lock:
+            found = self._leaves.get(name)
+            if found is not None:
+                self._leaves.move_to_end(name)
+                return found
         ca_key, ca_cert = self._load()
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -125,9 +128,10 @@ class EgressCA:
             private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                   serialization.NoEncryption()))
             context.load_cert_chain(chain, private)
-        self._leaves[name] = context
-        while len(self._leaves) > _LEAVES_KEPT:
-            self._leaves.popitem(last=False)
+        with self._lock:
+            self._leaves[name] = context
+            while len(self._leaves) > _LEAVES_KEPT:
+                self._leaves.popitem(last=False)
         return context
 
 

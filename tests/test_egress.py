@@ -11,11 +11,11 @@ from __future__ import annotations
 import http.server
 import json
 import ssl
-import threading
 
 import sandbox_actors
 from backends.egress_ca import EgressCA
 from tests.conftest import assert_no_actors_left, wait_until
+from tests.servers import answering_server
 
 SECRET = "sk-kept-on-the-host-7d41c0"
 FETCH = ("python3 -c \"import urllib.request, sys\ntry:\n print(urllib.request.urlopen('{scheme}://{name}/', timeout=10)"
@@ -23,23 +23,7 @@ FETCH = ("python3 -c \"import urllib.request, sys\ntry:\n print(urllib.request.u
 
 
 def _server(name: str, seen: list, tls: ssl.SSLContext | None = None) -> http.server.ThreadingHTTPServer:
-    class Answer(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            seen.append(dict(self.headers))
-            body = f"hello from {name}".encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    if tls is not None:
-        server.socket = tls.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return answering_server(seen, lambda: f"hello from {name}".encode(), tls=tls)
 
 
 def test_a_sandbox_reaches_only_allowed_domains_with_headers_added_outside_and_audited(ray_address, config, tmp_path):

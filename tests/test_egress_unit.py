@@ -5,15 +5,13 @@ from the host, TLS by SNI, everything else refused, and each attempt logged."""
 from __future__ import annotations
 
 import asyncio
-import http.server
+import http.client
 import socket
 import ssl
 import struct
-import threading
 
 import pytest
 
-from backends.egress_ca import EgressCA
 from backends.egress import (
     EgressProxy,
     EgressRules,
@@ -24,6 +22,8 @@ from backends.egress import (
     name_allowed,
     tls_server_name,
 )
+from backends.egress_ca import EgressCA
+from tests.servers import answering_server
 
 
 def test_names_are_allowed_exactly_or_under_a_suffix():
@@ -65,20 +65,7 @@ def test_what_a_connection_names():
 def test_the_proxy_lets_allowed_names_through_with_headers_from_the_host_and_logs_every_attempt(tmp_path):
     seen: list[dict] = []
 
-    class Echo(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            seen.append(dict(self.headers))
-            body = b"hello from allowed.test\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format, *args):
-            pass
-
-    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    upstream = answering_server(seen, lambda: b"hello from allowed.test\n")
     port = upstream.server_address[1]
     secret = tmp_path / "token"
     secret.write_text("ghp_kept_on_the_host\n")
@@ -173,33 +160,13 @@ def test_the_proxy_knows_every_address_of_its_host(tmp_path):
     assert "127.0.0.1/32" in _own_addresses()  # this machine's own
 
 
-def _https_upstream(context: ssl.SSLContext, seen: list[dict]) -> http.server.ThreadingHTTPServer:
-    class Echo(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keeps its connections open unless the request says close
-
-        def do_GET(self):  # noqa: N802
-            seen.append(dict(self.headers))
-            body = f"over TLS, request {len(seen)}\n".encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def test_https_to_an_injected_domain_is_ended_with_the_pools_ca_and_sent_on_verified(tmp_path):
     # The "real" server's certificate comes from a CA of the test's own, which the proxy is told
     # to verify it with (network.upstream_ca); the sandbox side trusts the pool's CA's bundle.
     upstream_ca = EgressCA(tmp_path / "upstream-ca").ensure()
     seen: list[dict] = []
-    upstream = _https_upstream(upstream_ca.server_context("allowed.test"), seen)
+    upstream = answering_server(seen, lambda: f"over TLS, request {len(seen)}\n".encode(),
+                                tls=upstream_ca.server_context("allowed.test"), keep_alive=True)
     port = upstream.server_address[1]
     secret = tmp_path / "token"
     secret.write_text("ghp_kept_on_the_host\n")
@@ -212,8 +179,6 @@ def test_https_to_an_injected_domain_is_ended_with_the_pools_ca_and_sent_on_veri
     log: list[dict] = []
 
     def fetch(name: str, proxy_port: int, trust: str, times: int = 1) -> list[tuple[int, bytes]]:
-        import http.client
-
         connection = http.client.HTTPSConnection(
             "127.0.0.1", proxy_port, timeout=10, context=ssl.create_default_context(cafile=trust))
         connection._tunnel_host = None  # noqa: SLF001 - not a tunnel: the proxy is where the name leads
@@ -242,8 +207,6 @@ def test_https_to_an_injected_domain_is_ended_with_the_pools_ca_and_sent_on_veri
             return two
         finally:
             await proxy.close()
-
-    import http.client
 
     try:
         two = asyncio.run(body())
