@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import faulthandler
 import json
 import logging
 import os
@@ -43,6 +44,9 @@ EXPECTED_ERRORS = {"SandboxDied", "ActorGone", "SandboxExited", "SandboxStartErr
 # median and 1.2 s at the most (97 kills, seed 11); a kill is not a clean instant either.
 NOTICE_SECONDS = 2.0
 ENGINE_RESTART_EVERY = 90.0  # seconds between engine restarts, at most
+# A driver or killer still running this long after its chaos ends is stuck: it prints every
+# thread's stack (where it waits) and exits, and the run reports it as crashed.
+STUCK_AFTER = 240.0
 
 
 def driver(address: str, pool_name: str, namespace: str, seed: int, duration: float, name: str,
@@ -288,6 +292,8 @@ def main() -> int:
                         help="a gVisor pool whose hibernations and snapshots are live (processes and memory)")
     parser.add_argument("role", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.role:
+        faulthandler.dump_traceback_later(float(args.role[5]) + STUCK_AFTER, exit=True)
     if args.role and args.role[0] == "driver":
         address, pool_name, namespace, seed, duration, name, live = args.role[1:]
         driver(address, pool_name, namespace, int(seed), float(duration), name, live == "live")
@@ -332,7 +338,12 @@ def run(seed: int, duration: float, live: bool = False) -> int:
                      for role in roles]
             results = []
             for role, proc in zip(roles, procs):
-                stdout, stderr = proc.communicate(timeout=duration + 300)
+                try:
+                    stdout, stderr = proc.communicate(timeout=duration + STUCK_AFTER + 60)
+                except subprocess.TimeoutExpired:  # its own watchdog did not end it either
+                    proc.kill()
+                    stdout, stderr = proc.communicate()
+                    stderr += f"\n(killed: still running {STUCK_AFTER + 60:.0f}s after its chaos ended)"
                 lines = stdout.strip().splitlines()
                 if proc.returncode != 0 or not lines:
                     crashed.append(f"{role[0]} exited {proc.returncode}: {stderr[-2000:]}")
