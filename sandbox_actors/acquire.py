@@ -90,11 +90,21 @@ async def _carry_out(life: Lifecycle, decision: Decision, sandbox_id: str, deadl
             return checked
         if checked is False:  # dead: the repair removes it, the next turn creates anew
             repair = life.repair(sandbox_id)
-            if repair is not None and await asyncio.shield(repair) == "unknown":
+            outcome = None if repair is None else await asyncio.shield(repair)
+            if outcome == "unknown":
                 raise BackendUnavailable(
                     f"sandbox {sandbox_id} no longer runs and its engine does not answer, so it cannot be "
                     "removed or replaced yet; retry"
                 )
+            if outcome == "healthy":
+                # The repair's close look (its actor, its container) found it whole where the quick
+                # check did not: it is reclaimed on that, never checked again and again.
+                reclaimed = life.state.reclaim(sandbox_id, decision.version)
+                if reclaimed is not None:
+                    logger.warning("warm sandbox %s: its actor said it does not run, but it does; reclaimed",
+                                   sandbox_id)
+                    life.tally.count("reclaimed")
+                    return lease(reclaimed.entry, "warm")
         return None
     if isinstance(decision, Claimed):
         return await asyncio.shield(life.claim(decision.entry))

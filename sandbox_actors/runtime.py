@@ -183,7 +183,6 @@ class SandboxRuntime:
             found = await self._serve(resume, image, container_id, checkpoint, restore_from)
             if found.outcome is StartOutcome.OWNED:
                 return {"sandbox_id": self.sandbox_id, "started": False, **found.report()}
-            self._pid_start = _process_start(self.record.pid) if self.record and self.record.pid else None
             return {**self.describe(), **found.report(), "start_seconds": time.monotonic() - started}
 
     async def _serve(self, resume: bool, image: str | None, container_id: str | None,
@@ -277,9 +276,16 @@ class SandboxRuntime:
         except BaseException:
             await api.aclose()
             raise
-        self.record, self._api, self.adopted = record, api, True
+        self._serve_record(record, api, adopted=True)
         self._owner_written = asyncio.ensure_future(self._write_owner())
         logger.info("sandbox %s: resumed container %s", self.sandbox_id, record.container_name)
+
+    def _serve_record(self, record: SandboxRecord, api: SandboxAPI, adopted: bool) -> None:
+        """Serve ``record``'s container through ``api`` from now on, and note when its init process
+        started (what :meth:`alive` compares with): a restore from a checkpoint (a live snapshot's
+        own, a live resume) runs the container under a new one."""
+        self.record, self._api, self.adopted = record, api, adopted
+        self._pid_start = _process_start(record.pid) if record.pid else None
 
     async def _try_adopt(self, record: SandboxRecord) -> Found | None:
         """Serve ``record``'s running container when it answers and no other live actor owns it
@@ -302,7 +308,7 @@ class SandboxRuntime:
         if owner is not None:
             await api.aclose()
             return Found(StartOutcome.OWNED, owner)
-        self.record, self._api, self.adopted = record, api, True
+        self._serve_record(record, api, adopted=True)
         await self._write_owner()
         return Found(StartOutcome.ADOPTED)
 
@@ -355,7 +361,7 @@ class SandboxRuntime:
             raise
         # When the backend labels containers with their creator (Docker), no owner record is
         # needed: only a later adopter writes one (a request less per start).
-        self.record, self._api, self.adopted = record, api, False
+        self._serve_record(record, api, adopted=False)
         if not self.backend.records_creator:
             await self._write_owner()
         logger.info("sandbox %s: container %s ready at %s", self.sandbox_id, record.container_name, record.url)
@@ -562,12 +568,13 @@ class SandboxRuntime:
 
     async def alive(self) -> bool:
         """A cheap check that the sandbox can serve: not known dead, and its container's init
-        process still runs (a file read on the engine's host; an HTTP probe where that process
-        is out of sight, as with a provisioner)."""
+        process still runs (a file read on the engine's host). An HTTP probe decides where that
+        process is out of sight (a provisioner's sandbox) or is not the one it started with."""
         if self.dead_reason is not None or self._api is None or self._stopping:
             return False
-        if self._pid_start is not None and self.record is not None and self.record.pid is not None:
-            return _process_start(self.record.pid) == self._pid_start
+        if (self._pid_start is not None and self.record is not None and self.record.pid is not None
+                and _process_start(self.record.pid) == self._pid_start):
+            return True
         return await self._api.health()
 
     async def stop(self) -> bool:

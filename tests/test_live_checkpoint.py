@@ -300,6 +300,14 @@ def test_eight_live_forks_of_a_200mb_process_each_go_on_and_diverge(ray_address,
         assert snap.live and snap.checkpoint_bytes > 150e6  # 200 MB of random bytes, kept
         count, entries, digest = _state(parent)
         assert wait_until(lambda: _state(parent)[0] > count, timeout=10)  # the parent goes on
+        # Restored from its checkpoint, its container runs under a new first process: its actor
+        # still knows it runs, and its thread, back after a release, reclaims it warm (the pool
+        # once checked and repaired it forever here, and the acquire never answered).
+        assert ray.get(parent.actor.alive.remote(), timeout=10) is True
+        client.release(parent)
+        again = client.acquire("parent")
+        assert (again.path, again.info["container_id"]) == ("warm", parent.info["container_id"])
+        assert client.stats()["counters"].get("reclaimed") == 1
 
         forks = list(client.fork(snap, [f"fork-{i}" for i in range(8)]))
         assert len(forks) == 8 and all(f.info.get("forked_live") is True for f in forks)

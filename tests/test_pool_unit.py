@@ -128,6 +128,32 @@ def test_a_dead_warm_sandbox_is_repaired_not_handed_out():
     run(body)
 
 
+def test_a_warm_sandbox_its_quick_check_misjudges_is_reclaimed_not_checked_forever():
+    """The actor's quick check (is the container's first process the one it started with?) once
+    said no for a healthy sandbox after a live snapshot restored it; the repair's close look found
+    it whole, and the acquire checked and repaired it again and again (20,000 calls in a minute of
+    the live chaos run) without ever answering."""
+    async def body():
+        pool, fleet = make()
+        await pool.ping()
+        box = await pool.acquire("t1")
+        await pool.release(box.sandbox_id)
+        checks = []
+
+        async def misjudged(actor: FakeActor) -> bool:
+            checks.append(actor.name)
+            return False
+
+        fleet.alive = misjudged
+        again = await pool.acquire("t1")
+        assert again.sandbox_id == box.sandbox_id and again.path == "warm"
+        assert again.info["container_id"] == box.info["container_id"]  # the same container, kept
+        assert len(checks) == 1 and fleet.creates == 1
+        assert pool._life.tally.counters["reclaimed"] == 1
+
+    run(body)
+
+
 def test_a_dead_warm_sandbox_with_its_engine_away_fails_the_acquire_typed():
     async def body():
         pool, fleet = make()
