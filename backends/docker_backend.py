@@ -521,6 +521,7 @@ class DockerBackend(Backend):
         container = self._get(sandbox_id)
         if container is None or (container_id is not None and container.id != container_id):
             return False  # gone, or the name now belongs to a newer container: not ours to remove
+        self._remove_socket_dir(container.labels.get(LABEL_SOCKET))  # first: see container_events
         with engine_errors(f"remove container {container.name}"):
             try:
                 container.remove(force=True, v=True)
@@ -529,23 +530,21 @@ class DockerBackend(Backend):
             except docker.errors.APIError as exc:
                 if exc.status_code != 409:  # 409: removal already in progress elsewhere
                     raise
-        self._remove_socket_dir(container.labels.get(LABEL_SOCKET))
         logger.info("sandbox %s: removed container %s", sandbox_id, container.name)
         return True
 
     def _destroy_seen(self, sandbox_id: str, container_id: str) -> bool:
         """Remove a container this backend made or inspected, by its id: no inspect first (its
         socket directory is known), and never a newer namesake."""
+        self._remove_socket_dir(self._sockets.pop(container_id, None))  # first: see container_events
         with engine_errors(f"remove container {container_id[:12]} of sandbox {sandbox_id}"):
             try:
                 self._docker().api.remove_container(container_id, force=True, v=True)
             except docker.errors.NotFound:
-                self._sockets.pop(container_id, None)
                 return False
             except docker.errors.APIError as exc:
                 if exc.status_code != 409:  # 409: removal already in progress elsewhere
                     raise
-        self._remove_socket_dir(self._sockets.pop(container_id, None))
         logger.info("sandbox %s: removed container %s", sandbox_id, container_id[:12])
         return True
 
@@ -1014,8 +1013,8 @@ class DockerBackend(Backend):
         await asyncio.to_thread(_import)
 
     def container_events(self, pool: str) -> Iterator[ContainerEvent]:
-        """Deaths of ``pool``'s containers, as the engine reports them (blocking: run it in a thread).
-        Ends when the engine's stream does (an engine restart): call again to follow on. Each call
+        """Deaths of ``pool``'s containers, as the engine reports them (blocking: run it in a thread),
+        except the removals of our own destroys (their socket directory went first). Ends when the engine's stream does (an engine restart): call again to follow on. Each call
         first reports every container of the pool that is not running: deaths while nobody
         followed (an engine restart stops them all, and a restarted engine keeps no event history)
         are not lost."""
@@ -1034,7 +1033,7 @@ class DockerBackend(Backend):
                 for event in stream:
                     attributes = (event.get("Actor") or {}).get("Attributes") or {}
                     sandbox_id = attributes.get(LABEL_SANDBOX_ID)
-                    if not sandbox_id:
+                    if not sandbox_id or _removed_on_purpose(attributes.get(LABEL_SOCKET)):
                         continue
                     container_id, status = str(event.get("id") or ""), str(event.get("status") or "")
                     if status == "destroy" and died.pop(container_id, False) is None:
@@ -1180,6 +1179,16 @@ class DockerBackend(Backend):
 
 
 _USAGE_STALE_SECONDS = 60.0  # a previous look older than this is not measured from
+
+
+def _removed_on_purpose(socket_path: str | None) -> bool:
+    """Whether a container's death is our own removal: its socket directory goes first (the pool
+    asked for it and knows; telling it costs an inspect and a call per removed sandbox). Only
+    where the pool's socket directory is here to tell (a node's reboot empties both)."""
+    if not socket_path:
+        return False
+    directory = os.path.dirname(socket_path)
+    return os.path.isdir(os.path.dirname(directory)) and not os.path.isdir(directory)
 
 
 def _usage_of(at: float, stats: Mapping[str, Any], since: Usage | None = None) -> Usage:

@@ -221,6 +221,51 @@ def test_name_conflict_discovers_and_destroy_is_idempotent(pool_name, image, doc
     run(body())
 
 
+def test_deaths_are_told_but_not_the_removals_of_our_own_destroys(pool_name, image, docker_client):
+    """The node's reaper tells the pool of every container of its that dies (an inspect and a Ray
+    call each); a sandbox the pool destroys is not one of them, and a container killed by anyone
+    else is."""
+    import threading
+
+    async def body():
+        backend = DockerBackend(f"sat-{pool_name}")
+        mine, killed, last = (spec_for(pool_name, image) for _ in range(3))
+        told: list[tuple[str, str]] = []
+        failed: list[BaseException] = []
+
+        def follow() -> None:
+            try:
+                for event in backend.container_events(pool_name):
+                    told.append((event.sandbox_id, event.event))
+                    if event.sandbox_id == last.sandbox_id:
+                        return  # (the stream and its client close with the generator)
+            except BaseException as exc:  # shown by the assertion below
+                failed.append(exc)
+
+        try:
+            for spec in (mine, killed, last):
+                await backend.create(spec)
+            follower = threading.Thread(target=follow, daemon=True)
+            follower.start()
+            await asyncio.sleep(0.5)  # following: events from here on
+            assert await backend.destroy(mine.sandbox_id) is True
+            docker_client.containers.get(backend.container_name(killed.sandbox_id)).kill()
+            await asyncio.sleep(0.5)
+            docker_client.containers.get(backend.container_name(last.sandbox_id)).kill()
+            await asyncio.to_thread(follower.join, 20)
+            assert not failed and not follower.is_alive(), failed
+            assert (killed.sandbox_id, "die") in told and (last.sandbox_id, "die") in told, told
+            assert not [t for t in told if t[0] == mine.sandbox_id], told
+        finally:
+            for spec in (mine, killed, last):
+                await backend.destroy(spec.sandbox_id)
+            await backend.teardown(pool_name)
+            await backend.close()
+
+    run(body())
+    assert containers_of(docker_client, pool_name) == []
+
+
 def test_dropping_the_endpoints_a_network_lists_lets_it_go(pool_name, image, docker_client):
     """What the bench's floor does when the engine keeps a network it no longer needs: every
     endpoint the network lists is dropped by name (a live container here, a stale one there)."""
