@@ -1014,10 +1014,10 @@ class DockerBackend(Backend):
 
     def container_events(self, pool: str) -> Iterator[ContainerEvent]:
         """Deaths of ``pool``'s containers, as the engine reports them (blocking: run it in a thread),
-        except the removals of our own destroys (their socket directory went first). Ends when the engine's stream does (an engine restart): call again to follow on. Each call
-        first reports every container of the pool that is not running: deaths while nobody
-        followed (an engine restart stops them all, and a restarted engine keeps no event history)
-        are not lost."""
+        except the removals of our own destroys (their socket directory went first). Ends when the
+        engine's stream does (an engine restart): call again to follow on. Each call first reports
+        every container of the pool that is not running: deaths while nobody followed (an engine
+        restart stops them all, and a restarted engine keeps no event history) are not lost."""
         labels = [f"{LABEL_PROJECT}={PROJECT}", f"{LABEL_POOL}={pool}"]
         filters = {"type": "container", "event": ["die", "oom", "destroy"], "label": labels}
         with engine_errors("follow container events"):

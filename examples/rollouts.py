@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # Ray starts a worker process for each task running at once (~0.35 s of CPU each) and
             # the pool learns how many spare actors to keep: a job pays that once, up front.
             warm = rollouts.run(pool_name, args.namespace, args.warmup, args.concurrency, snapshot)
-            print(f"warm-up: {warm['ok']}/{warm['n']} episodes in {warm['wall_s']:.2f}s", flush=True)
+            settled = rollouts.settle(pool)
+            print(f"warm-up: {warm['ok']}/{warm['n']} episodes in {warm['wall_s']:.2f}s"
+                  + ("" if settled else " (the pool's spare actors were still starting after it)"), flush=True)
         step = max(1, args.rollouts // 8)
         got = rollouts.run(pool_name, args.namespace, args.rollouts, args.concurrency, snapshot,
                            progress=lambda done: print(f"  {done}/{args.rollouts} rollouts scored", flush=True)

@@ -92,6 +92,20 @@ def run(pool_name: str, namespace: str, n: int, concurrency: int, snapshot: str 
     return {**summary(n, concurrency, wall, results), "failures": failures, "episodes": results}
 
 
+def settle(pool: Any, timeout: float = 120.0) -> bool:
+    """Until ``pool`` (a PoolClient) keeps the spare actors it has learned to, none still starting:
+    after a warm-up it tops them up (a worker process each, ~0.35 s of CPU), which a steady run
+    should not measure. False when that did not happen within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = pool.stats()
+        if stats["spare_actors"] >= stats["spare_target"] and not stats["spares_starting"]:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
 def summary(n: int, concurrency: int, wall: float, results: list[dict[str, Any]]) -> dict[str, Any]:
     """Rate and latencies of a run of episodes (ms; rate per second of scored episodes)."""
     acquire = sorted(r["acquire_s"] for r in results if "acquire_s" in r)

@@ -288,12 +288,16 @@ class Bench:
 
     # ── through the pool ──────────────────────────────────────────────────
 
-    def _wait_spares(self, pool: Any, actors: int = 0, sandboxes: int = 0, timeout: float = 120.0) -> None:
+    def _wait_spares(self, pool: Any, actors: int = 0, sandboxes: int = 0, timeout: float = 120.0,
+                     learned: bool = False) -> None:
         """Until the pool has its spares (and none is still starting: a new worker process costs
-        ~0.3 s of CPU, which would slow what is measured next); a timeout is a failure of the run."""
+        ~0.3 s of CPU, which would slow what is measured next); with ``learned``, as many spare
+        actors as it has learned to keep. A timeout is a failure of the run."""
         deadline = time.monotonic() + timeout
         while True:
             stats = pool.stats()
+            if learned:
+                actors = max(actors, stats["spare_target"])
             if (stats["spare_actors"] >= actors and stats["states"]["spare"] >= sandboxes
                     and not stats.get("spares_starting")):
                 return
@@ -743,10 +747,11 @@ class Bench:
         rows = self.results.setdefault("rollouts", [])
         for concurrency in self.concurrency:
             # A job's first tasks wait for Ray to start its worker processes (~0.35 s of CPU each)
-            # and the pool to learn its spares: the figure is the steady state after that.
+            # and the pool to learn its spares: the figure is the steady state after that (the
+            # spares the warm-up taught it to keep started, not starting within the run).
             warm = rollouts.run(pool.config.pool_name, pool.config.namespace, 2 * concurrency, concurrency, snapshot)
             self.say(f"warm-up at concurrency {concurrency}: {warm['ok']}/{warm['n']} in {warm['wall_s']:.1f}s")
-            self._wait_spares(pool, actors=pool.config.spare_actors, timeout=600)
+            self._wait_spares(pool, actors=pool.config.spare_actors, timeout=600, learned=True)
             got = rollouts.run(pool.config.pool_name, pool.config.namespace, self.episodes, concurrency, snapshot)
             got.pop("episodes")
             if got["ok"] < got["n"]:
