@@ -696,6 +696,27 @@ class DockerBackend(Backend):
     async def teardown(self, pool: str) -> dict[str, int]:
         return await asyncio.to_thread(self._teardown, pool)
 
+    async def clear(self, pool: str, timeout: float = 15.0) -> bool:
+        """Remove every container of ``pool``, then its network: asked again while the engine still
+        counts a container just removed as on it (for a moment), then made to drop the endpoints
+        it keeps listing (dockerd 20.10 can keep one of a container removed while it started).
+        False when the network stays all the same (restart dockerd, then `sandbox-actors gc`)."""
+        network = self.network(pool)
+
+        async def gone() -> bool:
+            for record in await self.list(pool):
+                await self.destroy(record.sandbox_id)
+            await self.teardown(pool)
+            return not network.policy.networked or not await asyncio.to_thread(network.exists)
+
+        deadline = time.monotonic() + timeout
+        while not await gone():
+            if time.monotonic() >= deadline:
+                await asyncio.to_thread(network.drop_stale_endpoints)
+                return await gone()
+            await asyncio.sleep(0.2)
+        return True
+
     def _teardown(self, pool: str) -> dict[str, int]:
         removed = self.network(pool).remove()
         self._ready_networks.discard(pool)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -134,7 +135,7 @@ class Floor:
 
         self._base, self._pool = image, pool
         self._config = ActorConfig.of(config.model_copy(update={"pool_name": pool, "container_prefix": pool}))
-        self._backend = make_backend(self._config)
+        self._backend: Any = make_backend(self._config)  # a DockerBackend: the engine's own floor
         self._loop = asyncio.new_event_loop()
         self.image: str | None = None
 
@@ -219,9 +220,9 @@ class Floor:
         """Remove what the floor made: its containers, its network, its image."""
         async def body() -> None:
             try:
-                for record in await self._backend.list(self._pool):
-                    await self._backend.destroy(record.sandbox_id)
-                await self._backend.teardown(self._pool)
+                if not await self._backend.clear(self._pool):
+                    print(f"warning: the engine keeps network {self._backend.network(self._pool).name} of the "
+                          "rollout floor; restart dockerd, then `sandbox-actors gc`", file=sys.stderr, flush=True)
                 if self.image is not None:
                     await self._backend.remove_image(self.image)
             finally:

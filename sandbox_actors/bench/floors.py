@@ -115,29 +115,13 @@ class FloorEngine:
         backend = self._backend
 
         async def body() -> None:
-            network = backend.network(self._pool)
-
-            async def gone() -> bool:
-                for record in await backend.list(self._pool):
-                    await backend.destroy(record.sandbox_id)
-                await backend.teardown(self._pool)
-                return not network.policy.networked or not await asyncio.to_thread(network.exists)
-
             try:
                 await asyncio.gather(*self._calls, return_exceptions=True)
-                # The engine may still count a container just removed as on the network ("active
-                # endpoints") for a moment: ask again until the network is gone, then make the
-                # engine drop the endpoints it still lists.
-                deadline = time.monotonic() + 15
-                while not (cleared := await gone()) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.2)
-                if not cleared:
-                    dropped = await asyncio.to_thread(network.drop_stale_endpoints)
-                    if not await gone():
-                        print(f"  warning: the engine keeps network {network.name} of the floor "
-                              f"(endpoints dropped: {', '.join(dropped) or 'none listed'}); restart dockerd, then "
-                              f"`docker network rm {network.name}` and `sandbox-actors gc` (README, Troubleshooting)",
-                              file=sys.stderr, flush=True)
+                if not await backend.clear(self._pool):
+                    name = backend.network(self._pool).name
+                    print(f"  warning: the engine keeps network {name} of the floor (its endpoints dropped); restart "
+                          f"dockerd, then `docker network rm {name}` and `sandbox-actors gc` (README, Troubleshooting)",
+                          file=sys.stderr, flush=True)
             finally:
                 await backend.close()
 
