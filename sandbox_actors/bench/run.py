@@ -296,13 +296,12 @@ class Bench:
         deadline = time.monotonic() + timeout
         while True:
             stats = pool.stats()
-            if learned:
-                actors = max(actors, stats["spare_target"])
-            if (stats["spare_actors"] >= actors and stats["states"]["spare"] >= sandboxes
+            need = max(actors, stats["spare_target"]) if learned else actors
+            if (stats["spare_actors"] >= need and stats["states"]["spare"] >= sandboxes
                     and not stats.get("spares_starting")):
                 return
             if time.monotonic() >= deadline:
-                self.fail(f"after {timeout:.0f}s the pool had {stats['spare_actors']}/{actors} spare actors, "
+                self.fail(f"after {timeout:.0f}s the pool had {stats['spare_actors']}/{need} spare actors, "
                           f"{stats['states']['spare']}/{sandboxes} spare sandboxes, "
                           f"{stats.get('spares_starting', 0)} starting")
                 return
