@@ -288,20 +288,17 @@ class Bench:
 
     # ── through the pool ──────────────────────────────────────────────────
 
-    def _wait_spares(self, pool: Any, actors: int = 0, sandboxes: int = 0, timeout: float = 120.0,
-                     learned: bool = False) -> None:
+    def _wait_spares(self, pool: Any, actors: int = 0, sandboxes: int = 0, timeout: float = 120.0) -> None:
         """Until the pool has its spares (and none is still starting: a new worker process costs
-        ~0.3 s of CPU, which would slow what is measured next); with ``learned``, as many spare
-        actors as it has learned to keep. A timeout is a failure of the run."""
+        ~0.3 s of CPU, which would slow what is measured next); a timeout is a failure of the run."""
         deadline = time.monotonic() + timeout
         while True:
             stats = pool.stats()
-            need = max(actors, stats["spare_target"]) if learned else actors
-            if (stats["spare_actors"] >= need and stats["states"]["spare"] >= sandboxes
+            if (stats["spare_actors"] >= actors and stats["states"]["spare"] >= sandboxes
                     and not stats.get("spares_starting")):
                 return
             if time.monotonic() >= deadline:
-                self.fail(f"after {timeout:.0f}s the pool had {stats['spare_actors']}/{need} spare actors, "
+                self.fail(f"after {timeout:.0f}s the pool had {stats['spare_actors']}/{actors} spare actors, "
                           f"{stats['states']['spare']}/{sandboxes} spare sandboxes, "
                           f"{stats.get('spares_starting', 0)} starting")
                 return
@@ -750,7 +747,9 @@ class Bench:
             # spares the warm-up taught it to keep started, not starting within the run).
             warm = rollouts.run(pool.config.pool_name, pool.config.namespace, 2 * concurrency, concurrency, snapshot)
             self.say(f"warm-up at concurrency {concurrency}: {warm['ok']}/{warm['n']} in {warm['wall_s']:.1f}s")
-            self._wait_spares(pool, actors=pool.config.spare_actors, timeout=600, learned=True)
+            if not rollouts.settle(pool, timeout=600):
+                self.fail(f"after its warm-up at concurrency {concurrency}, the pool's learned spare actors were "
+                          "still starting 600 s later")
             got = rollouts.run(pool.config.pool_name, pool.config.namespace, self.episodes, concurrency, snapshot)
             got.pop("episodes")
             if got["ok"] < got["n"]:
