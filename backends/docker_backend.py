@@ -847,15 +847,16 @@ class DockerBackend(Backend):
                     # by its digest, and two forks restoring the same bytes at once would collide.
                     with open(os.path.join(copy, "sandbox-actors-fork"), "w") as mark:
                         mark.write(spec.sandbox_id)
+                    socket_dir = os.path.join(self._pool_socket_dir(spec.pool), spec.sandbox_id)
                     if spec.token:
-                        socket_dir = os.path.join(self._pool_socket_dir(spec.pool), spec.sandbox_id)
                         with open(os.path.join(socket_dir, FORK_TOKEN_FILE), "w") as token_file:
                             token_file.write(hashlib.sha256(spec.token.encode()).hexdigest())
+                    _leave_wake(socket_dir)  # taken at the restored server's first look
                 except OSError as exc:
                     raise SandboxStartError(f"could not prepare sandbox {spec.sandbox_id}'s restore from {source}: "
                                             f"{exc.strerror or exc}") from exc
                 with engine_errors(f"restore sandbox {spec.sandbox_id} from checkpoint {source}"):
-                    self._start_request(spec.sandbox_id, container.id, name)
+                    self._start_request(spec.sandbox_id, container.id, name, wake_left=True)
                     record = self._record_attrs(self._docker().api.inspect_container(container.id))
                 with contextlib.suppress(OSError):  # used: the fork's own stays with it until removed
                     shutil.rmtree(self.checkpoint_dir(container.id, name))
@@ -868,8 +869,13 @@ class DockerBackend(Backend):
         return await asyncio.to_thread(_fork)
 
     async def listen_again(self, record: SandboxRecord, timeout: float = 10.0) -> None:
-        """After a restore from a checkpoint: SIGUSR2 to the sandbox's server until its socket is
-        back (a signal sent while gVisor still restores can be lost, so it is sent again).
+        """After a restore from a checkpoint (or a checkpoint that failed): wait until the sandbox's
+        server listens again. The word to is a file beside its socket (WAKE_FILE), left before the
+        restore (:meth:`start_container`, :meth:`fork_from_checkpoint`) and again here, which a
+        quiet server looks for every 0.1 s: a signal through the engine took 5 s and more while 32
+        forks restored at once. SIGUSR2 follows when the socket is not back within a second (an
+        image of before the file), and again every 0.2 s (a signal sent while gVisor still restores
+        can be lost).
 
         Raises:
             ReadinessTimeout: no socket within ``timeout``.
@@ -878,15 +884,22 @@ class DockerBackend(Backend):
         if not socket_path:
             raise NotSupported("live checkpoints need a sandbox whose API is on a unix socket", feature="live checkpoint")
         deadline = time.monotonic() + timeout
-        while not os.path.exists(socket_path):
-            if time.monotonic() > deadline:
-                raise ReadinessTimeout(f"sandbox {record.sandbox_id} did not listen again within {timeout:.0f}s "
-                                       f"of its restore; log tail:\n{await self.logs_tail(record.sandbox_id)}")
-            await self.signal(record.sandbox_id, record.container_id, "SIGUSR2")
-            for _ in range(40):  # the signal again after 0.2 s without a socket
-                if os.path.exists(socket_path):
-                    return
+        signal_at = time.monotonic() + _WAKE_GRACE
+        try:
+            if not os.path.exists(socket_path):
+                _leave_wake(os.path.dirname(socket_path))
+            while not os.path.exists(socket_path):
+                now = time.monotonic()
+                if now > deadline:
+                    raise ReadinessTimeout(f"sandbox {record.sandbox_id} did not listen again within {timeout:.0f}s "
+                                           f"of its restore; log tail:\n{await self.logs_tail(record.sandbox_id)}")
+                if now >= signal_at:
+                    await self.signal(record.sandbox_id, record.container_id, "SIGUSR2")
+                    signal_at = time.monotonic() + 0.2
                 await asyncio.sleep(0.005)
+        finally:
+            with contextlib.suppress(OSError):  # taken by the server; else not left for its next quiet
+                os.unlink(os.path.join(os.path.dirname(socket_path), WAKE_FILE))
 
     async def signal(self, sandbox_id: str, container_id: str, signal: str) -> None:
         """Send ``signal`` (e.g. SIGUSR1) to the container's main process (through its init)."""
@@ -916,7 +929,7 @@ class DockerBackend(Backend):
         hence the request made here as ``start`` makes it).
 
         With ``checkpoint``, the container's processes and memory come back from that checkpoint
-        (see :meth:`checkpoint`; its server is quiet until :meth:`signal` SIGUSR2).
+        (see :meth:`checkpoint`; its server is quiet until :meth:`listen_again`).
 
         Raises:
             SandboxNotFound: the container is gone.
@@ -932,16 +945,23 @@ class DockerBackend(Backend):
 
         return await asyncio.to_thread(_start)
 
-    def _start_request(self, sandbox_id: str, container_id: str, checkpoint: str | None) -> bool:
+    def _start_request(self, sandbox_id: str, container_id: str, checkpoint: str | None,
+                       wake_left: bool = False) -> bool:
         """Start the container (from ``checkpoint`` when given); whether it ran already (the
         engine's 304, which the SDK's ``start`` does not tell apart from 204: hence the request
-        made here as ``start`` makes it).
+        made here as ``start`` makes it). Before a restore, the restored server's word to listen
+        again is left beside its socket (unless ``wake_left``: it is already).
 
         Raises:
             RestoreFailed: the engine could not restore the checkpoint.
         """
         api = self._docker().api
         params = {"checkpoint": checkpoint} if checkpoint else None
+        if checkpoint and not wake_left:  # the restored server listens at its first look
+            socket_path = self._sockets.get(container_id) or (
+                api.inspect_container(container_id)["Config"]["Labels"] or {}).get(LABEL_SOCKET)
+            if socket_path:
+                _leave_wake(os.path.dirname(socket_path))
         for attempt in range(1, _RESTORE_ATTEMPTS + 1):
             try:
                 # A restore reads the whole checkpoint (hundreds of MB for a loaded process, and
@@ -1237,6 +1257,17 @@ def _usage_of(at: float, stats: Mapping[str, Any], since: Usage | None = None) -
     )
 
 
+def _leave_wake(socket_dir: str) -> None:
+    """Leave the word for a quiet sandbox's server to listen again (WAKE_FILE) in its socket's
+    directory, which only this node's actors may enter; a directory gone (the sandbox destroyed
+    meanwhile) is left to the wait for its socket to tell."""
+    try:
+        with open(os.path.join(socket_dir, WAKE_FILE), "w"):
+            pass
+    except OSError as exc:
+        logger.debug("no word to listen again in %s: %s", socket_dir, exc.strerror or exc)
+
+
 def _checkpoint_refused(sandbox_id: str, exc: docker.errors.APIError, running: bool) -> SandboxError:
     """The engine's refusal of a checkpoint, typed: a runtime that cannot checkpoint is
     NotSupported (runc here: CRIU fails on this kernel, and may leave the container stopped); a
@@ -1259,6 +1290,8 @@ def _checkpoint_refused(sandbox_id: str, exc: docker.errors.APIError, running: b
 _RESTORE_ATTEMPTS = 3
 _RESTORE_TIMEOUT = 600.0
 CHECKPOINT_CLUSTER_FILE = "sandbox-actors-cluster"  # in a kept checkpoint: the Ray session that took it
+WAKE_FILE = ".listen"  # beside a quiet sandbox's socket: the word to listen again (the image's server takes it)
+_WAKE_GRACE = 1.0  # seconds a restored server has to take WAKE_FILE before it is signalled too
 FORK_TOKEN_FILE = ".token-sha256"  # beside a live fork's socket: its own token's hash (the image's server takes it)
 _BLOB = re.compile(r"content (sha256:[0-9a-f]{64}): already exists")
 

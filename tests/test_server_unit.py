@@ -644,23 +644,27 @@ def test_sigusr1_lets_go_of_every_socket_and_sigusr2_listens_again(tmp_path):
         srv.stop()
 
 
-def test_a_live_fork_takes_its_own_token_when_it_listens_again(tmp_path):
+def test_a_live_fork_takes_its_own_token_when_the_host_says_listen(tmp_path):
     """A fork restored from another sandbox's checkpoint holds that one's token in memory; the
-    host leaves the fork's own token's hash beside the socket before SIGUSR2, and from then on
-    only the new token is let in (the file is used up)."""
+    host leaves the fork's own token's hash beside the socket, then the word to listen again (a
+    file: no signal), and from then on only the new token is let in (both files used up). A word
+    left from before the server went quiet does not wake it."""
     import hashlib
 
     socket_path = tmp_path / "api" / "api.sock"
     socket_path.parent.mkdir()
     srv = RunningServer(tmp_path / "home", tmp_path / "server.log", {"SANDBOX_SOCKET": str(socket_path)})
     try:
+        (socket_path.parent / ".listen").touch()  # stale: from before the quiet
         srv.proc.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + 5
         while socket_path.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
+        time.sleep(0.3)  # thirty looks for the word
+        assert not socket_path.exists() and not (socket_path.parent / ".listen").exists()
         new = "fork-token-" + "x" * 20
         (socket_path.parent / ".token-sha256").write_text(hashlib.sha256(new.encode()).hexdigest() + "\n")
-        srv.proc.send_signal(signal.SIGUSR2)
+        (socket_path.parent / ".listen").touch()
         deadline = time.monotonic() + 5
         while not socket_path.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -668,7 +672,7 @@ def test_a_live_fork_takes_its_own_token_when_it_listens_again(tmp_path):
         with httpx.Client(base_url="http://sandbox", transport=transport, timeout=10) as client:
             assert client.get("/v1/sandbox", headers={"Authorization": f"Bearer {new}"}).status_code == 200
             assert client.get("/v1/sandbox", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 401
-        assert not (socket_path.parent / ".token-sha256").exists()
+        assert not (socket_path.parent / ".token-sha256").exists() and not (socket_path.parent / ".listen").exists()
     finally:
         srv.stop()
 

@@ -1743,6 +1743,8 @@ class UnixServer(_Tracked, socketserver.ThreadingUnixStreamServer):
 
 
 TOKEN_FILE = ".token-sha256"   # beside the socket: a live fork's own token's hash (Listener)
+WAKE_FILE = ".listen"   # beside the socket: the host's word, after a restore, to listen again (Listener)
+QUIET_LOOK = 0.1   # how often a quiet server looks for WAKE_FILE (seconds): a look costs gVisor ~1 ms of CPU
 
 
 class Listener:
@@ -1750,8 +1752,11 @@ class Listener:
 
     gVisor cannot save a socket bound or connected on the host (``--host-uds``: our unix socket),
     so before a live checkpoint SIGUSR1 makes the server let go of them all (the socket file
-    goes: the host sees it is quiet), and after the restore SIGUSR2 makes it listen again. The
-    app (sessions, background commands, their processes and memory) is untouched by both.
+    goes: the host sees it is quiet). Before the restore the host leaves WAKE_FILE beside the
+    socket, which the quiet server looks for every QUIET_LOOK, and it listens again (SIGUSR2 does
+    the same: a signal to a restoring gVisor container took the engine 5 s and more when 32 forks
+    restored at once). The app (sessions, background commands, their processes and memory) is
+    untouched by all of it.
     """
 
     def __init__(self, cfg, app, ended):
@@ -1795,6 +1800,20 @@ class Listener:
             if self._cfg.socket_path:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._cfg.socket_path)
+            self.told_to_listen()   # an old word to listen again (left by a host that signalled too) is not this quiet's
+
+    def told_to_listen(self):
+        """Whether the host has left WAKE_FILE beside the socket (taken: it wakes once)."""
+        if not self._cfg.socket_path:
+            return False
+        try:
+            os.unlink(os.path.join(os.path.dirname(self._cfg.socket_path), WAKE_FILE))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            log(f"cannot take the host's word to listen again: {exc}")
+            return False
+        return True
 
     def _take_new_token(self):
         """A sandbox restored from another's checkpoint (a live fork) holds that one's token in its
@@ -1889,8 +1908,11 @@ def main():
     log(f"listening on {listener.where} (auth {'on' if cfg.token else 'off'}, commands as {cfg.run_as.name}, "
         f"home {cfg.home}, max output {cfg.max_output} bytes)")
     while not wanted["stop"]:
-        if select.select([woken], [], [], 0.2)[0]:
+        quiet = listener.httpd is None
+        if select.select([woken], [], [], QUIET_LOOK if quiet else 0.2)[0]:
             os.read(woken, 512)  # (the handlers run as this returns)
+        if quiet and not wanted["open"] and listener.told_to_listen():
+            wanted["open"] = True
         if wanted["open"] and listener.httpd is None and not wanted["stop"]:
             try:
                 listener.open()
