@@ -22,6 +22,7 @@ from . import raycalls, spawn
 from .config import SandboxConfig
 from .engines import STOP_TIMEOUT, EngineCalls, Engines
 from .errors import SandboxError, SandboxOwned
+from .procfs import serves_here
 from .raycalls import ActorGone
 from .spares import Spares
 from .views import ActorView, ContainerView, StartOutcome
@@ -70,7 +71,7 @@ class Fleet(Protocol):
     async def snapshot(self, actor: Any, sandbox_id: str, image: str, labels: dict[str, str],
                        keep_checkpoint_in: str | None = None) -> dict[str, Any]: ...
     async def claim(self, actor: Any, thread_id: str | None) -> dict[str, Any]: ...
-    async def alive(self, actor: Any) -> bool: ...
+    async def alive(self, actor: Any, info: dict[str, Any] | None = None) -> bool: ...
     def actor_key(self, actor: Any) -> str: ...
     async def outlives(self, actor: Any, seconds: float) -> bool: ...
     async def describe(self, actor: Any) -> dict[str, Any]: ...
@@ -109,6 +110,7 @@ class RayFleet(EngineCalls):
         self._config = config
         self._tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget work, kept referenced
         self._named: dict[str, Any] = {}  # the pool's named actors at the last look: name -> handle
+        self._here: str | None = None  # the pool's node, once asked
         self.spares = Spares(config, self.later)
 
     # ── spare actors (see sandbox_actors.spares) ───────────────────────────
@@ -241,8 +243,16 @@ class RayFleet(EngineCalls):
     async def claim(self, actor: Any, thread_id: str | None) -> dict[str, Any]:
         return await raycalls.call(actor.claim.remote(thread_id), CLAIM_TIMEOUT, "claim a spare")
 
-    async def alive(self, actor: Any) -> bool:
-        """Whether the sandbox's actor lives and its container runs (a cheap check)."""
+    async def alive(self, actor: Any, info: dict[str, Any] | None = None) -> bool:
+        """Whether the sandbox's actor lives and its container runs (a cheap check). On the pool's
+        own node, ``info`` (what the actor said when it last answered) settles it without a call
+        when the actor's process and the container's first process are still the ones it named:
+        the check the actor itself makes, from here (a call is ~1.3 ms of a warm reclaim's ~3).
+        Anywhere else, or when either process is not the one named, the actor is asked."""
+        if self._here is None:
+            self._here = self.node_id()
+        if info is not None and serves_here(info, self._here):
+            return True
         try:
             return bool(await raycalls.call(actor.alive.remote(), DESCRIBE_TIMEOUT, "alive"))
         except SandboxError:

@@ -356,7 +356,7 @@ class Lifecycle:
 
     async def _check(self, decision: MustCheck) -> Lease | bool:
         entry = decision.entry
-        if not await self.fleet.alive(entry.actor):
+        if not await self.fleet.alive(entry.actor, entry.info):
             logger.info("warm sandbox %s no longer runs; not handing it out", entry.sandbox_id)
             return False
         acquired = self.state.reclaim(entry.sandbox_id, decision.version)

@@ -55,6 +55,7 @@ from backends.sandbox_api import (
 
 from .actorconfig import ENV_NAME, ActorConfig
 from .audit import AuditLog
+from .procfs import process_start, still_runs
 from .threads import egress_ca_dir, sandbox_mounts, thread_dir
 from .views import Found, StartOutcome
 
@@ -285,7 +286,7 @@ class SandboxRuntime:
         started (what :meth:`alive` compares with): a restore from a checkpoint (a live snapshot's
         own, a live resume) runs the container under a new one."""
         self.record, self._api, self.adopted = record, api, adopted
-        self._pid_start = _process_start(record.pid) if record.pid else None
+        self._pid_start = process_start(record.pid) if record.pid else None
 
     async def _try_adopt(self, record: SandboxRecord) -> Found | None:
         """Serve ``record``'s running container when it answers and no other live actor owns it
@@ -572,8 +573,7 @@ class SandboxRuntime:
         process is out of sight (a provisioner's sandbox) or is not the one it started with."""
         if self.dead_reason is not None or self._api is None or self._stopping:
             return False
-        if (self._pid_start is not None and self.record is not None and self.record.pid is not None
-                and _process_start(self.record.pid) == self._pid_start):
+        if self.record is not None and still_runs(self.record.pid, self._pid_start):
             return True
         return await self._api.health()
 
@@ -627,6 +627,10 @@ class SandboxRuntime:
             "inflight": self.inflight,
             "dead_reason": self.dead_reason,
             "actor_name": self.owner,
+            # The container's first process and when it started: the pool, on this node, checks a
+            # warm sandbox by them without a call (a restore runs under a new one: then it asks).
+            "container_pid": record.pid if record else None,
+            "container_started": self._pid_start,
             **({"resumed_live": self.resumed_live} if self.resumed_live is not None else {}),
             **({"forked_live": self.forked_live} if self.forked_live is not None else {}),
         }
@@ -881,17 +885,6 @@ def _check_env(env: Mapping[str, str] | None) -> None:
     for name in env or {}:
         if not ENV_NAME.match(str(name)):
             raise InvalidRequest(f"invalid environment variable name {name!r}")
-
-
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot), or None when there is none: with
-    the pid, it tells the same process from a later one that reused its number."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            fields = handle.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[19].decode() if len(fields) > 19 else None
 
 
 async def read_owner(api: SandboxAPI) -> dict[str, Any] | None:

@@ -33,6 +33,7 @@ from .errors import (
     SandboxNotFound,
 )
 from .metrics import SandboxMetrics
+from .procfs import process_start
 from .raycalls import ActorGone
 from .runtime import SandboxRuntime, make_backend
 
@@ -103,6 +104,7 @@ class SandboxActor:
         self._config = config
         self._name = name
         self._node_id = raycalls.current_node_id()
+        self._started = process_start(os.getpid())  # with the pid, tells this process from a later one
         self._resources = raycalls.assigned_resources()
         self._backend = make_backend(config, cluster=raycalls.session_name())  # connects on first use
         self._runtime: SandboxRuntime | None = None
@@ -250,7 +252,8 @@ class SandboxActor:
         return await self.describe()
 
     async def describe(self) -> dict[str, Any]:
-        base = {"actor_name": self._name, "node_id": self._node_id, "pid": os.getpid(), "resources": self._resources,
+        base = {"actor_name": self._name, "node_id": self._node_id, "pid": os.getpid(), "pid_started": self._started,
+                "resources": self._resources,
                 "image_fetched": self._fetched,
                 "usage_looks": {"count": self.usage_looks, "cpu_seconds": round(self.usage_cpu_seconds, 6)}}
         if self._runtime is None:

@@ -190,7 +190,7 @@ class FakeFleet:
         actor.thread_id = thread_id
         return actor.describe()
 
-    async def alive(self, actor: FakeActor) -> bool:
+    async def alive(self, actor: FakeActor, info: dict[str, Any] | None = None) -> bool:
         container = self.boxes.get(actor.container_id or "")
         return actor.alive and container is not None and container.running
 

@@ -140,7 +140,7 @@ def test_a_warm_sandbox_its_quick_check_misjudges_is_reclaimed_not_checked_forev
         await pool.release(box.sandbox_id)
         checks = []
 
-        async def misjudged(actor: FakeActor) -> bool:
+        async def misjudged(actor: FakeActor, info: dict | None = None) -> bool:
             checks.append(actor.name)
             return False
 
@@ -502,3 +502,46 @@ def test_creating_past_the_soft_limit_warns_once_a_minute_with_the_count(caplog)
         "all 4 replica slots are in use; creating sandbox s0 beyond the soft limit",
         "all 4 replica slots are in use; creating sandbox s5 beyond the soft limit (and 4 more since the last warning)",
     ]
+
+
+def test_a_warm_sandbox_on_the_pool_s_node_is_checked_there_and_its_actor_asked_otherwise():
+    """RayFleet.alive with what the actor last said: on the pool's node, the actor's process and
+    the container's first process still being the ones named settle it without a call; on another
+    node, after a restore (a new first process) or once that process is gone, the actor is asked."""
+    import os
+    import subprocess
+
+    from sandbox_actors.fleet import RayFleet
+    from sandbox_actors.procfs import process_start
+
+    asked: list[bool] = []
+
+    class Actor:  # as Ray's handle is called: actor.alive.remote() gives what to await
+        class alive:  # noqa: N801
+            @staticmethod
+            def remote():  # noqa: ANN205
+                async def answer() -> bool:
+                    asked.append(True)
+                    return False  # the actor's own answer: its container is gone
+                return answer()
+
+    first = subprocess.Popen(["sleep", "60"])  # stands for the container's first process
+    try:
+        fleet = RayFleet(SandboxConfig(pool_name="unit"))
+        fleet._here = "node-a"  # the pool's node (Ray would say)
+        info = {"node_id": "node-a", "dead_reason": None, "pid": os.getpid(), "pid_started": process_start(os.getpid()),
+                "container_pid": first.pid, "container_started": process_start(first.pid)}
+
+        async def body():
+            assert await fleet.alive(Actor, info) and asked == []
+            for other in ({"node_id": "node-b"}, {"container_started": "1"}, {"pid_started": None},
+                          {"dead_reason": "its container stopped"}):
+                assert not await fleet.alive(Actor, {**info, **other}), other
+            assert len(asked) == 4
+            first.kill()
+            first.wait()
+            assert not await fleet.alive(Actor, info) and len(asked) == 5
+        run(body)
+    finally:
+        first.kill()
+        first.wait()
