@@ -23,7 +23,8 @@ def test_bench_tiny_writes_every_figure(image, tmp_path, docker_client):
     figures = json.loads(out.read_text())
     for key in TIME_KEYS:
         assert set(figures[key]) >= {"p50", "p95", "max", "n"} and figures[key]["n"] > 0, key
-    for key in ("burst", "floor_burst", "ray_floor_burst", "burst_default", "burst_repeat", "fork_burst"):
+    for key in ("burst", "floor_burst", "ray_floor_burst", "ray_alone_burst", "burst_default", "burst_repeat",
+                "fork_burst"):
         assert figures[key]["ok"] == figures[key]["n"] == 3, key
     assert [len(figures[key]["rounds"]) for key in ("burst", "burst_default", "burst_repeat")] == [1, 1, 1]
     assert figures["burst_repeat"]["spare_actors"] >= 3  # learned from the first burst
@@ -55,6 +56,11 @@ def test_bench_tiny_writes_every_figure(image, tmp_path, docker_client):
     looked = figures["usage_look"]  # what watching a sandbox's use costs
     assert looked["looks"] >= 4 and looked["actor_cpu_ms"] > 0 and looked["engine_cpu_ms"] > 0
     assert looked["cpu_ms_per_s_per_sandbox"] == round((looked["actor_cpu_ms"] + looked["engine_cpu_ms"]) / 15, 3)
+    # Ray's own share, beside the bounds it bears on: no code of ours in any of them.
+    assert figures["ray_alone_burst"]["trivial_actors"] == 3
+    alone = {target["figure"]: target["ray_alone"] for target in figures["targets"] if "ray_alone" in target}
+    assert alone == {"burst": figures["ray_alone_burst"]["clean_ratio"], "actor_uss_mb": figures["trivial_actor_uss_mb"],
+                     "exec_actor": round(figures["exec_ray_alone"]["p50"] - figures["exec_direct"]["p50"], 2)}
     judged = {target["figure"] for target in figures["targets"]}
     assert judged >= {"cold", "resume", "burst", "burst_repeat", "fork_burst", "arrivals_2", "rollouts_2",
                       "spare_idle_cpu_ms_per_s", "actor_uss_mb", "exec_actor", "warm", "hot", "prewarmed",

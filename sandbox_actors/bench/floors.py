@@ -148,6 +148,28 @@ def trivial_actor() -> Any:
     return Trivial
 
 
+def ray_exec_actor() -> Any:
+    """A remote async class that does what a SandboxActor's ``exec`` does at its core, and nothing
+    else: the command it is given run over the sandbox's API (the same client), its ShellResult
+    returned. Ray's own share of an exec through an actor (``exec_ray_alone``)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Exec:
+        def __init__(self, url: str, token: str) -> None:
+            from backends import SandboxAPI
+
+            self.api = SandboxAPI(url, token)
+
+        async def exec(self, command: str) -> Any:
+            return await self.api.exec(command, timeout=60)
+
+        async def close(self) -> None:
+            await self.api.aclose()
+
+    return Exec
+
+
 def wait_gone(pids: set[int], timeout: float = 30.0) -> bool:
     """Until the processes have exited (a killed actor's worker takes a moment); whether they did."""
     import psutil

@@ -26,7 +26,7 @@ from .. import rollouts
 from ..console import run_all
 from ..demo import summarize
 from ..errors import InvalidRequest, SandboxError
-from .floors import FloorEngine, cpu_ms_per_s, ray_processes, trivial_actor, wait_gone
+from .floors import FloorEngine, cpu_ms_per_s, ray_exec_actor, ray_processes, trivial_actor, wait_gone
 from .report import judge
 
 _CROSS_PROCESS = """
@@ -71,13 +71,16 @@ USAGE_LOOK_EVERY = 1.0
 @dataclass(frozen=True)
 class Stage:
     """A pool of its own (``config``), what is measured on it (``measure(pool, address)``), and
-    the clean floors measured around it (``floors``: 'single', 'burst', 'rollout')."""
+    the clean floors measured around it (``floors``: 'single', 'burst', 'rollout'). With
+    ``ray_alone``, Ray's own share of its figure is measured in its cluster before the pool starts
+    (see :meth:`Bench.ray_alone`)."""
 
     key: str
     title: str
     config: Any
     measure: Callable[[Any, str], None]
     floors: tuple[str, ...] = ()
+    ray_alone: bool = False
 
 
 class Bench:
@@ -154,7 +157,8 @@ class Bench:
             Stage("prewarm", "pre-warmed new threads", config("bench-prewarm", prewarm=2, thread_mounts=False),
                   lambda pool, _: self.prewarmed(pool)),
             Stage("burst", f"burst of {n} new threads, {n} spare actors ready, {rounds} rounds",
-                  config("bench-burst", spare_actors=n), lambda pool, _: self.burst(pool, "burst", rounds), ("burst",)),
+                  config("bench-burst", spare_actors=n), lambda pool, _: self.burst(pool, "burst", rounds), ("burst",),
+                  ray_alone=True),
             Stage("default", f"burst of {n} new threads on the default config, then {rounds} more once the pool has "
                   "learned it", config("bench-burst2"), lambda pool, _: self.default_bursts(pool), ("burst",)),
             Stage("arrivals", f"new threads arriving at 2/s, then 8/s ({n * 2} each), default config",
@@ -200,6 +204,8 @@ class Bench:
         floors = self.results["clean_floors"].setdefault(stage.key, {})
         self._clean(stage.floors, floors, stage.config)
         with self._private_ray() as address:
+            if stage.ray_alone:
+                self.ray_alone(stage.config)
             pool = sandbox_actors.connect(stage.config)
             try:
                 stage.measure(pool, address)
@@ -407,8 +413,11 @@ class Bench:
         self._exec(box)
 
     def _exec(self, box: Any, suffix: str = "") -> None:
-        """``true`` through the SandboxActor and straight over HTTP to the same container, in
-        alternating blocks, so both see the same machine."""
+        """``true`` through the SandboxActor, straight over HTTP to the same container, and through
+        a trivial async Ray actor making that same request (Ray's own share), in alternating
+        blocks, so all three see the same machine."""
+        import ray
+
         from backends import DockerBackend, SandboxAPI
 
         async def direct_block(api: SandboxAPI) -> list[float]:
@@ -421,22 +430,32 @@ class Bench:
 
         loop = asyncio.new_event_loop()
         backend = DockerBackend(box.info["container_name"].rsplit("-", 1)[0])
+        trivial = None
         try:
             record = loop.run_until_complete(backend.discover(box.sandbox_id))
             if record is None:
                 raise SandboxError(f"the container of sandbox {box.sandbox_id} is gone")
             api = SandboxAPI(record.url, record.token)
+            trivial = ray_exec_actor().remote(record.url, record.token)
+            ray.get(trivial.exec.remote("true"), timeout=120)  # its worker started and its client connected
             actor: list[float] = []
             direct: list[float] = []
+            alone: list[float] = []
             for _ in range(10):
                 actor += [self._timed(lambda: box.exec("true"))[1] for _ in range(self.n)]
                 direct += loop.run_until_complete(direct_block(api))
+                alone += [self._timed(lambda: ray.get(trivial.exec.remote("true")))[1] for _ in range(self.n)]
             loop.run_until_complete(api.aclose())
             loop.run_until_complete(backend.close())
         finally:
+            if trivial is not None:
+                with contextlib.suppress(ray.exceptions.RayError):
+                    ray.get(trivial.close.remote(), timeout=30)
+                ray.kill(trivial)
             loop.close()
         self.results[f"exec_actor{suffix}"] = summarize(actor)
         self.results[f"exec_direct{suffix}"] = summarize(direct)
+        self.results[f"exec_ray_alone{suffix}"] = summarize(alone)
 
     def prewarmed(self, pool: Any) -> None:
         samples = []
@@ -603,6 +622,35 @@ class Bench:
             ray.kill(actor)
         wait_gone(set(answered))
         return len(answered), wall
+
+    def ray_alone(self, config: Any) -> None:
+        """Ray's own share of a burst with spare actors ready: the stage's clean floor burst (its
+        pool's containers, straight through the engine) while ``burst_n`` trivial Ray actors idle
+        beside it, in the stage's cluster before its pool starts. Every Ray worker process wakes
+        ~100 times a second whatever it runs, so a design with one actor per sandbox cannot go
+        below this (``ray_alone`` of the burst target)."""
+        import ray
+
+        trivial = trivial_actor()
+        actors = [trivial.remote() for _ in range(self.burst_n)]
+        engine = FloorEngine(self._image, "bench-ray-alone", config=config)
+        pids: list[int] = []
+        try:
+            pids = ray.get([a.ping.remote() for a in actors], timeout=600)
+            engine.single()
+            time.sleep(2)  # the last worker's start-up settled, as the pool's spares are before a burst
+            ok, wall = engine.burst(self.burst_n)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            engine.close()
+        wait_gone(set(pids))
+        if ok < self.burst_n:
+            self.fail(f"Ray alone: {ok}/{self.burst_n} of the floor burst started")
+        self.results["ray_alone_burst"] = {"n": self.burst_n, "ok": ok, "wall_s": round(wall, 3),
+                                           "trivial_actors": len(pids)}
+        self.say(f"Ray alone: the clean floor burst of {self.burst_n} beside {len(pids)} idle trivial Ray actors "
+                 f"in {wall:.2f}s")
 
     def _at_once_round(self) -> float:
         """Both floors of a first burst at once: ``burst_n`` trivial actors created while a floor
