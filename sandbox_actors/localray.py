@@ -19,12 +19,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import ray
 
 from .config import state_home
-from .errors import SandboxError, SandboxNotFound
+from .errors import ConfigError, SandboxError, SandboxNotFound
 
 STATE_DIR = Path(state_home())
 HEAD_FILE = STATE_DIR / "ray-head.json"
@@ -35,6 +36,29 @@ TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 
 class NoCluster(SandboxNotFound):
     """No Ray cluster to attach to."""
+
+
+class ClusterMismatch(ConfigError):
+    """The Ray cluster found runs another Python or Ray than this process: no driver of this
+    process can attach to it."""
+
+
+def _init(**kwargs: Any) -> None:
+    """``ray.init``, its refusal of a cluster of another Python or Ray said as such (Ray raises a
+    bare RuntimeError with both versions in its text)."""
+    try:
+        ray.init(**kwargs)
+    except RuntimeError as exc:
+        text = str(exc)
+        if not text.startswith("Version mismatch"):
+            raise
+        lines = [line.strip() for line in text.splitlines() if line.strip().startswith(("Ray:", "Python:"))]
+        theirs, ours = ", ".join(lines[:2]), ", ".join(lines[2:4])
+        raise ClusterMismatch(
+            f"the Ray cluster found here runs {theirs or 'another Python or Ray'}, this process {ours or 'not'}: "
+            "a process attaches only to a cluster of its own Python and Ray; run this with the cluster's Python, "
+            "or give --address (RAY_ADDRESS) of a cluster of this one"
+        ) from None
 
 
 def _free_port() -> int:
@@ -107,7 +131,7 @@ def attach(explicit: str | None = None, *, fallback: str = "error") -> str:
         how = "attached"
         if address is None:
             try:
-                ray.init(address="auto", logging_level=logging.WARNING)
+                _init(address="auto", logging_level=logging.WARNING)
                 return how
             except ConnectionError:
                 if fallback == "error":
@@ -118,7 +142,7 @@ def attach(explicit: str | None = None, *, fallback: str = "error") -> str:
                 address = start_head()
                 how = "started"
         _use_token_auth_when_available()
-        ray.init(address=address, logging_level=logging.WARNING)
+        _init(address=address, logging_level=logging.WARNING)
         return how
 
 
