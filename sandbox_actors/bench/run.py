@@ -547,7 +547,7 @@ class Bench:
         try:
             time.sleep(2)  # past their start-up
             # Both over the same seconds: this machine's speed drifts from one minute to the next.
-            used = cpu_ms_per_s([*pids, *answered], seconds=10.0)
+            used = cpu_ms_per_s([*pids, *answered], seconds=4.0 if self.n <= 3 else 10.0)  # (a smoke run: 4 s)
             # What any actor holds here (Ray's own worker): the floor for ``actor_uss_mb``.
             trivial_uss = sorted(psutil.Process(pid).memory_full_info().uss / 2**20 for pid in answered)
             self.results["trivial_actor_uss_mb"] = round(trivial_uss[len(trivial_uss) // 2], 1)
@@ -820,7 +820,7 @@ class Bench:
         from sandbox_actors.config import SandboxConfig
 
         boxes = [pool.acquire(f"usage-{i}") for i in range(2)]
-        seconds = 8.0 if self.n <= 3 else 15.0
+        seconds = 6.0 if self.n <= 3 else 15.0
         time.sleep(seconds)  # the actors look every USAGE_LOOK_EVERY seconds meanwhile (a first look takes 2 s)
         looks, actor_cpu = 0, 0.0
         for box in boxes:
