@@ -19,8 +19,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -54,10 +54,11 @@ def _init(**kwargs: Any) -> None:
             raise
         lines = [line.strip() for line in text.splitlines() if line.strip().startswith(("Ray:", "Python:"))]
         theirs, ours = ", ".join(lines[:2]), ", ".join(lines[2:4])
+        versions = f"runs {theirs}, this process {ours}" if theirs and ours else \
+            "runs another Python or Ray than this process"
         raise ClusterMismatch(
-            f"the Ray cluster found here runs {theirs or 'another Python or Ray'}, this process {ours or 'not'}: "
-            "a process attaches only to a cluster of its own Python and Ray; run this with the cluster's Python, "
-            "or give --address (RAY_ADDRESS) of a cluster of this one"
+            f"the Ray cluster found here {versions}: a process attaches only to a cluster of its own Python and "
+            "Ray; run this with the cluster's Python, or give --address (RAY_ADDRESS) of a cluster of this one"
         ) from None
 
 

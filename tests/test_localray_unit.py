@@ -47,3 +47,15 @@ def test_any_other_refusal_of_ray_init_is_left_as_ray_raised_it(monkeypatch):
     monkeypatch.setattr(localray, "our_head", lambda: None)  # whatever `up` left on this machine
     with pytest.raises(RuntimeError, match="something else"):
         localray.attach(None)
+
+
+def test_a_refusal_whose_versions_cannot_be_read_still_says_what_it_is(monkeypatch):
+    def refuse(**kwargs):
+        raise RuntimeError("Version mismatch: (a Ray that words it otherwise)")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(localray, "our_head", lambda: None)
+    with pytest.raises(localray.ClusterMismatch, match="runs another Python or Ray than this process"):
+        localray.attach(None)
