@@ -21,14 +21,23 @@ This process on node 192.0.2.2 was started with:
 """
 
 
-def test_a_cluster_of_another_python_is_named_with_both_versions_and_what_to_do(monkeypatch):
-    def refuse(**kwargs):
-        raise RuntimeError(RAY_REFUSAL)
+@pytest.fixture
+def ray_refuses(monkeypatch):
+    """Make ``ray.init`` refuse with the text given, with no Ray attached and no address known."""
+    def refusing(text: str) -> None:
+        def refuse(**kwargs):
+            raise RuntimeError(text)
 
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(localray, "our_head", lambda: None)  # whatever `up` left on this machine
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
+        monkeypatch.setattr(ray, "init", refuse)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        monkeypatch.setattr(localray, "our_head", lambda: None)  # whatever `up` left on this machine
+
+    return refusing
+
+
+def test_a_cluster_of_another_python_is_named_with_both_versions_and_what_to_do(ray_refuses):
+    ray_refuses(RAY_REFUSAL)
     with pytest.raises(localray.ClusterMismatch) as caught:
         localray.attach(None)
     message = caught.value.message
@@ -37,25 +46,13 @@ def test_a_cluster_of_another_python_is_named_with_both_versions_and_what_to_do(
     assert isinstance(caught.value, ConfigError)  # the CLI's exit code 2, its message and no traceback
 
 
-def test_any_other_refusal_of_ray_init_is_left_as_ray_raised_it(monkeypatch):
-    def fail(**kwargs):
-        raise RuntimeError("something else")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", fail)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(localray, "our_head", lambda: None)  # whatever `up` left on this machine
+def test_any_other_refusal_of_ray_init_is_left_as_ray_raised_it(ray_refuses):
+    ray_refuses("something else")
     with pytest.raises(RuntimeError, match="something else"):
         localray.attach(None)
 
 
-def test_a_refusal_whose_versions_cannot_be_read_still_says_what_it_is(monkeypatch):
-    def refuse(**kwargs):
-        raise RuntimeError("Version mismatch: (a Ray that words it otherwise)")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(localray, "our_head", lambda: None)
+def test_a_refusal_whose_versions_cannot_be_read_still_says_what_it_is(ray_refuses):
+    ray_refuses("Version mismatch: (a Ray that words it otherwise)")
     with pytest.raises(localray.ClusterMismatch, match="runs another Python or Ray than this process"):
         localray.attach(None)
