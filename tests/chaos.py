@@ -34,6 +34,7 @@ from pathlib import Path
 from tests.engine import LocalEngine, shims_left
 
 THREADS = [f"chaos-{i}" for i in range(6)]
+OPERATIONS = ["acquire", "exec", "exec", "write", "write", "read", "release", "destroy", "hibernate", "snapshot"]
 WORKSPACE = "/mnt/user-data/workspace"
 # What killing things underneath a driver may cause: a dead sandbox, a start cut short, an
 # engine away for a moment.
@@ -68,24 +69,30 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
     first_failed: list[tuple[float, float, str, str, str]] = []  # (acquire began, failed, sandbox, actor, error)
     ended: list[tuple[float, str, str]] = []  # sandboxes this driver released or destroyed: (when, what, which)
     unexpected: list[str] = []  # what went wrong beyond the expected errors, with its message
+    tried: collections.Counter[str] = collections.Counter()  # every operation begun, gone through or not
     tries = 0
+    # A live run's reason to be is its checkpoints: under this many faults one snapshot in ten picks
+    # went through 0-4 times a minute (seed 11), so it picks them three times as often and hibernations
+    # twice (3-6 snapshots and 4-5 hibernations a minute then, in three runs).
+    choices = OPERATIONS + ["snapshot", "snapshot", "hibernate"] if live else OPERATIONS
     deadline = time.monotonic() + duration
     while time.monotonic() < deadline:
         thread = rng.choice(THREADS)
-        op = rng.choice(["acquire", "exec", "exec", "write", "write", "read", "release", "destroy", "hibernate",
-                         "snapshot"])
+        op = rng.choice(choices)
         began = time.time()
         pending = None
         try:
             box = held.get(thread)
             if op == "acquire" or box is None:
                 op = "acquire"
+                tried[op] += 1
                 held[thread] = pool.acquire(thread)
                 first[thread] = (began, held[thread].sandbox_id, held[thread].info.get("actor_name", ""))
                 ops[op] += 1
                 continue
             # A sandbox answers its first simple operation; a snapshot (it forks and destroys
             # another sandbox) or a hibernation is not such a probe of it.
+            tried[op] += 1
             pending = first.pop(thread, None)
             if op not in ("exec", "write", "read"):
                 pending = None
@@ -143,7 +150,7 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
                                      f"{type(exc).__name__} in {op}: {str(exc)[:300]}", seen))
         except AssertionError as exc:
             errors[f"AssertionError: {exc}"] += 1
-    print(json.dumps({"ops": ops, "errors": errors, "written": written, "first_failed": first_failed,
+    print(json.dumps({"ops": ops, "tried": tried, "errors": errors, "written": written, "first_failed": first_failed,
                       "ended": ended, "unexpected": unexpected}))
 
 
@@ -351,6 +358,7 @@ def run(seed: int, duration: float, live: bool = False) -> int:
                 else:
                     results.append(json.loads(lines[-1]))
             ops = sum((collections.Counter(r.get("ops", {})) for r in results), collections.Counter())
+            tried = sum((collections.Counter(r.get("tried", {})) for r in results), collections.Counter())
             errors = sum((collections.Counter(r.get("errors", {})) for r in results), collections.Counter())
             faults = collections.Counter(results[-1].get("faults", {}))
             first_failed = [f for r in results[:2] for f in r.get("first_failed", [])]
@@ -389,6 +397,7 @@ def run(seed: int, duration: float, live: bool = False) -> int:
     print(f"chaos run: seed {seed}, {duration:.0f}s of chaos on a {'gVisor pool, live' if live else 'runc pool'}, "
           f"{time.monotonic() - started:.0f}s in all")
     print(f"  operations: {sum(ops.values())} ({', '.join(f'{k} {v}' for k, v in sorted(ops.items()))})")
+    print(f"  operations begun: {sum(tried.values())} ({', '.join(f'{k} {v}' for k, v in sorted(tried.items()))})")
     print(f"  faults injected: {sum(faults.values())} ({', '.join(f'{k} {v}' for k, v in sorted(faults.items()))})")
     print(f"  errors by type: {dict(sorted(errors.items())) or 'none'}")
     print(f"  after quiescence: {len(view['records'])} sandboxes ({len(view['asleep'])} hibernated), "
