@@ -912,9 +912,10 @@ class DockerBackend(Backend):
                     raise SandboxNotFound(f"the container of sandbox {sandbox_id} is gone") from None
                 except docker.errors.APIError as exc:
                     # Refused because it stopped meanwhile (killed): it died; else the engine's error.
-                    with contextlib.suppress(docker.errors.NotFound):
-                        if api.inspect_container(container_id)["State"]["Running"]:
-                            raise
+                    # A container being killed refuses a signal while the engine still says it runs
+                    # (gVisor: "sandbox is not running"), so its state is asked for a moment.
+                    if _stays_running(api, container_id, SIGNAL_SETTLE_SECONDS):
+                        raise
                     raise SandboxDied(f"sandbox {sandbox_id} stopped before it could be signalled "
                                       f"({signal}): {str(exc.explanation or exc)[:200]}") from exc
 
@@ -1220,6 +1221,22 @@ class DockerBackend(Backend):
 
 
 _USAGE_STALE_SECONDS = 60.0  # a previous look older than this is not measured from
+SIGNAL_SETTLE_SECONDS = 2.0  # how long a container that refused a signal may take to show it stopped
+
+
+def _stays_running(api: Any, container_id: str, within: float) -> bool:
+    """Whether the engine still says the container runs after ``within`` seconds (False as soon
+    as it says stopped or gone)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            if not api.inspect_container(container_id)["State"]["Running"]:
+                return False
+        except docker.errors.NotFound:
+            return False
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.05)
 
 
 def _removed_on_purpose(socket_path: str | None) -> bool:
