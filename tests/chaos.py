@@ -68,7 +68,7 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
     first: dict[str, tuple[float, str, str]] = {}  # thread -> (acquire began, sandbox id, actor): first op pending
     first_failed: list[tuple[float, float, str, str, str]] = []  # (acquire began, failed, sandbox, actor, error)
     ended: list[tuple[float, str, str]] = []  # sandboxes this driver released or destroyed: (when, what, which)
-    unexpected: list[str] = []  # what went wrong beyond the expected errors, with its message
+    unexpected: list[tuple] = []  # beyond the expected errors: (began, failed, sandbox, actor, message, seen)
     tried: collections.Counter[str] = collections.Counter()  # every operation begun, gone through or not
     tries = 0
     # A live run's reason to be is its checkpoints: under this many faults one snapshot in ten picks
@@ -136,22 +136,30 @@ def driver(address: str, pool_name: str, namespace: str, seed: int, duration: fl
                         ops["snapshot_kept"] += 1  # its fork's destroy is still owed: shutdown removes it
             ops[op] += 1
         except sandbox_actors.SandboxError as exc:
+            failed_at = time.time()
             errors[type(exc).__name__] += 1
-            if type(exc).__name__ not in EXPECTED_ERRORS:
-                unexpected.append(f"{op}: {type(exc).__name__}: {str(exc)[:300]}")
+            if type(exc).__name__ not in EXPECTED_ERRORS:  # with what happened around it, as for a failure below
+                on = (box.sandbox_id, box.info.get("actor_name", "")) if box is not None else ("", "")
+                unexpected.append((began, failed_at, *on, f"{op}: {type(exc).__name__}: {str(exc)[:300]}",
+                                   seen_by(pool, on[0]) if on[0] else []))
             held.pop(thread, None)
             if pending is not None and isinstance(exc, (sandbox_actors.SandboxDied, sandbox_actors.BackendUnavailable)):
-                failed_at = time.time()
-                try:  # what the pool saw of that sandbox: its states and actors, for an unexplained failure
-                    seen = pool.history(pending[1])
-                except sandbox_actors.SandboxError as gone:
-                    seen = [{"error": type(gone).__name__}]
                 first_failed.append((pending[0], failed_at, pending[1], pending[2],
-                                     f"{type(exc).__name__} in {op}: {str(exc)[:300]}", seen))
+                                     f"{type(exc).__name__} in {op}: {str(exc)[:300]}", seen_by(pool, pending[1])))
         except AssertionError as exc:
             errors[f"AssertionError: {exc}"] += 1
     print(json.dumps({"ops": ops, "tried": tried, "errors": errors, "written": written, "first_failed": first_failed,
                       "ended": ended, "unexpected": unexpected}))
+
+
+def seen_by(pool, sandbox_id: str) -> list[dict]:  # noqa: ANN001
+    """What the pool saw of a sandbox (its states and actors), for a failure to be read against."""
+    import sandbox_actors
+
+    try:
+        return pool.history(sandbox_id)
+    except sandbox_actors.SandboxError as gone:
+        return [{"error": type(gone).__name__}]
 
 
 def killer(address: str, pool_name: str, namespace: str, seed: int, duration: float) -> None:
@@ -244,7 +252,8 @@ def last_fault_on(failure: list, when: list) -> str:
     return f"{last[1]} of {last[2]} at the acquire {last[0] - failure[0]:+.2f}s"
 
 
-def timeline(failure: list, when: list, around: float = 10.0) -> str:
+def timeline(failure: list, when: list, around: float = 10.0, began_as: str = "acquire began",
+             failed_as: str = "first operation failed") -> str:
     """Everything near an unexplained failure, in order: faults and ends on any target, pool kills
     and engine restarts within ``around`` seconds of its acquire and failure, and what the pool saw
     of its sandbox (each state and serving actor, from ``pool.history``)."""
@@ -256,7 +265,7 @@ def timeline(failure: list, when: list, around: float = 10.0) -> str:
             lines.append((seen["at"], f"pool: {seen['state']} (actor {seen['actor'] or '-'})"))
         else:
             lines.append((failed, f"pool history unavailable: {seen}"))
-    lines += [(began, "acquire began"), (failed, "first operation failed")]
+    lines += [(began, began_as), (failed, failed_as)]
     return "\n".join(f"      {at - began:+8.3f}s  {text}" for at, text in sorted(lines, key=lambda x: x[0]))
 
 
@@ -416,8 +425,9 @@ def run(seed: int, duration: float, live: bool = False) -> int:
     print(f"  leaks found = {leaks}")
     for line in crashed:
         print(f"  CRASHED: {line}")
-    for line in (u for r in results[:2] for u in r.get("unexpected", [])):
-        print(f"  UNEXPECTED ERROR: {line}")
+    for failure in (u for r in results[:2] for u in r.get("unexpected", [])):
+        print(f"  UNEXPECTED ERROR: {failure[4]} (sandbox {failure[2] or '-'}, actor {failure[3] or '-'})")
+        print(timeline(failure, faults_and_ends, began_as="operation began", failed_as="it failed"))
     ok = (leaks == 0 and not lost and not unexpected and not crashed and sum(faults.values()) > 0
           and not unexplained_failures)
     print("chaos run " + ("passed" if ok else f"FAILED (unexpected errors: {unexpected})"))
