@@ -286,13 +286,15 @@ def test_a_signal_racing_a_kill_says_the_sandbox_died(pool_name, image, docker_c
                                                        limits=Limits(memory="1g", cpus=0.5, pids=512)))
 
                 async def keep_signalling() -> str:
+                    deadline = time.monotonic() + 30
                     try:
-                        while True:
+                        while time.monotonic() < deadline:
                             await backend.signal(record.sandbox_id, record.container_id, "SIGWINCH")
                     except SandboxDied:
                         return "died"
                     except BackendError as exc:
                         return f"{type(exc).__name__}: {exc}"
+                    return "still signalled 30 s after its kill"
 
                 try:
                     kill = asyncio.create_task(asyncio.to_thread(docker_client.api.kill, record.container_id))
